@@ -1,0 +1,266 @@
+"""Sessions: conversations whose KV stays pinned in the radix cache between turns.
+
+A session remembers the full token state of the conversation (`tokens`:
+prompt + generated tokens whose KV is cached) and the radix node ending that
+path. While *pinned* it holds one lock on that node, so the whole path
+survives eviction and the next turn only prefills its new tokens. A pin lasts
+`ttl` seconds after the last turn; then `expire` drops the lock and the path
+becomes ordinary LRU cache (still hit by a late turn as long as memory
+allows). Under memory pressure `demote_lru` drops the least recently used
+pins early, so pins can never starve running requests of slots.
+
+Engine protocol for one turn (one turn per session at a time):
+    m = radix.match_prefix(prompt); radix.lock(m.node)      # protect what we reuse
+    why = explain_match(session, prompt, m.num_matched, was_pinned=session.pinned)
+    short = need - allocator.num_free                         # need = new tokens' slots
+    if short > 0: radix.evict(short)
+    if still short: sessions.demote_lru(short); radix.evict(short)
+    ... allocate, run the model ...
+    r = radix.insert_with_node(tokens, torch.cat([m.slots, own_slots]))  # cache owns them all now
+    sessions.repin(session, r.node, tokens); radix.unlock(m.node)
+    sessions.record_turn(session, why)
+`session.node` is only where the last turn ended; the engine always matches
+the new prompt itself (the node may be evicted when the session is unpinned).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, NamedTuple, Sequence
+
+from deltaserve.cache.radix import RadixCache, RadixNode
+
+
+class MatchReason(str, Enum):
+    """Why a turn reused as much of its prompt as it did."""
+
+    NO_SESSION = "no_session"  # stateless request: plain prefix-cache lookup
+    NEW_SESSION = "new_session"  # first turn of a session
+    EXTENDED = "extended"  # prompt extends the session state, all of it cached
+    DIVERGED = "diverged"  # prompt differs from (or truncates) the session state
+    EVICTED = "evicted"  # unpinned session state partly evicted by LRU
+    EXPIRED = "expired"  # pin TTL passed, then the state was partly evicted
+    DEMOTED = "demoted"  # pin dropped under memory pressure, then partly evicted
+
+
+class MatchExplanation(NamedTuple):
+    reason: MatchReason
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the cache (the radix match)
+    prefilled_tokens: int  # prompt_tokens - cached_tokens
+    diverged_at: int | None  # token index of the first difference, for DIVERGED
+    session_tokens: int  # tokens in the session state before this turn
+    detail: str
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str | None
+    ttl: float
+    created_at: float
+    last_used: float
+    tokens: list[int] = field(default_factory=list)
+    node: RadixNode | None = None  # radix node ending `tokens`' path (locked iff pinned)
+    pinned: bool = False
+    pin_expires_at: float = 0.0
+    unpin_reason: MatchReason | None = None  # EXPIRED / DEMOTED once a pin is dropped, until repinned
+    turns: int = 0
+    prompt_tokens: int = 0  # counters summed over turns
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    last_match: MatchExplanation | None = None
+    seq: int = 0  # open order; breaks last_used ties in demote_lru
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:
+    """Classify a turn's cache reuse. `num_matched` is the radix match length; `was_pinned` the pin state at match time."""
+    n = len(prompt)
+    base = dict(prompt_tokens=n, cached_tokens=num_matched, prefilled_tokens=n - num_matched)
+    if session is None:
+        detail = f"no session; prefix cache hit {num_matched}/{n} tokens"
+        return MatchExplanation(MatchReason.NO_SESSION, diverged_at=None, session_tokens=0, detail=detail, **base)
+    state = session.tokens
+    have = len(state)
+    if not state:
+        detail = f"new session {session.session_id!r}; prefix cache hit {num_matched}/{n} tokens"
+        return MatchExplanation(MatchReason.NEW_SESSION, diverged_at=None, session_tokens=0, detail=detail, **base)
+    lcp = _common_prefix_len(state, prompt)
+    if lcp < have:
+        if lcp == n:
+            detail = f"prompt truncates the session state at token {lcp} (session had {have} tokens)"
+        else:
+            detail = (f"prompt diverges from the session state at token index {lcp} "
+                      f"(session token {state[lcp]}, prompt token {prompt[lcp]}; session had {have} tokens)")
+        return MatchExplanation(MatchReason.DIVERGED, diverged_at=lcp, session_tokens=have, detail=detail, **base)
+    if num_matched < lcp:
+        lost = lcp - num_matched
+        if was_pinned:
+            # Should not happen: a pin protects the whole state. Report it rather than hide it.
+            reason, why = MatchReason.EVICTED, "despite a pin (cache inconsistency)"
+        elif session.unpin_reason in (MatchReason.EXPIRED, MatchReason.DEMOTED):
+            reason = session.unpin_reason
+            why = "after its pin expired" if reason is MatchReason.EXPIRED else "after its pin was demoted under memory pressure"
+        else:
+            reason, why = MatchReason.EVICTED, "while unpinned"
+        detail = f"{lost} of the session's {have} cached tokens were evicted {why}; cache hit {num_matched}/{n}"
+        return MatchExplanation(reason, diverged_at=None, session_tokens=have, detail=detail, **base)
+    detail = f"prompt extends the session state: {num_matched}/{n} tokens cached, {n - num_matched} new"
+    return MatchExplanation(MatchReason.EXTENDED, diverged_at=None, session_tokens=have, detail=detail, **base)
+
+
+def _path_tokens(node: RadixNode) -> list[int]:
+    pieces: list[tuple[int, ...]] = []
+    while node.parent is not None:
+        pieces.append(node.key)
+        node = node.parent
+    return [t for key in reversed(pieces) for t in key]
+
+
+class SessionManager:
+    """Registry of sessions and owner of their pins (one radix lock per pinned session).
+
+    `pin=False` is the "prefix" cache mode: sessions keep their token state
+    (for explanations and counters) but never lock the tree, so their KV is
+    plain LRU cache.
+    """
+
+    def __init__(self, radix: RadixCache, default_ttl: float = 300.0, clock: Callable[[], float] = time.monotonic, pin: bool = True):
+        self.radix = radix
+        self.default_ttl = default_ttl
+        self.clock = clock
+        self.pin = pin
+        self._sessions: dict[str, Session] = {}
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ registry
+    def open(self, session_id: str, owner: str | None = None, ttl: float | None = None) -> Session:
+        """Create an empty, unpinned session; raises KeyError if the id exists."""
+        if session_id in self._sessions:
+            raise KeyError(f"session {session_id!r} already exists")
+        ttl = self.default_ttl if ttl is None else ttl
+        if ttl < 0:
+            raise ValueError(f"ttl must be >= 0, got {ttl}")
+        now = self.clock()
+        s = Session(session_id, owner, ttl, created_at=now, last_used=now, seq=next(self._seq))
+        self._sessions[session_id] = s
+        return s
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def list(self) -> list[Session]:
+        """All known sessions, in open order."""
+        return sorted(self._sessions.values(), key=lambda s: s.seq)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.pinned)
+
+    def close(self, session_id: str) -> None:
+        """Unpin and forget the session; its path stays as ordinary evictable cache. KeyError if unknown."""
+        s = self._sessions.pop(session_id)
+        if s.pinned:
+            self._unpin(s, None)
+
+    # ------------------------------------------------------------------ pins
+    def repin(self, session: Session, node: RadixNode, tokens: Sequence[int], ttl: float | None = None) -> None:
+        """After a turn: move the session's pin to `node`, whose root path must be exactly `tokens`.
+
+        Locks the new node BEFORE unlocking the old one, so refs on the shared
+        prefix never drop to 0 in between (nothing there becomes evictable even
+        for an instant). Refreshes the expiry to now + ttl (`ttl` also becomes
+        the session's ttl when given) and `last_used`.
+        """
+        tokens = list(tokens)
+        if _path_tokens(node) != tokens:
+            raise ValueError("repin: node's path does not spell the session tokens")
+        if ttl is not None:
+            session.ttl = ttl
+        if self.pin:
+            self.radix.lock(node)  # raises on an evicted node, before anything changed
+            if session.pinned:
+                assert session.node is not None
+                self.radix.unlock(session.node)
+            session.pinned, session.unpin_reason = True, None
+        now = self.clock()
+        session.node, session.tokens = node, tokens
+        session.pin_expires_at = now + session.ttl
+        session.last_used = now
+
+    def record_turn(self, session: Session, explanation: MatchExplanation) -> None:
+        """Add a turn's explanation to the session's counters."""
+        session.turns += 1
+        session.prompt_tokens += explanation.prompt_tokens
+        session.cached_tokens += explanation.cached_tokens
+        session.prefilled_tokens += explanation.prefilled_tokens
+        session.last_match = explanation
+        session.last_used = self.clock()
+
+    def _unpin(self, session: Session, reason: MatchReason | None) -> None:
+        assert session.pinned and session.node is not None
+        self.radix.unlock(session.node)
+        session.pinned, session.unpin_reason = False, reason
+
+    def expire(self) -> list[str]:
+        """Unpin sessions whose pin TTL has passed; return their ids (open order).
+
+        Frees nothing: the path becomes evictable LRU cache, and the session
+        object (token state, counters) stays known so a late turn still hits
+        whatever survived and its miss is explained as EXPIRED.
+        """
+        now = self.clock()
+        out = []
+        for s in self.list():
+            if s.pinned and s.pin_expires_at <= now:
+                self._unpin(s, MatchReason.EXPIRED)
+                out.append(s.session_id)
+        return out
+
+    def demote_lru(self, num_tokens_needed: int) -> list[str]:
+        """Unpin least-recently-used sessions until `radix.evictable_size >= num_tokens_needed`.
+
+        Policy (so pins can never deadlock the pool): running requests beat
+        idle pins. Pinned sessions are demoted one at a time in order of
+        `last_used` (oldest first; ties by open order) until enough of the
+        tree is evictable or no pins are left. Demoting a session whose path is
+        shared with another pin or a running request may add nothing; the loop
+        just goes on. Afterwards only running requests' own locks protect
+        anything, so `radix.evict` can then free everything else.
+        `num_tokens_needed` is the shortfall beyond the allocator's free
+        slots. Frees nothing itself; returns the demoted ids in order.
+        """
+        out: list[str] = []
+        if self.radix.evictable_size >= num_tokens_needed:
+            return out
+        for s in sorted((s for s in self._sessions.values() if s.pinned), key=lambda s: (s.last_used, s.seq)):
+            self._unpin(s, MatchReason.DEMOTED)
+            out.append(s.session_id)
+            if self.radix.evictable_size >= num_tokens_needed:
+                break
+        return out
+
+    def forget_idle(self, max_idle: float) -> list[str]:
+        """Forget unpinned sessions unused for more than `max_idle` seconds (bounds registry memory)."""
+        now = self.clock()
+        gone = [s.session_id for s in self.list() if not s.pinned and now - s.last_used > max_idle]
+        for sid in gone:
+            del self._sessions[sid]
+        return gone

@@ -1,0 +1,108 @@
+"""Paged attention over the token-slot KV pool, in plain PyTorch (SDPA).
+
+One forward step carries tokens of several sequences flattened into `[T, ...]`.
+Each sequence contributes `q_len` query tokens whose K/V are written into their
+slots first; its context is then gathered from the pool by `kv_slots`.
+Short queries (decode: 1 token, speculative verify: k+1 tokens) run as one
+padded batch; long prefill chunks run one sequence at a time, so a 512-token
+chunk never pads seven decodes to 512 rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+SHORT_QUERY = 16  # queries up to this length join the padded batch
+
+
+@dataclass
+class SeqSpan:
+    q_start: int  # offset of this sequence's first query token in the flat batch
+    q_len: int
+    kv_slots: torch.Tensor  # [ctx_len] slot ids of the whole context, new tokens included
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention layout, built once by the engine and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] slot each flat token's K/V is written to
+    spans: list[SeqSpan]
+    # Derived once in `prepare()`:
+    batch_idx: list[int] = field(default_factory=list)  # spans in the padded short-query batch
+    long_idx: list[int] = field(default_factory=list)  # spans run one by one
+    gather: torch.Tensor | None = None  # [B, Lk] slot ids, padded with slot 0
+    q_index: torch.Tensor | None = None  # [B, Lq] flat token index, padded with 0
+    q_valid: torch.Tensor | None = None  # [B, Lq] bool, real query positions
+    mask: torch.Tensor | None = None  # [B, 1, Lq, Lk] bool, True = may attend
+    long_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def prepare(self, device: torch.device) -> "AttentionMetadata":
+        self.batch_idx = [i for i, s in enumerate(self.spans) if s.q_len <= SHORT_QUERY]
+        self.long_idx = [i for i, s in enumerate(self.spans) if s.q_len > SHORT_QUERY]
+        if self.batch_idx:
+            spans = [self.spans[i] for i in self.batch_idx]
+            B = len(spans)
+            Lq = max(s.q_len for s in spans)
+            Lk = max(len(s.kv_slots) for s in spans)
+            gather = torch.zeros(B, Lk, dtype=torch.int64)
+            q_index = torch.zeros(B, Lq, dtype=torch.int64)
+            q_valid = torch.zeros(B, Lq, dtype=torch.bool)
+            mask = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
+            kpos = torch.arange(Lk)
+            for b, s in enumerate(spans):
+                L = len(s.kv_slots)
+                gather[b, :L] = s.kv_slots
+                q_index[b, : s.q_len] = torch.arange(s.q_start, s.q_start + s.q_len)
+                q_valid[b, : s.q_len] = True
+                # query i sits at context position L - q_len + i and sees keys <= it
+                qpos = torch.arange(Lq) + (L - s.q_len)
+                mask[b, 0] = kpos[None, :] <= qpos[:, None]
+            self.gather, self.q_index, self.q_valid, self.mask = (
+                gather.to(device), q_index.to(device), q_valid.to(device), mask.to(device),
+            )
+        for i in self.long_idx:
+            s = self.spans[i]
+            L = len(s.kv_slots)
+            if L == s.q_len:
+                self.long_masks[i] = None  # plain causal, SDPA's is_causal path
+            else:
+                qpos = torch.arange(s.q_len) + (L - s.q_len)
+                self.long_masks[i] = (torch.arange(L)[None, :] <= qpos[:, None]).to(device)
+        return self
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, n_heads, head_dim]
+    k: torch.Tensor,  # [T, n_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, n_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, n_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, n_heads, head_dim]
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    if meta.batch_idx:
+        B, Lq = meta.q_index.shape
+        qb = q[meta.q_index.reshape(-1)].reshape(B, Lq, q.shape[1], q.shape[2]).transpose(1, 2)  # [B, H, Lq, D]
+        Lk = meta.gather.shape[1]
+        kb = k_cache[meta.gather.reshape(-1)].reshape(B, Lk, k.shape[1], k.shape[2]).transpose(1, 2)  # [B, Hkv, Lk, D]
+        vb = v_cache[meta.gather.reshape(-1)].reshape(B, Lk, k.shape[1], k.shape[2]).transpose(1, 2)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale, enable_gqa=gqa)
+        ob = ob.transpose(1, 2)  # [B, Lq, H, D]
+        out[meta.q_index[meta.q_valid]] = ob[meta.q_valid]
+    for i in meta.long_idx:
+        s = meta.spans[i]
+        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ks = k_cache[s.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vs = v_cache[s.kv_slots].transpose(0, 1).unsqueeze(0)
+        m = meta.long_masks.get(i)
+        os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, is_causal=m is None, scale=scale, enable_gqa=gqa)
+        out[s.q_start : s.q_start + s.q_len] = os_[0].transpose(0, 1)
+    return out

@@ -1,0 +1,138 @@
+"""Llama-family decoder (llama / SmolLM2, qwen2) over the paged KV pool.
+
+Weights are fused at load time (q|k|v into one matrix, gate|up into one) so a
+step runs 4 matmuls a layer over all flat tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltaserve.config import ModelConfig
+from deltaserve.kv.pool import KVPool
+from deltaserve.layers.attention import AttentionMetadata, paged_attention
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as HF LlamaRMSNorm: normalise in fp32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Rotary:
+    """Neox-style RoPE (rotate_half), cos/sin tables built once in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, max_pos: int, dtype, device):
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        t = torch.arange(max_pos, dtype=torch.float32)
+        freqs = torch.outer(t, inv)  # [max_pos, head_dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
+        self.cos = emb.cos().to(dtype=dtype, device=device)
+        self.sin = emb.sin().to(dtype=dtype, device=device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q_out = cfg.num_heads * cfg.head_dim
+        kv_out = cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_out, kv_out
+        self.qkv_w = nn.Parameter(torch.empty(q_out + 2 * kv_out, cfg.hidden_size), requires_grad=False)
+        self.qkv_b = nn.Parameter(torch.empty(q_out + 2 * kv_out), requires_grad=False) if cfg.qkv_bias else None
+        self.o_w = nn.Parameter(torch.empty(cfg.hidden_size, q_out), requires_grad=False)
+        self.gate_up_w = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size), requires_grad=False)
+        self.down_w = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size), requires_grad=False)
+        self.in_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+
+    def forward(self, x, positions, rope: Rotary, k_cache, v_cache, meta: AttentionMetadata):
+        cfg = self.cfg
+        h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
+        qkv = F.linear(h, self.qkv_w, self.qkv_b)  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        T = x.shape[0]
+        q = rope(q.reshape(T, cfg.num_heads, cfg.head_dim), positions)  # [T, H, D]
+        k = rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), positions)  # [T, Hkv, D]
+        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        a = paged_attention(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)
+        x = x + F.linear(a.reshape(T, self.q_size), self.o_w)  # [T, hidden]
+        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up_w).chunk(2, dim=-1)  # [T, I] each
+        return x + F.linear(F.silu(gate) * up, self.down_w)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
+        )
+        self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, self.device)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
+        model = _build(cls, cfg, dtype, device)
+        model.load_hf_state(state)
+        return model
+
+    def load_hf_state(self, sd: dict[str, torch.Tensor]) -> None:
+        cfg = self.cfg
+        put = lambda t: t.to(dtype=self.dtype, device=self.device).contiguous()  # noqa: E731
+        self.embed = nn.Parameter(put(sd["model.embed_tokens.weight"]), requires_grad=False)
+        self.norm = nn.Parameter(put(sd["model.norm.weight"]), requires_grad=False)
+        if cfg.tie_word_embeddings or "lm_head.weight" not in sd:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = nn.Parameter(put(sd["lm_head.weight"]), requires_grad=False)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            g = lambda n: sd[p + n]  # noqa: E731
+            layer.qkv_w = nn.Parameter(put(torch.cat([g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"), g("self_attn.v_proj.weight")])), requires_grad=False)
+            if cfg.qkv_bias:
+                layer.qkv_b = nn.Parameter(put(torch.cat([g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"), g("self_attn.v_proj.bias")])), requires_grad=False)
+            layer.o_w = nn.Parameter(put(g("self_attn.o_proj.weight")), requires_grad=False)
+            layer.gate_up_w = nn.Parameter(put(torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")])), requires_grad=False)
+            layer.down_w = nn.Parameter(put(g("mlp.down_proj.weight")), requires_grad=False)
+            layer.in_norm = nn.Parameter(put(g("input_layernorm.weight")), requires_grad=False)
+            layer.post_norm = nn.Parameter(put(g("post_attention_layernorm.weight")), requires_grad=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens."""
+        x = self.embed[input_ids]  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rope, kv.k_cache[i], kv.v_cache[i], meta)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        return F.linear(hidden, self.lm_head).float()
+
+
+def _build(cls, cfg, dtype, device):
+    # Parameters are created empty on the meta device and replaced by load_hf_state,
+    # so building a 0.5B model allocates no throwaway memory.
+    with torch.device("meta"):
+        m = cls(cfg, dtype, "meta")
+    m.device = torch.device(device)
+    m.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, m.device)
+    return m
