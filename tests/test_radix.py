@@ -333,7 +333,7 @@ class RadixMachine(RuleBasedStateMachine):
         while stack:
             node, path = stack.pop()
             for child in node.children.values():
-                for j, (t, s) in enumerate(zip(child.key, child.value.tolist())):
+                for j, s in enumerate(child.value.tolist()):
                     out[path + child.key[: j + 1]] = s
                 stack.append((child, path + child.key))
         return out

@@ -304,6 +304,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(sid=SIDS, mode=st.sampled_from(["extend", "extend", "extend", "diverge", "fresh", "stateless"]), new=NEW, gen=NEW, cut=st.integers(0, MAX_CTX))
     def turn(self, sid, mode, new, gen, cut):
+        self.expire()  # the engine's scheduler loop expires pins before admitting work
         s = self.mgr.get(sid) or self.mgr.open(sid)  # a turn on an unknown id starts it
         if mode == "stateless":
             s, prompt = None, new

@@ -115,7 +115,7 @@ def verify_sampling(
     host = torch.cat([accept.long(), candidates, valid.long()]).tolist()
     accepted, cand, ok = host[:k], host[k:2 * k + 1], host[2 * k + 1:]
     if not all(ok):
-        raise ValueError("every probs row needs positive, finite total mass")
+        raise ValueError("every probs row needs positive total mass (NaN rows are rejected)")
     n = 0
     while n < k and accepted[n]:
         n += 1

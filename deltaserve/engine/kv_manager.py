@@ -1,0 +1,139 @@
+"""KV ownership across requests: admission against the cache, slot reservation, finish.
+
+Composes the slot allocator, the radix cache and the session manager; the
+cache mode decides which of them take part:
+- `stateful`: radix prefix cache + sessions pinned between turns (with TTL);
+- `prefix`:   radix prefix cache with LRU only, sessions never pinned (vLLM/SGLang policy);
+- `stateless`: no reuse at all, every prompt is computed from scratch.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from deltaserve.cache.radix import RadixCache
+from deltaserve.cache.session import Session, SessionManager, explain_match
+from deltaserve.engine.sequence import Sequence
+from deltaserve.kv.pool import KVPool
+
+
+class CacheMode(str, Enum):
+    STATEFUL = "stateful"
+    PREFIX = "prefix"
+    STATELESS = "stateless"
+
+
+class KVManager:
+    def __init__(self, pool: KVPool, mode: CacheMode = CacheMode.STATEFUL, default_ttl: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.pool = pool
+        self.mode = CacheMode(mode)
+        self.allocator = pool.allocator
+        self.radix = RadixCache(self.allocator, clock)
+        self.sessions = SessionManager(self.radix, default_ttl, clock, pin=self.mode == CacheMode.STATEFUL)
+        self.evicted_tokens = 0
+        self.demoted_sessions = 0
+
+    @property
+    def reuse(self) -> bool:
+        return self.mode != CacheMode.STATELESS
+
+    # ------------------------------------------------------------ admission
+    def admit(self, seq: Sequence, running_private: int) -> bool:
+        """Match `seq` against the cache, lock its prefix; False if memory cannot take it yet.
+
+        Needs room for the uncached part of the prompt plus a little headroom,
+        counting slots that eviction or pin demotion could free.
+        """
+        self.sessions.expire()
+        session = self.sessions.get(seq.session_id) if seq.session_id else None
+        was_pinned = bool(session and session.pinned)
+        if self.reuse:
+            m = self.radix.match_prefix(seq.tokens)
+            matched, slots, node = m.num_matched, m.slots, m.node
+        else:
+            matched, slots, node = 0, torch.empty(0, dtype=torch.int64), None
+        # At least the last prompt token is computed: its logits give the first output token.
+        cached = min(matched, len(seq.tokens) - 1)
+        need = len(seq.tokens) - cached + 16
+        if not self._can_free(need):
+            return False
+        if cached > 0:
+            self.radix.lock(node)
+            seq.locked_node = node
+        seq.slots = slots[:cached].clone()
+        seq.num_computed = seq.num_shared = cached
+        seq.stats.cached_tokens = cached
+        seq.stats.prefilled_tokens = len(seq.tokens) - cached
+        seq.explanation = explain_match(session, seq.tokens, cached, was_pinned)
+        if session is not None:
+            self.sessions.record_turn(session, seq.explanation)
+        return True
+
+    def _can_free(self, n: int) -> bool:
+        return self.allocator.num_free + self.radix.evictable_size + self._demotable() >= n
+
+    def _demotable(self) -> int:
+        if self.mode != CacheMode.STATEFUL:
+            return 0
+        return self.radix.protected_size  # upper bound: demotion unpins whole sessions
+
+    # ---------------------------------------------------------- reservation
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Give `seq` private slots for `n` more tokens; evicts LRU cache, then demotes LRU pins."""
+        assert len(seq.slots) == seq.num_computed, "unconsumed reservation"
+        if not self.ensure_free(n):
+            return False
+        seq.slots = torch.cat([seq.slots, self.allocator.allocate(n)])
+        return True
+
+    def ensure_free(self, n: int) -> bool:
+        short = n - self.allocator.num_free
+        if short > 0 and self.reuse:
+            self.evicted_tokens += self.radix.evict(short)
+            short = n - self.allocator.num_free
+            if short > 0 and self.mode == CacheMode.STATEFUL:
+                self.demoted_sessions += len(self.sessions.demote_lru(short))
+                self.evicted_tokens += self.radix.evict(short)
+        return self.allocator.num_free >= n
+
+    def rollback(self, seq: Sequence, keep: int) -> None:
+        """Free reserved-but-rejected slots beyond `keep` computed tokens (speculative rejects)."""
+        extra = seq.slots[keep:]
+        if extra.numel():
+            self.allocator.free(extra)
+        seq.slots = seq.slots[:keep]
+
+    # --------------------------------------------------------------- finish
+    def release(self, seq: Sequence, keep_in_cache: bool = True) -> None:
+        """Hand a finished (or preempted) sequence's KV to the cache; re-pin its session."""
+        n = seq.num_computed
+        self.rollback(seq, n)
+        session = self.sessions.get(seq.session_id) if seq.session_id else None
+        if self.reuse and keep_in_cache and n > 0:
+            res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
+            if session is not None:
+                self.sessions.repin(session, res.node, seq.tokens[:n])
+        else:
+            private = seq.slots[seq.num_shared : n]
+            if private.numel():
+                self.allocator.free(private)
+            if session is not None:
+                _set_tokens(session, seq.tokens[:n])
+        if seq.locked_node is not None:
+            self.radix.unlock(seq.locked_node)
+            seq.locked_node = None
+        seq.slots = torch.empty(0, dtype=torch.int64)
+        seq.num_computed = seq.num_shared = 0
+
+    def check_integrity(self, running: list[Sequence]) -> None:
+        extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]
+        self.radix.check_integrity(torch.cat(extra) if extra else torch.empty(0, dtype=torch.int64))
+
+
+def _set_tokens(session: Session, tokens: list[int]) -> None:
+    session.tokens = list(tokens)

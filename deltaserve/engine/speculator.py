@@ -1,0 +1,73 @@
+"""Prompt-lookup speculation wired into the engine: drafts per sequence, lossless verification.
+
+Drafts come from the sequence's own token history (prompt + generated, which
+holds tool schemas, tool results and earlier calls). A session keeps its
+lookup index across turns, so each turn only indexes its new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltaserve.engine.sampling import processed_probs
+from deltaserve.engine.sequence import Sequence
+from deltaserve.spec.adaptive import DraftLengthController
+from deltaserve.spec.lookup import LookupIndex
+from deltaserve.spec.verify import verify_greedy, verify_sampling
+
+
+class _SpecState:
+    def __init__(self, index: LookupIndex, k_max: int):
+        self.index = index
+        self.ctl = DraftLengthController(k_min=1, k_max=k_max)
+
+
+class Speculator:
+    def __init__(self, k_max: int = 8, max_ngram: int = 4, max_session_indices: int = 1024):
+        self.k_max = k_max
+        self.max_ngram = max_ngram
+        self._session_index: dict[str, LookupIndex] = {}
+        self.max_session_indices = max_session_indices
+
+    def _state(self, seq: Sequence) -> _SpecState:
+        if seq.spec_state is None:
+            idx = self._session_index.pop(seq.session_id, None) if seq.session_id else None
+            if idx is None:
+                idx = LookupIndex(min_ngram=1, max_ngram=self.max_ngram, max_draft=self.k_max)
+            idx.sync(seq.tokens)  # keeps the common prefix with the last turn, indexes the rest
+            seq.spec_state = _SpecState(idx, self.k_max)
+        return seq.spec_state
+
+    def propose(self, seq: Sequence) -> list[int]:
+        """Draft tokens to verify in the sequence's next step (may be empty)."""
+        if seq.grammar is not None:
+            return []  # grammar-constrained output is verified token by token
+        st = self._state(seq)
+        if len(st.index) < len(seq.tokens):
+            st.index.extend(seq.tokens[len(st.index) :])
+        k = min(st.ctl.next_k(), seq.params.max_tokens - seq.num_output - 1)
+        if k <= 0:
+            return []
+        return list(st.index.propose(k).tokens)
+
+    def verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[int]:
+        """logits [k+1, vocab] at the last real token and each draft -> tokens to append."""
+        p = seq.params
+        if p.greedy:
+            res = verify_greedy(logits.argmax(-1), draft)
+        else:
+            res = verify_sampling(processed_probs(logits, p), draft, seq.generator)
+        st = self._state(seq)
+        st.ctl.update(res.num_drafted, res.num_accepted)
+        seq.stats.drafted_tokens += res.num_drafted
+        seq.stats.accepted_tokens += res.num_accepted
+        seq.stats.verify_steps += 1
+        return list(res.tokens)
+
+    def finish(self, seq: Sequence) -> None:
+        """Keep a session's index for its next turn."""
+        if seq.session_id and seq.spec_state is not None:
+            if len(self._session_index) >= self.max_session_indices:
+                self._session_index.pop(next(iter(self._session_index)))
+            self._session_index[seq.session_id] = seq.spec_state.index
+        seq.spec_state = None
