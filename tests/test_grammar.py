@@ -249,3 +249,11 @@ def test_bad_inputs_raise(compiler):
         compiler.for_tool_call([], None)
     with pytest.raises(GrammarError):
         compiler.for_tool_call(TOOLS, None, style="mistral")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_mask_on_cuda(compiler):
+    m = compiler.for_json_schema({"type": "object"})
+    logits = torch.randn(2, compiler.vocab_size, device="cuda", dtype=torch.float16)
+    m.apply_mask(logits)
+    assert torch.equal(torch.isinf(logits).cpu(), ~m.allowed_mask().expand(2, -1))

@@ -146,7 +146,7 @@ def test_stream_random_chunkings_agree(data):
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(alphabet='{}[]"\\:, ab<>/_tolcn`\n', max_size=60), cuts=st.lists(st.integers(0, 60), max_size=8))
+@given(text=st.text(alphabet='{}[]"\\:, ab<>/_tolcn`\n\x0b\u3000', max_size=60), cuts=st.lists(st.integers(0, 60), max_size=8))
 def test_garbage_never_raises_and_agrees(text, cuts):
     res = parse_tool_calls(text, {"a", "b"})
     content, calls, _ = _stream(text, [c for c in cuts if c <= len(text)], {"a", "b"})

@@ -86,6 +86,7 @@ class GrammarCompiler:
         cache_size: int = 64,
     ) -> None:
         import llguidance.hf  # imports transformers; keep it off the module path
+        import transformers
 
         if eos_token_ids is None:
             eos = hf_tokenizer.eos_token_id
@@ -96,12 +97,13 @@ class GrammarCompiler:
         if not self.eos_token_ids:
             raise ValueError("eos_token_ids must not be empty")
         self.vocab_size = int(vocab_size)
-        try:
-            self.ll_tokenizer: LLTokenizer = llguidance.hf.from_tokenizer(
-                hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
-            )
-        except ValueError as exc:
-            raise TypeError(f"unsupported tokenizer for grammar decoding: {exc}") from exc
+        if not isinstance(hf_tokenizer, transformers.PreTrainedTokenizerFast):
+            raise TypeError("grammar decoding needs a fast (tokenizers-backed) HF tokenizer, "
+                            f"got {type(hf_tokenizer).__name__}")
+        # raises ValueError when vocab_size is smaller than the tokenizer
+        self.ll_tokenizer: LLTokenizer = llguidance.hf.from_tokenizer(
+            hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
+        )
         self._tool_open = self._marker(hf_tokenizer, _TOOL_CALL_OPEN)
         self._tool_close = self._marker(hf_tokenizer, _TOOL_CALL_CLOSE)
         self._cache: OrderedDict[str, LLMatcher] = OrderedDict()
@@ -295,6 +297,7 @@ class GrammarMatcher:
         self._history: list[int] = []  # accepted tokens; EOS only ever last
         self._terminated = False
         self._mask: torch.Tensor | None = None  # cache for the current state
+        self._forbidden: torch.Tensor | None = None  # ~_mask on the last logits device
 
     # -- masks ------------------------------------------------------------------
 
@@ -317,11 +320,16 @@ class GrammarMatcher:
         if mask is None:
             mask = self._current_mask()
         width = logits.shape[-1]
+        if mask.shape[-1] != self.vocab_size:
+            raise ValueError(f"mask width {mask.shape[-1]} != vocab_size {self.vocab_size}")
         if width > mask.shape[-1]:
             logits[..., mask.shape[-1]:] = float("-inf")
             width = mask.shape[-1]
-        mask = mask[..., :width].to(device=logits.device, non_blocking=True)
-        logits[..., :width].masked_fill_(~mask, float("-inf"))
+        if mask is self._mask:
+            forbidden = self._forbidden_on(logits.device)
+        else:
+            forbidden = ~mask.to(device=logits.device, non_blocking=True)
+        logits[..., :width].masked_fill_(forbidden[..., :width], float("-inf"))
         return logits
 
     def draft_masks(self, draft_tokens: Sequence[int]) -> torch.Tensor:
@@ -356,13 +364,13 @@ class GrammarMatcher:
                 return False
             self._terminated = True
             self._history.append(token_id)
-            self._mask = None
+            self._mask = self._forbidden = None
             return True
         # validate first: consuming a bad token would put llguidance in a sticky error state
         if self._m.validate_tokens([token_id]) != 1 or not self._m.consume_token(token_id):
             return False
         self._history.append(token_id)
-        self._mask = None
+        self._mask = self._forbidden = None
         return True
 
     def accept_many(self, token_ids: Sequence[int]) -> int:
@@ -388,7 +396,7 @@ class GrammarMatcher:
             if not self._m.rollback(n) or self._m.is_error():  # pragma: no cover
                 raise RuntimeError(f"llguidance rollback failed: {self._m.get_error()}")
             del self._history[-n:]
-        self._mask = None
+        self._mask = self._forbidden = None
 
     def reset(self) -> None:
         """Back to the initial state."""
@@ -418,6 +426,14 @@ class GrammarMatcher:
         return [] if self._terminated else list(self._m.compute_ff_tokens())
 
     # -- internals --------------------------------------------------------------
+
+    def _forbidden_on(self, device: torch.device) -> torch.Tensor:
+        """``~mask`` of the current state on ``device`` (cached until the state changes)."""
+        cached = self._forbidden
+        if cached is None or cached.device != device:
+            cached = (~self._current_mask()).to(device=device, non_blocking=True)
+            self._forbidden = cached
+        return cached
 
     def _current_mask(self) -> torch.Tensor:
         if self._mask is None:

@@ -34,16 +34,8 @@ import re
 import uuid
 from typing import Any, NamedTuple, Union
 
-__all__ = [
-    "ParsedToolCall",
-    "ParseResult",
-    "ContentDelta",
-    "ToolCallDelta",
-    "StreamEvent",
-    "parse_tool_calls",
-    "StreamingToolParser",
-    "new_call_id",
-]
+__all__ = ["ParsedToolCall", "ParseResult", "ContentDelta", "ToolCallDelta", "StreamEvent",
+           "parse_tool_calls", "StreamingToolParser", "new_call_id"]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -182,11 +174,12 @@ class StreamingToolParser:
         return events
 
     def _content(self, text: str, events: list[StreamEvent]) -> None:
+        # str.strip() whitespace, exactly as parse_tool_calls strips content
         if not self._started:
-            text = text.lstrip(_WS)
+            text = text.lstrip()
             if not text:
                 return
-        body = text.rstrip(_WS)
+        body = text.rstrip()
         if not body:
             self._pending_ws += text
             return
@@ -237,37 +230,26 @@ class _Scanner:
         if not self.names:
             return ([buf] if buf else []), n
         while i < n:
-            if self.in_fence:
-                q = buf.find(FENCE, i)
-                if q >= 0:
-                    out.append(buf[i:q + 3])
-                    i = q + 3
-                    self.in_fence = False
-                    continue
-                end = n if final else n - _partial_suffix(buf, i, (FENCE,))
-                if end > i:
-                    out.append(buf[i:end])
-                    i = end
-                break
-            m = _TRIGGER.search(buf, i)
-            if m is None:
-                end = n if final else n - _partial_suffix(buf, i, (TOOL_CALL_OPEN, FENCE))
-                if end > i:
-                    out.append(buf[i:end])
-                    i = end
+            q = buf.find(FENCE, i) if self.in_fence else -1
+            if q >= 0:  # a plain fence closes
+                out.append(buf[i:q + 3])
+                i, self.in_fence = q + 3, False
+                continue
+            m = None if self.in_fence else _TRIGGER.search(buf, i)
+            if m is None:  # all content, but hold a possible marker start
+                markers = (FENCE,) if self.in_fence else (TOOL_CALL_OPEN, FENCE)
+                end = n if final else n - _partial_suffix(buf, i, markers)
+                out.append(buf[i:end])
+                i = end
                 break
             p = m.start()
-            if p > i:
-                out.append(buf[i:p])
-                i = p
+            out.append(buf[i:p])
+            i = p
             dec = self._decide(buf, p, m.group(), final)
             if dec is _UNDECIDED:
                 break
             self._span = None
-            if dec.calls:
-                out.append(dec.calls)
-            else:
-                out.append(buf[p:dec.end])
+            out.append(dec.calls or buf[p:dec.end])
             self.in_fence = dec.enter_fence
             i = dec.end
         if i > 0:

@@ -1,0 +1,118 @@
+"""`deltaserve bench engine`: prefill and single-stream decode speed vs HF transformers.
+
+Both run the same weights (the converted model directory) in the same
+process, one after the other, in bf16 and fp32. deltaserve runs in
+`stateless` mode so no prompt is served from cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from deltaserve.bench.common import git_rev, machine, md_table, write_section
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("engine", help="prefill / decode tokens/s vs HF transformers")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--prompt-lens", default="512,2048,8192")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
+    p.add_argument("--write", default="BENCHMARKS.md", help="markdown file to update ('' to skip)")
+    p.set_defaults(func=run)
+
+
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
+
+
+def _ours(model_name, dtype, lens, decode_tokens, max_ctx):
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.engine.kv_manager import CacheMode
+    from deltaserve.engine.sampling import SamplingParams
+
+    eng = LLMEngine.from_model(model_name, EngineConfig(dtype=dtype, cache_mode=CacheMode.STATELESS, speculation=False,
+                                                         kv_cache_bytes=1 << 30, max_batch_tokens=2048))
+    res = {}
+    eng.generate([_prompt(64, eng.cfg.vocab_size, 0)], SamplingParams(max_tokens=4))  # warm-up
+    for n in lens:
+        n = min(n, max_ctx - 1)
+        p = _prompt(n, eng.cfg.vocab_size, n)
+        t = time.perf_counter()
+        eng.generate([p], SamplingParams(max_tokens=1))
+        res[("prefill", n)] = n / (time.perf_counter() - t)
+    p = _prompt(128, eng.cfg.vocab_size, 1)
+    seq = eng.add_request(p, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True))
+    eng.step()  # prefill + first token
+    t = time.perf_counter()
+    eng.run_until_done([seq])
+    res[("decode", 128)] = (seq.num_output - 1) / (time.perf_counter() - t)
+    del eng
+    gc.collect()
+    return res
+
+
+def _hf(model_name, dtype, lens, decode_tokens, max_ctx):
+    from transformers import AutoModelForCausalLM
+
+    from deltaserve.models.loader import model_dir
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir(model_name)), dtype=dtype).eval()
+    vocab = m.config.vocab_size
+    res = {}
+    with torch.inference_mode():
+        m(torch.tensor([_prompt(64, vocab, 0)]))
+        for n in lens:
+            n = min(n, max_ctx - 1)
+            p = torch.tensor([_prompt(n, vocab, n)])
+            t = time.perf_counter()
+            m(p, use_cache=True)
+            res[("prefill", n)] = n / (time.perf_counter() - t)
+        p = torch.tensor([_prompt(128, vocab, 1)])
+        kw = dict(do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        m.generate(p, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        m.generate(p, max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, **kw)
+        res[("decode", 128)] = decode_tokens / (time.perf_counter() - t - t1)
+    del m
+    gc.collect()
+    return res
+
+
+def run(args) -> int:
+    from deltaserve.models.loader import load_config, model_dir
+
+    cfg = load_config(model_dir(args.model))
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        ours = _ours(args.model, dtype, lens, args.decode_tokens, cfg.max_position)
+        hf = {} if args.no_hf else _hf(args.model, dtype, lens, args.decode_tokens, cfg.max_position)
+        for key in ours:
+            kind, n = key
+            label = f"prefill {n} tok" if kind == "prefill" else f"decode (ctx {n})"
+            h = hf.get(key)
+            rows.append([dname, label, ours[key], h if h else "-", f"{ours[key] / h:.2f}x" if h else "-"])
+            print(f"{dname:9s} {label:18s} deltaserve {ours[key]:9.1f} tok/s   HF {h or 0:9.1f} tok/s")
+    table = md_table(["dtype", "phase", "deltaserve tok/s", "HF transformers tok/s", "ratio"], rows)
+    body = (
+        f"## Engine: prefill and single-stream decode ({args.model})\n\n"
+        f"Machine: {machine()}. Commit {git_rev()}.\n"
+        f"Command: `deltaserve bench engine --model {args.model} --dtypes {args.dtypes} --prompt-lens {args.prompt_lens}`\n\n"
+        + table
+        + "\n\nPrefill at the model's context limit is capped to `max_position - 1` tokens. "
+        "deltaserve runs stateless (no cache reuse), chunked prefill at 2,048 tokens a step.\n"
+    )
+    if args.write:
+        write_section(args.write, f"engine-{args.model}", body)
+    print(body)
+    return 0

@@ -1,0 +1,308 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic v2).
+
+Requests accept and ignore unknown fields (clients send things like `user`,
+`store` or `metadata`); fields we know but cannot honour are rejected in the
+handlers with a 400 that names them, so nothing is silently misread.
+Responses are plain models whose `None` fields are serialized as `null`, as
+OpenAI does (`content: null` next to `tool_calls`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------- messages
+class ContentPart(_Req):
+    type: str
+    text: str | None = None
+
+
+Content = Union[str, list[ContentPart]]
+
+
+class FunctionCall(_Req):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Req):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(_Req):
+    role: Literal["system", "developer"]
+    content: Content
+    name: str | None = None
+
+
+class UserMessage(_Req):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class AssistantMessage(_Req):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+
+class ToolMessage(_Req):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+
+
+# --------------------------------------------------------------------------- tools / formats
+class FunctionDef(_Req):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Req):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class JsonSchemaSpec(_Req):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+# --------------------------------------------------------------------------- shared sampling fields
+class _SamplingFields(_Req):
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    presence_penalty: float | None = None  # accepted, ignored (not implemented)
+    frequency_penalty: float | None = None  # accepted, ignored (not implemented)
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = Field(default=None, ge=-1)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    # deltaserve extensions
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    session_ttl: float | None = Field(default=None, ge=0)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[Message]
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = None
+    previous_response_id: str | None = None
+
+
+class DeltaChatRequest(ChatCompletionRequest):
+    """Body of POST /v1/sessions/{id}/chat/completions: `messages` are only the new ones."""
+
+    model: str | None = None  # type: ignore[assignment]  # defaults to the served model
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class SessionCreateRequest(_Req):
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    ttl: float | None = Field(default=None, ge=0)
+
+
+class SessionUpdateRequest(_Req):
+    ttl: float = Field(ge=0)
+
+
+# --------------------------------------------------------------------------- responses
+class _Resp(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PromptTokensDetails(_Resp):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(_Resp):
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
+class CacheInfo(_Resp):
+    reason: str | None = None
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    diverged_at: int | None = None
+    detail: str | None = None
+
+
+class DeltaserveInfo(_Resp):
+    """Extension block: how much of the prompt came from the KV cache, and why."""
+
+    session_id: str | None = None
+    cache: CacheInfo
+    render_mode: str
+
+
+class Usage(_Resp):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+    deltaserve: DeltaserveInfo | None = None
+
+
+class ResponseFunctionCall(_Resp):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Resp):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class ResponseMessage(_Resp):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class ChatChoice(_Resp):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Resp):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    deltaserve: DeltaserveInfo | None = None
+
+
+class CompletionChoice(_Resp):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class CompletionResponse(_Resp):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    deltaserve: DeltaserveInfo | None = None
+
+
+class ModelCard(_Resp):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "deltaserve"
+    max_model_len: int | None = None
+
+
+class ModelList(_Resp):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionInfo(_Resp):
+    id: str
+    object: Literal["session"] = "session"
+    state: str  # "pinned" | "unpinned" | "expired" | "demoted" | "new"
+    busy: bool
+    pinned: bool
+    tokens: int
+    ttl: float
+    ttl_remaining: float | None
+    turns: int
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    has_transcript: bool
+    last_match: CacheInfo | None = None
+
+
+class DeletedSession(_Resp):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+class ErrorBody(_Resp):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Resp):
+    error: ErrorBody

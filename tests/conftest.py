@@ -1,0 +1,80 @@
+"""Shared fixtures: real models (pulled on first use), engines, prompts."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _model_dir(name: str):
+    from deltaserve.models.loader import model_dir
+    from deltaserve.models.registry import model_path, pull
+
+    if not model_path(name).exists():
+        pull(name, progress=False)
+    return model_dir(name)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    return _model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir():
+    return _model_dir("qwen2.5-coder-0.5b")
+
+
+def load_engine(directory, **cfg):
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.models.llama import LlamaModel
+    from deltaserve.models.loader import load_config, load_state_dict
+    from deltaserve.models.tokenizer import Tokenizer
+
+    cfg.setdefault("dtype", torch.float32)
+    cfg.setdefault("kv_cache_bytes", 256 << 20)
+    cfg.setdefault("check_integrity", True)
+    model = LlamaModel.from_state_dict(load_config(directory), load_state_dict(directory), cfg["dtype"])
+    return LLMEngine(model, Tokenizer(directory), EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def smollm_model(smollm_dir):
+    from deltaserve.models.llama import LlamaModel
+    from deltaserve.models.loader import load_config, load_state_dict
+    from deltaserve.models.tokenizer import Tokenizer
+
+    return LlamaModel.from_state_dict(load_config(smollm_dir), load_state_dict(smollm_dir), torch.float32), Tokenizer(smollm_dir)
+
+
+_WORDS = (
+    "agent tool call result search file read write list weather city price stock order user account invoice "
+    "report summary table query database index error retry timeout budget plan step next previous value key "
+    "name status open closed pending shipped delivered refund policy customer support ticket priority high low "
+    "the a of to and in is was for on with as by at from that this it be are or an have not"
+).split()
+
+
+def text_of_tokens(tok, n_tokens: int, seed: int) -> list[int]:
+    """A chat prompt of about `n_tokens` tokens of varied English-like text (deterministic)."""
+    rng = random.Random(seed)
+    words = []
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        words.extend(rng.choice(_WORDS) for _ in range(40))
+        body = " ".join(words)
+        ids = tok.apply_chat([{"role": "system", "content": "You are a careful assistant."},
+                              {"role": "user", "content": f"Summarise these notes: {body}"}])
+    return ids
+
+
+def hf_greedy(ref, prompt: list[int], max_new: int) -> list[int]:
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                           pad_token_id=0)
+    return out[0, len(prompt):].tolist()
