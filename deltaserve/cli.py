@@ -22,6 +22,15 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "bfloat16") 
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def ensure_pulled(model: str) -> None:
+    """A known model that is not in the cache yet is pulled (with a progress bar) before use."""
+    from deltaserve.models.registry import model_path, pull
+
+    if model in KNOWN_MODELS and not model_path(model).exists():
+        print(f"pulling {model} (first use)...", file=sys.stderr)
+        pull(model)
+
+
 def engine_from_args(args, **overrides):
     import torch
 
@@ -29,6 +38,7 @@ def engine_from_args(args, **overrides):
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda given but no CUDA device is available")
+    ensure_pulled(args.model)
     fields = dict(dtype=getattr(torch, args.dtype), device=args.device)
     fields.update(overrides)
     return LLMEngine.from_model(args.model, EngineConfig(**fields))
@@ -91,14 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-speculation", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    try:
-        from deltaserve.server.app import add_serve_arguments, run_server
+    from deltaserve.server.app import add_serve_arguments, run_server
 
-        p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-        add_serve_arguments(p)
-        p.set_defaults(func=run_server)
-    except ImportError:
-        pass
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_server)
 
     from deltaserve.bench import add_bench_parser
 

@@ -1,8 +1,6 @@
 """Tests for deltaserve.server.grammar with the real Qwen2.5 tokenizer.
 
-The tokenizer comes from the Qwen2.5-Coder-0.5B GGUF: ``$DELTASERVE_QWEN_GGUF``
-or ``/tmp/m/qwen.gguf``; the module is skipped when neither exists.  Loading it
-takes ~20 s, so it happens once per module.
+The tokenizer is Qwen2.5-Coder-0.5B's (pulled on first use), loaded once per module.
 """
 
 from __future__ import annotations
@@ -14,25 +12,20 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("llguidance", reason="grammar decoding needs llguidance (pip install llguidance)")
-jsonschema = pytest.importorskip("jsonschema", reason="schema checks need jsonschema (test dep)")
+import jsonschema  # noqa: E402
 
 from deltaserve.server.grammar import GrammarCompiler, GrammarError  # noqa: E402
 from deltaserve.server.tool_parser import parse_tool_calls  # noqa: E402
 
-DEFAULT_GGUF = "/tmp/m/qwen.gguf"
 PAD = 64  # logits wider than the tokenizer, as real checkpoints often are
 
 
 def _qwen_tokenizer():
-    """HF fast tokenizer of Qwen2.5 read from a GGUF file (no model hub)."""
-    path = os.environ.get("DELTASERVE_QWEN_GGUF") or DEFAULT_GGUF
-    if not os.path.isfile(path):
-        pytest.skip(f"Qwen2.5 GGUF not found at {path!r}; set DELTASERVE_QWEN_GGUF to a Qwen2.5 .gguf file")
+    """HF fast tokenizer of Qwen2.5-Coder-0.5B from the pulled model (converted once from its GGUF)."""
+    from conftest import _model_dir
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                         gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(str(_model_dir("qwen2.5-coder-0.5b")))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ class Transcript:
     messages: list[dict[str, Any]] = field(default_factory=list)  # history incl. our last reply
     tools: list[dict[str, Any]] | None = None
     tokens: list[int] = field(default_factory=list)  # prompt + generated of the last turn
-    ended_cleanly: bool = False  # the last reply ended with an end-of-turn token
 
 
 class Rendered(NamedTuple):
@@ -76,28 +75,29 @@ def same_message(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def render_turn(tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 prior: Transcript | None) -> Rendered:
     full_text = tok.render_chat(messages, tools, add_generation_prompt=True)
-    if prior is not None and prior.ended_cleanly and prior.tokens and (prior.tools or None) == (tools or None):
+    if prior is not None and prior.tokens and (prior.tools or None) == (tools or None):
         n = len(prior.messages)
         if len(messages) > n and all(same_message(a, b) for a, b in zip(prior.messages, messages[:n])):
             hist_text = tok.render_chat(messages[:n], tools, add_generation_prompt=False)
-            if full_text.startswith(hist_text):
-                glue = _glue_after_turn(tok, hist_text)
-                if glue is not None:
-                    delta = tok.encode(glue + full_text[len(hist_text):])
-                    return Rendered(list(prior.tokens) + delta, len(prior.tokens), "extended")
+            end = _end_of_turn(tok, hist_text)
+            if full_text.startswith(hist_text) and end is not None:
+                marker_id, glue = end
+                # A reply cut by max_tokens has no end-of-turn token yet: the template adds one.
+                head = list(prior.tokens) + ([] if prior.tokens[-1] == marker_id else [marker_id])
+                delta = tok.encode(glue + full_text[len(hist_text):])
+                return Rendered(head + delta, len(prior.tokens), "extended")
     return Rendered(tok.encode(full_text), 0, "full")
 
 
-def _glue_after_turn(tok: Tokenizer, hist_text: str) -> str | None:
-    """Template text after the last assistant turn's end-of-turn marker (e.g. "\\n" after <|im_end|>)."""
-    best = -1
-    for tid in tok.stop_token_ids:
+def _end_of_turn(tok: Tokenizer, hist_text: str) -> tuple[int, str] | None:
+    """The last end-of-turn marker in the history and the template text after it (e.g. "\\n" after <|im_end|>)."""
+    best: tuple[int, int] | None = None  # (end offset, token id)
+    for tid in sorted(tok.stop_token_ids):
         marker = tok.decode([tid], skip_special_tokens=False)
-        if marker:
-            i = hist_text.rfind(marker)
-            if i >= 0:
-                best = max(best, i + len(marker))
-    return hist_text[best:] if best >= 0 else None
+        i = hist_text.rfind(marker) if marker else -1
+        if i >= 0 and (best is None or i + len(marker) > best[0]):
+            best = (i + len(marker), tid)
+    return None if best is None else (best[1], hist_text[best[0]:])
 
 
 def reply_message(content: str | None, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:

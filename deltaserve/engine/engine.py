@@ -51,6 +51,7 @@ class EngineConfig:
     session_ttl: float = 300.0
     max_context: int | None = None  # defaults to the model's
     speculation: bool = True
+    session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     check_integrity: bool = False  # after every step (tests)
 
 
@@ -160,10 +161,27 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def session_busy(self, session_id: str) -> bool:
+        return session_id in self._busy_sessions
+
+    def set_session_ttl(self, session_id: str, ttl: float) -> None:
+        """Change a session's pin TTL; a pinned session's expiry restarts from now."""
+        s = self.kv.sessions.get(session_id)
+        if s is None:
+            raise SessionNotFound(session_id)
+        if ttl < 0:
+            raise EngineError("ttl must be >= 0")
+        s.ttl = ttl
+        if s.pinned:  # a new TTL counts from now
+            s.pin_expires_at = self.kv.sessions.clock() + ttl
+
     # ------------------------------------------------------------------ step
+    @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
-        running_private = 0
-        plan = self.scheduler.plan(lambda s: self.kv.admit(s, running_private), self.kv.reserve)
+        if self.counters.steps % 256 == 0:
+            # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
+            self.kv.sessions.forget_idle(self.config.session_max_idle)
+        plan = self.scheduler.plan(self.kv.admit, self.kv.reserve)
         if not plan.items:
             return self._unblock()
         out = self.runner.run(plan)
@@ -256,7 +274,7 @@ class LLMEngine:
             return [SeqOutput(seq, [], True)]
         seq = running[-1]
         self.scheduler.remove(seq)
-        self.kv.release(seq)
+        self.kv.preempt(seq)
         seq.status = SeqStatus.WAITING
         seq.draft = []
         self.scheduler.waiting.appendleft(seq)

@@ -21,6 +21,9 @@ from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.pool import KVPool
 
 
+ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before it is admitted
+
+
 class CacheMode(str, Enum):
     STATEFUL = "stateful"
     PREFIX = "prefix"
@@ -43,7 +46,7 @@ class KVManager:
         return self.mode != CacheMode.STATELESS
 
     # ------------------------------------------------------------ admission
-    def admit(self, seq: Sequence, running_private: int) -> bool:
+    def admit(self, seq: Sequence) -> bool:
         """Match `seq` against the cache, lock its prefix; False if memory cannot take it yet.
 
         Needs room for the uncached part of the prompt plus a little headroom,
@@ -59,28 +62,28 @@ class KVManager:
             matched, slots, node = 0, torch.empty(0, dtype=torch.int64), None
         # At least the last prompt token is computed: its logits give the first output token.
         cached = min(matched, len(seq.tokens) - 1)
-        need = len(seq.tokens) - cached + 16
-        if not self._can_free(need):
+        if cached > 0:
+            self.radix.lock(node)  # before the room check, so the check cannot count our own prefix as evictable
+        if not self._make_room(len(seq.tokens) - cached + ADMIT_HEADROOM):
+            if cached > 0:
+                self.radix.unlock(node)
             return False
         if cached > 0:
-            self.radix.lock(node)
             seq.locked_node = node
         seq.slots = slots[:cached].clone()
         seq.num_computed = seq.num_shared = cached
         seq.stats.cached_tokens = cached
         seq.stats.prefilled_tokens = len(seq.tokens) - cached
         seq.explanation = explain_match(session, seq.tokens, cached, was_pinned)
-        if session is not None:
-            self.sessions.record_turn(session, seq.explanation)
         return True
 
-    def _can_free(self, n: int) -> bool:
-        return self.allocator.num_free + self.radix.evictable_size + self._demotable() >= n
-
-    def _demotable(self) -> int:
-        if self.mode != CacheMode.STATEFUL:
-            return 0
-        return self.radix.protected_size  # upper bound: demotion unpins whole sessions
+    def _make_room(self, n: int) -> bool:
+        """True if `n` slots are free or evictable, demoting LRU session pins if that is what it takes."""
+        if self.allocator.num_free + self.radix.evictable_size >= n:
+            return True
+        if self.mode == CacheMode.STATEFUL:
+            self.demoted_sessions += len(self.sessions.demote_lru(n - self.allocator.num_free))
+        return self.allocator.num_free + self.radix.evictable_size >= n
 
     # ---------------------------------------------------------- reservation
     def reserve(self, seq: Sequence, n: int) -> bool:
@@ -114,6 +117,8 @@ class KVManager:
         n = seq.num_computed
         self.rollback(seq, n)
         session = self.sessions.get(seq.session_id) if seq.session_id else None
+        if session is not None and seq.explanation is not None:
+            self.sessions.record_turn(session, seq.explanation)  # once per finished turn, not per admission
         if self.reuse and keep_in_cache and n > 0:
             res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
             if session is not None:
@@ -124,6 +129,23 @@ class KVManager:
                 self.allocator.free(private)
             if session is not None:
                 _set_tokens(session, seq.tokens[:n])
+        if seq.locked_node is not None:
+            self.radix.unlock(seq.locked_node)
+            seq.locked_node = None
+        seq.slots = torch.empty(0, dtype=torch.int64)
+        seq.num_computed = seq.num_shared = 0
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's KV away so others can proceed; it recomputes when re-admitted.
+
+        Its private slots are freed, not cached (caching them would hand the same
+        memory straight back to it on re-admission), and its session keeps the
+        pin of its previous turn untouched.
+        """
+        self.rollback(seq, seq.num_computed)
+        private = seq.slots[seq.num_shared :]
+        if private.numel():
+            self.allocator.free(private)
         if seq.locked_node is not None:
             self.radix.unlock(seq.locked_node)
             seq.locked_node = None

@@ -31,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+import torch
+
 from deltaserve.engine.engine import LLMEngine
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.engine.sequence import Sequence, SeqStatus
@@ -201,6 +203,12 @@ class AsyncEngine:
         stream._push(StreamItem([], True, seq))
 
     def _run(self) -> None:
+        # Everything on this thread runs in inference mode: the model returns inference tensors, and
+        # in-place work on them outside it (a grammar masking logits in `_sample`) raises.
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self._cond:

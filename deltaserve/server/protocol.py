@@ -108,7 +108,7 @@ class StreamOptions(_Req):
 
 
 # --------------------------------------------------------------------------- shared sampling fields
-class _SamplingFields(_Req):
+class SamplingFields(_Req):
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -126,6 +126,7 @@ class _SamplingFields(_Req):
     top_k: int | None = Field(default=None, ge=-1)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    return_token_ids: bool = False  # vLLM: prompt_token_ids in the response, token_ids in the choice
     # deltaserve extensions
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
     session_ttl: float | None = Field(default=None, ge=0)
@@ -136,7 +137,7 @@ class _SamplingFields(_Req):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[Message]
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
@@ -153,7 +154,7 @@ class DeltaChatRequest(ChatCompletionRequest):
     model: str | None = None  # type: ignore[assignment]  # defaults to the served model
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False

@@ -1,0 +1,190 @@
+"""From a chat request to a prompt: history, tools, session/previous-response state, grammar.
+
+Where the history comes from:
+* `/v1/chat/completions`: the client sends the whole conversation;
+* `/v1/sessions/{id}/chat/completions` (delta route): only the new
+  messages, appended to the session's transcript (needs a prior turn);
+* `previous_response_id`: only the new messages, appended to the
+  transcript at the end of that response. If that response belongs to a
+  session that has not moved on since, the turn continues the session;
+  otherwise it forks: a session-less request rendered from that transcript,
+  whose shared prefix the radix cache still reuses.
+
+Rendering goes through `engine.chat.render_turn` with the stored transcript
+as `prior`, so a turn that appends to the last one extends its exact token
+state ("extended") instead of re-rendering the history ("full").
+
+Tools: with `tool_choice` "none" the tools are neither rendered nor parsed;
+"auto" renders them and parses calls out of the text; "required" or a
+named function also constrains decoding with a tool-call grammar.
+`response_format` json_object / json_schema constrains it to JSON.
+Omitted `tools` in a delta / previous-response turn are inherited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from deltaserve.engine.chat import Transcript, render_turn
+from deltaserve.server.context import ServerContext
+from deltaserve.server.errors import APIError, bad_request, session_not_found
+from deltaserve.server.protocol import AssistantMessage, ChatCompletionRequest, NamedToolChoice, ToolMessage
+
+
+@dataclass
+class ChatPlan:
+    messages: list[dict[str, Any]]  # full history as rendered (template form)
+    prompt: list[int]
+    mode: str  # render mode: "extended" | "full"
+    session_id: str | None
+    delta: bool  # delta route: the session must already exist
+    request_tools: list[dict[str, Any]] | None  # tools of this request (inherited by later delta turns)
+    template_tools: list[dict[str, Any]] | None  # tools shown to the model (None when tool_choice="none")
+    tool_names: set[str] | None  # parse tool calls out of the output when not None
+    grammar: Any = None
+
+
+def _text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    out = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"{where}: content parts of type {part.type!r} are not supported (text only)",
+                              "messages", "unsupported")
+        out.append(part.text)
+    return "".join(out)
+
+
+def _arguments(args: Any) -> Any:
+    """Tool-call arguments as templates want them: an object, not a JSON string (they `tojson` it)."""
+    if isinstance(args, str):
+        try:
+            obj = json.loads(args)
+        except ValueError:
+            return args
+        return obj if isinstance(obj, dict) else args
+    return args
+
+
+def template_message(m: Any, i: int) -> dict[str, Any]:
+    role = "system" if m.role == "developer" else m.role
+    d: dict[str, Any] = {"role": role, "content": _text(m.content, f"messages[{i}]")}
+    if isinstance(m, AssistantMessage) and m.tool_calls:
+        d["tool_calls"] = [
+            {"id": tc.id, "type": "function", "function": {"name": tc.function.name,
+                                                           "arguments": _arguments(tc.function.arguments)}}
+            for tc in m.tool_calls
+        ]
+    if isinstance(m, ToolMessage):
+        d["tool_call_id"] = m.tool_call_id
+    if getattr(m, "name", None):
+        d["name"] = m.name
+    return d
+
+
+def _for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored replies carry JSON-string arguments (as returned to the client); templates want objects."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "function": {**c["function"],
+                                                       "arguments": _arguments(c["function"].get("arguments"))}}
+                                     for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str | None,
+                    header_session: str | None = None, delta_session: str | None = None) -> ChatPlan:
+    delta = delta_session is not None
+    session_id = delta_session or body.session_id or header_session
+    base: list[dict[str, Any]] = []
+    prior: Transcript | None = None
+    inherited_tools: list[dict[str, Any]] | None = None
+    inherit = False
+
+    entry = ctx.sessions.get(session_id) if session_id else None
+    if entry is not None and entry.owner != owner:
+        raise session_not_found(session_id)  # type: ignore[arg-type]
+    if delta:
+        if body.previous_response_id:
+            raise bad_request("previous_response_id cannot be used with the session delta route",
+                              "previous_response_id")
+        if entry is None:
+            raise session_not_found(session_id)  # type: ignore[arg-type]
+        if entry.transcript is None:
+            raise bad_request(f"session {session_id!r} has no completed turn yet; send the first turn (full "
+                              "messages) to /v1/chat/completions with this session_id", "messages",
+                              "no_previous_turn")
+        prior, base, inherited_tools, inherit = entry.transcript, entry.transcript.messages, entry.request_tools, True
+    elif body.previous_response_id:
+        prev = ctx.responses.get(body.previous_response_id, owner)
+        if prev is None:
+            raise APIError(404, f"response {body.previous_response_id!r} not found (unknown or expired)",
+                           "previous_response_id", "response_not_found")
+        prior, base, inherited_tools, inherit = prev.transcript, prev.transcript.messages, prev.request_tools, True
+        if session_id is None and prev.session_id is not None:
+            e2 = ctx.sessions.get(prev.session_id)
+            if e2 is not None and e2.owner == owner and e2.last_response_id == prev.response_id:
+                session_id = prev.session_id  # the session is still where that response left it
+    elif entry is not None:
+        prior = entry.transcript
+
+    new = [template_message(m, i) for i, m in enumerate(body.messages)]
+    messages = list(base) + new
+    if not new:
+        raise bad_request("messages must contain at least one message", "messages")
+
+    if body.tools is not None:
+        request_tools = [t.model_dump(exclude_none=True) for t in body.tools] or None
+    else:
+        request_tools = inherited_tools if inherit else None
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if request_tools else "none")
+    if choice != "none" and choice != "auto" and not request_tools:
+        raise bad_request("tool_choice requires tools", "tool_choice")
+    template_tools = request_tools if choice != "none" else None
+    names = {t["function"]["name"] for t in template_tools} if template_tools else None
+
+    try:
+        rendered = render_turn(ctx.tokenizer, _for_template(messages), template_tools, prior)
+    except Exception as e:  # jinja's raise_exception, a template without tool support, ...
+        if isinstance(e, (APIError, MemoryError)):
+            raise
+        raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from e
+
+    plan = ChatPlan(messages, rendered.tokens, rendered.mode, session_id, delta, request_tools, template_tools,
+                    names)
+    plan.grammar = await _grammar(ctx, body, choice, template_tools)
+    return plan
+
+
+async def _grammar(ctx: ServerContext, body: ChatCompletionRequest, choice: Any,
+                   tools: list[dict[str, Any]] | None) -> Any:
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    fmt = body.response_format
+    if not forced and (fmt is None or fmt.type == "text"):
+        return None
+    compiler = await ctx.grammar_compiler()
+    from deltaserve.server.grammar import GrammarError
+
+    try:
+        if forced:
+            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            if name is not None and name not in {t["function"]["name"] for t in tools or []}:
+                raise bad_request(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
+            parallel = body.parallel_tool_calls is True and name is None
+            return await asyncio.to_thread(compiler.for_tool_call, tools, name, "hermes", parallel)
+        if fmt.type == "json_object":
+            return await asyncio.to_thread(compiler.for_json_schema, {"type": "object"})
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
+        return await asyncio.to_thread(compiler.for_json_schema, fmt.json_schema.schema_)
+    except GrammarError as e:
+        raise bad_request(f"cannot compile the output grammar: {e}", "tool_choice" if forced else "response_format",
+                          "invalid_grammar") from e

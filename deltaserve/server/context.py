@@ -1,0 +1,115 @@
+"""Everything a request handler needs, in one object hung on `app.state.ctx`.
+
+Only immutable engine facts (tokenizer, context length, vocabulary size) are
+read directly from the `LLMEngine`; anything that touches engine state goes
+through `ctx.driver` (the engine thread).
+
+Auth: with API keys configured, every /v1 route needs `Authorization:
+Bearer <key>`. A request's *owner* is a fingerprint of its key (never the key
+itself, so nothing secret is kept in sessions); sessions and stored
+responses belong to their owner, and another key sees them as nonexistent
+(404), which does not reveal whether an id is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from typing import Any
+
+from fastapi import Request
+
+from deltaserve.engine.engine import LLMEngine
+from deltaserve.server.async_engine import AsyncEngine
+from deltaserve.server.errors import APIError, bad_request
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.state import ResponseStore, SessionStore
+
+# End-of-turn tokens first: a grammar ends the turn with the first of its EOS ids,
+# and a chat transcript should end the way the template would render it.
+_EOT_PREFERENCE = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+
+
+def key_fingerprint(key: str) -> str:
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class ServerContext:
+    def __init__(self, engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
+                 max_responses: int = 1024):
+        if engine.tokenizer is None:
+            raise ValueError("the server needs an engine with a tokenizer")
+        self.engine = engine
+        self.driver = AsyncEngine.of(engine)
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_context = engine.max_context
+        self.stop_ids = frozenset(engine.stop_ids)
+        self.created = int(time.time())
+        self._keys = [k for k in (api_keys or []) if k]
+        self.sessions = SessionStore()
+        self.responses = ResponseStore(max_entries=max_responses)
+        self.metrics = Metrics()
+        self._grammar: Any = None
+        self._grammar_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ auth
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, request: Request) -> str | None:
+        """The request's owner (None when no keys are configured); 401 on a missing or wrong key."""
+        if not self._keys:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        for k in self._keys:
+            if hmac.compare_digest(token.encode(), k.encode()):
+                return key_fingerprint(k)
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           "model", "model_not_found")
+
+    # --------------------------------------------------------------- grammar
+    async def grammar_compiler(self) -> Any:
+        """The GrammarCompiler for this tokenizer, built on first use (it takes a few seconds)."""
+        if self._grammar is None:
+            async with self._grammar_lock:
+                if self._grammar is None:
+                    try:
+                        from deltaserve.server.grammar import GrammarCompiler
+                    except ImportError as e:
+                        raise bad_request(f"constrained decoding is unavailable on this server: {e}",
+                                          code="unsupported") from e
+                    hf = self.tokenizer.hf
+                    self._grammar = await asyncio.to_thread(
+                        GrammarCompiler, hf, self.engine.cfg.vocab_size, self.eos_ids_for_grammar())
+        return self._grammar
+
+    def eos_ids_for_grammar(self) -> list[int]:
+        hf = self.tokenizer.hf
+        ordered: list[int] = []
+        for t in _EOT_PREFERENCE:
+            tid = hf.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid in self.stop_ids and tid not in ordered:
+                ordered.append(tid)
+        ordered += sorted(self.stop_ids - set(ordered))
+        return ordered
+
+
+def get_ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def get_owner(request: Request) -> str | None:
+    """FastAPI dependency: authenticate and return the owner."""
+    return get_ctx(request).authenticate(request)

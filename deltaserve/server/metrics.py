@@ -1,0 +1,133 @@
+"""Prometheus metrics: HTTP traffic measured by the server, cache/KV/speculation read from the engine.
+
+Each app gets its own `CollectorRegistry` (several apps may live in one
+process, e.g. in tests). Engine-side numbers are not mirrored into
+counters as they change: on every scrape the handler fetches
+`engine.stats()` on the engine thread (the engine is not thread-safe) and
+renders it as metric families, so the scrape is always one consistent
+snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+
+# engine.stats() key -> (metric name, help); counters get the `_total` suffix from prometheus_client
+_ENGINE_COUNTERS = {
+    "requests": ("deltaserve_engine_requests", "Requests admitted by the engine"),
+    "prompt_tokens": ("deltaserve_prompt_tokens", "Prompt tokens of finished requests"),
+    "cached_tokens": ("deltaserve_cached_tokens", "Prompt tokens whose KV came from the cache"),
+    "prefilled_tokens": ("deltaserve_prefilled_tokens", "Prompt tokens computed (prefilled)"),
+    "generated_tokens": ("deltaserve_generated_tokens", "Generated tokens"),
+    "drafted_tokens": ("deltaserve_spec_drafted_tokens", "Speculative draft tokens verified"),
+    "accepted_tokens": ("deltaserve_spec_accepted_tokens", "Speculative draft tokens accepted"),
+    "evicted_tokens": ("deltaserve_kv_evicted_tokens", "Cached tokens evicted from the KV pool"),
+    "demoted_sessions": ("deltaserve_demoted_sessions", "Session pins dropped under memory pressure"),
+    "preemptions": ("deltaserve_preemptions", "Running requests preempted for recompute"),
+    "steps": ("deltaserve_engine_steps", "Engine steps run"),
+}
+_ENGINE_GAUGES = {
+    "hit_ratio": ("deltaserve_cache_hit_ratio", "cached_tokens / prompt_tokens since start"),
+    "acceptance_rate": ("deltaserve_spec_acceptance_rate", "accepted / drafted speculative tokens since start"),
+    "sessions": ("deltaserve_sessions", "Known sessions"),
+    "pinned_sessions": ("deltaserve_pinned_sessions", "Sessions whose KV is pinned"),
+    "kv_slots_total": ("deltaserve_kv_slots_total", "Token slots in the KV pool"),
+    "kv_slots_used": ("deltaserve_kv_slots_used", "Token slots in use (cache + running)"),
+    "kv_cached_tokens": ("deltaserve_kv_cached_tokens", "Tokens held by the radix cache"),
+    "running": ("deltaserve_running_requests", "Requests running"),
+    "waiting": ("deltaserve_waiting_requests", "Requests waiting for admission"),
+}
+
+
+class _EngineSnapshot:
+    """A one-shot collector over a stats dict (what `generate_latest` needs: `collect()`)."""
+
+    def __init__(self, stats: dict[str, Any]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        for key, (name, doc) in _ENGINE_COUNTERS.items():
+            if key in s:
+                yield CounterMetricFamily(name, doc, value=float(s[key]))
+        for key, (name, doc) in _ENGINE_GAUGES.items():
+            if key in s:
+                yield GaugeMetricFamily(name, doc, value=float(s[key]))
+        if s.get("kv_slots_total"):
+            yield GaugeMetricFamily("deltaserve_kv_usage_ratio", "Fraction of KV slots in use",
+                                    value=s.get("kv_slots_used", 0) / s["kv_slots_total"])
+        if "cache_mode" in s:
+            yield _info("deltaserve_cache_mode_info", str(s["cache_mode"]))
+
+
+def _info(name: str, mode: str) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, "Cache mode (label)", labels=["mode"])
+    g.add_metric([mode], 1.0)
+    return g
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter("deltaserve_http_requests", "HTTP requests by route template and status",
+                                     ["route", "method", "status"], registry=r)
+        self.latency = Histogram("deltaserve_request_latency_seconds",
+                                 "End-to-end latency of generation requests (until the last token)",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("deltaserve_time_to_first_token_seconds", "Time to the first generated token",
+                              ["route"], buckets=_TTFT_BUCKETS, registry=r)
+        self.request_prompt_tokens = Counter("deltaserve_request_prompt_tokens",
+                                             "Prompt tokens of completed HTTP generations", ["route"], registry=r)
+        self.request_cached_tokens = Counter("deltaserve_request_cached_tokens",
+                                             "Cached prompt tokens of completed HTTP generations", ["route"],
+                                             registry=r)
+        self.request_completion_tokens = Counter("deltaserve_request_completion_tokens",
+                                                 "Completion tokens of completed HTTP generations", ["route"],
+                                                 registry=r)
+
+    def observe_generation(self, route: str, e2e: float, ttft: float | None, prompt_tokens: int,
+                           cached_tokens: int, completion_tokens: int) -> None:
+        self.latency.labels(route).observe(e2e)
+        if ttft is not None:
+            self.ttft.labels(route).observe(ttft)
+        self.request_prompt_tokens.labels(route).inc(prompt_tokens)
+        self.request_cached_tokens.labels(route).inc(cached_tokens)
+        self.request_completion_tokens.labels(route).inc(completion_tokens)
+
+    def render(self, engine_stats: dict[str, Any]) -> bytes:
+        return generate_latest(self.registry) + generate_latest(_EngineSnapshot(engine_stats))  # type: ignore[arg-type]
+
+
+class RequestCounterMiddleware:
+    """Pure ASGI middleware counting responses by route *template* (no session ids in labels).
+
+    Pure ASGI rather than BaseHTTPMiddleware so streaming responses and
+    client disconnects pass through untouched.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def _send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.http_requests.labels(route, scope.get("method", ""), str(status[0])).inc()
