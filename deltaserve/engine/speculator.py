@@ -40,8 +40,6 @@ class Speculator:
 
     def propose(self, seq: Sequence) -> list[int]:
         """Draft tokens to verify in the sequence's next step (may be empty)."""
-        if seq.grammar is not None:
-            return []  # grammar-constrained output is verified token by token
         st = self._state(seq)
         if len(st.index) < len(seq.tokens):
             st.index.extend(seq.tokens[len(st.index) :])
@@ -53,6 +51,10 @@ class Speculator:
     def verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[int]:
         """logits [k+1, vocab] at the last real token and each draft -> tokens to append."""
         p = seq.params
+        if seq.grammar is not None:
+            # Row i is the grammar's mask after draft[:i]: a drafted token the grammar forbids
+            # gets probability 0 at its row and is rejected, exactly as plain constrained decoding.
+            logits = seq.grammar.apply_mask(logits.clone(), seq.grammar.draft_masks(draft))  # [k+1, vocab]
         if p.greedy:
             res = verify_greedy(logits.argmax(-1), draft)
         else:
