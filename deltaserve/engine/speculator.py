@@ -43,7 +43,14 @@ class Speculator:
         st = self._state(seq)
         if len(st.index) < len(seq.tokens):
             st.index.extend(seq.tokens[len(st.index) :])
-        k = min(st.ctl.next_k(), seq.params.max_tokens - seq.num_output - 1)
+        room = seq.params.max_tokens - seq.num_output - 1
+        if seq.grammar is not None:
+            # Text the grammar forces next (JSON punctuation, property names of the schema)
+            # is the best draft there is; fall back to lookup when nothing is forced.
+            forced = seq.grammar.forced_tokens()[: min(self.k_max, room)]
+            if forced:
+                return forced
+        k = min(st.ctl.next_k(), room)
         if k <= 0:
             return []
         return list(st.index.propose(k).tokens)
