@@ -12,10 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deltaserve.models.registry import model_path
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not model_path("smollm2-135m").exists(), reason="needs smollm2-135m pulled")]
+pytestmark = pytest.mark.slow  # the smollm_dir fixture pulls the model when missing
 
 
 def test_workload_is_seeded_and_bounded(smollm_dir):
@@ -38,7 +35,7 @@ def test_workload_is_seeded_and_bounded(smollm_dir):
     assert min(sizes) >= 10 and max(sizes) <= 1500 and len(set(sizes)) > 10
 
 
-def test_smoke_stateful_vs_stateless(tmp_path):
+def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     from deltaserve.bench import agents_bench
 
     args = SimpleNamespace(workflow=3, agents=2, model="smollm2-135m",

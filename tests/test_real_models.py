@@ -66,7 +66,6 @@ def test_greedy_matches_reference(pair):
         assert o == hf_greedy(ref, p, 64), f"prompt of {len(p)} tokens diverged"
 
 
-@pytest.mark.skipif(not model_path("smollm2-135m").exists(), reason="needs smollm2-135m pulled")
 def test_golden_cli_answer(smollm_dir):
     out = subprocess.run(
         [sys.executable, "-m", "deltaserve.cli", "generate", "--model", "smollm2-135m", "--chat", "--prompt",
