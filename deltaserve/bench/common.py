@@ -24,6 +24,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gb:.0f} GiB, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def load_note() -> str:
+    """The machine's 1/5/15-minute load average now, for the report (2 cores: above ~2 means contention)."""
+    a, b, c = os.getloadavg()
+    return f"Load average at the end of the run: {a:.1f} / {b:.1f} / {c:.1f} (1/5/15 min) on {os.cpu_count()} cores."
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()

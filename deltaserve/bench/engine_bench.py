@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from deltaserve.bench.common import git_rev, machine, md_table, write_section
+from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
 
 
 def add_parser(sub) -> None:
@@ -38,7 +38,7 @@ def _ours(model_name, dtype, lens, decode_tokens, max_ctx):
     from deltaserve.engine.sampling import SamplingParams
 
     eng = LLMEngine.from_model(model_name, EngineConfig(dtype=dtype, cache_mode=CacheMode.STATELESS, speculation=False,
-                                                         kv_cache_bytes=1 << 30, max_batch_tokens=2048))
+                                                         kv_cache_bytes=1 << 30, max_batch_tokens=8192))
     res = {}
     eng.generate([_prompt(64, eng.cfg.vocab_size, 0)], SamplingParams(max_tokens=4))  # warm-up
     for n in lens:
@@ -110,7 +110,8 @@ def run(args) -> int:
         f"Command: `deltaserve bench engine --model {args.model} --dtypes {args.dtypes} --prompt-lens {args.prompt_lens}`\n\n"
         + table
         + "\n\nPrefill at the model's context limit is capped to `max_position - 1` tokens. "
-        "deltaserve runs stateless (no cache reuse), chunked prefill at 2,048 tokens a step.\n"
+        "deltaserve runs stateless (no cache reuse) with a step budget of 8,192 tokens, so each prompt is one forward pass like HF's. "
+        + load_note() + "\n"
     )
     if args.write:
         write_section(args.write, f"engine-{args.model}", body)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from deltaserve.bench.common import git_rev, machine, md_table, write_section
+from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
 
 TOOLS = [
     {"type": "function", "function": {
@@ -230,8 +230,8 @@ def run(args) -> int:
         f"{free_off:.2f} tok/s off, {free_on:.2f} tok/s on = **{free_ratio:.2f}x** (target ≥ 0.95x, at most 5% cost: "
         f"**{'met' if free_ratio >= 0.95 else 'NOT met'}**)\n\n"
         + hf_note +
-        "Decode time = finish - first token of each request (prefill excluded), summed over requests. Timings were "
-        "taken on a shared 2-core machine with other jobs running; expect noise of tens of percent.\n"
+        "Decode time = finish - first token of each request (prefill excluded), summed over requests. "
+        + load_note() + "\n"
     )
     if args.write:
         write_section(args.write, f"spec-{args.model}", body)

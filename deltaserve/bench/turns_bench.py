@@ -28,7 +28,7 @@ from statistics import median
 
 import torch
 
-from deltaserve.bench.common import git_rev, machine, md_table, write_section
+from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
 
 MODES = ("stateful", "prefix", "stateless")
 SELECTED_TURNS = (1, 5, 10, 20, 35)
@@ -293,8 +293,7 @@ def run(args) -> int:
            "turn.\n\n" if args.stateless_turns == "selected" else "")
         + "`prefix` keeps every turn in its LRU radix cache here (the cache is large enough for all agents), so it "
         "tracks `stateful`; the two differ only under memory pressure, where `stateful` keeps sessions pinned. "
-        "Timings were taken on a shared machine with other jobs running; expect noise of tens of percent on single "
-        "turns.\n"
+        + load_note() + "\n"
     )
     if args.write:
         write_section(args.write, f"turns-{args.model}", body)
