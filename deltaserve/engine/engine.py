@@ -7,7 +7,7 @@ Control lives here and in `scheduler`/`kv_manager`; compute lives in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -72,7 +72,6 @@ class EngineCounters:
     accepted_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:

@@ -112,14 +112,14 @@ class KVManager:
         seq.slots = seq.slots[:keep]
 
     # --------------------------------------------------------------- finish
-    def release(self, seq: Sequence, keep_in_cache: bool = True) -> None:
+    def release(self, seq: Sequence) -> None:
         """Hand a finished (or preempted) sequence's KV to the cache; re-pin its session."""
         n = seq.num_computed
         self.rollback(seq, n)
         session = self.sessions.get(seq.session_id) if seq.session_id else None
         if session is not None and seq.explanation is not None:
             self.sessions.record_turn(session, seq.explanation)  # once per finished turn, not per admission
-        if self.reuse and keep_in_cache and n > 0:
+        if self.reuse and n > 0:
             res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
             if session is not None:
                 self.sessions.repin(session, res.node, seq.tokens[:n])
