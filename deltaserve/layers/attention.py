@@ -38,6 +38,12 @@ class AttentionMetadata:
     q_index: torch.Tensor | None = None  # [B, Lq] flat token index, padded with 0
     q_valid: torch.Tensor | None = None  # [B, Lq] bool, real query positions
     mask: torch.Tensor | None = None  # [B, 1, Lq, Lk] bool, True = may attend
+    q_flat: torch.Tensor | None = None  # [B*Lq] q_index flattened (the gather of batch queries)
+    q_dst: torch.Tensor | None = None  # [n_valid] flat token index of each real batch query
+    q_src: torch.Tensor | None = None  # [n_valid] its row in the flattened [B*Lq] batch output
+    # True when the batch is exactly tokens 0..B-1, one query each (a pure decode step):
+    # queries and outputs are then views, no gather or scatter.
+    identity_q: bool = False
     long_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def prepare(self, device: torch.device) -> "AttentionMetadata":
@@ -61,9 +67,15 @@ class AttentionMetadata:
                 # query i sits at context position L - q_len + i and sees keys <= it
                 qpos = torch.arange(Lq) + (L - s.q_len)
                 mask[b, 0] = kpos[None, :] <= qpos[:, None]
-            self.gather, self.q_index, self.q_valid, self.mask = (
-                gather.to(device), q_index.to(device), q_valid.to(device), mask.to(device),
+            self.identity_q = Lq == 1 and all(s.q_start == b for b, s in enumerate(spans))
+            if Lk == min(len(s.kv_slots) for s in spans) and Lq == 1:
+                mask = None  # single queries over equal-length contexts see every key: no mask needed
+            valid_rows = q_valid.reshape(-1).nonzero().squeeze(1)  # [n_valid]
+            self.q_flat, self.q_dst, self.q_src = (
+                q_index.reshape(-1).to(device), q_index.reshape(-1)[valid_rows].to(device), valid_rows.to(device),
             )
+            self.gather, self.q_index, self.q_valid = gather.to(device), q_index.to(device), q_valid.to(device)
+            self.mask = mask.to(device) if mask is not None else None
         for i in self.long_idx:
             s = self.spans[i]
             L = len(s.kv_slots)
@@ -90,15 +102,22 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     if meta.batch_idx:
         B, Lq = meta.q_index.shape
-        qb = q[meta.q_index.reshape(-1)].reshape(B, Lq, q.shape[1], q.shape[2]).transpose(1, 2)  # [B, H, Lq, D]
+        H, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
+        if meta.identity_q:
+            qb = q[:B].unsqueeze(2)  # [B, H, 1, D]
+        else:
+            qb = q.index_select(0, meta.q_flat).reshape(B, Lq, H, D).transpose(1, 2)  # [B, H, Lq, D]
         Lk = meta.gather.shape[1]
         # index_select, not advanced indexing: ~6x faster gathers of [Hkv, D] rows on CPU
         flat = meta.gather.reshape(-1)
-        kb = k_cache.index_select(0, flat).reshape(B, Lk, k.shape[1], k.shape[2]).transpose(1, 2)  # [B, Hkv, Lk, D]
-        vb = v_cache.index_select(0, flat).reshape(B, Lk, k.shape[1], k.shape[2]).transpose(1, 2)
+        kb = k_cache.index_select(0, flat).reshape(B, Lk, Hkv, D).transpose(1, 2)  # [B, Hkv, Lk, D]
+        vb = v_cache.index_select(0, flat).reshape(B, Lk, Hkv, D).transpose(1, 2)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale, enable_gqa=gqa)
-        ob = ob.transpose(1, 2)  # [B, Lq, H, D]
-        out[meta.q_index[meta.q_valid]] = ob[meta.q_valid]
+        if meta.identity_q:
+            out[:B] = ob.squeeze(2)  # [B, H, D]
+        else:
+            ob = ob.transpose(1, 2).reshape(B * Lq, H, D)  # [B*Lq, H, D]
+            out.index_copy_(0, meta.q_dst, ob.index_select(0, meta.q_src))
     for i in meta.long_idx:
         s = meta.spans[i]
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]

@@ -13,6 +13,7 @@ from torch import nn
 from deltaserve.config import ModelConfig
 from deltaserve.kv.pool import KVPool
 from deltaserve.layers.attention import AttentionMetadata, paged_attention
+from deltaserve.layers.linear import Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,10 +34,13 @@ class Rotary:
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the step's positions: [T, 1, head_dim] each; gathered once, shared by all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin
@@ -56,21 +60,30 @@ class DecoderLayer(nn.Module):
         self.down_w = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size), requires_grad=False)
         self.in_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.post_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.qkv = self.o = self.gate_up = self.down = None  # Linear kernels, built after loading
 
-    def forward(self, x, positions, rope: Rotary, k_cache, v_cache, meta: AttentionMetadata):
+    def build_kernels(self) -> None:
+        """Wrap the loaded weights in Linear kernels (which may hold packed/fp32 forms of them)."""
+        self.qkv = Linear(self.qkv_w, self.qkv_b)
+        self.o = Linear(self.o_w)
+        self.gate_up = Linear(self.gate_up_w)
+        self.down = Linear(self.down_w)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, meta: AttentionMetadata):
         cfg = self.cfg
         h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, self.qkv_w, self.qkv_b)  # [T, q + 2kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv(h)  # [T, q + 2kv]
         T = x.shape[0]
-        q = rope(q.reshape(T, cfg.num_heads, cfg.head_dim), positions)  # [T, H, D]
-        k = rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), positions)  # [T, Hkv, D]
-        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        H, Hkv = cfg.num_heads, cfg.num_kv_heads
+        # q and k rotated in one pass: the same per-element math as rotating each on its own
+        qk = Rotary.apply(qkv[:, : self.q_size + self.kv_size].reshape(T, H + Hkv, cfg.head_dim), *rope)  # [T, H+Hkv, D]
+        q, k = qk.split([H, Hkv], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].reshape(T, Hkv, cfg.head_dim)  # [T, Hkv, D]
         a = paged_attention(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)
-        x = x + F.linear(a.reshape(T, self.q_size), self.o_w)  # [T, hidden]
+        x = x + self.o(a.reshape(T, self.q_size))  # [T, hidden]
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_w).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate) * up, self.down_w)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)  # [T, I] each
+        return x + self.down(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
@@ -113,19 +126,22 @@ class LlamaModel(nn.Module):
             layer.down_w = nn.Parameter(put(g("mlp.down_proj.weight")), requires_grad=False)
             layer.in_norm = nn.Parameter(put(g("input_layernorm.weight")), requires_grad=False)
             layer.post_norm = nn.Parameter(put(g("post_attention_layernorm.weight")), requires_grad=False)
+            layer.build_kernels()
+        self.lm_head_kernel = Linear(self.lm_head, large_batch_fp32=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens."""
         x = self.embed[input_ids]  # [T, hidden]
+        rope = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rope, kv.k_cache[i], kv.v_cache[i], meta)
+            x = layer(x, rope, kv.k_cache[i], kv.v_cache[i], meta)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head_kernel(hidden).float()
 
 
 def _build(cls, cfg, dtype, device):

@@ -187,7 +187,6 @@ def run_server(args: argparse.Namespace) -> int:
     """`deltaserve serve`: load the model, then serve until interrupted."""
     import uvicorn
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     keys = list(args.api_key or [])
     if os.environ.get("DELTASERVE_API_KEY"):
         keys.append(os.environ["DELTASERVE_API_KEY"])

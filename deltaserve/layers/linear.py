@@ -1,0 +1,109 @@
+"""Linear layers that pick, per call, the weight form the batch size runs fastest in.
+
+On CPU, `F.linear` on bf16 weights is far from the hardware for the shapes a
+small model has (K = 576..1536): a decode step (1-24 rows) pays oneDNN's
+per-call weight reordering, and a prefill chunk (hundreds of rows) runs the
+bf16 brgemm at ~140 GFLOP/s where MKL's fp32 sgemm reaches ~250 on the same
+2 cores (measured: `python -m deltaserve.layers.linear`). So a bf16 model on
+CPU keeps each weight twice:
+
+- `packed`: the bf16 weight reordered once into oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass
+  uses); small batches stream half the bytes of fp32 with no reorder per call;
+- `w32`: an fp32 copy for large batches, computed with fp32 activations and
+  cast back, which is also closer to exact than bf16 accumulation.
+
+Everything else (fp32 models, CUDA, a torch without the oneDNN op) runs
+`F.linear` on the weight as loaded, so fp32 outputs stay bit-identical to the
+reference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
+
+
+def _mkldnn_ops_available() -> bool:
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return False
+    try:  # a build can list the op and still lack the bf16 kernel
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 1)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+        return bool(torch.allclose(y.float(), torch.full((2, 8), 16.0)))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+_PACKED_OK: bool | None = None
+
+
+def packed_supported() -> bool:
+    global _PACKED_OK
+    if _PACKED_OK is None:
+        _PACKED_OK = _mkldnn_ops_available()
+    return _PACKED_OK
+
+
+class Linear:
+    """y = x @ weight.T (+ bias). weight: [out, in]; x: [rows, in] -> [rows, out] in x's dtype.
+
+    Built once at load; holds no mutable state, so one instance serves every step.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fast_cpu: bool = True,
+                 large_batch_fp32: bool = True):
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.packed: torch.Tensor | None = None
+        self.w32: torch.Tensor | None = None
+        self.b32: torch.Tensor | None = None
+        if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packed_supported():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            if large_batch_fp32:
+                self.w32 = weight.float()
+                self.b32 = bias.float() if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] <= SMALL_BATCH_ROWS or self.w32 is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x.float(), self.w32, self.b32).to(x.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by all forms of this weight."""
+        ts = [self.weight, self.bias, self.w32, self.b32]
+        n = sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return n + (self.packed.numel() * 2 if self.packed is not None else 0)
+
+
+def _bench(rows=(1, 4, 16, 24, 32, 64, 512), shape=(3072, 576), reps=20) -> None:
+    """Print microseconds per call of each form, to re-measure SMALL_BATCH_ROWS on a new machine."""
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    lin = Linear(w)
+    forms = {"F.linear bf16": lambda x: F.linear(x, w), "fp32": lambda x: F.linear(x.float(), lin.w32)}
+    if lin.packed is not None:
+        forms["packed bf16"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, lin.packed, None, "none", [], "")
+    for m in rows:
+        x = torch.randn(m, shape[1], dtype=torch.bfloat16)
+        cells = []
+        for name, f in forms.items():
+            for _ in range(3):
+                f(x)
+            t = time.perf_counter()
+            for _ in range(reps):
+                f(x)
+            cells.append(f"{name} {(time.perf_counter() - t) / reps * 1e6:7.0f} us")
+        print(f"rows {m:4d}: " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    _bench()
