@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from deltaserve.engine.scheduler import StepPlan
+from deltaserve.kernels import paged_attention as native_attention
 from deltaserve.kv.pool import KVPool
 from deltaserve.layers.attention import AttentionMetadata, SeqSpan
 from deltaserve.models.llama import LlamaModel
@@ -22,6 +23,8 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = model.device
+        # the native short-query kernel reads K/V straight from the pool (CPU, bf16/fp32 caches)
+        self.native_attention = native_attention.supports(kv.k_cache[0])
 
     def run(self, plan: StepPlan) -> StepLogits:
         ids: list[int] = []
@@ -46,7 +49,7 @@ class ModelRunner:
                 logit_index.extend(range(q0 + n - 1, q0 + len(feed)))
             else:
                 rows.append((len(logit_index), 0))
-        meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(self.device)
+        meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(self.device, self.native_attention)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),
             torch.tensor(pos, dtype=torch.int64, device=self.device),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels import paged_attention as native
+
 SHORT_QUERY = 16  # queries up to this length join the padded batch
 
 
@@ -44,12 +46,24 @@ class AttentionMetadata:
     # True when the batch is exactly tokens 0..B-1, one query each (a pure decode step):
     # queries and outputs are then views, no gather or scatter.
     identity_q: bool = False
+    # For the native CPU kernel (deltaserve/kernels/paged_attention.c), when it is used:
+    native_slots: torch.Tensor | None = None  # [sum kv_len] int64, batch spans' slot lists concatenated
+    native_seqs: torch.Tensor | None = None  # [n_batch_spans, 4] int64: q_start, q_len, kv_offset, kv_len
     long_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
-    def prepare(self, device: torch.device) -> "AttentionMetadata":
+    def prepare(self, device: torch.device, use_native: bool = False) -> "AttentionMetadata":
+        """use_native: the caller checked `native.supports(k_cache)`; short queries then skip the gathers."""
         self.batch_idx = [i for i, s in enumerate(self.spans) if s.q_len <= SHORT_QUERY]
         self.long_idx = [i for i, s in enumerate(self.spans) if s.q_len > SHORT_QUERY]
-        if self.batch_idx:
+        if self.batch_idx and use_native:
+            spans = [self.spans[i] for i in self.batch_idx]
+            rows, off = [], 0
+            for s in spans:
+                rows.append((s.q_start, s.q_len, off, len(s.kv_slots)))
+                off += len(s.kv_slots)
+            self.native_slots = torch.cat([s.kv_slots for s in spans]).to(torch.int64).contiguous()
+            self.native_seqs = torch.tensor(rows, dtype=torch.int64)
+        elif self.batch_idx:
             spans = [self.spans[i] for i in self.batch_idx]
             B = len(spans)
             Lq = max(s.q_len for s in spans)
@@ -98,9 +112,16 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, head_dim]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    if meta.native_seqs is not None:
+        # fp32 in and out of the kernel; it writes the rows of the short-query spans only
+        out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        native.paged_attention_short(q.float().contiguous(), k_cache, v_cache, meta.native_slots, meta.native_seqs,
+                                     scale, out32)
+        out = out32 if q.dtype == torch.float32 else out32.to(q.dtype)
+    else:
+        out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    if meta.batch_idx:
+    if meta.batch_idx and meta.native_seqs is None:
         B, Lq = meta.q_index.shape
         H, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
         if meta.identity_q:

@@ -1,0 +1,287 @@
+/* Short-query paged attention for CPU: decode (1 query) and speculative verify (k+1 queries).
+ *
+ * Reads K/V straight from the token-slot pool through each sequence's slot list,
+ * so nothing is gathered into a temporary; each K/V row is loaded once and used by
+ * every query head of its KV group (GQA) and every query position of the sequence.
+ * Keys are split into chunks (flash-decoding): work items (sequence, kv head, chunk)
+ * run in parallel and keep an unnormalised partial (max, sum, acc); a merge pass
+ * combines the chunks with log-sum-exp rescaling.
+ *
+ * Layouts (row-major):
+ *   q        [num_q_tokens, H, D] float32
+ *   k, v     [num_slots, Hkv, D]  bfloat16 (kv_bf16 = 1) or float32
+ *   slots    [sum of kv_len] int64, the sequences' slot lists concatenated
+ *   seqs     [n_seqs, 4] int64: q_start, q_len, kv_offset (into slots), kv_len
+ *   out      [num_q_tokens, H, D] float32 (rows of queries not in any sequence are untouched)
+ * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define CHUNK 256
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } c;
+    c.u = ((uint32_t)x) << 16;
+    return c.f;
+}
+
+/* exp(x) as 2^n * 2^f, |f| <= 1/2, with a degree-7 Taylor polynomial (relative error ~1e-7);
+ * written without libm so the loops that call it vectorise. Inputs here are <= 0. */
+static inline float exp_approx(float x) {
+    x = fmaxf(x, -87.f);
+    const float t = x * 1.4426950408889634f;
+    const float n = floorf(t + 0.5f);
+    const float f = t - n;
+    float p = 1.5252733804059840e-5f;
+    p = p * f + 1.5403530393381608e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * c.f;
+}
+
+#ifdef __AVX512F__
+/* exp_approx on 16 lanes (same polynomial). */
+static inline __m512 exp_approx16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+/* s[0..n) <- exp(s - max), returns (max, sum) through the pointers. n > 0. */
+static inline void softmax_numerators(float *restrict s, int n, float *m_out, float *l_out) {
+#ifdef __AVX512F__
+    __m512 mv = _mm512_set1_ps(-3.0e38f);
+    int j = 0;
+    for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+    if (j < n) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, (__mmask16)((1u << (n - j)) - 1), s + j));
+    const float m = _mm512_reduce_max_ps(mv);
+    const __m512 mb = _mm512_set1_ps(m);
+    __m512 lv = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+        const __m512 p = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb));
+        _mm512_storeu_ps(s + j, p);
+        lv = _mm512_add_ps(lv, p);
+    }
+    if (j < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+        const __m512 p = exp_approx16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mb));
+        _mm512_mask_storeu_ps(s + j, k, p);
+        lv = _mm512_add_ps(lv, _mm512_maskz_mov_ps(k, p));
+    }
+    *m_out = m;
+    *l_out = _mm512_reduce_add_ps(lv);
+#else
+    float m = -3.0e38f, l = 0.f;
+    for (int j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (int j = 0; j < n; j++) {
+        s[j] = exp_approx(s[j] - m);
+        l += s[j];
+    }
+    *m_out = m;
+    *l_out = l;
+#endif
+}
+
+/* q . k over D floats. The AVX-512 path reduces with a shuffle tree; GCC's own reduction
+ * epilogue for `omp simd` was a scalar chain that cost more than the multiplies. */
+static inline __attribute__((always_inline)) float dot(const float *restrict a, const float *restrict b, int D) {
+#ifdef __AVX512F__
+    if ((D & 15) == 0) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+        for (int d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int d = 0; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+static inline __attribute__((always_inline)) void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
+    if (bf16) {
+        const uint16_t *s = (const uint16_t *)base + off;
+#pragma omp simd
+        for (int d = 0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
+    } else {
+        memcpy(dst, (const float *)base + off, sizeof(float) * D);
+    }
+}
+
+/* One work item: queries of (seq, kv head g) against keys [j0, j1). Always inlined into
+ * callers with a constant D so the per-row loops unroll into a few vector instructions. */
+static inline __attribute__((always_inline)) void chunk_attend(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
+                         int64_t q_start, int q_len, int64_t kv_len, int j0, int j1, int g, int H, int Hkv,
+                         int D, float scale, float *restrict m_out, float *restrict l_out, float *restrict acc_out,
+                         float *restrict scores, float *restrict rows) {
+    const int G = H / Hkv;
+    const int nk = j1 - j0;
+    /* K rows of the chunk, converted to fp32 once and shared by every query of the group */
+    for (int jj = 0; jj < nk; jj++) load_row(k, bf16, (slots[j0 + jj] * Hkv + g) * D, D, rows + jj * D);
+    int nvis_of[64];
+    for (int i = 0; i < q_len; i++) {
+        /* keys j0 .. j0 + nvis - 1 are visible to query i (a prefix of the chunk; causal) */
+        const int64_t nv = kv_len - q_len + i - j0 + 1;
+        const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
+        nvis_of[i] = nvis;
+        for (int h = 0; h < G; h++) {
+            const int qi = i * G + h;
+            const float *qv = q + ((q_start + i) * H + g * G + h) * D;
+            float *restrict s = scores + qi * CHUNK;
+            for (int jj = 0; jj < nvis; jj++) s[jj] = dot(qv, rows + jj * D, D) * scale;
+            float m = -3.0e38f, l = 0.f;
+            if (nvis > 0) softmax_numerators(s, nvis, &m, &l);
+            m_out[qi] = m;
+            l_out[qi] = l; /* 0 when no key of the chunk is visible: the merge skips it */
+        }
+    }
+    /* V rows, then acc[qi] = sum_j p[qi][j] * V[j] with the accumulator held in registers */
+    for (int jj = 0; jj < nk; jj++) load_row(v, bf16, (slots[j0 + jj] * Hkv + g) * D, D, rows + jj * D);
+    for (int i = 0; i < q_len; i++) {
+        const int nvis = nvis_of[i];
+        for (int h = 0; h < G; h++) {
+            const int qi = i * G + h;
+            const float *restrict s = scores + qi * CHUNK;
+            float *restrict a = acc_out + qi * D;
+#ifdef __AVX512F__
+            if ((D & 15) == 0 && D <= 128) {
+                __m512 acc[8];
+                for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
+                for (int jj = 0; jj < nvis; jj++) {
+                    const __m512 p = _mm512_set1_ps(s[jj]);
+                    const float *r = rows + jj * D;
+                    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(r + 16 * c), acc[c]);
+                }
+                for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(a + 16 * c, acc[c]);
+                continue;
+            }
+#endif
+            for (int d = 0; d < D; d++) a[d] = 0.f;
+            for (int jj = 0; jj < nvis; jj++) {
+                const float p = s[jj];
+                const float *r = rows + jj * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) a[d] += p * r[d];
+            }
+        }
+    }
+}
+
+int paged_attention_short(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+    const int G = H / Hkv;
+    /* enumerate work items: (seq, g, chunk) */
+    int64_t n_items = 0, max_q = 1;
+    for (int s = 0; s < n_seqs; s++) {
+        n_items += Hkv * ((seqs[4 * s + 3] + CHUNK - 1) / CHUNK);
+        if (seqs[4 * s + 1] > max_q) max_q = seqs[4 * s + 1];
+    }
+    const int64_t nq_max = G * max_q;
+    int64_t *item_seq = malloc(sizeof(int64_t) * 3 * n_items);
+    float *m_buf = malloc(sizeof(float) * n_items * nq_max);
+    float *l_buf = malloc(sizeof(float) * n_items * nq_max);
+    float *acc_buf = malloc(sizeof(float) * n_items * nq_max * D);
+    int64_t *first_item = malloc(sizeof(int64_t) * (n_seqs + 1));
+    if (!item_seq || !m_buf || !l_buf || !acc_buf || !first_item) {
+        free(item_seq); free(m_buf); free(l_buf); free(acc_buf); free(first_item);
+        return 1;
+    }
+    int64_t it = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        first_item[s] = it;
+        const int64_t nchunks = (seqs[4 * s + 3] + CHUNK - 1) / CHUNK;
+        for (int g = 0; g < Hkv; g++)
+            for (int64_t c = 0; c < nchunks; c++, it++) {
+                item_seq[3 * it] = s;
+                item_seq[3 * it + 1] = g;
+                item_seq[3 * it + 2] = c;
+            }
+    }
+    first_item[n_seqs] = it;
+
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * nq_max * CHUNK);
+        float *row = malloc(sizeof(float) * CHUNK * D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < n_items; w++) {
+            const int64_t s = item_seq[3 * w], g = item_seq[3 * w + 1], c = item_seq[3 * w + 2];
+            const int64_t *sq = seqs + 4 * s;
+            const int64_t kv_len = sq[3];
+            const int j0 = (int)(c * CHUNK);
+            const int j1 = (int)((c + 1) * CHUNK < kv_len ? (c + 1) * CHUNK : kv_len);
+#define ATTEND(DD) chunk_attend(q, k, v, kv_bf16, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, (int)g, H, Hkv, \
+                                    DD, scale, m_buf + w * nq_max, l_buf + w * nq_max, acc_buf + w * nq_max * D, \
+                                    scores, row)
+            if (D == 64)
+                ATTEND(64);
+            else if (D == 128)
+                ATTEND(128);
+            else
+                ATTEND(D);
+#undef ATTEND
+        }
+        free(scores);
+        free(row);
+    }
+
+    /* merge the chunks of each (seq, g) */
+    for (int s = 0; s < n_seqs; s++) {
+        const int64_t *sq = seqs + 4 * s;
+        const int q_len = (int)sq[1];
+        const int64_t nchunks = (sq[3] + CHUNK - 1) / CHUNK;
+        for (int g = 0; g < Hkv; g++) {
+            const int64_t w0 = first_item[s] + g * nchunks;
+            for (int i = 0; i < q_len; i++)
+                for (int h = 0; h < G; h++) {
+                    const int qi = i * G + h;
+                    float M = -3.0e38f;
+                    for (int64_t c = 0; c < nchunks; c++) {
+                        if (l_buf[(w0 + c) * nq_max + qi] == 0.f) continue;
+                        float m = m_buf[(w0 + c) * nq_max + qi];
+                        M = m > M ? m : M;
+                    }
+                    float *o = out + ((sq[0] + i) * H + g * G + h) * D;
+                    for (int d = 0; d < D; d++) o[d] = 0.f;
+                    float L = 0.f;
+                    for (int64_t c = 0; c < nchunks; c++) {
+                        if (l_buf[(w0 + c) * nq_max + qi] == 0.f) continue;
+                        const float f = exp_approx(m_buf[(w0 + c) * nq_max + qi] - M);
+                        L += f * l_buf[(w0 + c) * nq_max + qi];
+                        const float *a = acc_buf + ((w0 + c) * nq_max + qi) * D;
+#pragma omp simd
+                        for (int d = 0; d < D; d++) o[d] += f * a[d];
+                    }
+                    const float inv = 1.f / L;
+#pragma omp simd
+                    for (int d = 0; d < D; d++) o[d] *= inv;
+                }
+        }
+    }
+    free(item_seq); free(m_buf); free(l_buf); free(acc_buf); free(first_item);
+    return 0;
+}

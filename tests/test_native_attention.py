@@ -1,0 +1,57 @@
+"""The native short-query paged-attention kernel against SDPA on gathered K/V."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltaserve.kernels import paged_attention as native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the PyTorch path is used instead")
+
+
+def _reference(q, kc, vc, seqs, slots, scale):
+    out = torch.zeros_like(q)
+    for (q0, ql, _, L), sl in zip(seqs, slots):
+        k = kc[sl].float().transpose(0, 1)[None]  # [1, Hkv, L, D]
+        v = vc[sl].float().transpose(0, 1)[None]
+        qq = q[q0 : q0 + ql].transpose(0, 1)[None]  # [1, H, ql, D]
+        mask = torch.arange(L)[None, :] <= (torch.arange(ql) + L - ql)[:, None]
+        out[q0 : q0 + ql] = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale,
+                                                           enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 128), (6, 2, 40)])
+@pytest.mark.parametrize("shape", [[(1, 1)], [(5, 1), (300, 1), (257, 1)], [(256, 9), (511, 16), (9, 9)],
+                                   [(1000, 1), (20, 3)]])
+def test_matches_sdpa(dtype, H, Hkv, D, shape):
+    g = torch.Generator().manual_seed(hash((H, D, len(shape))) % 1000)
+    S = 3000
+    kc = torch.randn(S, Hkv, D, generator=g).to(dtype)
+    vc = torch.randn(S, Hkv, D, generator=g).to(dtype)
+    seqs, slots, q0, off = [], [], 0, 0
+    for L, ql in shape:  # slots drawn at random: the kernel must follow the slot list, not assume order
+        sl = torch.randperm(S, generator=g)[:L]
+        seqs.append((q0, ql, off, L))
+        slots.append(sl)
+        q0, off = q0 + ql, off + L
+    q = torch.randn(q0, H, D, generator=g)
+    out = torch.full((q0, H, D), float("nan"))
+    scale = D**-0.5
+    native.paged_attention_short(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out)
+    ref = _reference(q, kc, vc, seqs, slots, scale)
+    assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+
+
+def test_untouched_rows_and_empty_batch():
+    kc = torch.randn(16, 1, 16)
+    q = torch.randn(3, 2, 16)
+    out = torch.full((3, 2, 16), 7.0)
+    # only row 1 belongs to a sequence; rows 0 and 2 must stay as they were
+    native.paged_attention_short(q, kc, kc, torch.tensor([3, 4, 5]), torch.tensor([[1, 1, 0, 3]]), 0.25, out)
+    assert torch.all(out[0] == 7.0) and torch.all(out[2] == 7.0) and not torch.all(out[1] == 7.0)
+    native.paged_attention_short(q, kc, kc, torch.zeros(0, dtype=torch.int64),
+                                 torch.zeros(0, 4, dtype=torch.int64), 0.25, out)
