@@ -234,6 +234,14 @@ class SessionManager:
                 out.append(s.session_id)
         return out
 
+    def unpin_over_budget(self, session: Session) -> None:
+        """Leave a session that just finished a turn unpinned because pinned KV is over budget.
+
+        Its path stays in the tree as evictable LRU cache (a quick next turn still
+        hits it); the miss, if it comes, is explained as DEMOTED.
+        """
+        self._unpin(session, MatchReason.DEMOTED)
+
     def demote_lru(self, num_tokens_needed: int) -> list[str]:
         """Unpin least-recently-used sessions until `radix.evictable_size >= num_tokens_needed`.
 

@@ -49,6 +49,7 @@ class EngineConfig:
     max_running: int = 64
     cache_mode: CacheMode = CacheMode.STATEFUL
     session_ttl: float = 300.0
+    max_pinned_fraction: float = 0.7  # pinned session KV may hold this share of the pool (the rest: working space)
     max_context: int | None = None  # defaults to the model's
     speculation: bool = True
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
@@ -83,7 +84,7 @@ class LLMEngine:
         self.config = config
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
-        self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock)
+        self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running)
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
@@ -180,6 +181,7 @@ class LLMEngine:
         if self.counters.steps % 256 == 0:
             # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
             self.kv.sessions.forget_idle(self.config.session_max_idle)
+        self.kv.others_running = bool(self.scheduler.running)
         plan = self.scheduler.plan(self.kv.admit, self.kv.reserve)
         if not plan.items:
             return self._unblock()
@@ -319,6 +321,7 @@ class LLMEngine:
             "kv_bytes_per_token": self.pool.layout.bytes_per_token,
             "evicted_tokens": self.kv.evicted_tokens,
             "demoted_sessions": self.kv.demoted_sessions,
+            "unpinned_over_budget": self.kv.unpinned_over_budget,
             "preemptions": c.preemptions,
             "steps": c.steps,
             "running": len(self.scheduler.running),

@@ -2,7 +2,11 @@
 
 Composes the slot allocator, the radix cache and the session manager; the
 cache mode decides which of them take part:
-- `stateful`: radix prefix cache + sessions pinned between turns (with TTL);
+- `stateful`: radix prefix cache + sessions pinned between turns (with TTL), up to a
+  pin budget (`max_pinned_fraction` of the pool): a session finishing a turn when
+  pinned KV is already over budget stays unpinned, so under memory pressure a
+  stable set of sessions keeps its KV instead of every session evicting the next
+  one in turn (what LRU does to agents that take turns in a cycle);
 - `prefix`:   radix prefix cache with LRU only, sessions never pinned (vLLM/SGLang policy);
 - `stateless`: no reuse at all, every prompt is computed from scratch.
 """
@@ -32,7 +36,7 @@ class CacheMode(str, Enum):
 
 class KVManager:
     def __init__(self, pool: KVPool, mode: CacheMode = CacheMode.STATEFUL, default_ttl: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_pinned_fraction: float = 0.7):
         self.pool = pool
         self.mode = CacheMode(mode)
         self.allocator = pool.allocator
@@ -40,6 +44,12 @@ class KVManager:
         self.sessions = SessionManager(self.radix, default_ttl, clock, pin=self.mode == CacheMode.STATEFUL)
         self.evicted_tokens = 0
         self.demoted_sessions = 0
+        self.unpinned_over_budget = 0  # turns whose session was left unpinned by the pin budget
+        # pinned (+ in-use) KV may hold at most this many slots; the rest is working space
+        self.pin_budget = int(max_pinned_fraction * pool.num_slots)
+        # set by the engine before each plan: True while other sequences run, so admission
+        # waits for them to free memory instead of demoting pins (see _make_room)
+        self.others_running = False
 
     @property
     def reuse(self) -> bool:
@@ -78,10 +88,16 @@ class KVManager:
         return True
 
     def _make_room(self, n: int) -> bool:
-        """True if `n` slots are free or evictable, demoting LRU session pins if that is what it takes."""
+        """True if `n` slots are free or evictable, demoting LRU session pins if that is what it takes.
+
+        Pins are demoted for admission only when nothing else is running: while
+        others run, the request waits for them to finish and free their private
+        KV (demoting would throw away a pinned session for memory that is about
+        to come back). With nothing running, waiting could last forever, so pins go.
+        """
         if self.allocator.num_free + self.radix.evictable_size >= n:
             return True
-        if self.mode == CacheMode.STATEFUL:
+        if self.mode == CacheMode.STATEFUL and not self.others_running:
             self.demoted_sessions += len(self.sessions.demote_lru(n - self.allocator.num_free))
         return self.allocator.num_free + self.radix.evictable_size >= n
 
@@ -132,6 +148,9 @@ class KVManager:
         if seq.locked_node is not None:
             self.radix.unlock(seq.locked_node)
             seq.locked_node = None
+        if session is not None and session.pinned and self.radix.protected_size > self.pin_budget:
+            self.sessions.unpin_over_budget(session)
+            self.unpinned_over_budget += 1
         seq.slots = torch.empty(0, dtype=torch.int64)
         seq.num_computed = seq.num_shared = 0
 

@@ -158,6 +158,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculation", choices=("lookup", "off"), default="lookup",
                    help="prompt-lookup speculative decoding")
     p.add_argument("--session-ttl", type=float, default=300.0, help="default seconds a session stays pinned")
+    p.add_argument("--max-pinned-fraction", type=float, default=0.7,
+                   help="share of the KV pool pinned sessions may hold; the rest is working space (stateful mode)")
     p.add_argument("--max-context", type=int, default=None, help="cap on prompt + completion tokens")
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--api-key", action="append", default=None,
@@ -179,6 +181,7 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     cfg = EngineConfig(dtype=getattr(torch, args.dtype), device=args.device,
                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
                        speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
+                       max_pinned_fraction=args.max_pinned_fraction,
                        max_context=args.max_context, max_batch_tokens=args.max_batch_tokens)
     return LLMEngine.from_model(args.model, cfg)
 

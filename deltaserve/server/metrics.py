@@ -30,6 +30,7 @@ _ENGINE_COUNTERS = {
     "accepted_tokens": ("deltaserve_spec_accepted_tokens", "Speculative draft tokens accepted"),
     "evicted_tokens": ("deltaserve_kv_evicted_tokens", "Cached tokens evicted from the KV pool"),
     "demoted_sessions": ("deltaserve_demoted_sessions", "Session pins dropped under memory pressure"),
+    "unpinned_over_budget": ("deltaserve_unpinned_over_budget", "Turns whose session stayed unpinned: pinned KV over its budget"),
     "preemptions": ("deltaserve_preemptions", "Running requests preempted for recompute"),
     "steps": ("deltaserve_engine_steps", "Engine steps run"),
 }
