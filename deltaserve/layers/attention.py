@@ -139,11 +139,14 @@ def paged_attention(
         else:
             ob = ob.transpose(1, 2).reshape(B * Lq, H, D)  # [B*Lq, H, D]
             out.index_copy_(0, meta.q_dst, ob.index_select(0, meta.q_src))
+    # SDPA's CPU flash kernel runs ~25% faster in fp32 than in bf16 (measured 300x1800 and 2048x2048 on
+    # 2 cores), so long bf16 spans are upcast for the attention itself; on CUDA they stay as they are.
+    wide = torch.float32 if q.dtype == torch.bfloat16 and q.device.type == "cpu" else q.dtype
     for i in meta.long_idx:
         s = meta.spans[i]
-        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        ks = k_cache.index_select(0, s.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vs = v_cache.index_select(0, s.kv_slots).transpose(0, 1).unsqueeze(0)
+        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0).to(wide)  # [1, H, n, D]
+        ks = k_cache.index_select(0, s.kv_slots).to(wide).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vs = v_cache.index_select(0, s.kv_slots).to(wide).transpose(0, 1).unsqueeze(0)
         m = meta.long_masks.get(i)
         os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, is_causal=m is None, scale=scale, enable_gqa=gqa)
         out[s.q_start : s.q_start + s.q_len] = os_[0].transpose(0, 1)
