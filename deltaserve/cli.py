@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from deltaserve.models.registry import DEFAULT_MODEL, KNOWN_MODELS

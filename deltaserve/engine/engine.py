@@ -15,7 +15,7 @@ import torch
 from deltaserve.config import ModelConfig
 from deltaserve.engine.kv_manager import CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner
-from deltaserve.engine.sampling import SamplingParams, make_generator, processed_probs, sample
+from deltaserve.engine.sampling import SamplingParams, make_generator, sample
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence, SeqStatus
 from deltaserve.kv.pool import KVLayout, KVPool
