@@ -177,6 +177,8 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda given but no CUDA device is available")
+    if not 0.0 < args.max_pinned_fraction <= 1.0:
+        raise SystemExit(f"error: --max-pinned-fraction must be in (0, 1], got {args.max_pinned_fraction}")
     ensure_pulled(args.model)
     cfg = EngineConfig(dtype=getattr(torch, args.dtype), device=args.device,
                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
