@@ -1,0 +1,42 @@
+"""layers/linear.py: every weight form gives F.linear's answer (within bf16 rounding), on both sides of the switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, packed_supported
+
+
+@pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 97])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_forms_match_fp32_reference(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(48, 80, generator=g) * 0.1).to(torch.bfloat16)
+    b = torch.randn(48, generator=g).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
+    lin = Linear(w, b)
+    if packed_supported():
+        assert lin.packed is not None and lin.w32 is not None
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
+    ref = F.linear(x.float(), w.float(), b.float() if bias else None)
+    # bf16 output rounding (~2^-8 relative) is the only difference allowed
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_fp32_weights_are_used_as_loaded():
+    w = torch.randn(8, 16)
+    lin = Linear(w)
+    assert lin.packed is None and lin.w32 is None
+    x = torch.randn(5, 16)
+    assert torch.equal(lin(x), F.linear(x, w))  # bit-identical: the fp32 reference path is untouched
+
+
+def test_lm_head_form_without_fp32_copy():
+    w = torch.randn(32, 16).to(torch.bfloat16)
+    lin = Linear(w, large_batch_fp32=False)
+    assert lin.w32 is None
+    x = torch.randn(100, 16).to(torch.bfloat16)
+    torch.testing.assert_close(lin(x).float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=5e-2)
