@@ -182,7 +182,10 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
                "--enable-prompt-tokens-details", "--generation-config", "vllm"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
         if kv_budget_tokens:
-            cmd += ["--kv-cache-memory-bytes", str(kv_budget_tokens * bpt)]
+            # vLLM-cpu sizes its KV pool from VLLM_CPU_KVCACHE_SPACE in whole GiB and ignores
+            # --kv-cache-memory-bytes (a 12k-token budget became 46,592 tokens), so the block count
+            # is forced: ceil(budget / 16-token blocks).
+            cmd += ["--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 16))]
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt / 2**30)))
         else:
             env["VLLM_CPU_KVCACHE_SPACE"] = "2"
