@@ -72,8 +72,8 @@ setup_gguf() {
     if [ ! -x "$cpy" ]; then
       log "gguf: creating converter venv .peers/convert"
       "$PY" -m venv "$PEERS/convert"
-      "$PEERS/convert/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch \
-        || "$PEERS/convert/bin/pip" install -q torch
+      # pinned: an unpinned torch pulls a multi-GB CUDA build
+      "$PEERS/convert/bin/pip" install -q "torch==${DELTASERVE_TORCH:-2.13.0}"
       "$PEERS/convert/bin/pip" install -q numpy sentencepiece transformers safetensors protobuf
     fi
   fi

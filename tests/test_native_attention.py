@@ -1,4 +1,4 @@
-"""The native short-query paged-attention kernel against SDPA on gathered K/V."""
+"""The native paged-attention kernels (short-query and tiled) against SDPA on gathered K/V."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from deltaserve.kernels import paged_attention as native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the PyTorch path is used instead")
+KERNELS = {"short": native.paged_attention_short, "tiled": native.paged_attention_tiled}
+needs_tiled = pytest.mark.skipif(not native.tiled_available(), reason="tiled kernel needs AVX-512")
 
 
 def _reference(q, kc, vc, seqs, slots, scale):
@@ -23,11 +25,12 @@ def _reference(q, kc, vc, seqs, slots, scale):
     return out
 
 
+@pytest.mark.parametrize("kernel", ["short", pytest.param("tiled", marks=needs_tiled)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 128), (6, 2, 40)])
 @pytest.mark.parametrize("shape", [[(1, 1)], [(5, 1), (300, 1), (257, 1)], [(256, 9), (511, 16), (9, 9)],
                                    [(1000, 1), (20, 3)]])
-def test_matches_sdpa(dtype, H, Hkv, D, shape):
+def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
     g = torch.Generator().manual_seed(hash((H, D, len(shape))) % 1000)
     S = 3000
     kc = torch.randn(S, Hkv, D, generator=g).to(dtype)
@@ -41,17 +44,42 @@ def test_matches_sdpa(dtype, H, Hkv, D, shape):
     q = torch.randn(q0, H, D, generator=g)
     out = torch.full((q0, H, D), float("nan"))
     scale = D**-0.5
-    native.paged_attention_short(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out)
+    KERNELS[kernel](q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out)
     ref = _reference(q, kc, vc, seqs, slots, scale)
     assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
 
 
-def test_untouched_rows_and_empty_batch():
+@needs_tiled
+@pytest.mark.parametrize("shape", [[(2048, 2048)], [(700, 130), (64, 64), (65, 17), (3001, 300)],
+                                   [(129, 43), (4000, 1), (250, 5)]])
+def test_tiled_long_spans(shape):
+    """Prefill-sized spans: whole prompts (q_len == kv_len), deltas that cross key-chunk and query-block
+    edges (64 keys, 128 query rows), and spans mixed with decodes in one call."""
+    H, Hkv, D = 9, 3, 64
+    g = torch.Generator().manual_seed(len(shape))
+    S = 8000
+    kc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    vc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    seqs, slots, q0, off = [], [], 0, 0
+    for L, ql in shape:
+        sl = torch.randperm(S, generator=g)[:L]
+        seqs.append((q0, ql, off, L))
+        slots.append(sl)
+        q0, off = q0 + ql, off + L
+    q = torch.randn(q0, H, D, generator=g)
+    out = torch.full((q0, H, D), float("nan"))
+    native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), D**-0.5, out)
+    ref = _reference(q, kc, vc, seqs, slots, D**-0.5)
+    assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("kernel", ["short", pytest.param("tiled", marks=needs_tiled)])
+def test_untouched_rows_and_empty_batch(kernel):
     kc = torch.randn(16, 1, 16)
     q = torch.randn(3, 2, 16)
     out = torch.full((3, 2, 16), 7.0)
     # only row 1 belongs to a sequence; rows 0 and 2 must stay as they were
-    native.paged_attention_short(q, kc, kc, torch.tensor([3, 4, 5]), torch.tensor([[1, 1, 0, 3]]), 0.25, out)
+    KERNELS[kernel](q, kc, kc, torch.tensor([3, 4, 5]), torch.tensor([[1, 1, 0, 3]]), 0.25, out)
     assert torch.all(out[0] == 7.0) and torch.all(out[2] == 7.0) and not torch.all(out[1] == 7.0)
-    native.paged_attention_short(q, kc, kc, torch.zeros(0, dtype=torch.int64),
-                                 torch.zeros(0, 4, dtype=torch.int64), 0.25, out)
+    KERNELS[kernel](q, kc, kc, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4, dtype=torch.int64), 0.25, out)
+    assert torch.all(out[0] == 7.0) and torch.all(out[2] == 7.0)

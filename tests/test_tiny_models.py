@@ -54,18 +54,22 @@ def test_logits_match_hf(arch, tie):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native-attention", "sdpa-attention"])
+@pytest.mark.parametrize("native", ["tiled", "short", "sdpa"],
+                         ids=["tiled+short-attention", "short+sdpa-attention", "sdpa-attention"])
+@pytest.mark.parametrize("chunk", [7, 64])
 @pytest.mark.parametrize("arch,tie", CASES[:3])
-def test_chunked_batched_greedy_matches_hf(arch, tie, native):
-    """Several prompts, prefill chunked at 7 tokens a step, decoded in one batch: same tokens as HF.
+def test_chunked_batched_greedy_matches_hf(arch, tie, native, chunk):
+    """Several prompts, prefill chunked at `chunk` tokens a step, decoded in one batch: same tokens as HF.
 
-    Both short-query attention paths: the native C kernel (when it builds here) and the SDPA fallback."""
+    Every attention path: the native kernels (tiled for spans with many query rows, short-query for the
+    rest, when they build here), the short-query kernel with SDPA for long spans, and SDPA alone."""
     cfg = tiny_config(arch, tie)
     ref = hf_model(cfg, seed=3)
     model = LlamaModel.from_state_dict(cfg, ref.state_dict(), torch.float32)
-    eng = LLMEngine(model, None, EngineConfig(dtype=torch.float32, kv_cache_bytes=1 << 22, max_batch_tokens=7,
+    eng = LLMEngine(model, None, EngineConfig(dtype=torch.float32, kv_cache_bytes=1 << 22, max_batch_tokens=chunk,
                                               cache_mode=CacheMode.STATEFUL, speculation=False, check_integrity=True))
-    eng.runner.native_attention = native and eng.runner.native_attention
+    eng.runner.native_attention = native != "sdpa" and eng.runner.native_attention
+    eng.runner.tiled_attention = native == "tiled" and eng.runner.tiled_attention
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 19, 33, 2)]
     outs = eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))

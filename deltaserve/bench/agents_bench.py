@@ -167,13 +167,47 @@ async def _drive(target: tg.Target, wf: Workflow, ignore_eos: bool, timeout: flo
             warm = tg.Target(target.name, [], extra_body=target.extra_body, model_id=target.model_id, port=target.port)
             await _turn(client, warm, [{"role": "user", "content": f"Warm-up {k}: say hello."}], 4, True, f"warm-{k}")
         records: list[dict] = []
+        prof0 = await _server_profile(client, target)
         t0 = time.perf_counter()
         await asyncio.gather(*(_agent(client, target, a, wf, ignore_eos, records, bar) for a in wf.agents))
         wall = time.perf_counter() - t0
+        prof1 = await _server_profile(client, target)
         spec = await _server_spec_counters(client, target)
     if bar is not None:
         bar.close()
-    return {"wall_s": wall, "records": records, "server_spec": spec}
+    profile = None
+    if prof0 is not None and prof1 is not None:
+        profile = {k: prof1[k] - prof0.get(k, 0.0) for k in prof1}
+        profile["wall_s"] = wall
+    return {"wall_s": wall, "records": records, "server_spec": spec, "profile": profile}
+
+
+PROFILE_METRICS = {  # deltaserve's Prometheus counters -> profile keys (seconds unless named *_steps)
+    "deltaserve_engine_forward_prefill_seconds_total": "forward_prefill_s",
+    "deltaserve_engine_forward_decode_seconds_total": "forward_decode_s",
+    "deltaserve_engine_schedule_seconds_total": "schedule_s",
+    "deltaserve_engine_sample_seconds_total": "sample_s",
+    "deltaserve_prompt_render_seconds_total": "render_s",
+    "deltaserve_engine_steps_total": "steps",
+    "deltaserve_engine_prefill_steps_total": "prefill_steps",
+}
+
+
+async def _server_profile(client, target) -> dict[str, float] | None:
+    """deltaserve's engine time counters (summed over label sets), or None for peers / older servers."""
+    if not target.name.startswith("deltaserve"):
+        return None
+    try:
+        text = (await client.get(target.base_url + "/metrics")).text
+    except Exception:  # noqa: BLE001
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in PROFILE_METRICS:
+            key = PROFILE_METRICS[name]
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out if "forward_prefill_s" in out else None
 
 
 async def _server_spec_counters(client, target) -> dict[str, float] | None:
@@ -298,7 +332,7 @@ def run(args) -> int:
         if sc and agg["acceptance"] is None and sc.get("spec_decode_num_draft_tokens_total"):
             agg["accepted_tokens"] = sc.get("spec_decode_num_accepted_tokens_total")  # includes the warm-up
             agg["acceptance"] = agg["accepted_tokens"] / sc["spec_decode_num_draft_tokens_total"]
-        agg.update(wall_s=res["wall_s"], startup_s=t.start_s, command=shlex.join(t.cmd), label=tg.LABELS[name],
+        agg.update(wall_s=res["wall_s"], profile=res.get("profile"), startup_s=t.start_s, command=shlex.join(t.cmd), label=tg.LABELS[name],
                    notes=t.notes, env={k: v for k, v in t.env.items() if k.startswith(("VLLM", "OMP"))},
                    records=res["records"])
         results[name] = agg

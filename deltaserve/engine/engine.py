@@ -73,6 +73,14 @@ class EngineCounters:
     accepted_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    # Where the engine thread's time goes (seconds, perf_counter): building the step (scheduling, admission,
+    # KV reservation), the forward pass of steps that carry prefill tokens and of pure decode/verify steps,
+    # and sampling/verification/bookkeeping after it. Read by `deltaserve bench agents` for its profile.
+    time_schedule: float = 0.0
+    time_forward_prefill: float = 0.0
+    time_forward_decode: float = 0.0
+    time_sample: float = 0.0
+    prefill_steps: int = 0
 
 
 class LLMEngine:
@@ -181,12 +189,23 @@ class LLMEngine:
         if self.counters.steps % 256 == 0:
             # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
             self.kv.sessions.forget_idle(self.config.session_max_idle)
+        c = self.counters
+        t0 = time.perf_counter()
         self.kv.others_running = bool(self.scheduler.running)
         plan = self.scheduler.plan(self.kv.admit, self.kv.reserve)
+        t1 = time.perf_counter()
+        c.time_schedule += t1 - t0
         if not plan.items:
             return self._unblock()
         out = self.runner.run(plan)
-        self.counters.steps += 1
+        t2 = time.perf_counter()
+        # a step carries prefill when some item feeds more than its last sampled token
+        if any(i.num_tokens > 1 for i in plan.items):
+            c.time_forward_prefill += t2 - t1
+            c.prefill_steps += 1
+        else:
+            c.time_forward_decode += t2 - t1
+        c.steps += 1
         outputs: list[SeqOutput] = []
         for item, (r0, nrows) in zip(plan.items, out.rows):
             seq = item.seq
@@ -204,6 +223,7 @@ class LLMEngine:
             outputs.append(self._append(seq, new))
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.running)
+        c.time_sample += time.perf_counter() - t2
         return outputs
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
@@ -324,6 +344,11 @@ class LLMEngine:
             "unpinned_over_budget": self.kv.unpinned_over_budget,
             "preemptions": c.preemptions,
             "steps": c.steps,
+            "prefill_steps": c.prefill_steps,
+            "time_schedule_s": c.time_schedule,
+            "time_forward_prefill_s": c.time_forward_prefill,
+            "time_forward_decode_s": c.time_forward_decode,
+            "time_sample_s": c.time_sample,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }

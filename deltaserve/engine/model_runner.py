@@ -23,8 +23,10 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = model.device
-        # the native short-query kernel reads K/V straight from the pool (CPU, bf16/fp32 caches)
+        # the native kernels read K/V straight from the pool (CPU, bf16/fp32 caches): short queries, tiled spans
         self.native_attention = native_attention.supports(kv.k_cache[0])
+        self.tiled_attention = native_attention.supports_tiled(kv.k_cache[0])
+        self.gqa_group = model.cfg.num_heads // model.cfg.num_kv_heads
 
     def run(self, plan: StepPlan) -> StepLogits:
         ids: list[int] = []
@@ -49,7 +51,8 @@ class ModelRunner:
                 logit_index.extend(range(q0 + n - 1, q0 + len(feed)))
             else:
                 rows.append((len(logit_index), 0))
-        meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(self.device, self.native_attention)
+        meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(
+            self.device, self.native_attention, self.tiled_attention, self.gqa_group)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),
             torch.tensor(pos, dtype=torch.int64, device=self.device),

@@ -1,4 +1,8 @@
-"""ctypes binding of `paged_attention.c`: short-query attention read straight from the slot pool."""
+"""ctypes bindings of the native attention kernels, which read K/V straight from the slot pool.
+
+- `paged_attention.c`: short queries (decode, speculative verify), split-K over key chunks;
+- `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from deltaserve.kernels import load
 
 _lib = None
 _tried = False
+_tiled = None
+_tiled_tried = False
 
 
 def available() -> bool:
@@ -19,9 +25,34 @@ def available() -> bool:
         _lib = load("paged_attention")
         if _lib is not None:
             _lib.paged_attention_short.restype = ctypes.c_int
-            _lib.paged_attention_short.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [
-                ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
+            _lib.paged_attention_short.argtypes = _lib_argtypes()
     return _lib is not None
+
+
+def tiled_available() -> bool:
+    """The tiled kernel was built here with AVX-512 (else long spans keep the SDPA path)."""
+    global _tiled, _tiled_tried
+    if not _tiled_tried:
+        _tiled_tried = True
+        lib = load("tiled_attention")
+        if lib is not None:
+            lib.paged_attention_tiled_available.restype = ctypes.c_int
+            lib.paged_attention_tiled.restype = ctypes.c_int
+            lib.paged_attention_tiled.argtypes = _lib_argtypes()
+            if lib.paged_attention_tiled_available() != 1:
+                lib = None
+        _tiled = lib
+    return _tiled is not None
+
+
+def _lib_argtypes() -> list:
+    return [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [
+        ctypes.c_float, ctypes.c_void_p]
+
+
+def supports_tiled(k_cache: torch.Tensor) -> bool:
+    return (k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
+            and k_cache.shape[-1] % 4 == 0 and tiled_available())
 
 
 def supports(k_cache: torch.Tensor) -> bool:
@@ -49,3 +80,73 @@ def paged_attention_short(
     )
     if rc != 0:
         raise MemoryError("paged_attention_short: out of memory for its work buffers")
+
+
+def paged_attention_tiled(
+    q: torch.Tensor,  # [T, H, D] float32, contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, contiguous
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
+    seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
+    scale: float,
+    out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+) -> None:
+    """Same contract as `paged_attention_short`, for query spans of any length (tiled flash attention)."""
+    T, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    assert q.dtype == torch.float32 and out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == seqs.dtype == torch.int64
+    assert H % Hkv == 0 and k_cache.shape[2] == D
+    rc = _tiled.paged_attention_tiled(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr(),
+    )
+    if rc == 1:
+        raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
+    if rc != 0:
+        raise RuntimeError(f"paged_attention_tiled: unsupported shape (H={H}, Hkv={Hkv}, D={D})")
+
+
+def _bench(reps: int = 10) -> None:
+    """Print ms per call of the short and tiled kernels and of SDPA on gathered K/V (SmolLM2 heads, bf16 KV),
+    to re-measure `layers.attention.TILED_MIN_ROWS` on a new machine: python -m deltaserve.kernels.paged_attention"""
+    import time
+
+    import torch.nn.functional as F
+
+    H, Hkv, D = 9, 3, 64
+
+    def ms(f) -> float:
+        f()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    for B, n, L in [(1, 1, 5000), (4, 1, 5000), (4, 5, 5000), (1, 100, 5000), (1, 500, 5000), (1, 2048, 2048)]:
+        kc = torch.randn(B * L, Hkv, D).to(torch.bfloat16)
+        vc = torch.randn(B * L, Hkv, D).to(torch.bfloat16)
+        slots = torch.randperm(B * L)
+        q = torch.randn(B * n, H, D)
+        out = torch.empty_like(q)
+        seqs = torch.tensor([[b * n, n, b * L, L] for b in range(B)])
+        mask = torch.arange(L)[None, :] <= (torch.arange(n) + L - n)[:, None]
+
+        def sdpa():
+            for b in range(B):
+                sl = slots[b * L : (b + 1) * L]
+                k = kc.index_select(0, sl).float().transpose(0, 1)[None]  # [1, Hkv, L, D]
+                v = vc.index_select(0, sl).float().transpose(0, 1)[None]
+                F.scaled_dot_product_attention(q[b * n : (b + 1) * n].transpose(0, 1)[None], k, v, attn_mask=mask,
+                                               scale=D**-0.5, enable_gqa=True)
+
+        cells = [f"sdpa {ms(sdpa):8.2f}"]
+        if n <= 64 and available():
+            cells.append(f"short {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out)):8.2f}")
+        if tiled_available():
+            cells.append(f"tiled {ms(lambda: paged_attention_tiled(q, kc, vc, slots, seqs, D**-0.5, out)):8.2f}")
+        print(f"{B} seqs x {n:4d} queries x {L} keys ({n * H // Hkv} rows a kv head), ms: " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    _bench()

@@ -1,11 +1,16 @@
-"""Paged attention over the token-slot KV pool, in plain PyTorch (SDPA).
+"""Paged attention over the token-slot KV pool.
 
 One forward step carries tokens of several sequences flattened into `[T, ...]`.
 Each sequence contributes `q_len` query tokens whose K/V are written into their
-slots first; its context is then gathered from the pool by `kv_slots`.
-Short queries (decode: 1 token, speculative verify: k+1 tokens) run as one
-padded batch; long prefill chunks run one sequence at a time, so a 512-token
-chunk never pads seven decodes to 512 rows.
+slots first; its context is then read from the pool through `kv_slots`.
+
+On CPU with the native kernels (`deltaserve/kernels/`), every span reads K/V
+straight from the pool: spans with few query rows (decode: 1 token times the
+GQA group) go to the split-K short-query kernel, all others (speculative verify,
+prefill chunks, whole prompts) to the tiled flash-attention kernel.
+Without them (CUDA, no compiler, `DELTASERVE_NATIVE=0`) the PyTorch path runs:
+short queries as one padded SDPA batch over gathered K/V, long prefill chunks
+one sequence at a time, so a 512-token chunk never pads seven decodes to 512 rows.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import torch.nn.functional as F
 
 from deltaserve.kernels import paged_attention as native
 
-SHORT_QUERY = 16  # queries up to this length join the padded batch
+SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batch
+# Native path: spans with fewer query rows (q_len x GQA group) than this use the short-query kernel, the
+# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below ~12 rows; measured
+# on 2 cores (python -m deltaserve.kernels.paged_attention): decode (3 rows) is ~1.4x faster in the short kernel,
+# verify of 5 tokens (15 rows) ~1.5x faster in the tiled one.
+TILED_MIN_ROWS = 12
 
 
 @dataclass
@@ -49,20 +59,30 @@ class AttentionMetadata:
     # For the native CPU kernel (deltaserve/kernels/paged_attention.c), when it is used:
     native_slots: torch.Tensor | None = None  # [sum kv_len] int64, batch spans' slot lists concatenated
     native_seqs: torch.Tensor | None = None  # [n_batch_spans, 4] int64: q_start, q_len, kv_offset, kv_len
+    tiled_slots: torch.Tensor | None = None  # the same two for the spans of the tiled kernel
+    tiled_seqs: torch.Tensor | None = None
     long_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
-    def prepare(self, device: torch.device, use_native: bool = False) -> "AttentionMetadata":
-        """use_native: the caller checked `native.supports(k_cache)`; short queries then skip the gathers."""
+    @property
+    def native(self) -> bool:
+        return self.native_seqs is not None or self.tiled_seqs is not None
+
+    def prepare(self, device: torch.device, use_native: bool = False, use_tiled: bool = False,
+                gqa_group: int = 1) -> "AttentionMetadata":
+        """use_native / use_tiled: the caller checked `native.supports(k_cache)` / `native.supports_tiled(k_cache)`;
+        spans then read K/V from the pool with no gathers. gqa_group: query heads per KV head."""
+        if use_tiled:
+            tiled = [s for s in self.spans if s.q_len * gqa_group >= TILED_MIN_ROWS or not use_native]
+            short = [s for s in self.spans if s.q_len * gqa_group < TILED_MIN_ROWS and use_native]
+            if tiled:
+                self.tiled_slots, self.tiled_seqs = _native_layout(tiled)
+            if short:
+                self.native_slots, self.native_seqs = _native_layout(short)
+            return self
         self.batch_idx = [i for i, s in enumerate(self.spans) if s.q_len <= SHORT_QUERY]
         self.long_idx = [i for i, s in enumerate(self.spans) if s.q_len > SHORT_QUERY]
         if self.batch_idx and use_native:
-            spans = [self.spans[i] for i in self.batch_idx]
-            rows, off = [], 0
-            for s in spans:
-                rows.append((s.q_start, s.q_len, off, len(s.kv_slots)))
-                off += len(s.kv_slots)
-            self.native_slots = torch.cat([s.kv_slots for s in spans]).to(torch.int64).contiguous()
-            self.native_seqs = torch.tensor(rows, dtype=torch.int64)
+            self.native_slots, self.native_seqs = _native_layout([self.spans[i] for i in self.batch_idx])
         elif self.batch_idx:
             spans = [self.spans[i] for i in self.batch_idx]
             B = len(spans)
@@ -101,6 +121,15 @@ class AttentionMetadata:
         return self
 
 
+def _native_layout(spans: list[SeqSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' inputs: slot lists concatenated [sum kv_len], and [n, 4] rows q_start, q_len, kv_offset, kv_len."""
+    rows, off = [], 0
+    for s in spans:
+        rows.append((s.q_start, s.q_len, off, len(s.kv_slots)))
+        off += len(s.kv_slots)
+    return torch.cat([s.kv_slots for s in spans]).to(torch.int64).contiguous(), torch.tensor(rows, dtype=torch.int64)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, n_heads, head_dim]
     k: torch.Tensor,  # [T, n_kv_heads, head_dim]
@@ -112,11 +141,14 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, head_dim]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if meta.native_seqs is not None:
-        # fp32 in and out of the kernel; it writes the rows of the short-query spans only
+    if meta.native:
+        # fp32 in and out of the kernels; each writes the rows of its own spans only
+        q32 = q.float().contiguous()
         out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        native.paged_attention_short(q.float().contiguous(), k_cache, v_cache, meta.native_slots, meta.native_seqs,
-                                     scale, out32)
+        if meta.native_seqs is not None:
+            native.paged_attention_short(q32, k_cache, v_cache, meta.native_slots, meta.native_seqs, scale, out32)
+        if meta.tiled_seqs is not None:
+            native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32)
         out = out32 if q.dtype == torch.float32 else out32.to(q.dtype)
     else:
         out = torch.empty_like(q)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,12 +152,14 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
     template_tools = request_tools if choice != "none" else None
     names = {t["function"]["name"] for t in template_tools} if template_tools else None
 
+    t0 = time.perf_counter()
     try:
         rendered = render_turn(ctx.tokenizer, _for_template(messages), template_tools, prior)
     except Exception as e:  # jinja's raise_exception, a template without tool support, ...
         if isinstance(e, (APIError, MemoryError)):
             raise
         raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from e
+    ctx.metrics.render_seconds.labels("chat").inc(time.perf_counter() - t0)
 
     plan = ChatPlan(messages, rendered.tokens, rendered.mode, session_id, delta, request_tools, template_tools,
                     names)

@@ -33,6 +33,13 @@ _ENGINE_COUNTERS = {
     "unpinned_over_budget": ("deltaserve_unpinned_over_budget", "Turns whose session stayed unpinned: pinned KV over its budget"),
     "preemptions": ("deltaserve_preemptions", "Running requests preempted for recompute"),
     "steps": ("deltaserve_engine_steps", "Engine steps run"),
+    "prefill_steps": ("deltaserve_engine_prefill_steps", "Engine steps that carried prefill tokens"),
+    "time_schedule_s": ("deltaserve_engine_schedule_seconds", "Engine time building steps (scheduling, admission, KV)"),
+    "time_forward_prefill_s": ("deltaserve_engine_forward_prefill_seconds",
+                               "Engine time in forward passes of steps with prefill tokens"),
+    "time_forward_decode_s": ("deltaserve_engine_forward_decode_seconds",
+                              "Engine time in forward passes of pure decode/verify steps"),
+    "time_sample_s": ("deltaserve_engine_sample_seconds", "Engine time sampling, verifying drafts, bookkeeping"),
 }
 _ENGINE_GAUGES = {
     "hit_ratio": ("deltaserve_cache_hit_ratio", "cached_tokens / prompt_tokens since start"),
@@ -89,6 +96,9 @@ class Metrics:
         self.request_cached_tokens = Counter("deltaserve_request_cached_tokens",
                                              "Cached prompt tokens of completed HTTP generations", ["route"],
                                              registry=r)
+        self.render_seconds = Counter("deltaserve_prompt_render_seconds",
+                                      "Time turning chat requests into prompt tokens (template, tokenizer)",
+                                      ["route"], registry=r)
         self.request_completion_tokens = Counter("deltaserve_request_completion_tokens",
                                                  "Completion tokens of completed HTTP generations", ["route"],
                                                  registry=r)

@@ -1,0 +1,309 @@
+/* Tiled paged attention for CPU: long query spans (prefill chunks, a turn's delta).
+ *
+ * A turn's delta of ~100 tokens attends to a context of thousands: at 5k context SDPA on
+ * gathered K/V ran at ~60 GFLOP/s on 2 cores, and that span dominated a turn. This kernel is
+ * flash attention read straight from the token-slot pool:
+ *
+ *   work item = (sequence, kv head g, block of query positions); its rows are the (position,
+ *   head-in-group) pairs, r = i * G + h, so one K/V row serves every head of the GQA group.
+ *   Q is packed transposed and pre-scaled, QT [D][RP] (RP = rows rounded up to 16), so both
+ *   products are broadcast-FMA register tiles with no horizontal reductions:
+ *     S^T[j][r]  = sum_d K[j][d] * QT[d][r]          (4 keys x up to 4 row vectors a tile)
+ *     O^T[d][r] += sum_j V[j][d] * P^T[j][r]         (4 dims x up to 4 row vectors a tile)
+ *   and the online softmax runs down the key axis with 16 rows a vector.
+ *   Keys are visited in chunks of KB; chunks past the block's last visible key are skipped,
+ *   chunks that cross the causal diagonal are masked per (key, row).
+ *
+ * Layouts (row-major), as in paged_attention.c:
+ *   q     [num_q_tokens, H, D] float32        k, v  [num_slots, Hkv, D] bfloat16 or float32
+ *   slots [sum of kv_len] int64                seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
+ *   out   [num_q_tokens, H, D] float32 (rows of queries not in any listed sequence are untouched)
+ * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
+ * Returns 0, 1 when out of memory, 2 when built without AVX-512 (the caller falls back).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int paged_attention_tiled_available(void);
+
+#ifndef __AVX512F__
+int paged_attention_tiled_available(void) { return 0; }
+int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+    (void)q; (void)k; (void)v; (void)kv_bf16; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
+    (void)D; (void)scale; (void)out;
+    return 2;
+}
+#else
+#include <immintrin.h>
+
+#define KB 64        /* keys per chunk */
+#define MAX_ROWS 128 /* query rows per work item (8 vectors of 16) */
+#define NEG (-3.0e38f)
+
+int paged_attention_tiled_available(void) { return 1; }
+
+/* exp on 16 lanes: 2^n * 2^f with a degree-7 polynomial (the same one as paged_attention.c). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of 16 or handled by the tail). */
+static inline void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
+    if (!bf16) {
+        memcpy(dst, (const float *)base + off, sizeof(float) * D);
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)base + off;
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + d)));
+        _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    for (; d < D; d++) {
+        union { uint32_t u; float f; } c;
+        c.u = ((uint32_t)s[d]) << 16;
+        dst[d] = c.f;
+    }
+}
+
+/* S^T[j..j+4)[r0..r0+16*NV) = K[j..j+4) . QT[:, r0..]: 4 x NV accumulators held in registers. */
+static inline __attribute__((always_inline)) void qk_tile(const float *restrict QT, int RP, const float *restrict kf,
+                                                         int D, int j, int r0, float *restrict ST, const int NV) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) acc[a][b] = _mm512_setzero_ps();
+    const float *k0 = kf + (int64_t)j * D;
+    for (int d = 0; d < D; d++) {
+        const float *qt = QT + (int64_t)d * RP + r0;
+        __m512 qv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) qv[b] = _mm512_loadu_ps(qt + 16 * b);
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) {
+            const __m512 kb = _mm512_set1_ps(k0[a * D + d]);
+#pragma GCC unroll 4
+            for (int b = 0; b < NV; b++) acc[a][b] = _mm512_fmadd_ps(kb, qv[b], acc[a][b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) _mm512_storeu_ps(ST + (int64_t)(j + a) * RP + r0 + 16 * b, acc[a][b]);
+}
+
+/* O^T[d0..d0+4)[r0..] += sum_{j < nk} V[j][d0..d0+4) * P^T[j][r0..]. */
+static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, int RP, const float *restrict vf,
+                                                         int D, int nk, int d0, int r0, const float *restrict ST,
+                                                         const int NV) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) acc[t][b] = _mm512_loadu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b);
+    for (int jj = 0; jj < nk; jj++) {
+        const float *p = ST + (int64_t)jj * RP + r0;
+        __m512 pv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) pv[b] = _mm512_loadu_ps(p + 16 * b);
+        const float *vr = vf + (int64_t)jj * D + d0;
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            const __m512 vb = _mm512_set1_ps(vr[t]);
+#pragma GCC unroll 4
+            for (int b = 0; b < NV; b++) acc[t][b] = _mm512_fmadd_ps(vb, pv[b], acc[t][b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
+}
+
+/* Per-thread work buffers. */
+typedef struct {
+    float *QT, *OT, *ST, *kf, *vf, *m, *l;
+    int32_t *pos;
+} Buffers;
+
+static int buffers_alloc(Buffers *b, int D) {
+    b->QT = aligned_alloc(64, sizeof(float) * D * MAX_ROWS);
+    b->OT = aligned_alloc(64, sizeof(float) * D * MAX_ROWS);
+    b->ST = aligned_alloc(64, sizeof(float) * KB * MAX_ROWS);
+    b->kf = aligned_alloc(64, sizeof(float) * KB * D);
+    b->vf = aligned_alloc(64, sizeof(float) * KB * D);
+    b->m = aligned_alloc(64, sizeof(float) * MAX_ROWS);
+    b->l = aligned_alloc(64, sizeof(float) * MAX_ROWS);
+    b->pos = aligned_alloc(64, sizeof(int32_t) * MAX_ROWS);
+    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos;
+}
+
+static void buffers_free(Buffers *b) {
+    free(b->QT); free(b->OT); free(b->ST); free(b->kf); free(b->vf); free(b->m); free(b->l); free(b->pos);
+}
+
+/* One work item: query positions [i0, i0 + ni) of a sequence, kv head g. */
+static void attend_block(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
+                         int64_t q_start, int64_t q_len, int64_t kv_len, int64_t i0, int ni, int g, int H, int Hkv,
+                         int D, float scale, float *out, Buffers *B) {
+    const int G = H / Hkv;
+    const int rows = ni * G;
+    const int nrv = (rows + 15) / 16;
+    const int RP = nrv * 16;
+    const int64_t first_pos = kv_len - q_len + i0; /* context position of the block's first query */
+    const int64_t nkeys = first_pos + ni;          /* keys 0 .. first_pos + ni - 1 are visible to someone */
+    float *QT = B->QT, *OT = B->OT, *ST = B->ST, *kf = B->kf, *vf = B->vf, *m = B->m, *l = B->l;
+    int32_t *pos = B->pos;
+
+    for (int r = 0; r < RP; r++) {
+        if (r < rows) {
+            const int i = r / G, h = r % G;
+            const float *qv = q + ((q_start + i0 + i) * H + (int64_t)g * G + h) * D;
+            for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = qv[d] * scale;
+            pos[r] = (int32_t)(first_pos + i);
+        } else { /* padding rows: zero queries that see every key, their output is dropped */
+            for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = 0.f;
+            pos[r] = (int32_t)(nkeys - 1);
+        }
+        m[r] = NEG;
+        l[r] = 0.f;
+    }
+    memset(OT, 0, sizeof(float) * D * RP);
+
+    for (int64_t j0 = 0; j0 < nkeys; j0 += KB) {
+        const int nk = (int)(nkeys - j0 < KB ? nkeys - j0 : KB);
+        const int nk4 = (nk + 3) & ~3;
+        for (int jj = 0; jj < nk; jj++) {
+            const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
+            load_row(k, bf16, off, D, kf + (int64_t)jj * D);
+            load_row(v, bf16, off, D, vf + (int64_t)jj * D);
+        }
+        for (int jj = nk; jj < nk4; jj++) memset(kf + (int64_t)jj * D, 0, sizeof(float) * D);
+        /* scores */
+        for (int j = 0; j < nk4; j += 4) {
+            int b = 0;
+            for (; b + 4 <= nrv; b += 4) qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4);
+            switch (nrv - b) {
+                case 3: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 3); break;
+                case 2: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 2); break;
+                case 1: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 1); break;
+                default: break;
+            }
+        }
+        /* does any (key, row) of this chunk fall past its row's causal limit? */
+        const int masked = j0 + nk - 1 > first_pos;
+        /* online softmax down the key axis, 16 rows a vector; P^T overwrites S^T */
+        for (int b = 0; b < nrv; b++) {
+            const int r0 = 16 * b;
+            const __m512i pv = _mm512_loadu_si512((const void *)(pos + r0));
+            __m512 mx = _mm512_set1_ps(NEG);
+            for (int jj = 0; jj < nk; jj++) {
+                const __m512 s = _mm512_loadu_ps(ST + (int64_t)jj * RP + r0);
+                if (masked) {
+                    const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
+                    mx = _mm512_mask_max_ps(mx, keep, mx, s);
+                } else {
+                    mx = _mm512_max_ps(mx, s);
+                }
+            }
+            const __m512 mold = _mm512_loadu_ps(m + r0);
+            const __m512 mnew = _mm512_max_ps(mold, mx);
+            const __m512 alpha = exp16(_mm512_sub_ps(mold, mnew));
+            __m512 sum = _mm512_setzero_ps();
+            for (int jj = 0; jj < nk; jj++) {
+                float *sp = ST + (int64_t)jj * RP + r0;
+                __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sp), mnew));
+                if (masked) {
+                    const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
+                    p = _mm512_maskz_mov_ps(keep, p);
+                }
+                _mm512_storeu_ps(sp, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            _mm512_storeu_ps(m + r0, mnew);
+            _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
+            for (int d = 0; d < D; d++) {
+                float *o = OT + (int64_t)d * RP + r0;
+                _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+            }
+        }
+        /* O^T += V^T P^T */
+        for (int d0 = 0; d0 < D; d0 += 4) {
+            int b = 0;
+            for (; b + 4 <= nrv; b += 4) pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4);
+            switch (nrv - b) {
+                case 3: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 3); break;
+                case 2: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 2); break;
+                case 1: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 1); break;
+                default: break;
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const int i = r / G, h = r % G;
+        float *o = out + ((q_start + i0 + i) * H + (int64_t)g * G + h) * D;
+        const float inv = 1.f / l[r];
+        for (int d = 0; d < D; d++) o[d] = OT[(int64_t)d * RP + r] * inv;
+    }
+}
+
+int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+    const int G = H / Hkv;
+    if (G > MAX_ROWS || (D & 3) != 0) return 2;
+    const int QB = MAX_ROWS / G; /* query positions per work item */
+    int64_t n_items = 0;
+    for (int s = 0; s < n_seqs; s++) n_items += Hkv * ((seqs[4 * s + 1] + QB - 1) / QB);
+    int64_t *items = malloc(sizeof(int64_t) * 3 * (n_items ? n_items : 1));
+    if (!items) return 1;
+    int64_t it = 0;
+    /* the last query blocks of a sequence see the most keys: list them first for the dynamic schedule */
+    for (int s = 0; s < n_seqs; s++) {
+        const int64_t nb = (seqs[4 * s + 1] + QB - 1) / QB;
+        for (int64_t blk = nb - 1; blk >= 0; blk--)
+            for (int g = 0; g < Hkv; g++, it++) {
+                items[3 * it] = s;
+                items[3 * it + 1] = g;
+                items[3 * it + 2] = blk;
+            }
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        Buffers B;
+        const int ok = buffers_alloc(&B, D);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < n_items; w++) {
+            if (!ok) continue;
+            const int64_t *sq = seqs + 4 * items[3 * w];
+            const int64_t i0 = items[3 * w + 2] * QB;
+            const int ni = (int)(sq[1] - i0 < QB ? sq[1] - i0 : QB);
+            attend_block(q, k, v, kv_bf16, slots + sq[2], sq[0], sq[1], sq[3], i0, ni, (int)items[3 * w + 1], H,
+                         Hkv, D, scale, out, &B);
+        }
+        buffers_free(&B);
+    }
+    free(items);
+    return failed ? 1 : 0;
+}
+#endif
