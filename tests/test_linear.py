@@ -6,19 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, packed_supported
+from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, large_batch_form, packed_supported
 
 
 @pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 97])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_forms_match_fp32_reference(rows, bias):
+@pytest.mark.parametrize("large_fp32", [True, False, None], ids=["fp32-large", "bf16-large", "measured"])
+def test_bf16_forms_match_fp32_reference(rows, bias, large_fp32):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(48, 80, generator=g) * 0.1).to(torch.bfloat16)
     b = torch.randn(48, generator=g).to(torch.bfloat16) if bias else None
     x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
-    lin = Linear(w, b)
+    lin = Linear(w, b, large_batch_fp32=large_fp32)
     if packed_supported():
-        assert lin.packed is not None and lin.w32 is not None
+        assert lin.packed is not None
+        want_w32 = large_fp32 if large_fp32 is not None else large_batch_form() == "fp32"
+        assert (lin.w32 is not None) == want_w32
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
     ref = F.linear(x.float(), w.float(), b.float() if bias else None)
@@ -40,3 +43,8 @@ def test_lm_head_form_without_fp32_copy():
     assert lin.w32 is None
     x = torch.randn(100, 16).to(torch.bfloat16)
     torch.testing.assert_close(lin(x).float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=5e-2)
+
+
+def test_large_batch_form_is_one_of_both():
+    assert large_batch_form() in ("bf16", "fp32")
+    assert large_batch_form() == large_batch_form()  # measured once, then fixed for the process

@@ -41,12 +41,18 @@ def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
         seqs.append((q0, ql, off, L))
         slots.append(sl)
         q0, off = q0 + ql, off + L
-    q = torch.randn(q0, H, D, generator=g)
+    # a bf16 model's queries are bf16 values (the tiled kernel rounds q to bf16 with a bf16 cache)
+    q = torch.randn(q0, H, D, generator=g).to(dtype).float()
     out = torch.full((q0, H, D), float("nan"))
     scale = D**-0.5
     KERNELS[kernel](q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out)
     ref = _reference(q, kc, vc, seqs, slots, scale)
     assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+    if kernel == "tiled" and dtype == torch.bfloat16:
+        # P.V in bf16 pairs too: within bf16 rounding of the output (2^-8 relative)
+        out2 = torch.full((q0, H, D), float("nan"))
+        native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out2, p_bf16=True)
+        assert torch.allclose(out2, ref, atol=5e-3, rtol=1e-2), (out2 - ref).abs().max()
 
 
 @needs_tiled
@@ -66,11 +72,12 @@ def test_tiled_long_spans(shape):
         seqs.append((q0, ql, off, L))
         slots.append(sl)
         q0, off = q0 + ql, off + L
-    q = torch.randn(q0, H, D, generator=g)
-    out = torch.full((q0, H, D), float("nan"))
-    native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), D**-0.5, out)
+    q = torch.randn(q0, H, D, generator=g).to(torch.bfloat16).float()
     ref = _reference(q, kc, vc, seqs, slots, D**-0.5)
-    assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+    for p_bf16, atol, rtol in ((False, 2e-6, 1e-5), (True, 5e-3, 1e-2)):
+        out = torch.full((q0, H, D), float("nan"))
+        native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), D**-0.5, out, p_bf16=p_bf16)
+        assert torch.allclose(out, ref, atol=atol, rtol=rtol), (p_bf16, (out - ref).abs().max())
 
 
 @pytest.mark.parametrize("kernel", ["short", pytest.param("tiled", marks=needs_tiled)])

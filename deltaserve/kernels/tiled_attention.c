@@ -19,6 +19,11 @@
  *   slots [sum of kv_len] int64                seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
  *   out   [num_q_tokens, H, D] float32 (rows of queries not in any listed sequence are untouched)
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
+ * With a bf16 cache and AVX512-BF16 the products run as bf16 pair dot products (vdpbf16ps, fp32
+ * accumulation, twice the fp32 FMA rate): Q is rounded to bf16 (exact for a bf16 model, whose q is
+ * bf16) and packed in d-pairs, K pairs are read straight from the cache. With p_bf16 the softmax
+ * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
+ * chunk); without it P.V stays in fp32.
  * Returns 0, 1 when out of memory, 2 when built without AVX-512 (the caller falls back).
  */
 #include <stdint.h>
@@ -30,9 +35,10 @@ int paged_attention_tiled_available(void);
 #ifndef __AVX512F__
 int paged_attention_tiled_available(void) { return 0; }
 int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
-                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
+                          int p_bf16) {
     (void)q; (void)k; (void)v; (void)kv_bf16; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
-    (void)D; (void)scale; (void)out;
+    (void)D; (void)scale; (void)out; (void)p_bf16;
     return 2;
 }
 #else
@@ -136,10 +142,106 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, in
         for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
 }
 
+#ifdef __AVX512BF16__
+#define HAVE_DP 1
+/* fp32 -> bf16 bits, round to nearest even (the inputs are finite). */
+static inline uint32_t bf16_bits(float x) {
+    union { float f; uint32_t u; } c = {x};
+    return (c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16;
+}
+
+/* S^T[j..j+4)[r0..] = scale * K[j..j+4) . Q over d-pairs: K pairs straight from the cache rows. */
+static inline __attribute__((always_inline)) void qk_tile_bf(const uint32_t *restrict QP, int RP,
+                                                            const uint32_t *const kr[4], int D2, int j, int r0,
+                                                            float scale, float *restrict ST, const int NV) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) acc[a][b] = _mm512_setzero_ps();
+    for (int p = 0; p < D2; p++) {
+        const uint32_t *qp = QP + (int64_t)p * RP + r0;
+        __m512i qv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) qv[b] = _mm512_loadu_si512((const void *)(qp + 16 * b));
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) {
+            const __m512i kb = _mm512_set1_epi32((int)kr[a][p]);
+#pragma GCC unroll 4
+            for (int b = 0; b < NV; b++) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)qv[b], (__m512bh)kb);
+        }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++)
+            _mm512_storeu_ps(ST + (int64_t)(j + a) * RP + r0 + 16 * b, _mm512_mul_ps(acc[a][b], sc));
+}
+
+/* O^T[d0..d0+4)[r0..] += sum over key pairs of V pair . P pair. */
+static inline __attribute__((always_inline)) void pv_tile_bf(float *restrict OT, int RP, const uint32_t *restrict VP,
+                                                            int D, int njp, int d0, int r0,
+                                                            const uint32_t *restrict PP, const int NV) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) acc[t][b] = _mm512_loadu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b);
+    for (int jp = 0; jp < njp; jp++) {
+        const uint32_t *p = PP + (int64_t)jp * RP + r0;
+        __m512i pv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) pv[b] = _mm512_loadu_si512((const void *)(p + 16 * b));
+        const uint32_t *vr = VP + (int64_t)jp * D + d0;
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            const __m512i vb = _mm512_set1_epi32((int)vr[t]);
+#pragma GCC unroll 4
+            for (int b = 0; b < NV; b++) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], (__m512bh)pv[b], (__m512bh)vb);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
+}
+
+/* VP[d] = (V_a[d], V_b[d]) as one bf16 pair (V_b may be NULL: a zero key). */
+static inline void pack_v_pair(const uint16_t *a, const uint16_t *b, int D, uint32_t *restrict VP) {
+    int d = 0;
+    if (b != NULL) {
+        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                            55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+        for (; d + 32 <= D; d += 32) {
+            const __m512i va = _mm512_loadu_si512((const void *)(a + d));
+            const __m512i vb = _mm512_loadu_si512((const void *)(b + d));
+            _mm512_storeu_si512((void *)(VP + d), _mm512_permutex2var_epi16(va, lo, vb));
+            _mm512_storeu_si512((void *)(VP + d + 16), _mm512_permutex2var_epi16(va, hi, vb));
+        }
+    }
+    for (; d < D; d++) VP[d] = (uint32_t)a[d] | ((uint32_t)(b != NULL ? b[d] : 0) << 16);
+}
+
+/* PP[r0..r0+16) = (P_a[r], P_b[r]) rounded to bf16 pairs. */
+static inline void pack_p_pair(const float *a, const float *b, uint32_t *restrict PP) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512 pb = b != NULL ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+    const __m512i z = (__m512i)_mm512_cvtne2ps_pbh(pb, _mm512_loadu_ps(a)); /* [a0..a15, b0..b15] */
+    _mm512_storeu_si512((void *)PP, _mm512_permutexvar_epi16(idx, z));
+}
+#else
+#define HAVE_DP 0
+#endif
+
 /* Per-thread work buffers. */
 typedef struct {
     float *QT, *OT, *ST, *kf, *vf, *m, *l;
     int32_t *pos;
+    uint32_t *QP, *PP, *VP, *zero;
 } Buffers;
 
 static int buffers_alloc(Buffers *b, int D) {
@@ -151,17 +253,23 @@ static int buffers_alloc(Buffers *b, int D) {
     b->m = aligned_alloc(64, sizeof(float) * MAX_ROWS);
     b->l = aligned_alloc(64, sizeof(float) * MAX_ROWS);
     b->pos = aligned_alloc(64, sizeof(int32_t) * MAX_ROWS);
-    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos;
+    b->QP = aligned_alloc(64, sizeof(uint32_t) * D * MAX_ROWS); /* [D/2][MAX_ROWS], rounded up */
+    b->PP = aligned_alloc(64, sizeof(uint32_t) * KB * MAX_ROWS);
+    b->VP = aligned_alloc(64, sizeof(uint32_t) * KB * D);
+    b->zero = aligned_alloc(64, sizeof(uint32_t) * D);
+    if (b->zero) memset(b->zero, 0, sizeof(uint32_t) * D);
+    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos && b->QP && b->PP && b->VP && b->zero;
 }
 
 static void buffers_free(Buffers *b) {
     free(b->QT); free(b->OT); free(b->ST); free(b->kf); free(b->vf); free(b->m); free(b->l); free(b->pos);
+    free(b->QP); free(b->PP); free(b->VP); free(b->zero);
 }
 
 /* One work item: query positions [i0, i0 + ni) of a sequence, kv head g. */
 static void attend_block(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
                          int64_t q_start, int64_t q_len, int64_t kv_len, int64_t i0, int ni, int g, int H, int Hkv,
-                         int D, float scale, float *out, Buffers *B) {
+                         int D, float scale, float *out, Buffers *B, int dp, int pbf) {
     const int G = H / Hkv;
     const int rows = ni * G;
     const int nrv = (rows + 15) / 16;
@@ -172,15 +280,17 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
     int32_t *pos = B->pos;
 
     for (int r = 0; r < RP; r++) {
-        if (r < rows) {
-            const int i = r / G, h = r % G;
-            const float *qv = q + ((q_start + i0 + i) * H + (int64_t)g * G + h) * D;
-            for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = qv[d] * scale;
-            pos[r] = (int32_t)(first_pos + i);
-        } else { /* padding rows: zero queries that see every key, their output is dropped */
-            for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = 0.f;
-            pos[r] = (int32_t)(nkeys - 1);
+        const float *qv = r < rows ? q + ((q_start + i0 + r / G) * H + (int64_t)g * G + r % G) * D : NULL;
+        if (dp) {
+#if HAVE_DP
+            for (int p = 0; p < D / 2; p++)
+                B->QP[(int64_t)p * RP + r] = qv ? bf16_bits(qv[2 * p]) | (bf16_bits(qv[2 * p + 1]) << 16) : 0u;
+#endif
+        } else {
+            for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = qv ? qv[d] * scale : 0.f;
         }
+        /* padding rows: zero queries that see every key, their output is dropped */
+        pos[r] = (int32_t)(qv ? first_pos + r / G : nkeys - 1);
         m[r] = NEG;
         l[r] = 0.f;
     }
@@ -191,13 +301,30 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
         const int nk4 = (nk + 3) & ~3;
         for (int jj = 0; jj < nk; jj++) {
             const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
-            load_row(k, bf16, off, D, kf + (int64_t)jj * D);
-            load_row(v, bf16, off, D, vf + (int64_t)jj * D);
+            if (!dp) load_row(k, bf16, off, D, kf + (int64_t)jj * D);
+            if (!pbf) load_row(v, bf16, off, D, vf + (int64_t)jj * D);
         }
-        for (int jj = nk; jj < nk4; jj++) memset(kf + (int64_t)jj * D, 0, sizeof(float) * D);
+        if (!dp)
+            for (int jj = nk; jj < nk4; jj++) memset(kf + (int64_t)jj * D, 0, sizeof(float) * D);
         /* scores */
         for (int j = 0; j < nk4; j += 4) {
             int b = 0;
+            if (dp) {
+#if HAVE_DP
+                const uint32_t *kr[4];
+                for (int a = 0; a < 4; a++)
+                    kr[a] = j + a < nk ? (const uint32_t *)((const uint16_t *)k + (slots[j0 + j + a] * Hkv + g) * D)
+                                       : B->zero;
+                for (; b + 4 <= nrv; b += 4) qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 4);
+                switch (nrv - b) {
+                    case 3: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 3); break;
+                    case 2: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 2); break;
+                    case 1: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 1); break;
+                    default: break;
+                }
+#endif
+                continue;
+            }
             for (; b + 4 <= nrv; b += 4) qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4);
             switch (nrv - b) {
                 case 3: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 3); break;
@@ -244,6 +371,31 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             }
         }
         /* O^T += V^T P^T */
+        if (pbf) {
+#if HAVE_DP
+            const int njp = (nk + 1) / 2;
+            for (int jp = 0; jp < njp; jp++) {
+                const int ja = 2 * jp, jb = 2 * jp + 1;
+                const uint16_t *va = (const uint16_t *)v + (slots[j0 + ja] * Hkv + g) * D;
+                const uint16_t *vb = jb < nk ? (const uint16_t *)v + (slots[j0 + jb] * Hkv + g) * D : NULL;
+                pack_v_pair(va, vb, D, B->VP + (int64_t)jp * D);
+                for (int b = 0; b < nrv; b++)
+                    pack_p_pair(ST + (int64_t)ja * RP + 16 * b, jb < nk ? ST + (int64_t)jb * RP + 16 * b : NULL,
+                                B->PP + (int64_t)jp * RP + 16 * b);
+            }
+            for (int d0 = 0; d0 < D; d0 += 4) {
+                int b = 0;
+                for (; b + 4 <= nrv; b += 4) pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 4);
+                switch (nrv - b) {
+                    case 3: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 3); break;
+                    case 2: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 2); break;
+                    case 1: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 1); break;
+                    default: break;
+                }
+            }
+#endif
+            continue;
+        }
         for (int d0 = 0; d0 < D; d0 += 4) {
             int b = 0;
             for (; b + 4 <= nrv; b += 4) pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4);
@@ -264,9 +416,12 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 }
 
 int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
-                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
+                          int p_bf16) {
     const int G = H / Hkv;
     if (G > MAX_ROWS || (D & 3) != 0) return 2;
+    const int dp = HAVE_DP && kv_bf16;     /* bf16 pair products for Q.K */
+    const int pbf = dp && p_bf16;           /* ... and for P.V */
     const int QB = MAX_ROWS / G; /* query positions per work item */
     int64_t n_items = 0;
     for (int s = 0; s < n_seqs; s++) n_items += Hkv * ((seqs[4 * s + 1] + QB - 1) / QB);
@@ -299,7 +454,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
             const int64_t i0 = items[3 * w + 2] * QB;
             const int ni = (int)(sq[1] - i0 < QB ? sq[1] - i0 : QB);
             attend_block(q, k, v, kv_bf16, slots + sq[2], sq[0], sq[1], sq[3], i0, ni, (int)items[3 * w + 1], H,
-                         Hkv, D, scale, out, &B);
+                         Hkv, D, scale, out, &B, dp, pbf);
         }
         buffers_free(&B);
     }

@@ -148,7 +148,9 @@ def paged_attention(
         if meta.native_seqs is not None:
             native.paged_attention_short(q32, k_cache, v_cache, meta.native_slots, meta.native_seqs, scale, out32)
         if meta.tiled_seqs is not None:
-            native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32)
+            # a bf16 model rounds its attention output to bf16 anyway: P.V may run in bf16 pairs too
+            native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32,
+                                         p_bf16=q.dtype == torch.bfloat16)
         out = out32 if q.dtype == torch.float32 else out32.to(q.dtype)
     else:
         out = torch.empty_like(q)

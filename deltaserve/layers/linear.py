@@ -2,16 +2,18 @@
 
 On CPU, `F.linear` on bf16 weights is far from the hardware for the shapes a
 small model has (K = 576..1536): a decode step (1-24 rows) pays oneDNN's
-per-call weight reordering, and a prefill chunk (hundreds of rows) runs the
-bf16 brgemm at ~140 GFLOP/s where MKL's fp32 sgemm reaches ~250 on the same
-2 cores (measured: `python -m deltaserve.layers.linear`). So a bf16 model on
-CPU keeps each weight twice:
+per-call weight reordering. So a bf16 model on CPU keeps:
 
 - `packed`: the bf16 weight reordered once into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass
   uses); small batches stream half the bytes of fp32 with no reorder per call;
-- `w32`: an fp32 copy for large batches, computed with fp32 activations and
-  cast back, which is also closer to exact than bf16 accumulation.
+- `w32`, only where it is faster: an fp32 copy for large batches (prefill
+  chunks of hundreds of rows). Which form wins there depends on the CPU: on one
+  2-core Xeon the bf16 brgemm ran at ~140 GFLOP/s and MKL's fp32 sgemm at ~250;
+  on a 2-core AMD EPYC with AVX512-BF16 bf16 runs at ~850 and fp32 at ~180. So
+  the form is measured once per process (`large_batch_form()`, ~0.1 s) unless
+  `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
+  (`python -m deltaserve.layers.linear` prints both).
 
 Everything else (fp32 models, CUDA, a torch without the oneDNN op) runs
 `F.linear` on the weight as loaded, so fp32 outputs stay bit-identical to the
@@ -20,6 +22,7 @@ reference.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -42,6 +45,7 @@ def _mkldnn_ops_available() -> bool:
 
 
 _PACKED_OK: bool | None = None
+_LARGE_FORM: str | None = None
 
 
 def packed_supported() -> bool:
@@ -51,6 +55,41 @@ def packed_supported() -> bool:
     return _PACKED_OK
 
 
+def large_batch_form() -> str:
+    """'bf16' or 'fp32': the faster form for large batches here (env override, else measured once)."""
+    global _LARGE_FORM
+    if _LARGE_FORM is None:
+        env = os.environ.get("DELTASERVE_LARGE_BATCH_LINEAR", "auto").lower()
+        if env in ("bf16", "fp32"):
+            _LARGE_FORM = env
+        elif not packed_supported():
+            _LARGE_FORM = "fp32"
+        else:
+            _LARGE_FORM = _measure_large_batch_form()
+    return _LARGE_FORM
+
+
+def _measure_large_batch_form(rows: int = 256, shape: tuple[int, int] = (1536, 576), reps: int = 4) -> str:
+    """Time a prefill-sized matmul in both forms (best of `reps`), return the faster."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    w32 = w.float()
+    forms = {"bf16": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+             "fp32": lambda: F.linear(x.float(), w32).to(torch.bfloat16)}
+    best = {}
+    for name, f in forms.items():
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        best[name] = min(ts)
+    return min(best, key=best.get)
+
+
 class Linear:
     """y = x @ weight.T (+ bias). weight: [out, in]; x: [rows, in] -> [rows, out] in x's dtype.
 
@@ -58,7 +97,8 @@ class Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fast_cpu: bool = True,
-                 large_batch_fp32: bool = True):
+                 large_batch_fp32: bool | None = None):
+        """large_batch_fp32: keep an fp32 copy for large batches; None = where it is faster (`large_batch_form`)."""
         self.weight = weight
         self.bias = bias
         self.out_features, self.in_features = weight.shape
@@ -67,6 +107,8 @@ class Linear:
         self.b32: torch.Tensor | None = None
         if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packed_supported():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            if large_batch_fp32 is None:
+                large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
                 self.w32 = weight.float()
                 self.b32 = bias.float() if bias is not None else None
@@ -107,3 +149,4 @@ def _bench(rows=(1, 4, 16, 24, 32, 64, 512), shape=(3072, 576), reps=20) -> None
 
 if __name__ == "__main__":
     _bench()
+    print("large-batch form measured here:", _measure_large_batch_form())
