@@ -84,3 +84,27 @@ def test_kv_bytes_per_token_is_exact():
         pool = KVPool(layout, 1000)
         assert layout.bytes_per_token == 30 * 2 * 3 * 64 * size
         assert pool.nbytes == 1000 * layout.bytes_per_token
+
+
+@pytest.mark.parametrize("mode", [CacheMode.STATEFUL, CacheMode.PREFIX, CacheMode.STATELESS])
+def test_concurrent_prompts_share_a_prefill_in_flight(mode):
+    """Three requests with one 100-token prefix arrive together (agents of one role starting): the first
+    prefills it, the others wait for that prefill and reuse its KV (prefilling only their own 5 tokens);
+    outputs equal HF's. Stateless mode shares nothing."""
+    cfg = tiny_config("llama", True)
+    ref = hf_model(cfg, seed=5)
+    model = LlamaModel.from_state_dict(cfg, ref.state_dict(), torch.float32)
+    eng = LLMEngine(model, None, EngineConfig(dtype=torch.float32, kv_cache_bytes=1 << 22, max_batch_tokens=64,
+                                              cache_mode=mode, speculation=False, check_integrity=True))
+    g = torch.Generator().manual_seed(6)
+    prefix = torch.randint(0, cfg.vocab_size, (100,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist() for _ in range(3)]
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts]
+    eng.run_until_done(seqs)
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == hf_greedy(ref, p, 6)
+    if mode == CacheMode.STATELESS:
+        assert [s.stats.cached_tokens for s in seqs] == [0, 0, 0]
+    else:
+        assert [s.stats.cached_tokens for s in seqs] == [0, 100, 100]
+        assert [s.stats.prefilled_tokens for s in seqs] == [105, 5, 5]

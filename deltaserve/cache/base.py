@@ -68,6 +68,10 @@ class PrefixCache(ABC, Generic[NodeT]):
         """As `insert`, but also return the node ending the inserted path (to lock / pin it)."""
 
     @abstractmethod
+    def path_slots(self, node: NodeT) -> torch.Tensor:
+        """Slots of the path root→`node` `[num_tokens]`, in token order; mutates nothing (not even LRU times)."""
+
+    @abstractmethod
     def lock(self, node: NodeT) -> None:
         """Protect the path root→`node` from eviction (one more reference on each node of it)."""
 

@@ -166,6 +166,13 @@ class RadixCache(PrefixCache[RadixNode]):
             node, i = child, i + k
         return InsertResult(i, node)
 
+    def path_slots(self, node: RadixNode) -> torch.Tensor:
+        pieces = []
+        while node is not self.root:
+            pieces.append(node.value)
+            node = node.parent
+        return torch.cat(pieces[::-1]) if pieces else _EMPTY.clone()
+
     # ------------------------------------------------------------------ locks
     def lock(self, node: RadixNode) -> None:
         if node.detached:

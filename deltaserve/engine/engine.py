@@ -94,6 +94,7 @@ class LLMEngine:
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running)
+        self.kv.running = self.scheduler.running  # the same list: admission sees prefills in flight
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
         self.stop_ids = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
@@ -212,6 +213,8 @@ class LLMEngine:
             seq.num_computed += item.num_tokens
             if nrows == 0:
                 continue  # prefill chunk that did not reach the end of the prompt
+            if seq.num_output == 0:
+                self.kv.share_prompt(seq)  # the prompt is computed: others with the same prefix may use it now
             logits = out.logits[r0 : r0 + nrows]
             if item.draft:
                 new = self.speculator.verify(seq, item.draft, logits)

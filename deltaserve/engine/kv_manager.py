@@ -26,6 +26,10 @@ from deltaserve.kv.pool import KVPool
 
 
 ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before it is admitted
+# A waiting request whose prompt shares at least this many tokens beyond its cache match with a prompt being
+# prefilled right now waits for that prefill (a step or two) and then reuses its KV, instead of computing the
+# same tokens beside it: agents of one role arrive together with the same system prompt and tools.
+SHARE_MIN_TOKENS = 32
 
 
 class CacheMode(str, Enum):
@@ -50,6 +54,8 @@ class KVManager:
         # set by the engine before each plan: True while other sequences run, so admission
         # waits for them to free memory instead of demoting pins (see _make_room)
         self.others_running = False
+        # the scheduler's running list (set by the engine), for in-flight prefix sharing
+        self.running: list[Sequence] = []
 
     @property
     def reuse(self) -> bool:
@@ -72,6 +78,8 @@ class KVManager:
             matched, slots, node = 0, torch.empty(0, dtype=torch.int64), None
         # At least the last prompt token is computed: its logits give the first output token.
         cached = min(matched, len(seq.tokens) - 1)
+        if self.reuse and self._prefill_in_flight(seq, cached):
+            return False
         if cached > 0:
             self.radix.lock(node)  # before the room check, so the check cannot count our own prefix as evictable
         if not self._make_room(len(seq.tokens) - cached + ADMIT_HEADROOM):
@@ -86,6 +94,33 @@ class KVManager:
         seq.stats.prefilled_tokens = len(seq.tokens) - cached
         seq.explanation = explain_match(session, seq.tokens, cached, was_pinned)
         return True
+
+    def _prefill_in_flight(self, seq: Sequence, cached: int) -> bool:
+        """True if a running prefill will put at least SHARE_MIN_TOKENS more of `seq`'s prompt in the tree."""
+        for r in self.running:
+            if r is not seq and r.num_output == 0:
+                limit = min(r.prompt_len, len(seq.tokens) - 1)
+                if limit >= cached + SHARE_MIN_TOKENS and _common_prefix(r.tokens, seq.tokens, limit) >= cached + SHARE_MIN_TOKENS:
+                    return True
+        return False
+
+    def share_prompt(self, seq: Sequence) -> None:
+        """`seq` just computed its whole prompt: hand the prompt's KV to the radix tree now, not at finish.
+
+        Then requests waiting on this prefill (`_prefill_in_flight`) match it, and a preempted `seq` keeps its
+        prompt cached. The sequence keeps the prompt locked; only its generated tokens stay private.
+        """
+        n = seq.prompt_len
+        if not self.reuse or n <= seq.num_shared or seq.num_computed < n:
+            return
+        res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
+        self.radix.lock(res.node)  # before unlocking the old prefix, so no shared ancestor turns evictable
+        if seq.locked_node is not None:
+            self.radix.unlock(seq.locked_node)
+        seq.locked_node = res.node
+        # the tree keeps slots it already had for these tokens (an insert frees passed duplicates)
+        seq.slots = torch.cat([self.radix.path_slots(res.node), seq.slots[n:]])
+        seq.num_shared = n
 
     def _make_room(self, n: int) -> bool:
         """True if `n` slots are free or evictable, demoting LRU session pins if that is what it takes.
@@ -174,6 +209,20 @@ class KVManager:
     def check_integrity(self, running: list[Sequence]) -> None:
         extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]
         self.radix.check_integrity(torch.cat(extra) if extra else torch.empty(0, dtype=torch.int64))
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a[:limit] and b[:limit]; slice compares run in C (binary search)."""
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _set_tokens(session: Session, tokens: list[int]) -> None:
