@@ -11,8 +11,10 @@ per-call weight reordering. So a bf16 model on CPU keeps:
   chunks of hundreds of rows). Which form wins there depends on the CPU: on one
   2-core Xeon the bf16 brgemm ran at ~140 GFLOP/s and MKL's fp32 sgemm at ~250;
   on a 2-core AMD EPYC with AVX512-BF16 bf16 runs at ~850 and fp32 at ~180. So
-  the form is measured once per process (`large_batch_form()`, ~0.1 s) unless
-  `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
+  `large_batch_form()` picks bf16 where the CPU has native bf16 dot products
+  (AVX512-BF16 or AMX), else measures both once per process (~0.1 s; a timing
+  taken while other processes load the cores can pick wrong, which is why the
+  CPU flag decides first); `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
   (`python -m deltaserve.layers.linear` prints both).
 
 Everything else (fp32 models, CUDA, a torch without the oneDNN op) runs
@@ -64,9 +66,17 @@ def large_batch_form() -> str:
             _LARGE_FORM = env
         elif not packed_supported():
             _LARGE_FORM = "fp32"
+        elif _native_bf16():
+            _LARGE_FORM = "bf16"
         else:
             _LARGE_FORM = _measure_large_batch_form()
     return _LARGE_FORM
+
+
+def _native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
 
 
 def _measure_large_batch_form(rows: int = 256, shape: tuple[int, int] = (1536, 576), reps: int = 4) -> str:
