@@ -101,9 +101,9 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.speculator = None
         if config.speculation:
-            from deltaserve.engine.speculator import VERIFY_COST, Speculator
+            from deltaserve.engine.speculator import Speculator
 
-            self.speculator = Speculator(verify_cost_per_token=VERIFY_COST.get(model.device.type, 0.05))
+            self.speculator = Speculator()
         self._busy_sessions: set[str] = set()
 
     @classmethod

@@ -22,16 +22,18 @@ class _SpecState:
         self.ctl = DraftLengthController(k_min=1, k_max=k_max, verify_cost_per_token=verify_cost)
 
 
-# Cost of verifying one draft token, as a fraction of a plain decode step. On CPU a step's cost grows with
-# its query rows (attention reads the context once per 16 rows of a KV head, linears grow past ~16 rows):
-# SmolLM2 bf16, 4 sequences at 4k context, 2 cores: 40 ms with no drafts, 86 ms with 8 each = 0.14 per token
-# (0.07 at batch 1). On a GPU a few more rows are close to free.
-VERIFY_COST = {"cpu": 0.12, "cuda": 0.03}
+# Cost of verifying one draft token, as a fraction of a plain decode step, for the draft-length controller.
+# On CPU a step's cost grows with its query rows in steps of 16 rows a KV head (the tiled attention kernel):
+# SmolLM2 bf16, 4 sequences at 4k context, 2 cores: 40 ms with no drafts, 86 ms with 8 each (0.14 a token).
+# Yet an A/B on `deltaserve bench agents` (2 runs each, 4 agents) favoured the optimistic 0.05: W35 median turn
+# 0.96/1.01 s at 0.05 vs 1.12/1.09 s at 0.12; W6 even (1.04/1.18 vs 1.18/1.13 s; 0.12 only helps the first turn,
+# where little is accepted). Long drafts of JSON that gets accepted outweigh the rows they cost.
+VERIFY_COST = 0.05
 
 
 class Speculator:
     def __init__(self, k_max: int = 8, max_ngram: int = 4, max_session_indices: int = 1024,
-                 verify_cost_per_token: float = 0.05):
+                 verify_cost_per_token: float = VERIFY_COST):
         self.k_max = k_max
         self.verify_cost = verify_cost_per_token
         self.max_ngram = max_ngram
