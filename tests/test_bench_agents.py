@@ -63,3 +63,12 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     assert "extended" in sf["reasons"]
     sp = rep["speedup_of_stateful"]["deltaserve-stateless"]
     assert len(sp["per_turn"]) == 3 and sp["e2e_ratio"] > 0
+    # the profile comes from the server's own counters, over the timed run only (warm-up excluded)
+    for r in (sf, sl):
+        p = r["profile"]
+        busy = p["forward_prefill_s"] + p["forward_decode_s"] + p["schedule_s"] + p["sample_s"]
+        assert p["forward_prefill_s"] > 0 and p["prefill_steps"] >= 1 and p["steps"] >= p["prefill_steps"]
+        assert 0 < busy <= p["wall_s"] and p["render_s"] > 0
+    # stateless recomputes every prompt: more time in prefill steps than stateful
+    assert sl["profile"]["forward_prefill_s"] > sf["profile"]["forward_prefill_s"]
+    assert "Where the time goes" in (tmp_path / "report.md").read_text()

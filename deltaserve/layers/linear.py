@@ -141,7 +141,8 @@ def _bench(rows=(1, 4, 16, 24, 32, 64, 512), shape=(3072, 576), reps=20) -> None
     """Print microseconds per call of each form, to re-measure SMALL_BATCH_ROWS on a new machine."""
     w = torch.randn(*shape, dtype=torch.bfloat16)
     lin = Linear(w)
-    forms = {"F.linear bf16": lambda x: F.linear(x, w), "fp32": lambda x: F.linear(x.float(), lin.w32)}
+    w32 = w.float()
+    forms = {"F.linear bf16": lambda x: F.linear(x, w), "fp32": lambda x: F.linear(x.float(), w32)}
     if lin.packed is not None:
         forms["packed bf16"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, lin.packed, None, "none", [], "")
     for m in rows:
