@@ -197,33 +197,31 @@ async def _server_profile(client, target) -> dict[str, float] | None:
     """deltaserve's engine time counters (summed over label sets), or None for peers / older servers."""
     if not target.name.startswith("deltaserve"):
         return None
+    out = await _scrape(client, target, PROFILE_METRICS)
+    return out if "forward_prefill_s" in out else None
+
+
+async def _scrape(client, target, names: dict[str, str]) -> dict[str, float]:
+    """Prometheus counters `names` (metric name -> our key) from the target's /metrics, summed over label sets;
+    {} when the scrape fails."""
     try:
         text = (await client.get(target.base_url + "/metrics")).text
     except Exception:  # noqa: BLE001
-        return None
+        return {}
     out: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in PROFILE_METRICS:
-            key = PROFILE_METRICS[name]
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out if "forward_prefill_s" in out else None
+        if name in names:
+            out[names[name]] = out.get(names[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 async def _server_spec_counters(client, target) -> dict[str, float] | None:
     """vLLM does not put speculation counts in `usage`; read its Prometheus counters instead."""
     if not target.name.startswith("vllm"):
         return None
-    try:
-        text = (await client.get(target.base_url + "/metrics")).text
-    except Exception:  # noqa: BLE001
-        return None
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for key in ("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total"):
-            if line.startswith("vllm:" + key):
-                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out or None
+    keys = ("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total")
+    return await _scrape(client, target, {"vllm:" + k: k for k in keys}) or None
 
 
 # ------------------------------------------------------------------ aggregation

@@ -51,7 +51,8 @@ def _build(name: str) -> Path | None:
         log.warning("no C compiler found: native kernel %s disabled, using the PyTorch path", name)
         return None
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src.read_bytes() + " ".join(FLAGS + ver).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(SRC_DIR.glob("*.h")))  # sources #include them
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(FLAGS + ver).encode()).hexdigest()[:16]
     out = _cache_root() / key / f"{name}.so"
     if out.exists():
         return out

@@ -12,37 +12,31 @@ import torch
 
 from deltaserve.kernels import load
 
-_lib = None
-_tried = False
-_tiled = None
-_tiled_tried = False
+_LIBS: dict[str, ctypes.CDLL | None] = {}
+
+
+def _bind(name: str, fn: str, extra_args: list, probe: str | None = None) -> ctypes.CDLL | None:
+    """Load kernels/<name>.c once and declare `fn`; `probe()` (if given) must return 1 for the build to count."""
+    if name not in _LIBS:
+        lib = load(name)
+        if lib is not None:
+            getattr(lib, fn).restype = ctypes.c_int
+            getattr(lib, fn).argtypes = _lib_argtypes() + extra_args
+            if probe is not None:
+                getattr(lib, probe).restype = ctypes.c_int
+                if getattr(lib, probe)() != 1:
+                    lib = None
+        _LIBS[name] = lib
+    return _LIBS[name]
 
 
 def available() -> bool:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        _lib = load("paged_attention")
-        if _lib is not None:
-            _lib.paged_attention_short.restype = ctypes.c_int
-            _lib.paged_attention_short.argtypes = _lib_argtypes()
-    return _lib is not None
+    return _bind("paged_attention", "paged_attention_short", []) is not None
 
 
 def tiled_available() -> bool:
     """The tiled kernel was built here with AVX-512 (else long spans keep the SDPA path)."""
-    global _tiled, _tiled_tried
-    if not _tiled_tried:
-        _tiled_tried = True
-        lib = load("tiled_attention")
-        if lib is not None:
-            lib.paged_attention_tiled_available.restype = ctypes.c_int
-            lib.paged_attention_tiled.restype = ctypes.c_int
-            lib.paged_attention_tiled.argtypes = _lib_argtypes() + [ctypes.c_int]
-            if lib.paged_attention_tiled_available() != 1:
-                lib = None
-        _tiled = lib
-    return _tiled is not None
+    return _bind("tiled_attention", "paged_attention_tiled", [ctypes.c_int], "paged_attention_tiled_available") is not None
 
 
 def _lib_argtypes() -> list:
@@ -59,6 +53,17 @@ def supports(k_cache: torch.Tensor) -> bool:
     return k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32) and available()
 
 
+def _args(q, k_cache, v_cache, slots, seqs, scale, out) -> tuple:
+    """Check the shared contract of both kernels; their common C arguments, in order."""
+    T, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    assert q.dtype == torch.float32 and out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == seqs.dtype == torch.int64
+    assert H % Hkv == 0 and k_cache.shape[2] == D
+    return (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+            slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr())
+
+
 def paged_attention_short(
     q: torch.Tensor,  # [T, H, D] float32, contiguous
     k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, contiguous
@@ -68,16 +73,8 @@ def paged_attention_short(
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
 ) -> None:
-    T, H, D = q.shape
-    Hkv = k_cache.shape[1]
-    assert q.dtype == torch.float32 and out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == seqs.dtype == torch.int64
-    assert H % Hkv == 0 and k_cache.shape[2] == D
     assert seqs.shape[0] == 0 or int(seqs[:, 1].max()) <= 64, "at most 64 queries a sequence"
-    rc = _lib.paged_attention_short(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr(),
-    )
+    rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out))
     if rc != 0:
         raise MemoryError("paged_attention_short: out of memory for its work buffers")
 
@@ -96,19 +93,12 @@ def paged_attention_tiled(
 
     With a bf16 cache, Q.K runs as bf16 pair products (q rounded to bf16: exact when q came from a bf16
     model); p_bf16 rounds the softmax numerators to bf16 for P.V too (twice as fast, ~2^-9 relative error)."""
-    T, H, D = q.shape
-    Hkv = k_cache.shape[1]
-    assert q.dtype == torch.float32 and out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == seqs.dtype == torch.int64
-    assert H % Hkv == 0 and k_cache.shape[2] == D
-    rc = _tiled.paged_attention_tiled(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr(), int(p_bf16),
-    )
+    rc = _LIBS["tiled_attention"].paged_attention_tiled(*_args(q, k_cache, v_cache, slots, seqs, scale, out),
+                                                         int(p_bf16))
     if rc == 1:
         raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
     if rc != 0:
-        raise RuntimeError(f"paged_attention_tiled: unsupported shape (H={H}, Hkv={Hkv}, D={D})")
+        raise RuntimeError(f"paged_attention_tiled: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
 
 
 def _bench(reps: int = 10) -> None:

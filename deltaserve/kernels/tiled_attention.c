@@ -50,23 +50,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
 
 int paged_attention_tiled_available(void) { return 1; }
 
-/* exp on 16 lanes: 2^n * 2^f with a degree-7 polynomial (the same one as paged_attention.c). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+#include "simd_exp.h"
 
 /* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of 16 or handled by the tail). */
 static inline void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
@@ -351,11 +335,11 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             }
             const __m512 mold = _mm512_loadu_ps(m + r0);
             const __m512 mnew = _mm512_max_ps(mold, mx);
-            const __m512 alpha = exp16(_mm512_sub_ps(mold, mnew));
+            const __m512 alpha = exp_approx16(_mm512_sub_ps(mold, mnew));
             __m512 sum = _mm512_setzero_ps();
             for (int jj = 0; jj < nk; jj++) {
                 float *sp = ST + (int64_t)jj * RP + r0;
-                __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sp), mnew));
+                __m512 p = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(sp), mnew));
                 if (masked) {
                     const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
                     p = _mm512_maskz_mov_ps(keep, p);
