@@ -53,6 +53,10 @@ def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
         out2 = torch.full((q0, H, D), float("nan"))
         native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out2, p_bf16=True)
         assert torch.allclose(out2, ref, atol=5e-3, rtol=1e-2), (out2 - ref).abs().max()
+        # fp32 products from a bf16 cache: the path of CPUs without AVX512-BF16
+        out3 = torch.full((q0, H, D), float("nan"))
+        native.paged_attention_tiled(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out3, bf16_dot=False)
+        assert torch.allclose(out3, ref, atol=2e-6, rtol=1e-5), (out3 - ref).abs().max()
 
 
 @needs_tiled

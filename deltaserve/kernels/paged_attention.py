@@ -88,13 +88,15 @@ def paged_attention_tiled(
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
     p_bf16: bool = False,
+    bf16_dot: bool = True,
 ) -> None:
     """Same contract as `paged_attention_short`, for query spans of any length (tiled flash attention).
 
     With a bf16 cache, Q.K runs as bf16 pair products (q rounded to bf16: exact when q came from a bf16
-    model); p_bf16 rounds the softmax numerators to bf16 for P.V too (twice as fast, ~2^-9 relative error)."""
+    model); p_bf16 rounds the softmax numerators to bf16 for P.V too (twice as fast, ~2^-9 relative error).
+    bf16_dot=False forces fp32 products, as on a CPU without AVX512-BF16 (for tests)."""
     rc = _LIBS["tiled_attention"].paged_attention_tiled(*_args(q, k_cache, v_cache, slots, seqs, scale, out),
-                                                         int(p_bf16))
+                                                         int(p_bf16) | (0 if bf16_dot else 2))
     if rc == 1:
         raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
     if rc != 0:

@@ -21,9 +21,10 @@
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
  * With a bf16 cache and AVX512-BF16 the products run as bf16 pair dot products (vdpbf16ps, fp32
  * accumulation, twice the fp32 FMA rate): Q is rounded to bf16 (exact for a bf16 model, whose q is
- * bf16) and packed in d-pairs, K pairs are read straight from the cache. With p_bf16 the softmax
+ * bf16) and packed in d-pairs, K pairs are read straight from the cache. mode bit 0 (p_bf16): the softmax
  * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
- * chunk); without it P.V stays in fp32.
+ * chunk); without it P.V stays in fp32. mode bit 1: fp32 products even so (what a CPU without
+ * AVX512-BF16 runs; tests cover that path here with it).
  * Returns 0, 1 when out of memory, 2 when built without AVX-512 (the caller falls back).
  */
 #include <stdint.h>
@@ -36,9 +37,9 @@ int paged_attention_tiled_available(void);
 int paged_attention_tiled_available(void) { return 0; }
 int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
-                          int p_bf16) {
+                          int mode) {
     (void)q; (void)k; (void)v; (void)kv_bf16; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
-    (void)D; (void)scale; (void)out; (void)p_bf16;
+    (void)D; (void)scale; (void)out; (void)mode;
     return 2;
 }
 #else
@@ -401,11 +402,11 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 
 int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
-                          int p_bf16) {
+                          int mode) {
     const int G = H / Hkv;
     if (G > MAX_ROWS || (D & 3) != 0) return 2;
-    const int dp = HAVE_DP && kv_bf16;     /* bf16 pair products for Q.K */
-    const int pbf = dp && p_bf16;           /* ... and for P.V */
+    const int dp = HAVE_DP && kv_bf16 && !(mode & 2); /* bf16 pair products for Q.K */
+    const int pbf = dp && (mode & 1);                  /* ... and for P.V */
     const int QB = MAX_ROWS / G; /* query positions per work item */
     int64_t n_items = 0;
     for (int s = 0; s < n_seqs; s++) n_items += Hkv * ((seqs[4 * s + 1] + QB - 1) / QB);
