@@ -17,25 +17,14 @@ from deltaserve.spec.verify import verify_greedy, verify_sampling
 
 
 class _SpecState:
-    def __init__(self, index: LookupIndex, k_max: int, verify_cost: float):
+    def __init__(self, index: LookupIndex, k_max: int):
         self.index = index
-        self.ctl = DraftLengthController(k_min=1, k_max=k_max, verify_cost_per_token=verify_cost)
-
-
-# Cost of verifying one draft token, as a fraction of a plain decode step, for the draft-length controller.
-# On CPU a step's cost grows with its query rows in steps of 16 rows a KV head (the tiled attention kernel):
-# SmolLM2 bf16, 4 sequences at 4k context, 2 cores: 40 ms with no drafts, 86 ms with 8 each (0.14 a token).
-# Yet an A/B on `deltaserve bench agents` (2 runs each, 4 agents) favoured the optimistic 0.05: W35 median turn
-# 0.96/1.01 s at 0.05 vs 1.12/1.09 s at 0.12; W6 even (1.04/1.18 vs 1.18/1.13 s; 0.12 only helps the first turn,
-# where little is accepted). Long drafts of JSON that gets accepted outweigh the rows they cost.
-VERIFY_COST = 0.05
+        self.ctl = DraftLengthController(k_min=1, k_max=k_max)
 
 
 class Speculator:
-    def __init__(self, k_max: int = 8, max_ngram: int = 4, max_session_indices: int = 1024,
-                 verify_cost_per_token: float = VERIFY_COST):
+    def __init__(self, k_max: int = 8, max_ngram: int = 4, max_session_indices: int = 1024):
         self.k_max = k_max
-        self.verify_cost = verify_cost_per_token
         self.max_ngram = max_ngram
         self._session_index: dict[str, LookupIndex] = {}
         self.max_session_indices = max_session_indices
@@ -46,7 +35,7 @@ class Speculator:
             if idx is None:
                 idx = LookupIndex(min_ngram=1, max_ngram=self.max_ngram, max_draft=self.k_max)
             idx.sync(seq.tokens)  # keeps the common prefix with the last turn, indexes the rest
-            seq.spec_state = _SpecState(idx, self.k_max, self.verify_cost)
+            seq.spec_state = _SpecState(idx, self.k_max)
         return seq.spec_state
 
     def propose(self, seq: Sequence) -> list[int]:

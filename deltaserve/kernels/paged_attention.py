@@ -44,13 +44,16 @@ def _lib_argtypes() -> list:
         ctypes.c_float, ctypes.c_void_p]
 
 
+def _cpu_cache(k_cache: torch.Tensor) -> bool:
+    return k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
+
+
 def supports_tiled(k_cache: torch.Tensor) -> bool:
-    return (k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
-            and k_cache.shape[-1] % 4 == 0 and tiled_available())
+    return _cpu_cache(k_cache) and k_cache.shape[-1] % 4 == 0 and tiled_available()
 
 
 def supports(k_cache: torch.Tensor) -> bool:
-    return k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32) and available()
+    return _cpu_cache(k_cache) and available()
 
 
 def _args(q, k_cache, v_cache, slots, seqs, scale, out) -> tuple:
