@@ -72,12 +72,14 @@ static inline void load_row(const void *base, int bf16, int64_t off, int D, floa
     }
 }
 
-/* S^T[j..j+4)[r0..r0+16*NV) = K[j..j+4) . QT[:, r0..]: 4 x NV accumulators held in registers. */
+/* S^T[j..j+KA)[r0..r0+16*NV) = K[j..j+KA) . QT[:, r0..]: KA x NV accumulators held in registers.
+ * KA x NV is kept near 16 so enough independent FMA chains hide the FMA latency even for one row vector. */
 static inline __attribute__((always_inline)) void qk_tile(const float *restrict QT, int RP, const float *restrict kf,
-                                                         int D, int j, int r0, float *restrict ST, const int NV) {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int a = 0; a < 4; a++)
+                                                         int D, int j, int r0, float *restrict ST, const int KA,
+                                                         const int NV) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) acc[a][b] = _mm512_setzero_ps();
     const float *k0 = kf + (int64_t)j * D;
@@ -86,26 +88,26 @@ static inline __attribute__((always_inline)) void qk_tile(const float *restrict 
         __m512 qv[4];
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) qv[b] = _mm512_loadu_ps(qt + 16 * b);
-#pragma GCC unroll 4
-        for (int a = 0; a < 4; a++) {
+#pragma GCC unroll 16
+        for (int a = 0; a < KA; a++) {
             const __m512 kb = _mm512_set1_ps(k0[a * D + d]);
 #pragma GCC unroll 4
             for (int b = 0; b < NV; b++) acc[a][b] = _mm512_fmadd_ps(kb, qv[b], acc[a][b]);
         }
     }
-#pragma GCC unroll 4
-    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 16
+    for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) _mm512_storeu_ps(ST + (int64_t)(j + a) * RP + r0 + 16 * b, acc[a][b]);
 }
 
-/* O^T[d0..d0+4)[r0..] += sum_{j < nk} V[j][d0..d0+4) * P^T[j][r0..]. */
+/* O^T[d0..d0+TD)[r0..] += sum_{j < nk} V[j][d0..d0+TD) * P^T[j][r0..]. */
 static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, int RP, const float *restrict vf,
                                                          int D, int nk, int d0, int r0, const float *restrict ST,
-                                                         const int NV) {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
+                                                         const int TD, const int NV) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) acc[t][b] = _mm512_loadu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b);
     for (int jj = 0; jj < nk; jj++) {
@@ -114,15 +116,15 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, in
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) pv[b] = _mm512_loadu_ps(p + 16 * b);
         const float *vr = vf + (int64_t)jj * D + d0;
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 16
+        for (int t = 0; t < TD; t++) {
             const __m512 vb = _mm512_set1_ps(vr[t]);
 #pragma GCC unroll 4
             for (int b = 0; b < NV; b++) acc[t][b] = _mm512_fmadd_ps(vb, pv[b], acc[t][b]);
         }
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 16
+    for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
 }
@@ -135,42 +137,44 @@ static inline uint32_t bf16_bits(float x) {
     return (c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16;
 }
 
-/* S^T[j..j+4)[r0..] = scale * K[j..j+4) . Q over d-pairs: K pairs straight from the cache rows. */
+/* S^T[j..j+KA)[r0..] = scale * K[j..j+KA) . Q over d-pairs; KP: the chunk's K rows packed, D2 pairs a row. */
 static inline __attribute__((always_inline)) void qk_tile_bf(const uint32_t *restrict QP, int RP,
-                                                            const uint32_t *const kr[4], int D2, int j, int r0,
-                                                            float scale, float *restrict ST, const int NV) {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int a = 0; a < 4; a++)
+                                                            const uint32_t *restrict KP, int D2, int j, int r0,
+                                                            float scale, float *restrict ST, const int KA,
+                                                            const int NV) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) acc[a][b] = _mm512_setzero_ps();
+    const uint32_t *k0 = KP + (int64_t)j * D2;
     for (int p = 0; p < D2; p++) {
         const uint32_t *qp = QP + (int64_t)p * RP + r0;
         __m512i qv[4];
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) qv[b] = _mm512_loadu_si512((const void *)(qp + 16 * b));
-#pragma GCC unroll 4
-        for (int a = 0; a < 4; a++) {
-            const __m512i kb = _mm512_set1_epi32((int)kr[a][p]);
+#pragma GCC unroll 16
+        for (int a = 0; a < KA; a++) {
+            const __m512i kb = _mm512_set1_epi32((int)k0[a * D2 + p]);
 #pragma GCC unroll 4
             for (int b = 0; b < NV; b++) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)qv[b], (__m512bh)kb);
         }
     }
     const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 4
-    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 16
+    for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++)
             _mm512_storeu_ps(ST + (int64_t)(j + a) * RP + r0 + 16 * b, _mm512_mul_ps(acc[a][b], sc));
 }
 
-/* O^T[d0..d0+4)[r0..] += sum over key pairs of V pair . P pair. */
+/* O^T[d0..d0+TD)[r0..] += sum over key pairs of V pair . P pair. */
 static inline __attribute__((always_inline)) void pv_tile_bf(float *restrict OT, int RP, const uint32_t *restrict VP,
                                                             int D, int njp, int d0, int r0,
-                                                            const uint32_t *restrict PP, const int NV) {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
+                                                            const uint32_t *restrict PP, const int TD, const int NV) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) acc[t][b] = _mm512_loadu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b);
     for (int jp = 0; jp < njp; jp++) {
@@ -179,15 +183,15 @@ static inline __attribute__((always_inline)) void pv_tile_bf(float *restrict OT,
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) pv[b] = _mm512_loadu_si512((const void *)(p + 16 * b));
         const uint32_t *vr = VP + (int64_t)jp * D + d0;
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 16
+        for (int t = 0; t < TD; t++) {
             const __m512i vb = _mm512_set1_epi32((int)vr[t]);
 #pragma GCC unroll 4
             for (int b = 0; b < NV; b++) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], (__m512bh)pv[b], (__m512bh)vb);
         }
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
+#pragma GCC unroll 16
+    for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
 }
@@ -222,11 +226,97 @@ static inline void pack_p_pair(const float *a, const float *b, uint32_t *restric
 #define HAVE_DP 0
 #endif
 
+/* Tile shapes by row vectors (nrv): the FMA chains of a tile are its keys (or dims) x row vectors, kept
+ * near 16 so a verify step's single row vector still runs at the FMA rate rather than its latency. */
+static inline int keys_per_tile(int nrv) { return nrv == 1 ? 16 : nrv == 2 ? 8 : 4; }
+
+static inline int dims_per_tile(int nrv, int D) {
+    if (nrv == 1 && D % 16 == 0) return 16;
+    if (nrv <= 2 && D % 8 == 0) return 8;
+    return 4;
+}
+
+/* Every row vector against keys [0, nka) of the chunk (nka a multiple of keys_per_tile(nrv)). */
+static void qk_chunk(const float *QT, int RP, const float *kf, int D, int nka, int nrv, float *ST) {
+    for (int j = 0; j < nka; j += keys_per_tile(nrv)) {
+        if (nrv == 1) { qk_tile(QT, RP, kf, D, j, 0, ST, 16, 1); continue; }
+        if (nrv == 2) { qk_tile(QT, RP, kf, D, j, 0, ST, 8, 2); continue; }
+        int b = 0;
+        for (; b + 4 <= nrv; b += 4) qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 4);
+        switch (nrv - b) {
+            case 3: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 3); break;
+            case 2: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 2); break;
+            case 1: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 1); break;
+            default: break;
+        }
+    }
+}
+
+/* O^T += V^T P^T over the chunk's nk keys. */
+static void pv_chunk(float *OT, int RP, const float *vf, int D, int nk, int nrv, const float *ST) {
+    const int td = dims_per_tile(nrv, D);
+    for (int d0 = 0; d0 < D; d0 += td) {
+        if (td == 16) { pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 16, 1); continue; }
+        if (td == 8) {
+            if (nrv == 1) pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 8, 1);
+            else pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 8, 2);
+            continue;
+        }
+        int b = 0;
+        for (; b + 4 <= nrv; b += 4) pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 4);
+        switch (nrv - b) {
+            case 3: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 3); break;
+            case 2: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 2); break;
+            case 1: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 1); break;
+            default: break;
+        }
+    }
+}
+
+#if HAVE_DP
+static void qk_chunk_bf(const uint32_t *QP, int RP, const uint32_t *KP, int D2, int nka, int nrv, float scale,
+                        float *ST) {
+    for (int j = 0; j < nka; j += keys_per_tile(nrv)) {
+        if (nrv == 1) { qk_tile_bf(QP, RP, KP, D2, j, 0, scale, ST, 16, 1); continue; }
+        if (nrv == 2) { qk_tile_bf(QP, RP, KP, D2, j, 0, scale, ST, 8, 2); continue; }
+        int b = 0;
+        for (; b + 4 <= nrv; b += 4) qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 4);
+        switch (nrv - b) {
+            case 3: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 3); break;
+            case 2: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 2); break;
+            case 1: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 1); break;
+            default: break;
+        }
+    }
+}
+
+/* O^T += V^T P^T over the chunk's njp key pairs. */
+static void pv_chunk_bf(float *OT, int RP, const uint32_t *VP, int D, int njp, int nrv, const uint32_t *PP) {
+    const int td = dims_per_tile(nrv, D);
+    for (int d0 = 0; d0 < D; d0 += td) {
+        if (td == 16) { pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 16, 1); continue; }
+        if (td == 8) {
+            if (nrv == 1) pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 8, 1);
+            else pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 8, 2);
+            continue;
+        }
+        int b = 0;
+        for (; b + 4 <= nrv; b += 4) pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 4);
+        switch (nrv - b) {
+            case 3: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 3); break;
+            case 2: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 2); break;
+            case 1: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 1); break;
+            default: break;
+        }
+    }
+}
+#endif
+
 /* Per-thread work buffers. */
 typedef struct {
     float *QT, *OT, *ST, *kf, *vf, *m, *l;
     int32_t *pos;
-    uint32_t *QP, *PP, *VP, *zero;
+    uint32_t *QP, *PP, *VP, *KP;
 } Buffers;
 
 static int buffers_alloc(Buffers *b, int D) {
@@ -241,14 +331,13 @@ static int buffers_alloc(Buffers *b, int D) {
     b->QP = aligned_alloc(64, sizeof(uint32_t) * D * MAX_ROWS); /* [D/2][MAX_ROWS], rounded up */
     b->PP = aligned_alloc(64, sizeof(uint32_t) * KB * MAX_ROWS);
     b->VP = aligned_alloc(64, sizeof(uint32_t) * KB * D);
-    b->zero = aligned_alloc(64, sizeof(uint32_t) * D);
-    if (b->zero) memset(b->zero, 0, sizeof(uint32_t) * D);
-    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos && b->QP && b->PP && b->VP && b->zero;
+    b->KP = aligned_alloc(64, sizeof(uint32_t) * KB * D); /* [KB][D/2] pairs, rounded up */
+    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos && b->QP && b->PP && b->VP && b->KP;
 }
 
 static void buffers_free(Buffers *b) {
     free(b->QT); free(b->OT); free(b->ST); free(b->kf); free(b->vf); free(b->m); free(b->l); free(b->pos);
-    free(b->QP); free(b->PP); free(b->VP); free(b->zero);
+    free(b->QP); free(b->PP); free(b->VP); free(b->KP);
 }
 
 /* One work item: query positions [i0, i0 + ni) of a sequence, kv head g. */
@@ -259,6 +348,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
     const int rows = ni * G;
     const int nrv = (rows + 15) / 16;
     const int RP = nrv * 16;
+    const int ka = keys_per_tile(nrv);
     const int64_t first_pos = kv_len - q_len + i0; /* context position of the block's first query */
     const int64_t nkeys = first_pos + ni;          /* keys 0 .. first_pos + ni - 1 are visible to someone */
     float *QT = B->QT, *OT = B->OT, *ST = B->ST, *kf = B->kf, *vf = B->vf, *m = B->m, *l = B->l;
@@ -283,41 +373,23 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 
     for (int64_t j0 = 0; j0 < nkeys; j0 += KB) {
         const int nk = (int)(nkeys - j0 < KB ? nkeys - j0 : KB);
-        const int nk4 = (nk + 3) & ~3;
+        const int nka = (nk + ka - 1) / ka * ka; /* keys rounded up to whole tiles; the extra keys are zero */
         for (int jj = 0; jj < nk; jj++) {
             const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
-            if (!dp) load_row(k, bf16, off, D, kf + (int64_t)jj * D);
+            if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + off, sizeof(uint16_t) * D);
+            else load_row(k, bf16, off, D, kf + (int64_t)jj * D);
             if (!pbf) load_row(v, bf16, off, D, vf + (int64_t)jj * D);
         }
-        if (!dp)
-            for (int jj = nk; jj < nk4; jj++) memset(kf + (int64_t)jj * D, 0, sizeof(float) * D);
+        if (dp)
+            memset(B->KP + (int64_t)nk * (D / 2), 0, sizeof(uint16_t) * D * (nka - nk));
+        else
+            memset(kf + (int64_t)nk * D, 0, sizeof(float) * D * (nka - nk));
         /* scores */
-        for (int j = 0; j < nk4; j += 4) {
-            int b = 0;
-            if (dp) {
 #if HAVE_DP
-                const uint32_t *kr[4];
-                for (int a = 0; a < 4; a++)
-                    kr[a] = j + a < nk ? (const uint32_t *)((const uint16_t *)k + (slots[j0 + j + a] * Hkv + g) * D)
-                                       : B->zero;
-                for (; b + 4 <= nrv; b += 4) qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 4);
-                switch (nrv - b) {
-                    case 3: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 3); break;
-                    case 2: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 2); break;
-                    case 1: qk_tile_bf(B->QP, RP, kr, D / 2, j, 16 * b, scale, ST, 1); break;
-                    default: break;
-                }
+        if (dp) qk_chunk_bf(B->QP, RP, B->KP, D / 2, nka, nrv, scale, ST);
+        else
 #endif
-                continue;
-            }
-            for (; b + 4 <= nrv; b += 4) qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4);
-            switch (nrv - b) {
-                case 3: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 3); break;
-                case 2: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 2); break;
-                case 1: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 1); break;
-                default: break;
-            }
-        }
+            qk_chunk(QT, RP, kf, D, nka, nrv, ST);
         /* does any (key, row) of this chunk fall past its row's causal limit? */
         const int masked = j0 + nk - 1 > first_pos;
         /* online softmax down the key axis, 16 rows a vector; P^T overwrites S^T */
@@ -368,29 +440,11 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
                     pack_p_pair(ST + (int64_t)ja * RP + 16 * b, jb < nk ? ST + (int64_t)jb * RP + 16 * b : NULL,
                                 B->PP + (int64_t)jp * RP + 16 * b);
             }
-            for (int d0 = 0; d0 < D; d0 += 4) {
-                int b = 0;
-                for (; b + 4 <= nrv; b += 4) pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 4);
-                switch (nrv - b) {
-                    case 3: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 3); break;
-                    case 2: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 2); break;
-                    case 1: pv_tile_bf(OT, RP, B->VP, D, njp, d0, 16 * b, B->PP, 1); break;
-                    default: break;
-                }
-            }
+            pv_chunk_bf(OT, RP, B->VP, D, njp, nrv, B->PP);
 #endif
             continue;
         }
-        for (int d0 = 0; d0 < D; d0 += 4) {
-            int b = 0;
-            for (; b + 4 <= nrv; b += 4) pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4);
-            switch (nrv - b) {
-                case 3: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 3); break;
-                case 2: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 2); break;
-                case 1: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 1); break;
-                default: break;
-            }
-        }
+        pv_chunk(OT, RP, vf, D, nk, nrv, ST);
     }
     for (int r = 0; r < rows; r++) {
         const int i = r / G, h = r % G;

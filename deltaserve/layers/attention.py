@@ -138,7 +138,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:  # [T, n_heads, head_dim]
+) -> torch.Tensor:  # [T, n_heads, head_dim] in v's dtype (the model's; q may come in fp32 for the native kernels)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.native:
@@ -150,8 +150,8 @@ def paged_attention(
         if meta.tiled_seqs is not None:
             # a bf16 model rounds its attention output to bf16 anyway: P.V may run in bf16 pairs too
             native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32,
-                                         p_bf16=q.dtype == torch.bfloat16)
-        out = out32 if q.dtype == torch.float32 else out32.to(q.dtype)
+                                         p_bf16=v.dtype == torch.bfloat16)
+        out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
     else:
         out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]

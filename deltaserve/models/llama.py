@@ -7,43 +7,13 @@ step runs 4 matmuls a layer over all flat tokens of the batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.config import ModelConfig
 from deltaserve.kv.pool import KVPool
 from deltaserve.layers.attention import AttentionMetadata, paged_attention
+from deltaserve.layers.elementwise import RopeStep, Rotary, rms_norm, silu_mul
 from deltaserve.layers.linear import Linear
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same op order as HF LlamaRMSNorm: normalise in fp32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-class Rotary:
-    """Neox-style RoPE (rotate_half), cos/sin tables built once in fp32."""
-
-    def __init__(self, head_dim: int, theta: float, max_pos: int, dtype, device):
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        t = torch.arange(max_pos, dtype=torch.float32)
-        freqs = torch.outer(t, inv)  # [max_pos, head_dim/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
-        self.cos = emb.cos().to(dtype=dtype, device=device)
-        self.sin = emb.sin().to(dtype=dtype, device=device)
-
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the step's positions: [T, 1, head_dim] each; gathered once, shared by all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, head_dim]
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
 
 
 class DecoderLayer(nn.Module):
@@ -69,21 +39,19 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(self.gate_up_w)
         self.down = Linear(self.down_w)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, meta: AttentionMetadata):
+    def forward(self, x, rope: RopeStep, k_cache, v_cache, meta: AttentionMetadata):
         cfg = self.cfg
         h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
         qkv = self.qkv(h)  # [T, q + 2kv]
         T = x.shape[0]
         H, Hkv = cfg.num_heads, cfg.num_kv_heads
-        # q and k rotated in one pass: the same per-element math as rotating each on its own
-        qk = Rotary.apply(qkv[:, : self.q_size + self.kv_size].reshape(T, H + Hkv, cfg.head_dim), *rope)  # [T, H+Hkv, D]
-        q, k = qk.split([H, Hkv], dim=1)  # [T, H, D], [T, Hkv, D]
+        # the native attention kernels take q in fp32: rotated straight into it when that runs fused
+        q, k = Rotary.rotate_qk(qkv, rope, H, Hkv, cfg.head_dim, fp32_q=meta.native)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].reshape(T, Hkv, cfg.head_dim)  # [T, Hkv, D]
-        a = paged_attention(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)
+        a = paged_attention(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)  # [T, H, D], v's dtype
         x = x + self.o(a.reshape(T, self.q_size))  # [T, hidden]
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)  # [T, I] each
-        return x + self.down(F.silu(gate) * up)
+        return x + self.down(silu_mul(self.gate_up(h)))  # gate_up: [T, 2I]
 
 
 class LlamaModel(nn.Module):
@@ -133,7 +101,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens."""
         x = self.embed[input_ids]  # [T, hidden]
-        rope = self.rope.tables(positions)
+        rope = self.rope.step(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv.k_cache[i], kv.v_cache[i], meta)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)

@@ -1,0 +1,73 @@
+"""ctypes bindings of `elementwise.c`: fused RMSNorm, SiLU-mul and RoPE for bf16 activations on CPU.
+
+Each function checks the contract the C code relies on (dtype, device, contiguity) and writes into
+tensors it allocates; callers use them only when `available()` and fall back to PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from deltaserve.kernels import load
+
+_LIB: list = []
+
+
+def _lib() -> ctypes.CDLL | None:
+    if not _LIB:
+        lib = load("elementwise")
+        if lib is not None:
+            p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+            lib.rms_norm_bf16.argtypes = [p, i64, p, p, i64, i, f]
+            lib.silu_mul_bf16.argtypes = [p, p, i64, i]
+            lib.rope_qk_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i, i, i]
+            for fn in (lib.rms_norm_bf16, lib.silu_mul_bf16, lib.rope_qk_bf16):
+                fn.restype = None
+            lib.elementwise_max_head_dim.restype = i
+        _LIB.append(lib)
+    return _LIB[0]
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """The fused ops run on this tensor's kind: bf16 on CPU, with the library built."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, N] bf16 (rows may be strided, elements contiguous), weight [N] bf16 -> [T, N] bf16."""
+    T, N = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous() and weight.dtype == x.dtype == torch.bfloat16
+    out = torch.empty(T, N, dtype=torch.bfloat16)
+    _lib().rms_norm_bf16(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), T, N, float(eps))
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] bf16 contiguous (gate | up) -> silu(gate) * up [T, I] bf16."""
+    T, I2 = gate_up.shape
+    assert gate_up.is_contiguous() and gate_up.dtype == torch.bfloat16 and I2 % 2 == 0
+    out = torch.empty(T, I2 // 2, dtype=torch.bfloat16)
+    _lib().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), T, I2 // 2)
+    return out
+
+
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, H: int, Hkv: int,
+            D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [T, W] bf16 contiguous, q heads then k heads first; cos, sin [max_pos, D] bf16; positions [T] int64.
+    -> (q [T, H, D] float32, k [T, Hkv, D] bf16), both rotated."""
+    T, W = qkv.shape
+    assert qkv.is_contiguous() and qkv.dtype == cos.dtype == sin.dtype == torch.bfloat16 and W >= (H + Hkv) * D
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == D and positions.dtype == torch.int64
+    assert D % 2 == 0 and D <= _lib().elementwise_max_head_dim()
+    positions = positions.contiguous()
+    q32 = torch.empty(T, H, D, dtype=torch.float32)
+    k = torch.empty(T, Hkv, D, dtype=torch.bfloat16)
+    _lib().rope_qk_bf16(qkv.data_ptr(), W, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q32.data_ptr(),
+                        k.data_ptr(), T, H, Hkv, D)
+    return q32, k
