@@ -412,7 +412,8 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             __m512 sum = _mm512_setzero_ps();
             for (int jj = 0; jj < nk; jj++) {
                 float *sp = ST + (int64_t)jj * RP + r0;
-                __m512 p = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(sp), mnew));
+                const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sp), mnew);
+                __m512 p = pbf ? exp_bf16_16(x) : exp_approx16(x);
                 if (masked) {
                     const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
                     p = _mm512_maskz_mov_ps(keep, p);
