@@ -236,79 +236,57 @@ static inline int dims_per_tile(int nrv, int D) {
     return 4;
 }
 
+/* One call TILE(r0, W, NV) per register tile of a key (or dim) step: W keys (or dims) x NV row vectors starting
+ * at row r0, every argument a compile-time constant so each call inlines to straight-line code. w is
+ * keys_per_tile(nrv) or dims_per_tile(nrv, D): 16 only for one row vector, 8 for at most two. */
+#define ROW_TILES(w, nrv, TILE)                                           \
+    do {                                                                  \
+        if ((w) == 16) { TILE(0, 16, 1); break; }                         \
+        if ((w) == 8) {                                                   \
+            if ((nrv) == 1) TILE(0, 8, 1); else TILE(0, 8, 2);            \
+            break;                                                        \
+        }                                                                 \
+        int b_ = 0;                                                       \
+        for (; b_ + 4 <= (nrv); b_ += 4) TILE(16 * b_, 4, 4);             \
+        switch ((nrv) - b_) {                                             \
+            case 3: TILE(16 * b_, 4, 3); break;                           \
+            case 2: TILE(16 * b_, 4, 2); break;                           \
+            case 1: TILE(16 * b_, 4, 1); break;                           \
+            default: break;                                               \
+        }                                                                 \
+    } while (0)
+
 /* Every row vector against keys [0, nka) of the chunk (nka a multiple of keys_per_tile(nrv)). */
 static void qk_chunk(const float *QT, int RP, const float *kf, int D, int nka, int nrv, float *ST) {
-    for (int j = 0; j < nka; j += keys_per_tile(nrv)) {
-        if (nrv == 1) { qk_tile(QT, RP, kf, D, j, 0, ST, 16, 1); continue; }
-        if (nrv == 2) { qk_tile(QT, RP, kf, D, j, 0, ST, 8, 2); continue; }
-        int b = 0;
-        for (; b + 4 <= nrv; b += 4) qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 4);
-        switch (nrv - b) {
-            case 3: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 3); break;
-            case 2: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 2); break;
-            case 1: qk_tile(QT, RP, kf, D, j, 16 * b, ST, 4, 1); break;
-            default: break;
-        }
-    }
+    const int ka = keys_per_tile(nrv);
+#define QK(r0, W, NV) qk_tile(QT, RP, kf, D, j, r0, ST, W, NV)
+    for (int j = 0; j < nka; j += ka) ROW_TILES(ka, nrv, QK);
+#undef QK
 }
 
 /* O^T += V^T P^T over the chunk's nk keys. */
 static void pv_chunk(float *OT, int RP, const float *vf, int D, int nk, int nrv, const float *ST) {
     const int td = dims_per_tile(nrv, D);
-    for (int d0 = 0; d0 < D; d0 += td) {
-        if (td == 16) { pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 16, 1); continue; }
-        if (td == 8) {
-            if (nrv == 1) pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 8, 1);
-            else pv_tile(OT, RP, vf, D, nk, d0, 0, ST, 8, 2);
-            continue;
-        }
-        int b = 0;
-        for (; b + 4 <= nrv; b += 4) pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 4);
-        switch (nrv - b) {
-            case 3: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 3); break;
-            case 2: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 2); break;
-            case 1: pv_tile(OT, RP, vf, D, nk, d0, 16 * b, ST, 4, 1); break;
-            default: break;
-        }
-    }
+#define PV(r0, W, NV) pv_tile(OT, RP, vf, D, nk, d0, r0, ST, W, NV)
+    for (int d0 = 0; d0 < D; d0 += td) ROW_TILES(td, nrv, PV);
+#undef PV
 }
 
 #if HAVE_DP
 static void qk_chunk_bf(const uint32_t *QP, int RP, const uint32_t *KP, int D2, int nka, int nrv, float scale,
                         float *ST) {
-    for (int j = 0; j < nka; j += keys_per_tile(nrv)) {
-        if (nrv == 1) { qk_tile_bf(QP, RP, KP, D2, j, 0, scale, ST, 16, 1); continue; }
-        if (nrv == 2) { qk_tile_bf(QP, RP, KP, D2, j, 0, scale, ST, 8, 2); continue; }
-        int b = 0;
-        for (; b + 4 <= nrv; b += 4) qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 4);
-        switch (nrv - b) {
-            case 3: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 3); break;
-            case 2: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 2); break;
-            case 1: qk_tile_bf(QP, RP, KP, D2, j, 16 * b, scale, ST, 4, 1); break;
-            default: break;
-        }
-    }
+    const int ka = keys_per_tile(nrv);
+#define QK(r0, W, NV) qk_tile_bf(QP, RP, KP, D2, j, r0, scale, ST, W, NV)
+    for (int j = 0; j < nka; j += ka) ROW_TILES(ka, nrv, QK);
+#undef QK
 }
 
 /* O^T += V^T P^T over the chunk's njp key pairs. */
 static void pv_chunk_bf(float *OT, int RP, const uint32_t *VP, int D, int njp, int nrv, const uint32_t *PP) {
     const int td = dims_per_tile(nrv, D);
-    for (int d0 = 0; d0 < D; d0 += td) {
-        if (td == 16) { pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 16, 1); continue; }
-        if (td == 8) {
-            if (nrv == 1) pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 8, 1);
-            else pv_tile_bf(OT, RP, VP, D, njp, d0, 0, PP, 8, 2);
-            continue;
-        }
-        int b = 0;
-        for (; b + 4 <= nrv; b += 4) pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 4);
-        switch (nrv - b) {
-            case 3: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 3); break;
-            case 2: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 2); break;
-            case 1: pv_tile_bf(OT, RP, VP, D, njp, d0, 16 * b, PP, 4, 1); break;
-            default: break;
-        }
-    }
+#define PV(r0, W, NV) pv_tile_bf(OT, RP, VP, D, njp, d0, r0, PP, W, NV)
+    for (int d0 = 0; d0 < D; d0 += td) ROW_TILES(td, nrv, PV);
+#undef PV
 }
 #endif
 
@@ -331,7 +309,7 @@ static int buffers_alloc(Buffers *b, int D) {
     b->QP = aligned_alloc(64, sizeof(uint32_t) * D * MAX_ROWS); /* [D/2][MAX_ROWS], rounded up */
     b->PP = aligned_alloc(64, sizeof(uint32_t) * KB * MAX_ROWS);
     b->VP = aligned_alloc(64, sizeof(uint32_t) * KB * D);
-    b->KP = aligned_alloc(64, sizeof(uint32_t) * KB * D); /* [KB][D/2] pairs, rounded up */
+    b->KP = aligned_alloc(64, sizeof(uint16_t) * KB * D); /* [KB][D/2] pairs: the chunk's K rows, packed */
     return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos && b->QP && b->PP && b->VP && b->KP;
 }
 
