@@ -15,40 +15,10 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include "bf16.h"
 #include "simd_exp.h"
 
 #define PAR_MIN_ELEMS (1 << 15) /* below this a parallel region costs more than it saves */
-
-static inline float bf(uint16_t x) {
-    union { uint32_t u; float f; } c;
-    c.u = ((uint32_t)x) << 16;
-    return c.f;
-}
-
-/* fp32 -> bf16 bits, round to nearest even (what torch's bf16 conversion does for finite values). */
-static inline uint16_t to_bf(float x) {
-    union { float f; uint32_t u; } c = {x};
-    return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
-}
-
-#ifdef __AVX512F__
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* the 16 lanes rounded to bf16 (nearest even), kept in fp32 */
-static inline __m512 bf16x16_round(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-
-static inline void store_bf16x16(uint16_t *p, __m512 x) {
-    const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(bf16x16_round(x)), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
-}
-#endif
 
 /* HF LlamaRMSNorm in bf16: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the statistics in fp32. */
 void rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *out, int64_t T, int N, float eps) {
@@ -58,10 +28,10 @@ void rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *
         uint16_t *restrict o = out + t * (int64_t)N;
         float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-        for (int i = 0; i < N; i++) ss += bf(xr[i]) * bf(xr[i]);
+        for (int i = 0; i < N; i++) ss += bf16_to_f32(xr[i]) * bf16_to_f32(xr[i]);
         const float r = 1.f / sqrtf(ss / (float)N + eps);
 #pragma omp simd
-        for (int i = 0; i < N; i++) o[i] = to_bf(bf(w[i]) * bf(to_bf(bf(xr[i]) * r)));
+        for (int i = 0; i < N; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(xr[i]) * r));
     }
 }
 
@@ -79,16 +49,16 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int I) {
          * so g / (1 + e) is -0 there as in torch, and finite just above it */
         const __m512 one = _mm512_set1_ps(1.f), hi = _mm512_set1_ps(44.5f), mhalf = _mm512_set1_ps(-0.5f);
         for (; i + 16 <= I; i += 16) {
-            const __m512 gv = bf16x16(g + i);
+            const __m512 gv = bf16x16_load(g + i);
             __m512 e = exp_approx16(_mm512_min_ps(_mm512_mul_ps(gv, mhalf), hi));
             e = _mm512_mul_ps(e, e);
             const __m512 sv = bf16x16_round(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
-            store_bf16x16(o + i, _mm512_mul_ps(sv, bf16x16(u + i)));
+            bf16x16_store(o + i, _mm512_mul_ps(sv, bf16x16_load(u + i)));
         }
 #endif
         for (; i < I; i++) {
-            const float gv = bf(g[i]);
-            o[i] = to_bf(bf(to_bf(gv / (1.f + expf(-gv)))) * bf(u[i]));
+            const float gv = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(bf16_round(gv / (1.f + expf(-gv))) * bf16_to_f32(u[i]));
         }
     }
 }
@@ -107,10 +77,9 @@ void rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const u
             float y[512];
 #pragma omp simd
             for (int d = 0; d < half; d++) {
-                const float a = bf(to_bf(bf(x[d]) * bf(c[d]))) + bf(to_bf(-bf(x[d + half]) * bf(s[d])));
-                const float b = bf(to_bf(bf(x[d + half]) * bf(c[d + half]))) + bf(to_bf(bf(x[d]) * bf(s[d + half])));
-                y[d] = bf(to_bf(a));
-                y[d + half] = bf(to_bf(b));
+                const float x1 = bf16_to_f32(x[d]), x2 = bf16_to_f32(x[d + half]);
+                y[d] = bf16_round(bf16_round(x1 * bf16_to_f32(c[d])) + bf16_round(-x2 * bf16_to_f32(s[d])));
+                y[d + half] = bf16_round(bf16_round(x2 * bf16_to_f32(c[d + half])) + bf16_round(x1 * bf16_to_f32(s[d + half])));
             }
             if (h < H) {
                 float *o = q32 + (t * H + h) * (int64_t)D;
@@ -119,7 +88,7 @@ void rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const u
             } else {
                 uint16_t *o = k + (t * Hkv + (h - H)) * (int64_t)D;
 #pragma omp simd
-                for (int d = 0; d < D; d++) o[d] = to_bf(y[d]);
+                for (int d = 0; d < D; d++) o[d] = f32_to_bf16(y[d]);
             }
         }
     }

@@ -25,11 +25,7 @@
 
 #define CHUNK 256
 
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } c;
-    c.u = ((uint32_t)x) << 16;
-    return c.f;
-}
+#include "bf16.h"
 
 /* exp(x) as 2^n * 2^f, |f| <= 1/2, with a degree-7 Taylor polynomial (relative error ~1e-7);
  * written without libm so the loops that call it vectorise. Inputs here are <= 0. */

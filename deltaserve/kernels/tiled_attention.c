@@ -51,6 +51,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
 
 int paged_attention_tiled_available(void) { return 1; }
 
+#include "bf16.h"
 #include "simd_exp.h"
 
 /* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of 16 or handled by the tail). */
@@ -61,15 +62,8 @@ static inline void load_row(const void *base, int bf16, int64_t off, int D, floa
     }
     const uint16_t *s = (const uint16_t *)base + off;
     int d = 0;
-    for (; d + 16 <= D; d += 16) {
-        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + d)));
-        _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-    }
-    for (; d < D; d++) {
-        union { uint32_t u; float f; } c;
-        c.u = ((uint32_t)s[d]) << 16;
-        dst[d] = c.f;
-    }
+    for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, bf16x16_load(s + d));
+    for (; d < D; d++) dst[d] = bf16_to_f32(s[d]);
 }
 
 /* S^T[j..j+KA)[r0..r0+16*NV) = K[j..j+KA) . QT[:, r0..]: KA x NV accumulators held in registers.
@@ -131,12 +125,6 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, in
 
 #ifdef __AVX512BF16__
 #define HAVE_DP 1
-/* fp32 -> bf16 bits, round to nearest even (the inputs are finite). */
-static inline uint32_t bf16_bits(float x) {
-    union { float f; uint32_t u; } c = {x};
-    return (c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16;
-}
-
 /* S^T[j..j+KA)[r0..] = scale * K[j..j+KA) . Q over d-pairs; KP: the chunk's K rows packed, D2 pairs a row. */
 static inline __attribute__((always_inline)) void qk_tile_bf(const uint32_t *restrict QP, int RP,
                                                             const uint32_t *restrict KP, int D2, int j, int r0,
@@ -337,7 +325,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
         if (dp) {
 #if HAVE_DP
             for (int p = 0; p < D / 2; p++)
-                B->QP[(int64_t)p * RP + r] = qv ? bf16_bits(qv[2 * p]) | (bf16_bits(qv[2 * p + 1]) << 16) : 0u;
+                B->QP[(int64_t)p * RP + r] = qv ? f32_to_bf16(qv[2 * p]) | ((uint32_t)f32_to_bf16(qv[2 * p + 1]) << 16) : 0u;
 #endif
         } else {
             for (int d = 0; d < D; d++) QT[(int64_t)d * RP + r] = qv ? qv[d] * scale : 0.f;
