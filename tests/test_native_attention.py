@@ -29,7 +29,7 @@ def _reference(q, kc, vc, seqs, slots, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 128), (6, 2, 40)])
 @pytest.mark.parametrize("shape", [[(1, 1)], [(5, 1), (300, 1), (257, 1)], [(256, 9), (511, 16), (9, 9)],
-                                   [(1000, 1), (20, 3)]])
+                                   [(1000, 1), (20, 3)], [(17, 2), (33, 3), (272, 2)]])
 def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
     g = torch.Generator().manual_seed(hash((H, D, len(shape))) % 1000)
     S = 3000
@@ -48,6 +48,13 @@ def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
     KERNELS[kernel](q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out)
     ref = _reference(q, kc, vc, seqs, slots, scale)
     assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+    if kernel == "short" and dtype == torch.bfloat16:
+        # both products in bf16 pairs, keys on lanes (D a multiple of 32; D=40 takes the fp32 path instead)
+        out2 = torch.full((q0, H, D), float("nan"))
+        native.paged_attention_short(q, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out2, pairs=True)
+        assert torch.allclose(out2, ref, atol=5e-3, rtol=1e-2), (out2 - ref).abs().max()
+        if D % 32:
+            assert torch.allclose(out2, ref, atol=2e-6, rtol=1e-5)
     if kernel == "tiled" and dtype == torch.bfloat16:
         # P.V in bf16 pairs too: within bf16 rounding of the output (2^-8 relative)
         out2 = torch.full((q0, H, D), float("nan"))

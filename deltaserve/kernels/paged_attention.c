@@ -3,8 +3,9 @@
  * Reads K/V straight from the token-slot pool through each sequence's slot list,
  * so nothing is gathered into a temporary; each K/V row is loaded once and used by
  * every query head of its KV group (GQA) and every query position of the sequence.
- * Keys are split into chunks (flash-decoding): work items (sequence, kv head, chunk)
- * run in parallel and keep an unnormalised partial (max, sum, acc); a merge pass
+ * Keys are split into chunks (flash-decoding): work items (sequence, chunk) run in
+ * parallel, each over every kv head in turn (a slot's [Hkv, D] row is read whole, in
+ * order), and keep an unnormalised partial (max, sum, acc) per head; a merge pass
  * combines the chunks with log-sum-exp rescaling.
  *
  * Layouts (row-major):
@@ -14,6 +15,10 @@
  *   seqs     [n_seqs, 4] int64: q_start, q_len, kv_offset (into slots), kv_len
  *   out      [num_q_tokens, H, D] float32 (rows of queries not in any sequence are untouched)
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
+ * mode bit 0 (pairs), with a bf16 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16 pair dot
+ * products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a K or V row is used as loaded, in bf16:
+ * q and the softmax numerators are rounded to bf16 (q is bf16 in a bf16 model; P rounded as the tiled kernel's
+ * p_bf16 mode does). Otherwise K/V rows are converted to fp32 and both products run in fp32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -169,97 +174,133 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
     }
 }
 
+#include "short_pairs.h" /* chunk_attend_pairs: the bf16 pair-product path */
+
+
+/* Buffer `which` of the calling thread, at least `bytes` long, kept for the next call: the work buffers of a
+ * decode step are ~100 KB-1 MB, which malloc serves with fresh mmap'd pages (zeroed by the kernel, page-faulted
+ * in) on every call. Never freed; NULL when out of memory. */
+static void *scratch(int which, size_t bytes) {
+    static __thread void *buf[8];
+    static __thread size_t cap[8];
+    if (cap[which] < bytes) {
+        free(buf[which]);
+        buf[which] = malloc(bytes);
+        cap[which] = buf[which] ? bytes : 0;
+    }
+    return buf[which];
+}
+
 int paged_attention_short(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
-                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out) {
+                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
+                          int mode) {
     const int G = H / Hkv;
-    /* enumerate work items: (seq, g, chunk) */
+    const int pairs = HAVE_PAIRS && (mode & 1) && kv_bf16 && D % 32 == 0 && D <= 128;
+    /* work items: (seq, chunk of keys), each over every kv head in turn, so it reads whole slot rows
+     * ([Hkv, D] contiguous) rather than one head's slice of each. Partial (item w, head g) sits at w * Hkv + g. */
     int64_t n_items = 0, max_q = 1;
     for (int s = 0; s < n_seqs; s++) {
-        n_items += Hkv * ((seqs[4 * s + 3] + CHUNK - 1) / CHUNK);
+        n_items += (seqs[4 * s + 3] + CHUNK - 1) / CHUNK;
         if (seqs[4 * s + 1] > max_q) max_q = seqs[4 * s + 1];
     }
-    const int64_t nq_max = G * max_q;
-    int64_t *item_seq = malloc(sizeof(int64_t) * 3 * n_items);
-    float *m_buf = malloc(sizeof(float) * n_items * nq_max);
-    float *l_buf = malloc(sizeof(float) * n_items * nq_max);
-    float *acc_buf = malloc(sizeof(float) * n_items * nq_max * D);
-    int64_t *first_item = malloc(sizeof(int64_t) * (n_seqs + 1));
-    if (!item_seq || !m_buf || !l_buf || !acc_buf || !first_item) {
-        free(item_seq); free(m_buf); free(l_buf); free(acc_buf); free(first_item);
-        return 1;
-    }
+    const int64_t nq_max = G * max_q, n_part = n_items * Hkv;
+    int64_t *item_seq = scratch(0, sizeof(int64_t) * 2 * (n_items + 1));
+    float *m_buf = scratch(1, sizeof(float) * (n_part * nq_max + 1));
+    float *l_buf = scratch(2, sizeof(float) * (n_part * nq_max + 1));
+    float *acc_buf = scratch(3, sizeof(float) * (n_part * nq_max * D + 1));
+    int64_t *first_item = scratch(4, sizeof(int64_t) * (n_seqs + 1));
+    if (!item_seq || !m_buf || !l_buf || !acc_buf || !first_item) return 1;
     int64_t it = 0;
     for (int s = 0; s < n_seqs; s++) {
         first_item[s] = it;
         const int64_t nchunks = (seqs[4 * s + 3] + CHUNK - 1) / CHUNK;
-        for (int g = 0; g < Hkv; g++)
-            for (int64_t c = 0; c < nchunks; c++, it++) {
-                item_seq[3 * it] = s;
-                item_seq[3 * it + 1] = g;
-                item_seq[3 * it + 2] = c;
-            }
+        for (int64_t c = 0; c < nchunks; c++, it++) {
+            item_seq[2 * it] = s;
+            item_seq[2 * it + 1] = c;
+        }
     }
     first_item[n_seqs] = it;
 
+    int failed = 0;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * nq_max * CHUNK);
-        float *row = malloc(sizeof(float) * CHUNK * D);
+        float *scores = scratch(5, sizeof(float) * nq_max * CHUNK);
+        /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D] */
+        float *row = scratch(6, sizeof(float) * (pairs ? nq_max * CHUNK / 2 + CHUNK / 2 * D : CHUNK * D));
+        if (!scores || !row) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items; w++) {
-            const int64_t s = item_seq[3 * w], g = item_seq[3 * w + 1], c = item_seq[3 * w + 2];
+            if (!scores || !row) continue;
+            const int64_t s = item_seq[2 * w], c = item_seq[2 * w + 1];
             const int64_t *sq = seqs + 4 * s;
             const int64_t kv_len = sq[3];
             const int j0 = (int)(c * CHUNK);
             const int j1 = (int)((c + 1) * CHUNK < kv_len ? (c + 1) * CHUNK : kv_len);
-#define ATTEND(DD) chunk_attend(q, k, v, kv_bf16, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, (int)g, H, Hkv, \
-                                    DD, scale, m_buf + w * nq_max, l_buf + w * nq_max, acc_buf + w * nq_max * D, \
-                                    scores, row)
-            if (D == 64)
-                ATTEND(64);
-            else if (D == 128)
-                ATTEND(128);
-            else
-                ATTEND(D);
+            for (int g = 0; g < Hkv; g++) {
+                const int64_t pw = w * Hkv + g;
+#define ATTEND(DD) chunk_attend(q, k, v, kv_bf16, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
+                                DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
+                                scores, row)
+#if HAVE_PAIRS
+#define PAIRS(ND) chunk_attend_pairs(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, \
+                                     scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
+                                     scores, (uint32_t *)row, (uint32_t *)row + nq_max * CHUNK / 2)
+                if (pairs) {
+                    if (D == 64) PAIRS(2);
+                    else if (D == 128) PAIRS(4);
+                    else if (D == 32) PAIRS(1);
+                    else PAIRS(3);
+                    continue;
+                }
+#undef PAIRS
+#endif
+                if (D == 64)
+                    ATTEND(64);
+                else if (D == 128)
+                    ATTEND(128);
+                else
+                    ATTEND(D);
 #undef ATTEND
+            }
         }
-        free(scores);
-        free(row);
     }
+    if (failed) return 1;
 
     /* merge the chunks of each (seq, g) */
     for (int s = 0; s < n_seqs; s++) {
         const int64_t *sq = seqs + 4 * s;
         const int q_len = (int)sq[1];
         const int64_t nchunks = (sq[3] + CHUNK - 1) / CHUNK;
-        for (int g = 0; g < Hkv; g++) {
-            const int64_t w0 = first_item[s] + g * nchunks;
+        for (int g = 0; g < Hkv; g++)
             for (int i = 0; i < q_len; i++)
                 for (int h = 0; h < G; h++) {
                     const int qi = i * G + h;
+#define PART(c) (((first_item[s] + (c)) * Hkv + g) * nq_max + qi)
                     float M = -3.0e38f;
                     for (int64_t c = 0; c < nchunks; c++) {
-                        if (l_buf[(w0 + c) * nq_max + qi] == 0.f) continue;
-                        float m = m_buf[(w0 + c) * nq_max + qi];
+                        if (l_buf[PART(c)] == 0.f) continue;
+                        const float m = m_buf[PART(c)];
                         M = m > M ? m : M;
                     }
                     float *o = out + ((sq[0] + i) * H + g * G + h) * D;
                     for (int d = 0; d < D; d++) o[d] = 0.f;
                     float L = 0.f;
                     for (int64_t c = 0; c < nchunks; c++) {
-                        if (l_buf[(w0 + c) * nq_max + qi] == 0.f) continue;
-                        const float f = exp_approx(m_buf[(w0 + c) * nq_max + qi] - M);
-                        L += f * l_buf[(w0 + c) * nq_max + qi];
-                        const float *a = acc_buf + ((w0 + c) * nq_max + qi) * D;
+                        if (l_buf[PART(c)] == 0.f) continue;
+                        const float f = exp_approx(m_buf[PART(c)] - M);
+                        L += f * l_buf[PART(c)];
+                        const float *a = acc_buf + PART(c) * D;
 #pragma omp simd
                         for (int d = 0; d < D; d++) o[d] += f * a[d];
                     }
+#undef PART
                     const float inv = 1.f / L;
 #pragma omp simd
                     for (int d = 0; d < D; d++) o[d] *= inv;
                 }
-        }
     }
-    free(item_seq); free(m_buf); free(l_buf); free(acc_buf); free(first_item);
     return 0;
 }

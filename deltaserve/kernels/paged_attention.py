@@ -31,7 +31,7 @@ def _bind(name: str, fn: str, extra_args: list, probe: str | None = None) -> cty
 
 
 def available() -> bool:
-    return _bind("paged_attention", "paged_attention_short", []) is not None
+    return _bind("paged_attention", "paged_attention_short", [ctypes.c_int]) is not None
 
 
 def tiled_available() -> bool:
@@ -75,9 +75,14 @@ def paged_attention_short(
     seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+    pairs: bool = False,
 ) -> None:
+    """pairs: with a bf16 cache (and AVX512-BF16, D a multiple of 32), both products as bf16 pair dot products
+    with keys on lanes: q and the softmax numerators rounded to bf16, as the tiled kernel's p_bf16 mode
+    (~2^-9 relative error); K/V rows are used as stored instead of being converted to fp32 first."""
     assert seqs.shape[0] == 0 or int(seqs[:, 1].max()) <= 64, "at most 64 queries a sequence"
-    rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out))
+    rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out),
+                                                         int(pairs))
     if rc != 0:
         raise MemoryError("paged_attention_short: out of memory for its work buffers")
 
@@ -142,6 +147,8 @@ def _bench(reps: int = 10) -> None:
         cells = [f"sdpa {ms(sdpa):8.2f}"]
         if n <= 64 and available():
             cells.append(f"short {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out)):8.2f}")
+            qb = q.to(torch.bfloat16).float()
+            cells.append(f"pairs {ms(lambda: paged_attention_short(qb, kc, vc, slots, seqs, D**-0.5, out, True)):8.2f}")
         if tiled_available():
             # as the engine calls it for a bf16 model: bf16 queries, P.V in bf16 pairs
             qb = q.to(torch.bfloat16).float()

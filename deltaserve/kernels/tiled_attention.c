@@ -214,6 +214,11 @@ static inline void pack_p_pair(const float *a, const float *b, uint32_t *restric
 #define HAVE_DP 0
 #endif
 
+/* prefetch n bytes from p into L1 */
+static inline void prefetch_row(const char *p, int n) {
+    for (int off = 0; off < n; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 /* Tile shapes by row vectors (nrv): the FMA chains of a tile are its keys (or dims) x row vectors, kept
  * near 16 so a verify step's single row vector still runs at the FMA rate rather than its latency. */
 static inline int keys_per_tile(int nrv) { return nrv == 1 ? 16 : nrv == 2 ? 8 : 4; }
@@ -340,6 +345,12 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
     for (int64_t j0 = 0; j0 < nkeys; j0 += KB) {
         const int nk = (int)(nkeys - j0 < KB ? nkeys - j0 : KB);
         const int nka = (nk + ka - 1) / ka * ka; /* keys rounded up to whole tiles; the extra keys are zero */
+        /* K/V rows sit wherever their slots put them, out of the hardware prefetchers' reach: ask for the next
+         * chunk's K rows and this chunk's V rows (read after the softmax) while this chunk's K is copied */
+        const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
+        const int es = bf16 ? 2 : 4; /* bytes an element */
+        for (int jj = 0; jj < nnext; jj++) prefetch_row((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es);
+        for (int jj = 0; jj < nk; jj++) prefetch_row((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es);
         for (int jj = 0; jj < nk; jj++) {
             const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
             if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + off, sizeof(uint16_t) * D);

@@ -24,9 +24,10 @@ from deltaserve.kernels import paged_attention as native
 
 SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batch
 # Native path: spans with fewer query rows (q_len x GQA group) than this use the short-query kernel, the
-# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below ~12 rows; measured
-# on 2 cores (python -m deltaserve.kernels.paged_attention): decode (3 rows) is ~1.7x faster in the short kernel,
-# verify of 5 tokens (15 rows) ~1.5x faster in the tiled one.
+# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below ~12 rows, while the
+# short kernel's cost grows with every row. Measured on 2 cores with a bf16 cache, 4 sequences x 5000 keys
+# (python -m deltaserve.kernels.paged_attention): 3 rows (decode) ~2x faster in the short kernel's pair mode,
+# 9 rows ~1.4x, 12 rows about even, 15 rows (verify of 5 tokens) ~1.3x faster in the tiled one.
 TILED_MIN_ROWS = 12
 
 
@@ -146,7 +147,8 @@ def paged_attention(
         q32 = q.float().contiguous()
         out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         if meta.native_seqs is not None:
-            native.paged_attention_short(q32, k_cache, v_cache, meta.native_slots, meta.native_seqs, scale, out32)
+            native.paged_attention_short(q32, k_cache, v_cache, meta.native_slots, meta.native_seqs, scale, out32,
+                                         pairs=v.dtype == torch.bfloat16)
         if meta.tiled_seqs is not None:
             # a bf16 model rounds its attention output to bf16 anyway: P.V may run in bf16 pairs too
             native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32,

@@ -1,0 +1,166 @@
+/* The short-query kernel's bf16 pair-product path (paged_attention.c, mode bit 0): keys on lanes, so K and V rows
+ * are used as stored. Included by paged_attention.c after CHUNK, bf16.h and simd_exp.h; defines HAVE_PAIRS. */
+#ifndef DELTASERVE_SHORT_PAIRS_H
+#define DELTASERVE_SHORT_PAIRS_H
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HAVE_PAIRS 1
+/* lane j <- the sum of the 16 lanes of v[j], for 16 vectors: a transpose-and-add tree (46 ops for 16 sums,
+ * against 16 horizontal reductions of ~8 ops each). */
+static inline __attribute__((always_inline)) __m512 reduce16(__m512 v[16]) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++) /* w[i]: v[2i] partials in the low 256 bits, v[2i+1] in the high */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* x[i]: quarter k holds 4 partials of v[4i + k] */
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* y[i]: quarter k holds 2 partials of v[8i + k], then 2 of v[8i + 4 + k] */
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    /* z: lane 4k + t holds the sum of v[4t + k] */
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(idx, z);
+}
+
+/* prefetch the D bf16 of a K or V row (one or more cache lines): hint 0 into L1, 1 into L2 */
+static inline __attribute__((always_inline)) void prefetch_row(const uint16_t *r, int D, int l2) {
+    for (int off = 0; off < 2 * D; off += 64) {
+        if (l2) _mm_prefetch((const char *)r + off, _MM_HINT_T1);
+        else _mm_prefetch((const char *)r + off, _MM_HINT_T0);
+    }
+}
+
+/* chunk_attend with bf16 pair products, ND = D / 32 vectors a row (a vector holds 32 bf16 = 16 pairs).
+ * Q.K: per query row and 16 keys, 16 pair-product vectors reduced by reduce16, so scores come out with keys on
+ * lanes. P.V: V rows of a key pair interleaved with unpacklo/hi_epi16 (lane i of the lo half holds dims
+ * 8(i/4) + i%4 of its 32, the hi half those + 4), times the broadcast P pair; dims are put back in order once
+ * per row at the end. Scratch: scores [nq][CHUNK] fp32, pp [nq][CHUNK/2] P pairs, vp [CHUNK/2][D] V pairs. */
+static inline __attribute__((always_inline)) void chunk_attend_pairs(
+    const float *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t q_start, int q_len,
+    int64_t kv_len, int j0, int j1, int g, int H, int Hkv, const int ND, float scale, float *restrict m_out,
+    float *restrict l_out, float *restrict acc_out, float *restrict scores, uint32_t *restrict pp,
+    uint32_t *restrict vp) {
+    const int G = H / Hkv, D = 32 * ND;
+    const int nk = j1 - j0;
+    const int nk32 = (nk + 31) & ~31; /* scores padded with zeros to whole 32-key P vectors */
+    const __m512 sc = _mm512_set1_ps(scale);
+    int nvis_max = 0;
+    for (int i = 0; i < q_len; i++) {
+        const int64_t nv = kv_len - q_len + i - j0 + 1;
+        const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
+        nvis_max = nvis > nvis_max ? nvis : nvis_max;
+        for (int h = 0; h < G; h++) {
+            const int qi = i * G + h;
+            const float *qv = q + ((q_start + i) * H + g * G + h) * D;
+            __m512bh qb[4];
+            for (int c = 0; c < ND; c++)
+                qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qv + 32 * c + 16), _mm512_loadu_ps(qv + 32 * c));
+            float *restrict s = scores + qi * CHUNK;
+            /* the first row's pass streams K in: prefetch ahead. Head 0 fetches the whole slot rows of K and V (every
+             * head's, contiguous, so memory is read in order), the later heads' rows then come from L2. */
+            const int first = qi == 0;
+            for (int jb = 0; jb < nvis; jb += 16) {
+                if (first && g == 0) {
+                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_row(k + slots[j0 + t] * Hkv * D, Hkv * D, 0);
+                    for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_row(v + slots[j0 + t] * Hkv * D, Hkv * D, 1);
+                } else if (first) {
+                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_row(k + (slots[j0 + t] * Hkv + g) * D, D, 0);
+                }
+                __m512 part[16];
+                if (jb + 16 <= nvis) {
+#pragma GCC unroll 16
+                    for (int t = 0; t < 16; t++) {
+                        const uint16_t *kr = k + (slots[j0 + jb + t] * Hkv + g) * D;
+                        part[t] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                        for (int c = 0; c < ND; c++)
+                            part[t] = _mm512_dpbf16_ps(part[t], (__m512bh)_mm512_loadu_si512((const void *)(kr + 32 * c)),
+                                                       qb[c]);
+                    }
+                } else {
+                    for (int t = 0; t < 16; t++) {
+                        part[t] = _mm512_setzero_ps();
+                        if (jb + t >= nvis) continue;
+                        const uint16_t *kr = k + (slots[j0 + jb + t] * Hkv + g) * D;
+                        for (int c = 0; c < ND; c++)
+                            part[t] = _mm512_dpbf16_ps(part[t], (__m512bh)_mm512_loadu_si512((const void *)(kr + 32 * c)),
+                                                       qb[c]);
+                    }
+                }
+                _mm512_storeu_ps(s + jb, _mm512_mul_ps(reduce16(part), sc));
+            }
+            /* softmax numerators over the visible keys; zeros after them, to nk32 */
+            __m512 mv = _mm512_set1_ps(-3.0e38f);
+            int j = 0;
+            for (; j + 16 <= nvis; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+            const __mmask16 tail = (__mmask16)((1u << (nvis - j)) - 1);
+            if (j < nvis) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_loadu_ps(s + j));
+            const float m = _mm512_reduce_max_ps(mv);
+            const __m512 mb = _mm512_set1_ps(m);
+            __m512 lv = _mm512_setzero_ps();
+            for (j = 0; j < nk32; j += 16) {
+                const __mmask16 keep = j + 16 <= nvis ? (__mmask16)0xFFFF : j < nvis ? tail : (__mmask16)0;
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp_bf16_16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb)));
+                _mm512_storeu_ps(s + j, p);
+                lv = _mm512_add_ps(lv, p);
+            }
+            m_out[qi] = nvis > 0 ? m : -3.0e38f;
+            l_out[qi] = nvis > 0 ? _mm512_reduce_add_ps(lv) : 0.f; /* 0: the merge skips this chunk */
+            /* P pairs (p[2i], p[2i+1]) rounded to bf16, in key order */
+            for (j = 0; j < nk32; j += 32)
+                _mm512_storeu_si512((void *)(pp + qi * (CHUNK / 2) + j / 2),
+                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + j)));
+        }
+    }
+    /* V pairs of the visible keys (a missing partner key is a zero row: its P is 0, and 0 * garbage may be NaN) */
+    const int njp = (nvis_max + 1) / 2;
+    for (int jp = 0; jp < njp; jp++) {
+        const uint16_t *va = v + (slots[j0 + 2 * jp] * Hkv + g) * D;
+        const uint16_t *vb = 2 * jp + 1 < nk ? v + (slots[j0 + 2 * jp + 1] * Hkv + g) * D : NULL;
+        for (int c = 0; c < ND; c++) {
+            const __m512i a = _mm512_loadu_si512((const void *)(va + 32 * c));
+            const __m512i b = vb ? _mm512_loadu_si512((const void *)(vb + 32 * c)) : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(vp + jp * D + 32 * c), _mm512_unpacklo_epi16(a, b));
+            _mm512_storeu_si512((void *)(vp + jp * D + 32 * c + 16), _mm512_unpackhi_epi16(a, b));
+        }
+    }
+    /* acc[qi] = sum over key pairs of P pair . V pair, 2 * ND accumulators a row held in registers */
+    const __m512i lo_idx = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int qi = 0; qi < q_len * G; qi++) {
+        /* even and odd key pairs into separate accumulators: 4 * ND independent dp chains, not 2 * ND */
+        __m512 acc[8], acc2[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < 2 * ND; c++) acc[c] = acc2[c] = _mm512_setzero_ps();
+        const uint32_t *pr = pp + qi * (CHUNK / 2);
+        int jp = 0;
+        for (; jp + 2 <= njp; jp += 2) {
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pr[jp]);
+            const __m512bh pb2 = (__m512bh)_mm512_set1_epi32((int)pr[jp + 1]);
+#pragma GCC unroll 8
+            for (int c = 0; c < 2 * ND; c++) {
+                acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512((const void *)(vp + jp * D + 16 * c)), pb);
+                acc2[c] = _mm512_dpbf16_ps(acc2[c], (__m512bh)_mm512_loadu_si512((const void *)(vp + (jp + 1) * D + 16 * c)),
+                                           pb2);
+            }
+        }
+        if (jp < njp) {
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pr[jp]);
+#pragma GCC unroll 8
+            for (int c = 0; c < 2 * ND; c++)
+                acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512((const void *)(vp + jp * D + 16 * c)), pb);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 2 * ND; c++) acc[c] = _mm512_add_ps(acc[c], acc2[c]);
+        float *a = acc_out + qi * D;
+        for (int c = 0; c < ND; c++) { /* lanes back to dims 0..31 of the vector */
+            _mm512_storeu_ps(a + 32 * c, _mm512_permutex2var_ps(acc[2 * c], lo_idx, acc[2 * c + 1]));
+            _mm512_storeu_ps(a + 32 * c + 16, _mm512_permutex2var_ps(acc[2 * c], hi_idx, acc[2 * c + 1]));
+        }
+    }
+}
+#else
+#define HAVE_PAIRS 0
+#endif
+#endif
