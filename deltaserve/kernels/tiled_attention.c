@@ -202,12 +202,11 @@ static inline void pack_v_pair(const uint16_t *a, const uint16_t *b, int D, uint
     for (; d < D; d++) VP[d] = (uint32_t)a[d] | ((uint32_t)(b != NULL ? b[d] : 0) << 16);
 }
 
-/* PP[r0..r0+16) = (P_a[r], P_b[r]) rounded to bf16 pairs. */
-static inline void pack_p_pair(const float *a, const float *b, uint32_t *restrict PP) {
+/* PP[0..16) = (a[r], b[r]) rounded to bf16 pairs, for the 16 rows of a vector. */
+static inline void pack_p_pair(__m512 a, __m512 b, uint32_t *restrict PP) {
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512 pb = b != NULL ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
-    const __m512i z = (__m512i)_mm512_cvtne2ps_pbh(pb, _mm512_loadu_ps(a)); /* [a0..a15, b0..b15] */
+    const __m512i z = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* [a0..a15, b0..b15] */
     _mm512_storeu_si512((void *)PP, _mm512_permutexvar_epi16(idx, z));
 }
 #else
@@ -387,19 +386,41 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             const __m512 mnew = _mm512_max_ps(mold, mx);
             const __m512 alpha = exp_approx16(_mm512_sub_ps(mold, mnew));
             __m512 sum = _mm512_setzero_ps();
-            for (int jj = 0; jj < nk; jj++) {
-                float *sp = ST + (int64_t)jj * RP + r0;
-                const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sp), mnew);
-                __m512 p = pbf ? exp_bf16_16(x) : exp_approx16(x);
-                if (masked) {
-                    const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
-                    p = _mm512_maskz_mov_ps(keep, p);
+#define NUMERATOR(jj, p)                                                                                            \
+    do {                                                                                                            \
+        const __m512 x_ = _mm512_sub_ps(_mm512_loadu_ps(ST + (int64_t)(jj) * RP + r0), mnew);                       \
+        p = pbf ? exp_bf16_16(x_) : exp_approx16(x_);                                                               \
+        if (masked)                                                                                                 \
+            p = _mm512_maskz_mov_ps(                                                                                \
+                _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + (jj))), pv, _MM_CMPINT_LE), p);              \
+    } while (0)
+            if (pbf) {
+#if HAVE_DP
+                /* P straight into bf16 pairs for P.V: PP[jp][r] = (P[2jp][r], P[2jp+1][r]) */
+                for (int jj = 0; jj < nk; jj += 2) {
+                    __m512 pa, pb = _mm512_setzero_ps();
+                    NUMERATOR(jj, pa);
+                    sum = _mm512_add_ps(sum, pa);
+                    if (jj + 1 < nk) {
+                        NUMERATOR(jj + 1, pb);
+                        sum = _mm512_add_ps(sum, pb);
+                    }
+                    pack_p_pair(pa, pb, B->PP + (int64_t)(jj / 2) * RP + r0);
                 }
-                _mm512_storeu_ps(sp, p);
-                sum = _mm512_add_ps(sum, p);
+#endif
+            } else {
+                for (int jj = 0; jj < nk; jj++) {
+                    __m512 p;
+                    NUMERATOR(jj, p);
+                    _mm512_storeu_ps(ST + (int64_t)jj * RP + r0, p);
+                    sum = _mm512_add_ps(sum, p);
+                }
             }
+#undef NUMERATOR
             _mm512_storeu_ps(m + r0, mnew);
             _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
+            /* alpha is exactly 1 in every lane when no row's max moved (most chunks after the first few) */
+            if (_mm512_cmp_ps_mask(mnew, mold, _CMP_NEQ_UQ) == 0) continue;
             for (int d = 0; d < D; d++) {
                 float *o = OT + (int64_t)d * RP + r0;
                 _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
@@ -414,9 +435,6 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
                 const uint16_t *va = (const uint16_t *)v + (slots[j0 + ja] * Hkv + g) * D;
                 const uint16_t *vb = jb < nk ? (const uint16_t *)v + (slots[j0 + jb] * Hkv + g) * D : NULL;
                 pack_v_pair(va, vb, D, B->VP + (int64_t)jp * D);
-                for (int b = 0; b < nrv; b++)
-                    pack_p_pair(ST + (int64_t)ja * RP + 16 * b, jb < nk ? ST + (int64_t)jb * RP + 16 * b : NULL,
-                                B->PP + (int64_t)jp * RP + 16 * b);
             }
             pv_chunk_bf(OT, RP, B->VP, D, njp, nrv, B->PP);
 #endif
