@@ -41,8 +41,9 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     args = SimpleNamespace(workflow=3, agents=2, model="smollm2-135m",
                            targets="deltaserve-stateful,deltaserve-stateless,no-such-peer",
                            out=str(tmp_path), max_tokens=4, ignore_eos=True, seed=1, kv_budget_tokens=None,
-                           result_median=40.0, tools_per_role=1, threads=2, max_batch_tokens=2048, timeout=120.0, img_dir="",
-                           write="", no_progress=True, merge=False)
+                           result_median=40.0, tools_per_role=1, threads=2, max_batch_tokens=2048,
+                           max_prefill_with_decode=256, timeout=120.0, img_dir="", write="", no_progress=True,
+                           merge=False)
     assert agents_bench.run(args) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "report.md").exists() and (tmp_path / "latency.png").exists()

@@ -161,7 +161,7 @@ def missing_reason(name: str, model: str) -> str | None:
 
 
 def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, threads: int,
-          max_batch_tokens: int = 2048, context: int = 8192) -> Target:
+          max_batch_tokens: int = 2048, context: int = 8192, max_prefill_with_decode: int | None = None) -> Target:
     port = free_port()
     bpt = kv_bytes_per_token(model)
     if name.startswith("deltaserve-"):
@@ -171,6 +171,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
                "--port", str(port), "--cache-mode", mode, "--speculation", "lookup" if mode == "stateful" else "off",
                "--dtype", "bfloat16", "--kv-cache-gb", f"{kv_gb:.6f}", "--max-batch-tokens", str(max_batch_tokens),
                "--log-level", "warning"]
+        if max_prefill_with_decode is not None:
+            cmd += ["--max-prefill-with-decode", str(max_prefill_with_decode)]
         t = Target(name, cmd, env={"OMP_NUM_THREADS": str(threads)}, session=mode == "stateful", model_id=model)
         t.notes.append(f"--kv-cache-gb {kv_gb:.4g}")
     elif name.startswith("vllm"):

@@ -46,6 +46,7 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_bytes: int = 2 << 30
     max_batch_tokens: int = 512
+    max_prefill_with_decode: int | None = None  # prefill tokens a step that also decodes may carry (None: no cap)
     max_running: int = 64
     cache_mode: CacheMode = CacheMode.STATEFUL
     session_ttl: float = 300.0
@@ -93,7 +94,7 @@ class LLMEngine:
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
-        self.scheduler = Scheduler(config.max_batch_tokens, config.max_running)
+        self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
         self.kv.running = self.scheduler.running  # the same list: admission sees prefills in flight
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)

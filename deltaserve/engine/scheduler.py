@@ -3,7 +3,10 @@
 Policy per step, under a token budget:
 1. every running sequence in decode gets its 1 token (+ its speculative draft);
 2. the remaining budget goes to prefill chunks, running prefills first, then
-   admitted waiting requests in arrival order.
+   admitted waiting requests in arrival order. A step that carries decodes
+   carries at most `max_prefill_with_decode` prefill tokens: every decoding
+   agent waits for the whole step, so a 2,000-token chunk would hold each of
+   their next tokens for a second; steps without decodes take the full budget.
 So one agent's 1,500-token tool result is spread over several steps while
 the other agents keep decoding, instead of stalling them.
 """
@@ -31,9 +34,11 @@ class StepPlan(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int = 512, max_running: int = 64):
+    def __init__(self, max_batch_tokens: int = 512, max_running: int = 64, max_prefill_with_decode: int | None = None):
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
+        # None: no cap beyond the step budget
+        self.max_prefill_with_decode = max_prefill_with_decode
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -62,6 +67,8 @@ class Scheduler:
                     continue  # the engine preempts when nothing could run
             items.append(ScheduledSeq(seq, 1, draft))
             budget -= 1 + len(draft)
+        if items and self.max_prefill_with_decode is not None:
+            budget = min(budget, self.max_prefill_with_decode)
         for seq in list(self.running):
             if budget <= 0:
                 break

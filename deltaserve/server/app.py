@@ -162,7 +162,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pinned-fraction", type=float, default=0.7,
                    help="share of the KV pool pinned sessions may hold; the rest is working space (stateful mode)")
     p.add_argument("--max-context", type=int, default=None, help="cap on prompt + completion tokens")
-    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens a forward step may carry")
+    p.add_argument("--max-prefill-with-decode", type=int, default=None,
+                   help="prefill tokens a step that also carries decodes may take (default: no cap below "
+                        "--max-batch-tokens); lower keeps decoding agents' tokens coming during long prefills")
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable); also $DELTASERVE_API_KEY. None: no auth")
     p.add_argument("--log-level", default="info")
@@ -180,12 +183,15 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
         raise SystemExit("error: --device cuda given but no CUDA device is available")
     if not 0.0 < args.max_pinned_fraction <= 1.0:
         raise SystemExit(f"error: --max-pinned-fraction must be in (0, 1], got {args.max_pinned_fraction}")
+    if args.max_batch_tokens < 1 or (args.max_prefill_with_decode is not None and args.max_prefill_with_decode < 1):
+        raise SystemExit("error: --max-batch-tokens and --max-prefill-with-decode must be at least 1")
     ensure_pulled(args.model)
     cfg = EngineConfig(dtype=getattr(torch, args.dtype), device=args.device,
                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
                        speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                        max_pinned_fraction=args.max_pinned_fraction,
-                       max_context=args.max_context, max_batch_tokens=args.max_batch_tokens)
+                       max_context=args.max_context, max_batch_tokens=args.max_batch_tokens,
+                       max_prefill_with_decode=args.max_prefill_with_decode)
     return LLMEngine.from_model(args.model, cfg)
 
 
