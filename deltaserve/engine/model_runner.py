@@ -52,7 +52,8 @@ class ModelRunner:
             else:
                 rows.append((len(logit_index), 0))
         meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(
-            self.device, self.native_attention, self.tiled_attention, self.gqa_group)
+            self.device, self.native_attention, self.tiled_attention, self.gqa_group,
+            self.kv.k_cache[0].dtype == torch.float32)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),
             torch.tensor(pos, dtype=torch.int64, device=self.device),

@@ -24,11 +24,15 @@ from deltaserve.kernels import paged_attention as native
 
 SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batch
 # Native path: spans with fewer query rows (q_len x GQA group) than this use the short-query kernel, the
-# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below ~12 rows, while the
-# short kernel's cost grows with every row. Measured on 2 cores with a bf16 cache, 4 sequences x 5000 keys
-# (python -m deltaserve.kernels.paged_attention): 3 rows (decode) ~2x faster in the short kernel's pair mode,
-# 9 rows ~1.4x, 12 rows about even, 15 rows (verify of 5 tokens) ~1.3x faster in the tiled one.
-TILED_MIN_ROWS = 12
+# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below 16 rows, and it splits
+# work by (sequence, kv head, query block) only, so a single sequence's verify gives 2 cores 3 items; the short
+# kernel splits keys, but its cost grows with every row. Whole SmolLM2 bf16 steps at 4k context, 2 cores, in one
+# process (short kernel's pair mode vs tiled): verify 4 x 4 tokens (12 rows) 80 vs 93 ms, 4 x 5 (15 rows) 107 vs
+# 112 ms, 1 x 5 32 vs 45 ms; 4 x 8 (24 rows) 136 vs 126 ms in the tiled kernel's favour. With an fp32 cache the
+# short kernel converts rows to fp32 and reduces each q.k horizontally: there the tiled one wins from ~12 rows
+# (kernel alone, 4 x 5000 keys: 12 rows 3.4 vs 2.7 ms, 15 rows 3.9 vs 2.2 ms).
+TILED_MIN_ROWS = 16
+TILED_MIN_ROWS_FP32 = 12
 
 
 @dataclass
@@ -69,12 +73,14 @@ class AttentionMetadata:
         return self.native_seqs is not None or self.tiled_seqs is not None
 
     def prepare(self, device: torch.device, use_native: bool = False, use_tiled: bool = False,
-                gqa_group: int = 1) -> "AttentionMetadata":
+                gqa_group: int = 1, kv_fp32: bool = False) -> "AttentionMetadata":
         """use_native / use_tiled: the caller checked `native.supports(k_cache)` / `native.supports_tiled(k_cache)`;
-        spans then read K/V from the pool with no gathers. gqa_group: query heads per KV head."""
+        spans then read K/V from the pool with no gathers. gqa_group: query heads per KV head. kv_fp32: the
+        cache is fp32 (the split between the two kernels moves)."""
         if use_tiled:
-            tiled = [s for s in self.spans if s.q_len * gqa_group >= TILED_MIN_ROWS or not use_native]
-            short = [s for s in self.spans if s.q_len * gqa_group < TILED_MIN_ROWS and use_native]
+            min_rows = TILED_MIN_ROWS_FP32 if kv_fp32 else TILED_MIN_ROWS
+            tiled = [s for s in self.spans if s.q_len * gqa_group >= min_rows or not use_native]
+            short = [s for s in self.spans if s.q_len * gqa_group < min_rows and use_native]
             if tiled:
                 self.tiled_slots, self.tiled_seqs = _native_layout(tiled)
             if short:
