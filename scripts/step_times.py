@@ -1,11 +1,13 @@
 """Time whole-model forward steps of typical shapes (SmolLM2 bf16 by default), best of 5 after 2 warm-ups.
 
-    OMP_NUM_THREADS=2 python scripts/step_times.py [--model M] [--profile CASE]
+    OMP_NUM_THREADS=2 python scripts/step_times.py [--model M] [--profile CASE] [--ab min-rows|pairs]
 
 Each case is a list of (context before, new tokens) per sequence: decodes, verify steps (k+1 tokens), a turn's
 delta over a long context, a whole prompt. K/V slots are contiguous and their contents arbitrary: only the
 timing means anything. --profile CASE prints torch's operator table for that case (the native attention
 kernels run through ctypes and show up as the gap between the table's total and the step time).
+--ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
+routes spans by `layers.attention.TILED_MIN_ROWS` 12 vs 16, `pairs` runs the short kernel in fp32 vs bf16 pairs.
 """
 
 from __future__ import annotations
@@ -30,24 +32,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
+    ap.add_argument("--ab", default="", choices=["", "min-rows", "pairs"])
     args = ap.parse_args()
-    eng = LLMEngine.from_model(args.model, EngineConfig(dtype=torch.bfloat16, cache_mode=CacheMode.STATELESS,
-                                                        speculation=False, kv_cache_bytes=1 << 30, max_batch_tokens=8192))
-    r = eng.runner
+    if args.ab:
+        return ab(args)
+    r = _engine(args.model).runner
 
-    def step(spec):
-        ids, pos, spans, write, base = [], [], [], [], 0
-        for ctx, q in spec:
-            slots = torch.arange(base, base + ctx + q)
-            base += ctx + q + 16
-            spans.append(SeqSpan(len(ids), q, slots))
-            ids += [100 + i % 1000 for i in range(q)]
-            pos += list(range(ctx, ctx + q))
-            write.append(slots[ctx:])
-        meta = AttentionMetadata(torch.cat(write), spans).prepare(torch.device("cpu"), r.native_attention,
-                                                                  r.tiled_attention, r.gqa_group)
-        return lambda: r.model(torch.tensor(ids), torch.tensor(pos), r.kv, meta)
-
+    step = _stepper(r)
     with torch.inference_mode():
         for name, spec in CASES.items():
             f = step(spec)
@@ -67,6 +58,57 @@ def main() -> None:
                 for _ in range(3):
                     f()
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def _engine(model: str) -> LLMEngine:
+    return LLMEngine.from_model(model, EngineConfig(dtype=torch.bfloat16, cache_mode=CacheMode.STATELESS,
+                                                    speculation=False, kv_cache_bytes=1 << 30, max_batch_tokens=8192))
+
+
+def ab(args) -> None:
+    import deltaserve.layers.attention as attn
+
+    r = _engine(args.model).runner
+    for t in r.kv.k_cache + r.kv.v_cache:
+        t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
+    short = attn.native.paged_attention_short
+    variants = {"min-rows": {"12": (12, True), "16": (16, True)},
+                "pairs": {"fp32": (attn.TILED_MIN_ROWS, False), "pairs": (attn.TILED_MIN_ROWS, True)}}[args.ab]
+    step = _stepper(r)
+    with torch.inference_mode():
+        for name, spec in CASES.items():
+            fs = {}
+            for label, (min_rows, pairs) in variants.items():
+                attn.TILED_MIN_ROWS = min_rows  # read when the step's metadata is prepared
+                fs[label] = (step(spec), pairs)
+            best = {k: 1e9 for k in fs}
+            for _ in range(6):
+                for k, (f, pairs) in fs.items():
+                    attn.native.paged_attention_short = (lambda *a, _p=pairs, **kw: short(*a, pairs=_p and kw.get("pairs", False)))
+                    f()
+                    t = time.perf_counter()
+                    f()
+                    f()
+                    best[k] = min(best[k], (time.perf_counter() - t) / 2)
+            attn.native.paged_attention_short = short
+            print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
+
+
+def _stepper(r):
+    def step(spec):
+        ids, pos, spans, write, base = [], [], [], [], 0
+        for ctx, q in spec:
+            slots = torch.arange(base, base + ctx + q)
+            base += ctx + q + 16
+            spans.append(SeqSpan(len(ids), q, slots))
+            ids += [100 + i % 1000 for i in range(q)]
+            pos += list(range(ctx, ctx + q))
+            write.append(slots[ctx:])
+        meta = AttentionMetadata(torch.cat(write), spans).prepare(torch.device("cpu"), r.native_attention,
+                                                                  r.tiled_attention, r.gqa_group)
+        return lambda: r.model(torch.tensor(ids), torch.tensor(pos), r.kv, meta)
+
+    return step
 
 
 if __name__ == "__main__":
