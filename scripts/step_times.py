@@ -37,7 +37,6 @@ def main() -> None:
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
-
     step = _stepper(r)
     with torch.inference_mode():
         for name, spec in CASES.items():

@@ -145,13 +145,12 @@ def _bench(reps: int = 10) -> None:
                                                scale=D**-0.5, enable_gqa=True)
 
         cells = [f"sdpa {ms(sdpa):8.2f}"]
+        qb = q.to(torch.bfloat16).float()  # a bf16 model's queries, as the engine passes them to the bf16 modes
         if n <= 64 and available():
             cells.append(f"short {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out)):8.2f}")
-            qb = q.to(torch.bfloat16).float()
             cells.append(f"pairs {ms(lambda: paged_attention_short(qb, kc, vc, slots, seqs, D**-0.5, out, True)):8.2f}")
         if tiled_available():
-            # as the engine calls it for a bf16 model: bf16 queries, P.V in bf16 pairs
-            qb = q.to(torch.bfloat16).float()
+            # as the engine calls it for a bf16 model: P.V in bf16 pairs
             cells.append(f"tiled {ms(lambda: paged_attention_tiled(qb, kc, vc, slots, seqs, D**-0.5, out, True)):8.2f}")
         print(f"{B} seqs x {n:4d} queries x {L} keys ({n * H // Hkv} rows a kv head), ms: " + " | ".join(cells))
 

@@ -1,5 +1,6 @@
 /* The short-query kernel's bf16 pair-product path (paged_attention.c, mode bit 0): keys on lanes, so K and V rows
  * are used as stored. Included by paged_attention.c after CHUNK, bf16.h and simd_exp.h; defines HAVE_PAIRS. */
+#include "prefetch.h"
 #ifndef DELTASERVE_SHORT_PAIRS_H
 #define DELTASERVE_SHORT_PAIRS_H
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -21,14 +22,6 @@ static inline __attribute__((always_inline)) __m512 reduce16(__m512 v[16]) {
     const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
     const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     return _mm512_permutexvar_ps(idx, z);
-}
-
-/* prefetch the D bf16 of a K or V row (one or more cache lines): hint 0 into L1, 1 into L2 */
-static inline __attribute__((always_inline)) void prefetch_row(const uint16_t *r, int D, int l2) {
-    for (int off = 0; off < 2 * D; off += 64) {
-        if (l2) _mm_prefetch((const char *)r + off, _MM_HINT_T1);
-        else _mm_prefetch((const char *)r + off, _MM_HINT_T0);
-    }
 }
 
 /* chunk_attend with bf16 pair products, ND = D / 32 vectors a row (a vector holds 32 bf16 = 16 pairs).
@@ -62,10 +55,10 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
             const int first = qi == 0;
             for (int jb = 0; jb < nvis; jb += 16) {
                 if (first && g == 0) {
-                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_row(k + slots[j0 + t] * Hkv * D, Hkv * D, 0);
-                    for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_row(v + slots[j0 + t] * Hkv * D, Hkv * D, 1);
+                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 0);
+                    for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_bytes(v + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 1);
                 } else if (first) {
-                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_row(k + (slots[j0 + t] * Hkv + g) * D, D, 0);
+                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + (slots[j0 + t] * Hkv + g) * D, 2 * D, 0);
                 }
                 __m512 part[16];
                 if (jb + 16 <= nvis) {

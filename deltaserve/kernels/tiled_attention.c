@@ -53,6 +53,7 @@ int paged_attention_tiled_available(void) { return 1; }
 
 #include "bf16.h"
 #include "simd_exp.h"
+#include "prefetch.h"
 
 /* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of 16 or handled by the tail). */
 static inline void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
@@ -213,11 +214,6 @@ static inline void pack_p_pair(__m512 a, __m512 b, uint32_t *restrict PP) {
 #define HAVE_DP 0
 #endif
 
-/* prefetch n bytes from p into L1 */
-static inline void prefetch_row(const char *p, int n) {
-    for (int off = 0; off < n; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-}
-
 /* Tile shapes by row vectors (nrv): the FMA chains of a tile are its keys (or dims) x row vectors, kept
  * near 16 so a verify step's single row vector still runs at the FMA rate rather than its latency. */
 static inline int keys_per_tile(int nrv) { return nrv == 1 ? 16 : nrv == 2 ? 8 : 4; }
@@ -348,8 +344,8 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
          * chunk's K rows and this chunk's V rows (read after the softmax) while this chunk's K is copied */
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
         const int es = bf16 ? 2 : 4; /* bytes an element */
-        for (int jj = 0; jj < nnext; jj++) prefetch_row((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es);
-        for (int jj = 0; jj < nk; jj++) prefetch_row((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es);
+        for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
+        for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
         for (int jj = 0; jj < nk; jj++) {
             const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
             if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + off, sizeof(uint16_t) * D);
