@@ -18,10 +18,9 @@ def test_bf16_forms_match_fp32_reference(rows, bias, large_fp32):
     b = torch.randn(48, generator=g).to(torch.bfloat16) if bias else None
     x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
     lin = Linear(w, b, large_batch_fp32=large_fp32)
-    if packed_supported():
-        assert lin.packed is not None
-        want_w32 = large_fp32 if large_fp32 is not None else large_batch_form() == "fp32"
-        assert (lin.w32 is not None) == want_w32
+    assert (lin.packed is not None) == packed_supported()
+    want_w32 = large_fp32 if large_fp32 is not None else large_batch_form() == "fp32"
+    assert (lin.w32 is not None) == want_w32
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
     ref = F.linear(x.float(), w.float(), b.float() if bias else None)
@@ -43,6 +42,26 @@ def test_lm_head_form_without_fp32_copy():
     assert lin.w32 is None
     x = torch.randn(100, 16).to(torch.bfloat16)
     torch.testing.assert_close(lin(x).float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=5e-2)
+
+
+def test_without_onednn_bf16_large_batches_take_the_fp32_copy(monkeypatch):
+    import deltaserve.layers.linear as L
+
+    monkeypatch.setattr(L, "_PACKED_OK", False)  # as on a CPU with neither AVX-512 nor AVX-NE-CONVERT
+    monkeypatch.setattr(L, "_LARGE_FORM", None)
+    w = torch.randn(24, 40).to(torch.bfloat16)
+    lin = Linear(w)
+    assert lin.packed is None and lin.w32 is not None
+    for rows in (1, L.SMALL_BATCH_ROWS_UNPACKED, L.SMALL_BATCH_ROWS_UNPACKED + 1, 64):
+        x = torch.randn(rows, 40).to(torch.bfloat16)
+        y = lin(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
+    # and which form ran: the bf16 weight up to the switch, the fp32 copy above it
+    x = torch.randn(L.SMALL_BATCH_ROWS_UNPACKED + 1, 40).to(torch.bfloat16)
+    assert torch.equal(lin(x), F.linear(x.float(), w.float()).to(torch.bfloat16))
+    x = torch.randn(2, 40).to(torch.bfloat16)
+    assert torch.equal(lin(x), F.linear(x, w))
 
 
 def test_large_batch_form_is_one_of_both():

@@ -6,6 +6,8 @@ Control lives here and in `scheduler`/`kv_manager`; compute lives in
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
@@ -106,6 +108,9 @@ class LLMEngine:
 
             self.speculator = Speculator()
         self._busy_sessions: set[str] = set()
+        # DELTASERVE_STEP_TRACE=path: a JSON line per step (profiling; off by default)
+        trace = os.environ.get("DELTASERVE_STEP_TRACE")
+        self._trace = open(trace, "a", buffering=1) if trace else None
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
@@ -208,6 +213,10 @@ class LLMEngine:
         else:
             c.time_forward_decode += t2 - t1
         c.steps += 1
+        if self._trace is not None:
+            # one JSON line a step: per item (context before, tokens fed, draft length), forward seconds
+            self._trace.write(json.dumps({"t": round(t1, 4), "fwd": round(t2 - t1, 5), "items": [
+                [i.seq.num_computed, i.num_tokens, len(i.draft)] for i in plan.items]}) + "\n")
         outputs: list[SeqOutput] = []
         for item, (r0, nrows) in zip(plan.items, out.rows):
             seq = item.seq

@@ -17,9 +17,13 @@ per-call weight reordering. So a bf16 model on CPU keeps:
   CPU flag decides first); `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
   (`python -m deltaserve.layers.linear` prints both).
 
-Everything else (fp32 models, CUDA, a torch without the oneDNN op) runs
-`F.linear` on the weight as loaded, so fp32 outputs stay bit-identical to the
-reference.
+A bf16 model on a CPU where oneDNN has no bf16 kernel (no AVX-512, no
+AVX-NE-CONVERT: AMD Zen 3, many client chips) keeps `w32` too and switches to it
+from `SMALL_BATCH_ROWS_UNPACKED` rows: there bf16 `F.linear` runs a generic loop
+6x slower than fp32 sgemm at prefill sizes.
+
+Everything else (fp32 models, CUDA) runs `F.linear` on the weight as loaded, so
+fp32 outputs stay bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ import torch
 import torch.nn.functional as F
 
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
+# Without oneDNN's bf16 kernels (a CPU with neither AVX-512 nor AVX-NE-CONVERT, e.g. AMD Zen 3) F.linear on bf16
+# weights converts in a slow generic loop: [rows, 576] x [576, 3072] on 2 Zen 3 cores, bf16 vs fp32 weight:
+# 1 row 430 vs 784 us, 16 rows 4.4 vs 3.4 ms, 512 rows 131 vs 20 ms. So there the fp32 copy takes over early.
+SMALL_BATCH_ROWS_UNPACKED = 8
 
 
 def _mkldnn_ops_available() -> bool:
@@ -84,8 +92,10 @@ def _measure_large_batch_form(rows: int = 256, shape: tuple[int, int] = (1536, 5
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
     w32 = w.float()
+    if not packed_supported():
+        return "fp32"
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
     forms = {"bf16": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
              "fp32": lambda: F.linear(x.float(), w32).to(torch.bfloat16)}
     best = {}
@@ -115,8 +125,9 @@ class Linear:
         self.packed: torch.Tensor | None = None
         self.w32: torch.Tensor | None = None
         self.b32: torch.Tensor | None = None
-        if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packed_supported():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            if packed_supported():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             if large_batch_fp32 is None:
                 large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
@@ -124,11 +135,12 @@ class Linear:
                 self.b32 = bias.float() if bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        if x.shape[0] <= SMALL_BATCH_ROWS or self.w32 is None:
+        small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
+        if self.w32 is not None and x.shape[0] > small:
+            return F.linear(x.float(), self.w32, self.b32).to(x.dtype)
+        if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x.float(), self.w32, self.b32).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:
         """Bytes held by all forms of this weight."""
