@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels import small_gemm
 from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, large_batch_form, packed_supported
 
 
@@ -61,7 +62,33 @@ def test_without_onednn_bf16_large_batches_take_the_fp32_copy(monkeypatch):
     x = torch.randn(L.SMALL_BATCH_ROWS_UNPACKED + 1, 40).to(torch.bfloat16)
     assert torch.equal(lin(x), F.linear(x.float(), w.float()).to(torch.bfloat16))
     x = torch.randn(2, 40).to(torch.bfloat16)
-    assert torch.equal(lin(x), F.linear(x, w))
+    if lin.panels is not None:  # AVX2 here: the small-batch kernel
+        assert torch.equal(lin(x), small_gemm.linear(x, lin.panels, None))
+    else:
+        assert torch.equal(lin(x), F.linear(x, w))
+
+
+@pytest.mark.skipif(not small_gemm.available(), reason="small_gemm needs AVX2 + FMA")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(8, 16), (24, 40), (96, 576)])
+def test_small_gemm_matches_fp32_reference(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    wp = small_gemm.pack(w)
+    last = n // 8 - 1  # panel p holds output features 8p..8p+7, k-major
+    assert wp.shape == (n // 8, k, 8) and torch.equal(wp[last, 3], w[8 * last : 8 * last + 8, 3])
+    for bias in (None, b):
+        y = small_gemm.linear(x, wp, bias)
+        ref = F.linear(x.float(), w.float(), bias.float() if bias is not None else None)
+        # fp32 accumulation, one bf16 rounding of the output: within half a bf16 ulp (+ summation order)
+        torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-4)
+
+
+def test_small_gemm_refuses_what_it_cannot_pack():
+    assert small_gemm.pack(torch.randn(12, 16).to(torch.bfloat16)) is None  # N % 8
+    assert small_gemm.pack(torch.randn(16, 16)) is None  # fp32 weights stay on F.linear
 
 
 def test_large_batch_form_is_one_of_both():

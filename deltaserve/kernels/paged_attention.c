@@ -24,8 +24,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define HAVE_AVX2_ONLY 1 /* AMD Zen 3, client chips: 8-lane paths below where AVX-512 has 16-lane ones */
+#else
+#define HAVE_AVX2_ONLY 0
 #endif
 
 #define CHUNK 256
@@ -54,6 +59,29 @@ static inline float exp_approx(float x) {
 
 #include "simd_exp.h" /* exp_approx16: the same polynomial on 16 lanes */
 
+#if HAVE_AVX2_ONLY
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* The 8 lanes of each of a..h summed: [sum a, sum b, ..., sum h] (a transpose-add tree, 7 hadds/permutes
+ * for 8 reductions instead of 8 separate shuffle chains). */
+static inline __m256 hsum8x8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g, __m256 h) {
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); /* [a01 a23 b01 b23 | a45 a67 b45 b67] */
+    const __m256 ef = _mm256_hadd_ps(e, f), gh = _mm256_hadd_ps(g, h);
+    const __m256 abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh); /* [a b c d | a b c d] halves */
+    return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+}
+#endif
+
 /* s[0..n) <- exp(s - max), returns (max, sum) through the pointers. n > 0. */
 static inline void softmax_numerators(float *restrict s, int n, float *m_out, float *l_out) {
 #ifdef __AVX512F__
@@ -77,6 +105,26 @@ static inline void softmax_numerators(float *restrict s, int n, float *m_out, fl
     }
     *m_out = m;
     *l_out = _mm512_reduce_add_ps(lv);
+#elif HAVE_AVX2_ONLY
+    __m256 mv = _mm256_set1_ps(-3.0e38f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+    float m = hmax8(mv);
+    for (int t = j; t < n; t++) m = s[t] > m ? s[t] : m;
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 lv = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 p = exp_approx8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mb));
+        _mm256_storeu_ps(s + j, p);
+        lv = _mm256_add_ps(lv, p);
+    }
+    float l = hsum8(lv);
+    for (; j < n; j++) {
+        s[j] = exp_approx(s[j] - m);
+        l += s[j];
+    }
+    *m_out = m;
+    *l_out = l;
 #else
     float m = -3.0e38f, l = 0.f;
     for (int j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
@@ -105,11 +153,40 @@ static inline __attribute__((always_inline)) float dot(const float *restrict a, 
     return s;
 }
 
+#if HAVE_AVX2_ONLY
+/* s[j] = scale * q . K[j] for the first nvis rounded down to 8 keys, 8 keys at a time: q held in registers
+ * (D <= 64: 8 vectors), one accumulator a key (8 independent FMA chains hide the FMA latency), the 8 sums
+ * reduced together. Returns the number of keys done. */
+static inline __attribute__((always_inline)) int scores8(const float *restrict qv, const float *restrict rows, int D,
+                                                        int nvis, float scale, float *restrict s) {
+    __m256 qr[8];
+    const int nc = D / 8;
+    for (int c = 0; c < nc; c++) qr[c] = _mm256_loadu_ps(qv + 8 * c);
+    const __m256 sc = _mm256_set1_ps(scale);
+    int j = 0;
+    for (; j + 8 <= nvis; j += 8) {
+        __m256 acc[8];
+        const float *k0 = rows + (int64_t)j * D;
+        for (int a = 0; a < 8; a++) acc[a] = _mm256_mul_ps(qr[0], _mm256_loadu_ps(k0 + a * D));
+        for (int c = 1; c < nc; c++)
+            for (int a = 0; a < 8; a++) acc[a] = _mm256_fmadd_ps(qr[c], _mm256_loadu_ps(k0 + a * D + 8 * c), acc[a]);
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]), sc));
+    }
+    return j;
+}
+#endif
+
 static inline __attribute__((always_inline)) void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
     if (bf16) {
         const uint16_t *s = (const uint16_t *)base + off;
+        int d0 = 0;
+#if HAVE_AVX2_ONLY
+        for (; d0 + 8 <= D; d0 += 8)
+            _mm256_storeu_ps(dst + d0, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                           _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + d0))), 16)));
+#endif
 #pragma omp simd
-        for (int d = 0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
+        for (int d = d0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
     } else {
         memcpy(dst, (const float *)base + off, sizeof(float) * D);
     }
@@ -135,7 +212,11 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
             const int qi = i * G + h;
             const float *qv = q + ((q_start + i) * H + g * G + h) * D;
             float *restrict s = scores + qi * CHUNK;
-            for (int jj = 0; jj < nvis; jj++) s[jj] = dot(qv, rows + jj * D, D) * scale;
+            int jj = 0;
+#if HAVE_AVX2_ONLY
+            if ((D & 7) == 0 && D <= 64) jj = scores8(qv, rows, D, nvis, scale, s);
+#endif
+            for (; jj < nvis; jj++) s[jj] = dot(qv, rows + jj * D, D) * scale;
             float m = -3.0e38f, l = 0.f;
             if (nvis > 0) softmax_numerators(s, nvis, &m, &l);
             m_out[qi] = m;
@@ -160,6 +241,18 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
                     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(r + 16 * c), acc[c]);
                 }
                 for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(a + 16 * c, acc[c]);
+                continue;
+            }
+#elif HAVE_AVX2_ONLY
+            if ((D & 7) == 0 && D <= 64) {
+                __m256 acc[8];
+                for (int c = 0; c < D / 8; c++) acc[c] = _mm256_setzero_ps();
+                for (int jj = 0; jj < nvis; jj++) {
+                    const __m256 p = _mm256_set1_ps(s[jj]);
+                    const float *r = rows + jj * D;
+                    for (int c = 0; c < D / 8; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 8 * c), acc[c]);
+                }
+                for (int c = 0; c < D / 8; c++) _mm256_storeu_ps(a + 8 * c, acc[c]);
                 continue;
             }
 #endif

@@ -1,4 +1,4 @@
-/* exp on 16 fp32 lanes for the native attention kernels, without libm so the loops that call it vectorise:
+/* exp on 16 (AVX-512) or 8 (AVX2) fp32 lanes for the native attention kernels, without libm so the loops that call it vectorise:
  * 2^n * 2^f, |f| <= 1/2, with a degree-7 Taylor polynomial (relative error ~1e-7). Inputs here are <= 0;
  * below -87 the result is clamped to exp(-87). */
 #ifndef DELTASERVE_SIMD_EXP_H
@@ -41,6 +41,27 @@ static inline __m512 exp_bf16_16(__m512 x) {
     __m512 n;
     const __m512 f = exp_split(x, &n);
     return _mm512_scalef_ps(exp2_horner_tail(_mm512_set1_ps(1.3333558146428443e-3f), f), n);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* The same polynomial on 8 lanes, for CPUs without AVX-512 (AMD Zen 3, client chips). Inputs <= 0. */
+static inline __m256 exp_approx8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5252733804059840e-5f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381608e-4f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
 #endif

@@ -18,9 +18,11 @@ per-call weight reordering. So a bf16 model on CPU keeps:
   (`python -m deltaserve.layers.linear` prints both).
 
 A bf16 model on a CPU where oneDNN has no bf16 kernel (no AVX-512, no
-AVX-NE-CONVERT: AMD Zen 3, many client chips) keeps `w32` too and switches to it
-from `SMALL_BATCH_ROWS_UNPACKED` rows: there bf16 `F.linear` runs a generic loop
-6x slower than fp32 sgemm at prefill sizes.
+AVX-NE-CONVERT: AMD Zen 3, many client chips) keeps instead
+- `panels`: the bf16 weight in `kernels/small_gemm.c`'s layout, for batches up
+  to `SMALL_BATCH_ROWS_UNPACKED` rows (each weight streamed once, in bf16);
+- `w32`, above that (bf16 `F.linear` runs a generic loop there, 6x slower than
+  fp32 sgemm at prefill sizes).
 
 Everything else (fp32 models, CUDA) runs `F.linear` on the weight as loaded, so
 fp32 outputs stay bit-identical to the reference.
@@ -33,6 +35,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from deltaserve.kernels import small_gemm
 
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
 # Without oneDNN's bf16 kernels (a CPU with neither AVX-512 nor AVX-NE-CONVERT, e.g. AMD Zen 3) F.linear on bf16
@@ -125,9 +129,12 @@ class Linear:
         self.packed: torch.Tensor | None = None
         self.w32: torch.Tensor | None = None
         self.b32: torch.Tensor | None = None
+        self.panels: torch.Tensor | None = None  # small_gemm's layout, where oneDNN has no bf16 kernel
         if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             if packed_supported():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            elif small_gemm.available():
+                self.panels = small_gemm.pack(weight)
             if large_batch_fp32 is None:
                 large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
@@ -140,13 +147,15 @@ class Linear:
             return F.linear(x.float(), self.w32, self.b32).to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.panels is not None:
+            return small_gemm.linear(x, self.panels, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:
         """Bytes held by all forms of this weight."""
         ts = [self.weight, self.bias, self.w32, self.b32]
         n = sum(t.numel() * t.element_size() for t in ts if t is not None)
-        return n + (self.packed.numel() * 2 if self.packed is not None else 0)
+        return n + sum(t.numel() * 2 for t in (self.packed, self.panels) if t is not None)
 
 
 def _bench(rows=(1, 4, 16, 24, 32, 64, 512), shape=(3072, 576), reps=20) -> None:
