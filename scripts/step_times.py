@@ -1,13 +1,14 @@
 """Time whole-model forward steps of typical shapes (SmolLM2 bf16 by default), best of 5 after 2 warm-ups.
 
-    OMP_NUM_THREADS=2 python scripts/step_times.py [--model M] [--profile CASE] [--ab min-rows|pairs]
+    OMP_NUM_THREADS=2 python scripts/step_times.py [--model M] [--profile CASE] [--ab VARIANTS]
 
 Each case is a list of (context before, new tokens) per sequence: decodes, verify steps (k+1 tokens), a turn's
 delta over a long context, a whole prompt. K/V slots are contiguous and their contents arbitrary: only the
 timing means anything. --profile CASE prints torch's operator table for that case (the native attention
 kernels run through ctypes and show up as the gap between the table's total and the step time).
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
-routes spans by `layers.attention.TILED_MIN_ROWS` 12 vs 16, `pairs` runs the short kernel in fp32 vs bf16 pairs.
+routes spans by `layers.attention.TILED_MIN_ROWS` 12 vs 16 (`min-rows-avx2`: 8 vs 16), `pairs` runs the short kernel in
+fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
-    ap.add_argument("--ab", default="", choices=["", "min-rows", "pairs"])
+    ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "pairs", "small-gemm-rows"])
     args = ap.parse_args()
     if args.ab:
         return ab(args)
@@ -66,30 +67,37 @@ def _engine(model: str) -> LLMEngine:
 
 def ab(args) -> None:
     import deltaserve.layers.attention as attn
+    import deltaserve.layers.linear as lin
 
     r = _engine(args.model).runner
     for t in r.kv.k_cache + r.kv.v_cache:
         t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
     short = attn.native.paged_attention_short
-    variants = {"min-rows": {"12": (12, True), "16": (16, True)},
-                "pairs": {"fp32": (attn.TILED_MIN_ROWS, False), "pairs": (attn.TILED_MIN_ROWS, True)}}[args.ab]
+    # label -> (attn.TILED_MIN_ROWS, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
+    rows, small = attn.TILED_MIN_ROWS, lin.SMALL_BATCH_ROWS_UNPACKED
+    variants = {"min-rows": {"12": (12, True, small), "16": (16, True, small)},
+                "min-rows-avx2": {"8": (8, True, small), "16": (16, True, small)},
+                "pairs": {"fp32": (rows, False, small), "pairs": (rows, True, small)},
+                "small-gemm-rows": {"8": (rows, True, 8), "24": (rows, True, 24)}}[args.ab]
     step = _stepper(r)
     with torch.inference_mode():
         for name, spec in CASES.items():
             fs = {}
-            for label, (min_rows, pairs) in variants.items():
+            for label, (min_rows, pairs, small_rows) in variants.items():
                 attn.TILED_MIN_ROWS = min_rows  # read when the step's metadata is prepared
-                fs[label] = (step(spec), pairs)
+                fs[label] = (step(spec), pairs, small_rows)
             best = {k: 1e9 for k in fs}
             for _ in range(6):
-                for k, (f, pairs) in fs.items():
+                for k, (f, pairs, small_rows) in fs.items():
                     attn.native.paged_attention_short = (lambda *a, _p=pairs, **kw: short(*a, pairs=_p and kw.get("pairs", False)))
+                    lin.SMALL_BATCH_ROWS_UNPACKED = small_rows  # read by every Linear call
                     f()
                     t = time.perf_counter()
                     f()
                     f()
                     best[k] = min(best[k], (time.perf_counter() - t) / 2)
             attn.native.paged_attention_short = short
+            lin.SMALL_BATCH_ROWS_UNPACKED = small
             print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
 
 

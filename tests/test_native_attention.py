@@ -10,7 +10,7 @@ from deltaserve.kernels import paged_attention as native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the PyTorch path is used instead")
 KERNELS = {"short": native.paged_attention_short, "tiled": native.paged_attention_tiled}
-needs_tiled = pytest.mark.skipif(not native.tiled_available(), reason="tiled kernel needs AVX-512")
+needs_tiled = pytest.mark.skipif(not native.tiled_available(), reason="tiled kernel needs AVX2 + FMA or AVX-512")
 
 
 def _reference(q, kc, vc, seqs, slots, scale):

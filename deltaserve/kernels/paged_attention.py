@@ -35,7 +35,7 @@ def available() -> bool:
 
 
 def tiled_available() -> bool:
-    """The tiled kernel was built here with AVX-512 (else long spans keep the SDPA path)."""
+    """The tiled kernel was built here with AVX-512 or AVX2 + FMA (else long spans keep the SDPA path)."""
     return _bind("tiled_attention", "paged_attention_tiled", [ctypes.c_int], "paged_attention_tiled_available") is not None
 
 

@@ -10,14 +10,15 @@
  *   wp     [N / 8][K][8] bfloat16: panels of 8 output features, k-major, so y[m][n..n+8] += x[m][k] * wp[p][k]
  *          is one broadcast-FMA with no horizontal sums
  *   x      [M, K] bfloat16          bias  [N] bfloat16 or NULL          y  [M, N] bfloat16 (nearest even)
- * Each thread takes whole panels and streams each of them once for up to MAX_M rows, accumulating in fp32
- * (more rows: once per group of MAX_M). Returns 0, 2 when built without AVX2+FMA or for shapes it does not take (N % 8, M out of range).
+ * Each thread takes a contiguous range of panels and streams it from memory once, accumulating in fp32; up to
+ * MAX_M rows share each load of a weight vector, more rows go over a block of panels again while it is in cache. Returns 0, 2 when built without AVX2+FMA or for shapes it does not take (N % 8, M out of range).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_M 8
+#define PB 12 /* panels a block: a multiple of every tile's panel count (4, 3, 2, 1) */
 
 int small_gemm_available(void);
 
@@ -86,8 +87,8 @@ static inline __attribute__((always_inline)) void panels(const float *restrict x
 /* Panels per register tile for M rows: M x NP accumulators <= 12 */
 #define TILE_CASE(MM, NP_)                                                                  \
     case MM:                                                                                \
-        for (; p + NP_ <= p1; p += NP_) panels(xg, wp, bias, p, K, N, yg, MM, NP_);          \
-        for (; p < p1; p++) panels(xg, wp, bias, p, K, N, yg, MM, 1);                        \
+        for (; p + NP_ <= pe; p += NP_) panels(xg, wp, bias, p, K, N, yg, MM, NP_);          \
+        for (; p < pe; p++) panels(xg, wp, bias, p, K, N, yg, MM, 1);                        \
         break;
 
 int small_gemm(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, int M, int N, int K, uint16_t *y) {
@@ -102,21 +103,25 @@ int small_gemm(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, int 
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int p1 = (int)((int64_t)np * (t + 1) / nt);
         const int pa = (int)((int64_t)np * t / nt);
-        /* more than MAX_M rows: groups of MAX_M, each streaming this thread's panels once more */
-        for (int m0 = 0; m0 < M; m0 += MAX_M) {
-            const float *xg = xf + (int64_t)m0 * K; /* [mg, K] */
-            uint16_t *yg = y + (int64_t)m0 * N;    /* [mg, N] */
-            int p = pa;
-            switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
-                TILE_CASE(1, 4)
-                TILE_CASE(2, 4)
-                TILE_CASE(3, 3)
-                TILE_CASE(4, 3)
-                TILE_CASE(5, 2)
-                TILE_CASE(6, 2)
-                TILE_CASE(7, 1)
-                TILE_CASE(8, 1)
-                default: break;
+        /* blocks of PB panels (PB x 9 KB of weights at K = 576: stays in L1/L2) taken by every group of MAX_M
+         * rows in turn, so more than MAX_M rows still stream the weights from memory once */
+        for (int pb = pa; pb < p1; pb += PB) {
+            const int pe = pb + PB < p1 ? pb + PB : p1;
+            for (int m0 = 0; m0 < M; m0 += MAX_M) {
+                const float *xg = xf + (int64_t)m0 * K; /* [mg, K] */
+                uint16_t *yg = y + (int64_t)m0 * N;    /* [mg, N] */
+                int p = pb;
+                switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
+                    TILE_CASE(1, 4)
+                    TILE_CASE(2, 4)
+                    TILE_CASE(3, 3)
+                    TILE_CASE(4, 3)
+                    TILE_CASE(5, 2)
+                    TILE_CASE(6, 2)
+                    TILE_CASE(7, 1)
+                    TILE_CASE(8, 1)
+                    default: break;
+                }
             }
         }
     }

@@ -6,11 +6,11 @@
  *
  *   work item = (sequence, kv head g, block of query positions); its rows are the (position,
  *   head-in-group) pairs, r = i * G + h, so one K/V row serves every head of the GQA group.
- *   Q is packed transposed and pre-scaled, QT [D][RP] (RP = rows rounded up to 16), so both
- *   products are broadcast-FMA register tiles with no horizontal reductions:
- *     S^T[j][r]  = sum_d K[j][d] * QT[d][r]          (4 keys x up to 4 row vectors a tile)
- *     O^T[d][r] += sum_j V[j][d] * P^T[j][r]         (4 dims x up to 4 row vectors a tile)
- *   and the online softmax runs down the key axis with 16 rows a vector.
+ *   Q is packed transposed and pre-scaled, QT [D][RP] (RP = rows rounded up to VL, the fp32 lanes of a
+ *   vector), so both products are broadcast-FMA register tiles with no horizontal reductions:
+ *     S^T[j][r]  = sum_d K[j][d] * QT[d][r]          (4 keys x up to 4 row vectors a tile; 3 on AVX2)
+ *     O^T[d][r] += sum_j V[j][d] * P^T[j][r]         (4 dims x up to 4 row vectors a tile; 3 on AVX2)
+ *   and the online softmax runs down the key axis with VL rows a vector.
  *   Keys are visited in chunks of KB; chunks past the block's last visible key are skipped,
  *   chunks that cross the causal diagonal are masked per (key, row).
  *
@@ -25,7 +25,9 @@
  * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
  * chunk); without it P.V stays in fp32. mode bit 1: fp32 products even so (what a CPU without
  * AVX512-BF16 runs; tests cover that path here with it).
- * Returns 0, 1 when out of memory, 2 when built without AVX-512 (the caller falls back).
+ * What runs where: with AVX-512 every path, VL = 16; with only AVX2 + FMA (AMD Zen 3, client chips) the fp32
+ * product path, VL = 8 and tiles of at most 12 accumulators for the 16 ymm registers (bf16 K/V widened to fp32).
+ * Returns 0, 1 when out of memory, 2 when built without AVX-512 or AVX2 + FMA (the caller falls back).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,7 +35,7 @@
 
 int paged_attention_tiled_available(void);
 
-#ifndef __AVX512F__
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
 int paged_attention_tiled_available(void) { return 0; }
 int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
@@ -46,7 +48,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
 #include <immintrin.h>
 
 #define KB 64        /* keys per chunk */
-#define MAX_ROWS 128 /* query rows per work item (8 vectors of 16) */
+#define MAX_ROWS 128 /* query rows per work item (8 vectors of 16, 16 of 8) */
 #define NEG (-3.0e38f)
 
 int paged_attention_tiled_available(void) { return 1; }
@@ -55,7 +57,49 @@ int paged_attention_tiled_available(void) { return 1; }
 #include "simd_exp.h"
 #include "prefetch.h"
 
-/* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of 16 or handled by the tail). */
+/* The fp32 vector of VL rows (or dims) and its operations, as thin wrappers over the AVX-512 or AVX2 intrinsics.
+ * A mask (vmask) holds the lanes whose row sees a key: a __mmask16, or all-ones lanes of a __m256. */
+#ifdef __AVX512F__
+#define VL 16
+typedef __m512 vfloat;
+typedef __m512i vint;
+typedef __mmask16 vmask;
+#define V(op) _mm512_##op /* V(fmadd_ps): the fp32 op on VL lanes */
+#define vexp exp_approx16
+#define vexp_bf16 exp_bf16_16
+#define vload_i(p) _mm512_loadu_si512((const void *)(p))
+#define vload_bf16 bf16x16_load
+#define VREG(x) ((void)0)
+/* rows whose position is at least key j: they see it */
+static inline vmask vsees(int32_t j, vint pos) { return _mm512_cmp_epi32_mask(_mm512_set1_epi32(j), pos, _MM_CMPINT_LE); }
+static inline vfloat vmax_masked(vfloat mx, vmask keep, vfloat s) { return _mm512_mask_max_ps(mx, keep, mx, s); }
+static inline vfloat vkeep(vmask keep, vfloat p) { return _mm512_maskz_mov_ps(keep, p); }
+static inline int vall_equal(vfloat a, vfloat b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ) == 0; }
+#else
+#define VL 8
+typedef __m256 vfloat;
+typedef __m256i vint;
+typedef __m256 vmask;
+#define V(op) _mm256_##op
+#define vexp exp_approx8
+#define vexp_bf16 exp_approx8 /* unused: bf16 numerators need AVX512-BF16 */
+#define vload_i(p) _mm256_loadu_si256((const __m256i *)(p))
+/* Pins a tile's row vector to a register: otherwise GCC folds its load into every FMA, one 256-bit load a FMA,
+ * and the tiles run at the load rate rather than the FMA rate. */
+#define VREG(x) __asm__("" : "+x"(x))
+static inline vfloat vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* pos > j - 1, i.e. j <= pos (j >= 0, so j - 1 does not wrap) */
+static inline vmask vsees(int32_t j, vint pos) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(pos, _mm256_set1_epi32(j - 1)));
+}
+static inline vfloat vmax_masked(vfloat mx, vmask keep, vfloat s) { return _mm256_blendv_ps(mx, _mm256_max_ps(mx, s), keep); }
+static inline vfloat vkeep(vmask keep, vfloat p) { return _mm256_and_ps(keep, p); }
+static inline int vall_equal(vfloat a, vfloat b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ)) == 0; }
+#endif
+
+/* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of VL or handled by the tail). */
 static inline void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
     if (!bf16) {
         memcpy(dst, (const float *)base + off, sizeof(float) * D);
@@ -63,65 +107,72 @@ static inline void load_row(const void *base, int bf16, int64_t off, int D, floa
     }
     const uint16_t *s = (const uint16_t *)base + off;
     int d = 0;
-    for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, bf16x16_load(s + d));
+    for (; d + VL <= D; d += VL) V(storeu_ps)(dst + d, vload_bf16(s + d));
     for (; d < D; d++) dst[d] = bf16_to_f32(s[d]);
 }
 
-/* S^T[j..j+KA)[r0..r0+16*NV) = K[j..j+KA) . QT[:, r0..]: KA x NV accumulators held in registers.
- * KA x NV is kept near 16 so enough independent FMA chains hide the FMA latency even for one row vector. */
+/* S^T[j..j+KA)[r0..r0+VL*NV) = K[j..j+KA) . QT[:, r0..]: KA x NV accumulators held in registers.
+ * KA x NV is kept near 16 (12 or 8 on AVX2, whose 16 ymm registers also hold the NV row vectors and the broadcast)
+ * so enough independent FMA chains hide the FMA latency even for one row vector. */
 static inline __attribute__((always_inline)) void qk_tile(const float *restrict QT, int RP, const float *restrict kf,
                                                          int D, int j, int r0, float *restrict ST, const int KA,
                                                          const int NV) {
-    __m512 acc[16][4];
+    vfloat acc[16][4];
 #pragma GCC unroll 16
     for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) acc[a][b] = _mm512_setzero_ps();
+        for (int b = 0; b < NV; b++) acc[a][b] = V(setzero_ps)();
     const float *k0 = kf + (int64_t)j * D;
     for (int d = 0; d < D; d++) {
         const float *qt = QT + (int64_t)d * RP + r0;
-        __m512 qv[4];
+        vfloat qv[4];
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) qv[b] = _mm512_loadu_ps(qt + 16 * b);
+        for (int b = 0; b < NV; b++) {
+            qv[b] = V(loadu_ps)(qt + VL * b);
+            VREG(qv[b]);
+        }
 #pragma GCC unroll 16
         for (int a = 0; a < KA; a++) {
-            const __m512 kb = _mm512_set1_ps(k0[a * D + d]);
+            const vfloat kb = V(set1_ps)(k0[a * D + d]);
 #pragma GCC unroll 4
-            for (int b = 0; b < NV; b++) acc[a][b] = _mm512_fmadd_ps(kb, qv[b], acc[a][b]);
+            for (int b = 0; b < NV; b++) acc[a][b] = V(fmadd_ps)(kb, qv[b], acc[a][b]);
         }
     }
 #pragma GCC unroll 16
     for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) _mm512_storeu_ps(ST + (int64_t)(j + a) * RP + r0 + 16 * b, acc[a][b]);
+        for (int b = 0; b < NV; b++) V(storeu_ps)(ST + (int64_t)(j + a) * RP + r0 + VL * b, acc[a][b]);
 }
 
 /* O^T[d0..d0+TD)[r0..] += sum_{j < nk} V[j][d0..d0+TD) * P^T[j][r0..]. */
 static inline __attribute__((always_inline)) void pv_tile(float *restrict OT, int RP, const float *restrict vf,
                                                          int D, int nk, int d0, int r0, const float *restrict ST,
                                                          const int TD, const int NV) {
-    __m512 acc[16][4];
+    vfloat acc[16][4];
 #pragma GCC unroll 16
     for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) acc[t][b] = _mm512_loadu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b);
+        for (int b = 0; b < NV; b++) acc[t][b] = V(loadu_ps)(OT + (int64_t)(d0 + t) * RP + r0 + VL * b);
     for (int jj = 0; jj < nk; jj++) {
         const float *p = ST + (int64_t)jj * RP + r0;
-        __m512 pv[4];
+        vfloat pv[4];
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) pv[b] = _mm512_loadu_ps(p + 16 * b);
+        for (int b = 0; b < NV; b++) {
+            pv[b] = V(loadu_ps)(p + VL * b);
+            VREG(pv[b]);
+        }
         const float *vr = vf + (int64_t)jj * D + d0;
 #pragma GCC unroll 16
         for (int t = 0; t < TD; t++) {
-            const __m512 vb = _mm512_set1_ps(vr[t]);
+            const vfloat vb = V(set1_ps)(vr[t]);
 #pragma GCC unroll 4
-            for (int b = 0; b < NV; b++) acc[t][b] = _mm512_fmadd_ps(vb, pv[b], acc[t][b]);
+            for (int b = 0; b < NV; b++) acc[t][b] = V(fmadd_ps)(vb, pv[b], acc[t][b]);
         }
     }
 #pragma GCC unroll 16
     for (int t = 0; t < TD; t++)
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; b++) _mm512_storeu_ps(OT + (int64_t)(d0 + t) * RP + r0 + 16 * b, acc[t][b]);
+        for (int b = 0; b < NV; b++) V(storeu_ps)(OT + (int64_t)(d0 + t) * RP + r0 + VL * b, acc[t][b]);
 }
 
 #ifdef __AVX512BF16__
@@ -215,7 +266,9 @@ static inline void pack_p_pair(__m512 a, __m512 b, uint32_t *restrict PP) {
 #endif
 
 /* Tile shapes by row vectors (nrv): the FMA chains of a tile are its keys (or dims) x row vectors, kept
- * near 16 so a verify step's single row vector still runs at the FMA rate rather than its latency. */
+ * near 16 (AVX2: 8 to 12) so a verify step's single row vector still runs at the FMA rate rather than its latency.
+ * Key tiles divide KB: a chunk's keys rounded up to whole tiles stay within the buffers. */
+#ifdef __AVX512F__
 static inline int keys_per_tile(int nrv) { return nrv == 1 ? 16 : nrv == 2 ? 8 : 4; }
 
 static inline int dims_per_tile(int nrv, int D) {
@@ -235,14 +288,32 @@ static inline int dims_per_tile(int nrv, int D) {
             break;                                                        \
         }                                                                 \
         int b_ = 0;                                                       \
-        for (; b_ + 4 <= (nrv); b_ += 4) TILE(16 * b_, 4, 4);             \
+        for (; b_ + 4 <= (nrv); b_ += 4) TILE(VL * b_, 4, 4);             \
         switch ((nrv) - b_) {                                             \
-            case 3: TILE(16 * b_, 4, 3); break;                           \
-            case 2: TILE(16 * b_, 4, 2); break;                           \
-            case 1: TILE(16 * b_, 4, 1); break;                           \
+            case 3: TILE(VL * b_, 4, 3); break;                           \
+            case 2: TILE(VL * b_, 4, 2); break;                           \
+            case 1: TILE(VL * b_, 4, 1); break;                           \
             default: break;                                               \
         }                                                                 \
     } while (0)
+#else
+/* AVX2: 16 ymm registers hold W x NV accumulators + NV row vectors + 1 broadcast, so at most 4 x 3 (or 8 x 1) */
+static inline int keys_per_tile(int nrv) { return nrv == 1 ? 8 : 4; }
+
+static inline int dims_per_tile(int nrv, int D) { return nrv == 1 && D % 8 == 0 ? 8 : 4; }
+
+/* As above, in tiles of 3 row vectors; a remainder of one is taken as 2 + 2 instead of 3 + 1, since a 4 x 1
+ * tile has only 4 FMA chains. w is 8 only for one row vector. */
+#define ROW_TILES(w, nrv, TILE)                                           \
+    do {                                                                  \
+        if ((w) == 8) { TILE(0, 8, 1); break; }                           \
+        const int n3_ = (nrv) > 1 && (nrv) % 3 == 1 ? (nrv) - 4 : (nrv);  \
+        int b_ = 0;                                                       \
+        for (; b_ + 3 <= n3_; b_ += 3) TILE(VL * b_, 4, 3);               \
+        for (; b_ + 2 <= (nrv); b_ += 2) TILE(VL * b_, 4, 2);             \
+        if (b_ < (nrv)) TILE(VL * b_, 4, 1);                              \
+    } while (0)
+#endif
 
 /* Every row vector against keys [0, nka) of the chunk (nka a multiple of keys_per_tile(nrv)). */
 static void qk_chunk(const float *QT, int RP, const float *kf, int D, int nka, int nrv, float *ST) {
@@ -312,8 +383,8 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
                          int D, float scale, float *out, Buffers *B, int dp, int pbf) {
     const int G = H / Hkv;
     const int rows = ni * G;
-    const int nrv = (rows + 15) / 16;
-    const int RP = nrv * 16;
+    const int nrv = (rows + VL - 1) / VL;
+    const int RP = nrv * VL;
     const int ka = keys_per_tile(nrv);
     const int64_t first_pos = kv_len - q_len + i0; /* context position of the block's first query */
     const int64_t nkeys = first_pos + ni;          /* keys 0 .. first_pos + ni - 1 are visible to someone */
@@ -364,31 +435,28 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             qk_chunk(QT, RP, kf, D, nka, nrv, ST);
         /* does any (key, row) of this chunk fall past its row's causal limit? */
         const int masked = j0 + nk - 1 > first_pos;
-        /* online softmax down the key axis, 16 rows a vector; P^T overwrites S^T */
+        /* online softmax down the key axis, VL rows a vector; P^T overwrites S^T */
         for (int b = 0; b < nrv; b++) {
-            const int r0 = 16 * b;
-            const __m512i pv = _mm512_loadu_si512((const void *)(pos + r0));
-            __m512 mx = _mm512_set1_ps(NEG);
+            const int r0 = VL * b;
+            const vint pv = vload_i(pos + r0);
+            vfloat mx = V(set1_ps)(NEG);
             for (int jj = 0; jj < nk; jj++) {
-                const __m512 s = _mm512_loadu_ps(ST + (int64_t)jj * RP + r0);
+                const vfloat s = V(loadu_ps)(ST + (int64_t)jj * RP + r0);
                 if (masked) {
-                    const __mmask16 keep = _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + jj)), pv, _MM_CMPINT_LE);
-                    mx = _mm512_mask_max_ps(mx, keep, mx, s);
+                    mx = vmax_masked(mx, vsees((int32_t)(j0 + jj), pv), s);
                 } else {
-                    mx = _mm512_max_ps(mx, s);
+                    mx = V(max_ps)(mx, s);
                 }
             }
-            const __m512 mold = _mm512_loadu_ps(m + r0);
-            const __m512 mnew = _mm512_max_ps(mold, mx);
-            const __m512 alpha = exp_approx16(_mm512_sub_ps(mold, mnew));
-            __m512 sum = _mm512_setzero_ps();
+            const vfloat mold = V(loadu_ps)(m + r0);
+            const vfloat mnew = V(max_ps)(mold, mx);
+            const vfloat alpha = vexp(V(sub_ps)(mold, mnew));
+            vfloat sum = V(setzero_ps)();
 #define NUMERATOR(jj, p)                                                                                            \
     do {                                                                                                            \
-        const __m512 x_ = _mm512_sub_ps(_mm512_loadu_ps(ST + (int64_t)(jj) * RP + r0), mnew);                       \
-        p = pbf ? exp_bf16_16(x_) : exp_approx16(x_);                                                               \
-        if (masked)                                                                                                 \
-            p = _mm512_maskz_mov_ps(                                                                                \
-                _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(j0 + (jj))), pv, _MM_CMPINT_LE), p);              \
+        const vfloat x_ = V(sub_ps)(V(loadu_ps)(ST + (int64_t)(jj) * RP + r0), mnew);                               \
+        p = pbf ? vexp_bf16(x_) : vexp(x_);                                                                         \
+        if (masked) p = vkeep(vsees((int32_t)(j0 + (jj)), pv), p);                                                  \
     } while (0)
             if (pbf) {
 #if HAVE_DP
@@ -406,20 +474,20 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 #endif
             } else {
                 for (int jj = 0; jj < nk; jj++) {
-                    __m512 p;
+                    vfloat p;
                     NUMERATOR(jj, p);
-                    _mm512_storeu_ps(ST + (int64_t)jj * RP + r0, p);
-                    sum = _mm512_add_ps(sum, p);
+                    V(storeu_ps)(ST + (int64_t)jj * RP + r0, p);
+                    sum = V(add_ps)(sum, p);
                 }
             }
 #undef NUMERATOR
-            _mm512_storeu_ps(m + r0, mnew);
-            _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
+            V(storeu_ps)(m + r0, mnew);
+            V(storeu_ps)(l + r0, V(fmadd_ps)(V(loadu_ps)(l + r0), alpha, sum));
             /* alpha is exactly 1 in every lane when no row's max moved (most chunks after the first few) */
-            if (_mm512_cmp_ps_mask(mnew, mold, _CMP_NEQ_UQ) == 0) continue;
+            if (vall_equal(mnew, mold)) continue;
             for (int d = 0; d < D; d++) {
                 float *o = OT + (int64_t)d * RP + r0;
-                _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+                V(storeu_ps)(o, V(mul_ps)(V(loadu_ps)(o), alpha));
             }
         }
         /* O^T += V^T P^T */

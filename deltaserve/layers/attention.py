@@ -30,7 +30,9 @@ SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batc
 # process (short kernel's pair mode vs tiled): verify 4 x 4 tokens (12 rows) 80 vs 93 ms, 4 x 5 (15 rows) 107 vs
 # 112 ms, 1 x 5 32 vs 45 ms; 4 x 8 (24 rows) 136 vs 126 ms in the tiled kernel's favour. With an fp32 cache the
 # short kernel converts rows to fp32 and reduces each q.k horizontally: there the tiled one wins from ~12 rows
-# (kernel alone, 4 x 5000 keys: 12 rows 3.4 vs 2.7 ms, 15 rows 3.9 vs 2.2 ms).
+# (kernel alone, 4 x 5000 keys: 12 rows 3.4 vs 2.7 ms, 15 rows 3.9 vs 2.2 ms). On AVX2 only (Zen 3; 8-row
+# vectors, no pair products) a split at 8 rows measured the same as 16 (`scripts/step_times.py --ab min-rows-avx2`:
+# verify 4 x 5 @4k 227 vs 219 ms, 1 x 5 69 vs 62 ms, within the noise), so one value serves both.
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
 
