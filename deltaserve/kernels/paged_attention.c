@@ -192,6 +192,20 @@ static inline __attribute__((always_inline)) void load_row(const void *base, int
     }
 }
 
+/* a[0..D) = sum_jj s[jj] * rows[jj][0..D) over the nvis visible keys, the D / W accumulators held in registers
+ * (VT: a vector of W fp32 lanes, PFX: its intrinsics' prefix); D / W <= 8. */
+#define PV_REGS(VT, W, PFX)                                                                          \
+    do {                                                                                             \
+        VT acc[8];                                                                                   \
+        for (int c = 0; c < D / (W); c++) acc[c] = PFX##_setzero_ps();                               \
+        for (int jj = 0; jj < nvis; jj++) {                                                          \
+            const VT p = PFX##_set1_ps(s[jj]);                                                       \
+            const float *r = rows + jj * D;                                                          \
+            for (int c = 0; c < D / (W); c++) acc[c] = PFX##_fmadd_ps(p, PFX##_loadu_ps(r + (W) * c), acc[c]); \
+        }                                                                                            \
+        for (int c = 0; c < D / (W); c++) PFX##_storeu_ps(a + (W) * c, acc[c]);                      \
+    } while (0)
+
 /* One work item: queries of (seq, kv head g) against keys [j0, j1). Always inlined into
  * callers with a constant D so the per-row loops unroll into a few vector instructions. */
 static inline __attribute__((always_inline)) void chunk_attend(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
@@ -233,26 +247,12 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
             float *restrict a = acc_out + qi * D;
 #ifdef __AVX512F__
             if ((D & 15) == 0 && D <= 128) {
-                __m512 acc[8];
-                for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
-                for (int jj = 0; jj < nvis; jj++) {
-                    const __m512 p = _mm512_set1_ps(s[jj]);
-                    const float *r = rows + jj * D;
-                    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(r + 16 * c), acc[c]);
-                }
-                for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(a + 16 * c, acc[c]);
+                PV_REGS(__m512, 16, _mm512);
                 continue;
             }
 #elif HAVE_AVX2_ONLY
             if ((D & 7) == 0 && D <= 64) {
-                __m256 acc[8];
-                for (int c = 0; c < D / 8; c++) acc[c] = _mm256_setzero_ps();
-                for (int jj = 0; jj < nvis; jj++) {
-                    const __m256 p = _mm256_set1_ps(s[jj]);
-                    const float *r = rows + jj * D;
-                    for (int c = 0; c < D / 8; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 8 * c), acc[c]);
-                }
-                for (int c = 0; c < D / 8; c++) _mm256_storeu_ps(a + 8 * c, acc[c]);
+                PV_REGS(__m256, 8, _mm256);
                 continue;
             }
 #endif
