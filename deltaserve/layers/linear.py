@@ -41,7 +41,9 @@ from deltaserve.kernels import small_gemm
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
 # Without oneDNN's bf16 kernels (a CPU with neither AVX-512 nor AVX-NE-CONVERT, e.g. AMD Zen 3) F.linear on bf16
 # weights converts in a slow generic loop: [rows, 576] x [576, 3072] on 2 Zen 3 cores, bf16 vs fp32 weight:
-# 1 row 430 vs 784 us, 16 rows 4.4 vs 3.4 ms, 512 rows 131 vs 20 ms. So there the fp32 copy takes over early.
+# 1 row 430 vs 784 us, 16 rows 4.4 vs 3.4 ms, 512 rows 131 vs 20 ms. So there small_gemm (bf16, streamed once)
+# serves rows up to this and the fp32 copy the rest; split from `scripts/step_times.py --ab small-gemm-rows`
+# (verify 1 x 16 @100: 117 ms with fp32 from 9 rows vs 64 ms with small_gemm to 24).
 SMALL_BATCH_ROWS_UNPACKED = 24
 
 
