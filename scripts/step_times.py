@@ -7,7 +7,7 @@ delta over a long context, a whole prompt. K/V slots are contiguous and their co
 timing means anything. --profile CASE prints torch's operator table for that case (the native attention
 kernels run through ctypes and show up as the gap between the table's total and the step time).
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
-routes spans by `layers.attention.TILED_MIN_ROWS` 12 vs 16 (`min-rows-avx2`: 8 vs 16), `pairs` runs the short kernel in
+routes spans to the tiled kernel from 12 vs 16 rows (`layers.attention.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16), `pairs` runs the short kernel in
 fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24.
 """
 
@@ -73,8 +73,8 @@ def ab(args) -> None:
     for t in r.kv.k_cache + r.kv.v_cache:
         t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
     short = attn.native.paged_attention_short
-    # label -> (attn.TILED_MIN_ROWS, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
-    rows, small = attn.TILED_MIN_ROWS, lin.SMALL_BATCH_ROWS_UNPACKED
+    # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
+    rows, small, min_rows_of = attn.tiled_min_rows(False), lin.SMALL_BATCH_ROWS_UNPACKED, attn.tiled_min_rows
     variants = {"min-rows": {"12": (12, True, small), "16": (16, True, small)},
                 "min-rows-avx2": {"8": (8, True, small), "16": (16, True, small)},
                 "pairs": {"fp32": (rows, False, small), "pairs": (rows, True, small)},
@@ -84,8 +84,9 @@ def ab(args) -> None:
         for name, spec in CASES.items():
             fs = {}
             for label, (min_rows, pairs, small_rows) in variants.items():
-                attn.TILED_MIN_ROWS = min_rows  # read when the step's metadata is prepared
+                attn.tiled_min_rows = lambda kv_fp32, _m=min_rows: _m  # asked when the step's metadata is prepared
                 fs[label] = (step(spec), pairs, small_rows)
+            attn.tiled_min_rows = min_rows_of
             best = {k: 1e9 for k in fs}
             for _ in range(6):
                 for k, (f, pairs, small_rows) in fs.items():

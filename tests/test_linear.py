@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve.kernels import small_gemm
-from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, large_batch_form, packed_supported
+from deltaserve.layers.linear import SMALL_BATCH_ROWS, Linear, bf16_gemm_fast, large_batch_form, packed_supported
 
 
 @pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 97])
@@ -19,7 +19,11 @@ def test_bf16_forms_match_fp32_reference(rows, bias, large_fp32):
     b = torch.randn(48, generator=g).to(torch.bfloat16) if bias else None
     x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
     lin = Linear(w, b, large_batch_fp32=large_fp32)
-    assert (lin.packed is not None) == packed_supported()
+    # small batches: oneDNN's packed bf16 where its bf16 GEMM is fast, else small_gemm's panels (48 rows pack at
+    # 8 and 16 features a panel)
+    panels = small_gemm.available() and not (packed_supported() and bf16_gemm_fast())
+    assert (lin.panels is not None) == panels
+    assert (lin.packed is not None) == (packed_supported() and not panels)
     want_w32 = large_fp32 if large_fp32 is not None else large_batch_form() == "fp32"
     assert (lin.w32 is not None) == want_w32
     y = lin(x)
@@ -73,16 +77,18 @@ def test_without_onednn_bf16_large_batches_take_the_fp32_copy(monkeypatch):
 
 
 @pytest.mark.skipif(not small_gemm.available(), reason="small_gemm needs AVX2 + FMA")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
-@pytest.mark.parametrize("n,k", [(8, 16), (24, 40), (96, 576)])
-def test_small_gemm_matches_fp32_reference(rows, n, k):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 24])
+@pytest.mark.parametrize("n_panels,k", [(1, 16), (3, 40), (5, 576), (12, 96)])
+def test_small_gemm_matches_fp32_reference(rows, n_panels, k):
+    pw = small_gemm.panel_width()  # 16 with AVX-512, 8 with AVX2
+    n = n_panels * pw
     g = torch.Generator().manual_seed(rows * 1000 + n)
     w = (torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16)
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
     wp = small_gemm.pack(w)
-    last = n // 8 - 1  # panel p holds output features 8p..8p+7, k-major
-    assert wp.shape == (n // 8, k, 8) and torch.equal(wp[last, 3], w[8 * last : 8 * last + 8, 3])
+    last = n_panels - 1  # panel p holds output features pw*p .. pw*p + pw-1, k-major
+    assert wp.shape == (n_panels, k, pw) and torch.equal(wp[last, 3], w[pw * last : pw * last + pw, 3])
     for bias in (None, b):
         y = small_gemm.linear(x, wp, bias)
         ref = F.linear(x.float(), w.float(), bias.float() if bias is not None else None)
@@ -91,10 +97,24 @@ def test_small_gemm_matches_fp32_reference(rows, n, k):
 
 
 def test_small_gemm_refuses_what_it_cannot_pack():
-    assert small_gemm.pack(torch.randn(12, 16).to(torch.bfloat16)) is None  # N % 8
+    assert small_gemm.pack(torch.randn(12, 16).to(torch.bfloat16)) is None  # N % 8 (and % 16)
     assert small_gemm.pack(torch.randn(16, 16)) is None  # fp32 weights stay on F.linear
 
 
 def test_large_batch_form_is_one_of_both():
     assert large_batch_form() in ("bf16", "fp32")
     assert large_batch_form() == large_batch_form()  # measured once, then fixed for the process
+
+
+def test_bf16_gemm_fast_follows_the_probe(monkeypatch):
+    import deltaserve.layers.linear as L
+
+    monkeypatch.setattr(L, "_amx", lambda: False)
+    monkeypatch.setattr(L, "_avx512_bf16", lambda: True)
+    for env, want in (("on", True), ("off", False)):
+        monkeypatch.setenv("DELTASERVE_BF16_DOT", env)
+        monkeypatch.setattr(L, "_LARGE_FORM", None)
+        assert L.bf16_gemm_fast() is want
+        assert L.large_batch_form() == ("bf16" if want else "fp32")
+    monkeypatch.setattr(L, "_avx512_bf16", lambda: False)
+    assert L.bf16_gemm_fast() is False  # "on" cannot make bf16 fast without the instructions

@@ -16,7 +16,7 @@ cached tokens (usage.prompt_tokens_details.cached_tokens, or llama.cpp's
 timings.cache_n), speculation acceptance
 (usage.completion_tokens_details.accepted_prediction_tokens), end-to-end wall
 time. Output: report.json, report.md, PNG plots in --out; with --write a
-section `agents-w{T}[-kv{N}]` in BENCHMARKS.md and the plots under docs/img/.
+section `agents-w{T}[-kv{N}]` (or `--section KEY`) in BENCHMARKS.md and the plots under docs/img/.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--img-dir", default="docs/img", help="where --write copies the plots ('' to skip)")
     p.add_argument("--write", default="", help="markdown file to update, e.g. BENCHMARKS.md ('' to skip)")
+    p.add_argument("--section", default="", help="section key --write replaces and plot prefix (default "
+                   "agents-w{T}[-kv{N}]; another key keeps a run on other hardware beside the default one)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other targets' results from an earlier run's --out/report.json (same workload)")
     p.add_argument("--no-progress", action="store_true")
@@ -348,7 +350,7 @@ def run(args) -> int:
     (out / "report.md").write_text(md)
     print(md)
     if args.write:
-        key = f"agents-w{wf.n_turns}" + (f"-kv{args.kv_budget_tokens}" if args.kv_budget_tokens else "")
+        key = args.section or f"agents-w{wf.n_turns}" + (f"-kv{args.kv_budget_tokens}" if args.kv_budget_tokens else "")
         if args.img_dir:
             img = Path(args.img_dir)
             img.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """ctypes binding of `small_gemm.c`: bf16 x bf16 -> bf16 linear for a few rows, weights streamed once in bf16.
 
-Used by `layers.linear.Linear` on CPUs where oneDNN has no bf16 kernel (see the C file for why).
+Used by `layers.linear.Linear` on CPUs where oneDNN's bf16 GEMM is slow for a few rows: no bf16 kernel at all
+(no AVX-512), or bf16 pair products slower than fp32 FMA (see the C file for why).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _lib():
             if lib.small_gemm_available() != 1:
                 lib = None
         if lib is not None:
-            lib.small_gemm_pack.restype = lib.small_gemm.restype = ctypes.c_int
+            lib.small_gemm_pack.restype = lib.small_gemm.restype = lib.small_gemm_panel_width.restype = ctypes.c_int
             lib.small_gemm_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
             lib.small_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
         _LIB.append(lib)
@@ -35,13 +36,20 @@ def available() -> bool:
     return _lib() is not None
 
 
+def panel_width() -> int:
+    """Output features a panel: 16 with AVX-512, 8 with AVX2 (0: not built here)."""
+    return int(_lib().small_gemm_panel_width()) if available() else 0
+
+
 def pack(w: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] bf16 -> panels [N // 8, K, 8] bf16 (None when N % 8 != 0 or the kernel is not built here)."""
+    """w [N, K] bf16 -> panels [N // PW, K, PW] bf16, PW = `panel_width()` (None when N % PW != 0 or the kernel
+    is not built here)."""
     N, K = w.shape
-    if N % 8 or w.dtype != torch.bfloat16 or w.device.type != "cpu" or not available():
+    if not available() or w.dtype != torch.bfloat16 or w.device.type != "cpu" or N % panel_width():
         return None
+    pw = panel_width()
     w = w.contiguous()
-    wp = torch.empty(N // 8, K, 8, dtype=torch.bfloat16)
+    wp = torch.empty(N // pw, K, pw, dtype=torch.bfloat16)
     if _lib().small_gemm_pack(w.data_ptr(), N, K, wp.data_ptr()) != 0:
         return None
     return wp
@@ -50,7 +58,7 @@ def pack(w: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ W.T (+ bias) -> [M, N] bf16, W given as `pack(W)`."""
     M, K = x.shape
-    N = wp.shape[0] * 8
+    N = wp.shape[0] * wp.shape[2]
     assert M >= 1 and wp.shape[1] == K and x.dtype == torch.bfloat16
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.bfloat16)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
 
 SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batch
@@ -33,8 +34,17 @@ SHORT_QUERY = 16  # PyTorch path: queries up to this length join the padded batc
 # (kernel alone, 4 x 5000 keys: 12 rows 3.4 vs 2.7 ms, 15 rows 3.9 vs 2.2 ms). On AVX2 only (Zen 3; 8-row
 # vectors, no pair products) a split at 8 rows measured the same as 16 (`scripts/step_times.py --ab min-rows-avx2`:
 # verify 4 x 5 @4k 227 vs 219 ms, 1 x 5 69 vs 62 ms, within the noise), so one value serves both.
+# Where AVX512-BF16 pair products are slower than fp32 FMA (`kernels/cpu_probe.py`), the tiled kernel widens to fp32
+# while the short one keeps its pairs; there the tiled one wins from 12 rows too (2-core Xeon, family 6 model 207,
+# `--ab min-rows`, two runs: verify 4 x 5 @4k 89 vs 103 and 116 vs 126 ms, 1 x 5 39 vs 42 and 45 vs 45 ms).
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
+
+
+def tiled_min_rows(kv_fp32: bool) -> int:
+    """Query rows from which a span takes the tiled kernel (see above)."""
+    slow_pairs = cpu_probe.bf16_dot_speed() > 0 and not cpu_probe.bf16_dot_fast()
+    return TILED_MIN_ROWS_FP32 if kv_fp32 or slow_pairs else TILED_MIN_ROWS
 
 
 @dataclass
@@ -80,7 +90,7 @@ class AttentionMetadata:
         spans then read K/V from the pool with no gathers. gqa_group: query heads per KV head. kv_fp32: the
         cache is fp32 (the split between the two kernels moves)."""
         if use_tiled:
-            min_rows = TILED_MIN_ROWS_FP32 if kv_fp32 else TILED_MIN_ROWS
+            min_rows = tiled_min_rows(kv_fp32)
             tiled = [s for s in self.spans if s.q_len * gqa_group >= min_rows or not use_native]
             short = [s for s in self.spans if s.q_len * gqa_group < min_rows and use_native]
             if tiled:
@@ -158,9 +168,10 @@ def paged_attention(
             native.paged_attention_short(q32, k_cache, v_cache, meta.native_slots, meta.native_seqs, scale, out32,
                                          pairs=v.dtype == torch.bfloat16)
         if meta.tiled_seqs is not None:
-            # a bf16 model rounds its attention output to bf16 anyway: P.V may run in bf16 pairs too
+            # a bf16 model rounds its attention output to bf16 anyway: P.V may run in bf16 pairs too, where this
+            # CPU's pair products are faster than fp32 FMA (`kernels/cpu_probe.py`; on some Xeons they are slower)
             native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled_slots, meta.tiled_seqs, scale, out32,
-                                         p_bf16=v.dtype == torch.bfloat16)
+                                         p_bf16=v.dtype == torch.bfloat16, bf16_dot=cpu_probe.bf16_dot_fast())
         out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
     else:
         out = torch.empty_like(q)

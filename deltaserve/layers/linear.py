@@ -10,19 +10,25 @@ per-call weight reordering. So a bf16 model on CPU keeps:
 - `w32`, only where it is faster: an fp32 copy for large batches (prefill
   chunks of hundreds of rows). Which form wins there depends on the CPU: on one
   2-core Xeon the bf16 brgemm ran at ~140 GFLOP/s and MKL's fp32 sgemm at ~250;
-  on a 2-core AMD EPYC with AVX512-BF16 bf16 runs at ~850 and fp32 at ~180. So
-  `large_batch_form()` picks bf16 where the CPU has native bf16 dot products
-  (AVX512-BF16 or AMX), else measures both once per process (~0.1 s; a timing
-  taken while other processes load the cores can pick wrong, which is why the
-  CPU flag decides first); `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
+  on a 2-core AMD EPYC with AVX512-BF16 bf16 runs at ~850 and fp32 at ~180; on
+  a 2-core Xeon (family 6 model 207) that has AVX512-BF16 but issues its pair
+  products at a quarter of the FMA rate, bf16 ran at 106 and fp32 at 268. So
+  `large_batch_form()` picks bf16 with AMX; with AVX512-BF16 it asks
+  `kernels/cpu_probe.py` whether the pair products outrun fp32 FMA (a
+  register-only instruction-rate probe, far steadier under load than timing
+  GEMMs); else it measures both GEMMs once per process (~0.1 s);
+  `DELTASERVE_LARGE_BATCH_LINEAR=bf16|fp32` fixes it
   (`python -m deltaserve.layers.linear` prints both).
 
-A bf16 model on a CPU where oneDNN has no bf16 kernel (no AVX-512, no
-AVX-NE-CONVERT: AMD Zen 3, many client chips) keeps instead
+A bf16 model on a CPU where oneDNN's bf16 GEMM is slow (`bf16_gemm_fast()`
+false: no bf16 kernel at all without AVX-512, as on AMD Zen 3; or AVX512-BF16
+pair products slower than fp32 FMA) keeps instead
 - `panels`: the bf16 weight in `kernels/small_gemm.c`'s layout, for batches up
-  to `SMALL_BATCH_ROWS_UNPACKED` rows (each weight streamed once, in bf16);
-- `w32`, above that (bf16 `F.linear` runs a generic loop there, 6x slower than
-  fp32 sgemm at prefill sizes).
+  to `SMALL_BATCH_ROWS_UNPACKED` rows (each weight streamed once, in bf16,
+  products in fp32 FMA). On the Xeon above, [rows, 576] x [576, 3072]: 4 rows
+  96 vs 192 us for oneDNN's packed bf16, 20 rows 405 vs 565 us;
+- `w32`, above that (bf16 `F.linear` runs a generic loop on Zen 3, 6x slower
+  than fp32 sgemm at prefill sizes).
 
 Everything else (fp32 models, CUDA) runs `F.linear` on the weight as loaded, so
 fp32 outputs stay bit-identical to the reference.
@@ -36,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deltaserve.kernels import small_gemm
+from deltaserve.kernels import cpu_probe, small_gemm
 
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
 # Without oneDNN's bf16 kernels (a CPU with neither AVX-512 nor AVX-NE-CONVERT, e.g. AMD Zen 3) F.linear on bf16
@@ -99,17 +105,30 @@ def large_batch_form() -> str:
             _LARGE_FORM = env
         elif not packed_supported():
             _LARGE_FORM = "fp32"
-        elif _native_bf16():
-            _LARGE_FORM = "bf16"
+        elif _amx() or _avx512_bf16():
+            # the AVX512-BF16 flag alone does not decide: on some Xeons its pair products run at half fp32's rate
+            _LARGE_FORM = "bf16" if bf16_gemm_fast() else "fp32"
         else:
             _LARGE_FORM = _measure_large_batch_form()
     return _LARGE_FORM
 
 
-def _native_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+def bf16_gemm_fast() -> bool:
+    """oneDNN's bf16 GEMM runs at least at fp32's rate here: AMX, or AVX512-BF16 whose pair products outrun
+    fp32 FMA (`kernels/cpu_probe.py`)."""
+    return _amx() or (_avx512_bf16() and cpu_probe.bf16_dot_fast())
+
+
+def _cpu_has(check: str) -> bool:
+    return bool(getattr(getattr(torch, "cpu", None), check, lambda: False)())
+
+
+def _amx() -> bool:
+    return _cpu_has("_is_amx_tile_supported")
+
+
+def _avx512_bf16() -> bool:
+    return _cpu_has("_is_avx512_bf16_supported")
 
 
 def _measure_large_batch_form(rows: int = 256, shape: tuple[int, int] = (1536, 576), reps: int = 4) -> str:
@@ -153,10 +172,12 @@ class Linear:
         self.panels: torch.Tensor | None = None  # small_gemm's layout, where oneDNN has no bf16 kernel
         self.w32_packed = False  # w32 is in oneDNN's fp32 layout (for _linear_pointwise, not F.linear)
         if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-            if packed_supported():
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            elif small_gemm.available():
+            # small batches: oneDNN's packed bf16 where its bf16 GEMM is fast, else small_gemm's panels (None
+            # for shapes it does not take: then the packed form after all)
+            if not (packed_supported() and bf16_gemm_fast()):
                 self.panels = small_gemm.pack(weight)
+            if self.panels is None and packed_supported():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             if large_batch_fp32 is None:
                 large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
