@@ -1,5 +1,5 @@
 /* bf16 <-> fp32 for the native kernels: bf16 travels as uint16_t bits; rounding is to nearest even, what torch's
- * conversion does for finite values. The 16-lane forms exist only with AVX-512. */
+ * conversion does for finite values. The 8-lane load exists with AVX2, the 16-lane forms only with AVX-512. */
 #ifndef DELTASERVE_BF16_H
 #define DELTASERVE_BF16_H
 #include <stdint.h>
@@ -18,9 +18,15 @@ static inline uint16_t f32_to_bf16(float x) {
 /* x rounded to bf16, kept in fp32 */
 static inline float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
-#ifdef __AVX512F__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 
+static inline __m256 bf16x8_load(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+#ifdef __AVX512F__
 static inline __m512 bf16x16_load(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }

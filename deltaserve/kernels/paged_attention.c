@@ -181,9 +181,7 @@ static inline __attribute__((always_inline)) void load_row(const void *base, int
         const uint16_t *s = (const uint16_t *)base + off;
         int d0 = 0;
 #if HAVE_AVX2_ONLY
-        for (; d0 + 8 <= D; d0 += 8)
-            _mm256_storeu_ps(dst + d0, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                           _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + d0))), 16)));
+        for (; d0 + 8 <= D; d0 += 8) _mm256_storeu_ps(dst + d0, bf16x8_load(s + d0));
 #endif
 #pragma omp simd
         for (int d = d0; d < D; d++) dst[d] = bf16_to_f32(s[d]);

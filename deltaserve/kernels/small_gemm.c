@@ -72,9 +72,7 @@ typedef __m256 vfloat;
 #define vadd _mm256_add_ps
 #define vset1 _mm256_set1_ps
 #define vstore _mm256_storeu_ps
-static inline __m256 vload_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
+#define vload_bf16 bf16x8_load
 #endif
 
 /* y[m][PW*p..PW*(p+NP)) for all M rows over the whole K: NP panels x M rows of accumulators (<= 12 of the 16

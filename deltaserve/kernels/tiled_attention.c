@@ -87,9 +87,7 @@ typedef __m256 vmask;
 /* Pins a tile's row vector to a register: otherwise GCC folds its load into every FMA, one 256-bit load a FMA,
  * and the tiles run at the load rate rather than the FMA rate. */
 #define VREG(x) __asm__("" : "+x"(x))
-static inline vfloat vload_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
+#define vload_bf16 bf16x8_load
 /* pos > j - 1, i.e. j <= pos (j >= 0, so j - 1 does not wrap) */
 static inline vmask vsees(int32_t j, vint pos) {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(pos, _mm256_set1_epi32(j - 1)));

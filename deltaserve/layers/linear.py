@@ -50,50 +50,44 @@ SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover m
 # 1 row 430 vs 784 us, 16 rows 4.4 vs 3.4 ms, 512 rows 131 vs 20 ms. So there small_gemm (bf16, streamed once)
 # serves rows up to this and the fp32 copy the rest; split from `scripts/step_times.py --ab small-gemm-rows`
 # (verify 1 x 16 @100: 117 ms with fp32 from 9 rows vs 64 ms with small_gemm to 24).
+# CPUs whose AVX512-BF16 is slow (module docstring) use the same bound, not re-measured there; on that Xeon
+# small_gemm beat oneDNN's packed bf16 at every size from 1 to 32 rows.
 SMALL_BATCH_ROWS_UNPACKED = 24
 
 
-def _mkldnn_ops_available() -> bool:
+def _mkldnn_linear_works(dtype: torch.dtype, bias: bool) -> bool:
+    """oneDNN's reordered-weight linear gives the right answer here for `dtype` (a build can list the ops and still
+    lack the kernel)."""
     ops = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise")):
         return False
-    try:  # a build can list the op and still lack the bf16 kernel
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 1)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), w, None, "none", [], "")
-        return bool(torch.allclose(y.float(), torch.full((2, 8), 16.0)))
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def _mkldnn_fp32_available() -> bool:
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16), 1)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16), w, torch.ones(8), "none", [], "")
-        return bool(torch.allclose(y, torch.full((2, 8), 17.0)))
+        w = ops._reorder_linear_weight(torch.ones(8, 16, dtype=dtype), 1)
+        b = torch.ones(8, dtype=dtype) if bias else None
+        y = ops._linear_pointwise(torch.ones(2, 16, dtype=dtype), w, b, "none", [], "")
+        return bool(torch.allclose(y.float(), torch.full((2, 8), 17.0 if bias else 16.0)))
     except (RuntimeError, AttributeError):
         return False
 
 
-_PACKED32_OK: bool | None = None
-
-
-def fp32_packed_supported() -> bool:
-    global _PACKED32_OK
-    if _PACKED32_OK is None:
-        _PACKED32_OK = torch.backends.mkldnn.is_available() and _mkldnn_fp32_available()
-    return _PACKED32_OK
-
-
-_PACKED_OK: bool | None = None
+_PACKED_OK: bool | None = None  # bf16 weights, probed once
+_PACKED32_OK: bool | None = None  # fp32 weights, probed once
 _LARGE_FORM: str | None = None
 
 
 def packed_supported() -> bool:
     global _PACKED_OK
     if _PACKED_OK is None:
-        _PACKED_OK = _mkldnn_ops_available()
+        _PACKED_OK = _mkldnn_linear_works(torch.bfloat16, bias=False)
     return _PACKED_OK
+
+
+def fp32_packed_supported() -> bool:
+    global _PACKED32_OK
+    if _PACKED32_OK is None:
+        _PACKED32_OK = _mkldnn_linear_works(torch.float32, bias=True)
+    return _PACKED32_OK
 
 
 def large_batch_form() -> str:
@@ -105,9 +99,10 @@ def large_batch_form() -> str:
             _LARGE_FORM = env
         elif not packed_supported():
             _LARGE_FORM = "fp32"
-        elif _amx() or _avx512_bf16():
-            # the AVX512-BF16 flag alone does not decide: on some Xeons its pair products run at half fp32's rate
-            _LARGE_FORM = "bf16" if bf16_gemm_fast() else "fp32"
+        elif bf16_gemm_fast():
+            _LARGE_FORM = "bf16"
+        elif _avx512_bf16():  # present but slow (on some Xeons half fp32's rate): no need to time GEMMs
+            _LARGE_FORM = "fp32"
         else:
             _LARGE_FORM = _measure_large_batch_form()
     return _LARGE_FORM
@@ -169,7 +164,7 @@ class Linear:
         self.packed: torch.Tensor | None = None
         self.w32: torch.Tensor | None = None
         self.b32: torch.Tensor | None = None
-        self.panels: torch.Tensor | None = None  # small_gemm's layout, where oneDNN has no bf16 kernel
+        self.panels: torch.Tensor | None = None  # small_gemm's layout, where oneDNN's bf16 GEMM is slow
         self.w32_packed = False  # w32 is in oneDNN's fp32 layout (for _linear_pointwise, not F.linear)
         if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             # small batches: oneDNN's packed bf16 where its bf16 GEMM is fast, else small_gemm's panels (None
