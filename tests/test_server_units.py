@@ -90,6 +90,44 @@ def test_generate_streams_tokens_on_the_engine_thread(driver):
     assert driver.engine.threads == {"deltaserve-engine"}
 
 
+def test_build_makes_the_engine_on_the_thread_that_later_steps_it():
+    # one OS thread does all torch work of `deltaserve serve` (its OpenMP team is the only one)
+    made_on = []
+
+    def factory():
+        made_on.append(threading.get_ident())
+        return FakeEngine()
+
+    engine = AsyncEngine.build(factory)
+    d = AsyncEngine.of(engine)
+    d.start()
+    try:
+        idents = set(d.call_sync(lambda e: threading.get_ident()) for _ in range(3))
+
+        async def collect():
+            return [i async for i in d.generate([1], SamplingParams(max_tokens=2))]
+
+        asyncio.run(collect())
+    finally:
+        d.stop()
+    assert not d.running
+    assert idents == set(made_on) and made_on[0] != threading.get_ident()
+    assert engine.threads == {"deltaserve-engine"}
+    d.start()  # a restart runs the loop on the same thread again
+    try:
+        assert d.call_sync(lambda e: threading.get_ident()) == made_on[0]
+    finally:
+        d.stop()
+
+
+def test_build_raises_what_the_factory_raises():
+    def factory():
+        raise SystemExit("error: no such model")
+
+    with pytest.raises(SystemExit, match="no such model"):
+        AsyncEngine.build(factory)
+
+
 def test_errors_raise_at_submit(driver):
     async def main():
         with pytest.raises(PromptTooLong):

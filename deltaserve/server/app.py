@@ -76,6 +76,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deltaserve.engine.engine import LLMEngine
 from deltaserve.server import chat_api, completions_api, sessions_api
+from deltaserve.server.async_engine import AsyncEngine
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
@@ -202,7 +203,8 @@ def run_server(args: argparse.Namespace) -> int:
     keys = list(args.api_key or [])
     if os.environ.get("DELTASERVE_API_KEY"):
         keys.append(os.environ["DELTASERVE_API_KEY"])
-    engine = build_engine(args)
+    # Built on the engine thread, so that thread is the only one with an OpenMP team (see async_engine).
+    engine = AsyncEngine.build(lambda: build_engine(args))
     app = create_app(engine, args.served_model_name or args.model, keys or None)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
