@@ -12,7 +12,9 @@
  *     O^T[d][r] += sum_j V[j][d] * P^T[j][r]         (4 dims x up to 4 row vectors a tile; 3 on AVX2)
  *   and the online softmax runs down the key axis with VL rows a vector.
  *   Keys are visited in chunks of KB; chunks past the block's last visible key are skipped,
- *   chunks that cross the causal diagonal are masked per (key, row).
+ *   chunks that cross the causal diagonal are masked per (key, row). A chunk of real keys that every row sees
+ *   takes its row maxima from the score tiles' registers (no pass over S^T for them), and with fp32 products the
+ *   next chunk's K/V rows are prefetched a few between register tiles.
  *
  * Layouts (row-major), as in paged_attention.c:
  *   q     [num_q_tokens, H, D] float32        k, v  [num_slots, Hkv, D] bfloat16 or float32
@@ -24,7 +26,9 @@
  * bf16) and packed in d-pairs, K pairs are read straight from the cache. mode bit 0 (p_bf16): the softmax
  * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
  * chunk); without it P.V stays in fp32. mode bit 1: fp32 products even so (what a CPU without
- * AVX512-BF16 runs; tests cover that path here with it).
+ * AVX512-BF16 runs, or one where its pair products are slower than fp32 FMA; tests cover that path here with it).
+ * With a bf16 cache the softmax numerators take the shorter exp polynomial (relative error ~3e-6, far below the
+ * cache's bf16 rounding); with an fp32 cache the full one (~1e-7).
  * What runs where: with AVX-512 every path, VL = 16; with only AVX2 + FMA (AMD Zen 3, client chips) the fp32
  * product path, VL = 8 and tiles of at most 12 accumulators for the 16 ymm registers (bf16 K/V widened to fp32).
  * Returns 0, 1 when out of memory, 2 when built without AVX-512 or AVX2 + FMA (the caller falls back).
@@ -82,7 +86,7 @@ typedef __m256i vint;
 typedef __m256 vmask;
 #define V(op) _mm256_##op
 #define vexp exp_approx8
-#define vexp_bf16 exp_approx8 /* unused: bf16 numerators need AVX512-BF16 */
+#define vexp_bf16 exp_approx8 /* no vscalefps: the full polynomial */
 #define vload_i(p) _mm256_loadu_si256((const __m256i *)(p))
 /* Pins a tile's row vector to a register: otherwise GCC folds its load into every FMA, one 256-bit load a FMA,
  * and the tiles run at the load rate rather than the FMA rate. */
@@ -114,7 +118,7 @@ static inline void load_row(const void *base, int bf16, int64_t off, int D, floa
  * so enough independent FMA chains hide the FMA latency even for one row vector. */
 static inline __attribute__((always_inline)) void qk_tile(const float *restrict QT, int RP, const float *restrict kf,
                                                          int D, int j, int r0, float *restrict ST, const int KA,
-                                                         const int NV) {
+                                                         const int NV, float *restrict MX) {
     vfloat acc[16][4];
 #pragma GCC unroll 16
     for (int a = 0; a < KA; a++)
@@ -140,6 +144,15 @@ static inline __attribute__((always_inline)) void qk_tile(const float *restrict 
     for (int a = 0; a < KA; a++)
 #pragma GCC unroll 4
         for (int b = 0; b < NV; b++) V(storeu_ps)(ST + (int64_t)(j + a) * RP + r0 + VL * b, acc[a][b]);
+    if (MX) {
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; b++) {
+            vfloat mx = V(loadu_ps)(MX + r0 + VL * b);
+#pragma GCC unroll 16
+            for (int a = 0; a < KA; a++) mx = V(max_ps)(mx, acc[a][b]);
+            V(storeu_ps)(MX + r0 + VL * b, mx);
+        }
+    }
 }
 
 /* O^T[d0..d0+TD)[r0..] += sum_{j < nk} V[j][d0..d0+TD) * P^T[j][r0..]. */
@@ -313,19 +326,49 @@ static inline int dims_per_tile(int nrv, int D) { return nrv == 1 && D % 8 == 0 
     } while (0)
 #endif
 
+/* The next chunk's K and V rows, prefetched a few at a time between register tiles: a burst of ~256 prefetches at
+ * a chunk's start waits for free line fill buffers. */
+typedef struct {
+    const char *k, *v;
+    const int64_t *slots; /* the next chunk's slots */
+    int64_t n, done;      /* rows to prefetch, rows prefetched */
+    int64_t row_mul;      /* row offset in bytes = slot * row_mul + head_off */
+    int64_t head_off;
+    int bytes;            /* bytes a row (one kv head) */
+} Prefetch;
+
+static inline void prefetch_upto(Prefetch *pf, int64_t upto) {
+    if (!pf) return;
+    if (upto > pf->n) upto = pf->n;
+    for (; pf->done < upto; pf->done++) {
+        const int64_t off = pf->slots[pf->done] * pf->row_mul + pf->head_off;
+        prefetch_bytes(pf->k + off, pf->bytes, 0);
+        prefetch_bytes(pf->v + off, pf->bytes, 0);
+    }
+}
+
 /* Every row vector against keys [0, nka) of the chunk (nka a multiple of keys_per_tile(nrv)). */
-static void qk_chunk(const float *QT, int RP, const float *kf, int D, int nka, int nrv, float *ST) {
+static void qk_chunk(const float *QT, int RP, const float *kf, int D, int nka, int nrv, float *ST, float *MX,
+                     Prefetch *pf) {
     const int ka = keys_per_tile(nrv);
-#define QK(r0, W, NV) qk_tile(QT, RP, kf, D, j, r0, ST, W, NV)
-    for (int j = 0; j < nka; j += ka) ROW_TILES(ka, nrv, QK);
+#define QK(r0, W, NV) qk_tile(QT, RP, kf, D, j, r0, ST, W, NV, MX)
+    /* half of the prefetches during Q.K, spread over its key steps */
+    for (int j = 0; j < nka; j += ka) {
+        if (pf) prefetch_upto(pf, (pf->n * (j + ka) + 2 * nka - 1) / (2 * nka));
+        ROW_TILES(ka, nrv, QK);
+    }
 #undef QK
 }
 
 /* O^T += V^T P^T over the chunk's nk keys. */
-static void pv_chunk(float *OT, int RP, const float *vf, int D, int nk, int nrv, const float *ST) {
+static void pv_chunk(float *OT, int RP, const float *vf, int D, int nk, int nrv, const float *ST, Prefetch *pf) {
     const int td = dims_per_tile(nrv, D);
 #define PV(r0, W, NV) pv_tile(OT, RP, vf, D, nk, d0, r0, ST, W, NV)
-    for (int d0 = 0; d0 < D; d0 += td) ROW_TILES(td, nrv, PV);
+    /* the other half during P.V */
+    for (int d0 = 0; d0 < D; d0 += td) {
+        if (pf) prefetch_upto(pf, pf->n / 2 + (pf->n - pf->n / 2) * (d0 + td) / D);
+        ROW_TILES(td, nrv, PV);
+    }
 #undef PV
 }
 
@@ -349,7 +392,7 @@ static void pv_chunk_bf(float *OT, int RP, const uint32_t *VP, int D, int njp, i
 
 /* Per-thread work buffers. */
 typedef struct {
-    float *QT, *OT, *ST, *kf, *vf, *m, *l;
+    float *QT, *OT, *ST, *kf, *vf, *m, *l, *mx;
     int32_t *pos;
     uint32_t *QP, *PP, *VP, *KP;
 } Buffers;
@@ -362,16 +405,17 @@ static int buffers_alloc(Buffers *b, int D) {
     b->vf = aligned_alloc(64, sizeof(float) * KB * D);
     b->m = aligned_alloc(64, sizeof(float) * MAX_ROWS);
     b->l = aligned_alloc(64, sizeof(float) * MAX_ROWS);
+    b->mx = aligned_alloc(64, sizeof(float) * MAX_ROWS);
     b->pos = aligned_alloc(64, sizeof(int32_t) * MAX_ROWS);
     b->QP = aligned_alloc(64, sizeof(uint32_t) * D * MAX_ROWS); /* [D/2][MAX_ROWS], rounded up */
     b->PP = aligned_alloc(64, sizeof(uint32_t) * KB * MAX_ROWS);
     b->VP = aligned_alloc(64, sizeof(uint32_t) * KB * D);
     b->KP = aligned_alloc(64, sizeof(uint16_t) * KB * D); /* [KB][D/2] pairs: the chunk's K rows, packed */
-    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->pos && b->QP && b->PP && b->VP && b->KP;
+    return b->QT && b->OT && b->ST && b->kf && b->vf && b->m && b->l && b->mx && b->pos && b->QP && b->PP && b->VP && b->KP;
 }
 
 static void buffers_free(Buffers *b) {
-    free(b->QT); free(b->OT); free(b->ST); free(b->kf); free(b->vf); free(b->m); free(b->l); free(b->pos);
+    free(b->QT); free(b->OT); free(b->ST); free(b->kf); free(b->vf); free(b->m); free(b->l); free(b->mx); free(b->pos);
     free(b->QP); free(b->PP); free(b->VP); free(b->KP);
 }
 
@@ -409,12 +453,20 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
     for (int64_t j0 = 0; j0 < nkeys; j0 += KB) {
         const int nk = (int)(nkeys - j0 < KB ? nkeys - j0 : KB);
         const int nka = (nk + ka - 1) / ka * ka; /* keys rounded up to whole tiles; the extra keys are zero */
-        /* K/V rows sit wherever their slots put them, out of the hardware prefetchers' reach: ask for the next
-         * chunk's K rows and this chunk's V rows (read after the softmax) while this chunk's K is copied */
+        /* K/V rows sit wherever their slots put them, out of the hardware prefetchers' reach. Pair products read
+         * this chunk's K while its V is read after the softmax: prefetch the next chunk's K and this chunk's V now.
+         * fp32 products copy both at the chunk's start: the next chunk's K and V, a few rows between tiles. */
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
         const int es = bf16 ? 2 : 4; /* bytes an element */
-        for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
-        for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
+        Prefetch pfs = {(const char *)k, (const char *)v, slots + j0 + KB, nnext > 0 ? nnext : 0, 0,
+                        (int64_t)Hkv * D * es, (int64_t)g * D * es, D * es};
+        Prefetch *pf = NULL;
+        if (pbf) {
+            for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
+            for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
+        } else {
+            pf = &pfs;
+        }
         for (int jj = 0; jj < nk; jj++) {
             const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
             if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + off, sizeof(uint16_t) * D);
@@ -425,20 +477,28 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
             memset(B->KP + (int64_t)nk * (D / 2), 0, sizeof(uint16_t) * D * (nka - nk));
         else
             memset(kf + (int64_t)nk * D, 0, sizeof(float) * D * (nka - nk));
+        /* does any (key, row) of this chunk fall past its row's causal limit? */
+        const int masked = j0 + nk - 1 > first_pos;
         /* scores */
+        int fused = 0;
 #if HAVE_DP
         if (dp) qk_chunk_bf(B->QP, RP, B->KP, D / 2, nka, nrv, scale, ST);
         else
 #endif
-            qk_chunk(QT, RP, kf, D, nka, nrv, ST);
-        /* does any (key, row) of this chunk fall past its row's causal limit? */
-        const int masked = j0 + nk - 1 > first_pos;
+        {
+            /* the chunk's row maxima come out of the score tiles when every key is real and visible to every row */
+            fused = nka == nk && !masked;
+            if (fused)
+                for (int r = 0; r < RP; r += VL) V(storeu_ps)(B->mx + r, V(set1_ps)(NEG));
+            qk_chunk(QT, RP, kf, D, nka, nrv, ST, fused ? B->mx : NULL, pf);
+        }
         /* online softmax down the key axis, VL rows a vector; P^T overwrites S^T */
         for (int b = 0; b < nrv; b++) {
             const int r0 = VL * b;
             const vint pv = vload_i(pos + r0);
             vfloat mx = V(set1_ps)(NEG);
-            for (int jj = 0; jj < nk; jj++) {
+            if (fused) mx = V(loadu_ps)(B->mx + r0);
+            else for (int jj = 0; jj < nk; jj++) {
                 const vfloat s = V(loadu_ps)(ST + (int64_t)jj * RP + r0);
                 if (masked) {
                     mx = vmax_masked(mx, vsees((int32_t)(j0 + jj), pv), s);
@@ -453,7 +513,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 #define NUMERATOR(jj, p)                                                                                            \
     do {                                                                                                            \
         const vfloat x_ = V(sub_ps)(V(loadu_ps)(ST + (int64_t)(jj) * RP + r0), mnew);                               \
-        p = pbf ? vexp_bf16(x_) : vexp(x_);                                                                         \
+        p = bf16 ? vexp_bf16(x_) : vexp(x_);                                                                        \
         if (masked) p = vkeep(vsees((int32_t)(j0 + (jj)), pv), p);                                                  \
     } while (0)
             if (pbf) {
@@ -502,7 +562,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 #endif
             continue;
         }
-        pv_chunk(OT, RP, vf, D, nk, nrv, ST);
+        pv_chunk(OT, RP, vf, D, nk, nrv, ST, pf);
     }
     for (int r = 0; r < rows; r++) {
         const int i = r / G, h = r % G;
