@@ -35,9 +35,8 @@ static inline __m512 exp_approx16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* exp where bf16 rounding dominates the error anyway (softmax numerators for P.V in bf16 pairs, or over a bf16
- * cache): the same series cut at degree 5 (relative error ~3e-6, far below bf16's 2^-9) and vscalefps for the
- * 2^n. Inputs <= 0. */
+/* exp for values that are rounded to bf16 next (the softmax numerators of P.V in bf16 pairs): the same series
+ * cut at degree 5 (relative error ~3e-6, far below bf16's 2^-9) and vscalefps for the 2^n. Inputs <= 0. */
 static inline __m512 exp_bf16_16(__m512 x) {
     __m512 n;
     const __m512 f = exp_split(x, &n);

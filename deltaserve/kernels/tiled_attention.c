@@ -27,8 +27,6 @@
  * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
  * chunk); without it P.V stays in fp32. mode bit 1: fp32 products even so (what a CPU without
  * AVX512-BF16 runs, or one where its pair products are slower than fp32 FMA; tests cover that path here with it).
- * With a bf16 cache the softmax numerators take the shorter exp polynomial (relative error ~3e-6, far below the
- * cache's bf16 rounding); with an fp32 cache the full one (~1e-7).
  * What runs where: with AVX-512 every path, VL = 16; with only AVX2 + FMA (AMD Zen 3, client chips) the fp32
  * product path, VL = 8 and tiles of at most 12 accumulators for the 16 ymm registers (bf16 K/V widened to fp32).
  * Returns 0, 1 when out of memory, 2 when built without AVX-512 or AVX2 + FMA (the caller falls back).
@@ -86,7 +84,7 @@ typedef __m256i vint;
 typedef __m256 vmask;
 #define V(op) _mm256_##op
 #define vexp exp_approx8
-#define vexp_bf16 exp_approx8 /* no vscalefps: the full polynomial */
+#define vexp_bf16 exp_approx8 /* unused: bf16 numerators need AVX512-BF16 */
 #define vload_i(p) _mm256_loadu_si256((const __m256i *)(p))
 /* Pins a tile's row vector to a register: otherwise GCC folds its load into every FMA, one 256-bit load a FMA,
  * and the tiles run at the load rate rather than the FMA rate. */
@@ -513,7 +511,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
 #define NUMERATOR(jj, p)                                                                                            \
     do {                                                                                                            \
         const vfloat x_ = V(sub_ps)(V(loadu_ps)(ST + (int64_t)(jj) * RP + r0), mnew);                               \
-        p = bf16 ? vexp_bf16(x_) : vexp(x_);                                                                        \
+        p = pbf ? vexp_bf16(x_) : vexp(x_);                                                                         \
         if (masked) p = vkeep(vsees((int32_t)(j0 + (jj)), pv), p);                                                  \
     } while (0)
             if (pbf) {
