@@ -9,6 +9,9 @@ kernels run through ctypes and show up as the gap between the table's total and 
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
 routes spans to the tiled kernel from 12 vs 16 rows (`layers.attention.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16), `pairs` runs the short kernel in
 fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24.
+--ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
+    git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
+    cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ CASES = {
     "verify 1x5 @4k": [(4000, 5)], "delta 300 @4k": [(4000, 300)], "delta 300 + 3 verify @4k": [(4000, 300)] + [(4000, 5)] * 3,
     "prefill 2048": [(0, 2048)], "decode 1 @100": [(100, 1)], "verify 1x5 @100": [(100, 5)], "verify 1x16 @100": [(100, 16)],
 }
+# W35's late turns (~6k context): a turn's delta, 4 agents' verify spans (k = 8), and both in one step
+CASES_6K = {"delta 300 @6k": [(6000, 300)], "verify 4x9 @6k": [(6000, 9)] * 4,
+            "delta 300 + 3 verify9 @6k": [(6000, 300)] + [(6000, 9)] * 3}
 
 
 def main() -> None:
@@ -34,7 +40,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "pairs", "small-gemm-rows"])
+    ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     args = ap.parse_args()
+    if args.ab_tiled:
+        return ab_tiled(args)
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
@@ -100,6 +109,36 @@ def ab(args) -> None:
             attn.native.paged_attention_short = short
             lin.SMALL_BATCH_ROWS_UNPACKED = small
             print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
+
+
+def ab_tiled(args) -> None:
+    import ctypes
+
+    from deltaserve.kernels import paged_attention as pa
+
+    r = _engine(args.model).runner
+    for t in r.kv.k_cache + r.kv.v_cache:
+        t.normal_()
+    assert pa.tiled_available(), "the tiled kernel is not built here"
+    libs = {"old": ctypes.CDLL(args.ab_tiled), "new": pa._LIBS["tiled_attention"]}
+    libs["old"].paged_attention_tiled.restype = ctypes.c_int
+    libs["old"].paged_attention_tiled.argtypes = pa._lib_argtypes() + [ctypes.c_int]
+    step = _stepper(r)
+    cases = {k: CASES[k] for k in ("verify 4x5 @4k", "delta 300 @4k", "prefill 2048")} | CASES_6K
+    with torch.inference_mode():
+        for name, spec in cases.items():
+            f, best = step(spec), {k: 1e9 for k in libs}
+            for _ in range(6):
+                for k, lib in libs.items():
+                    pa._LIBS["tiled_attention"] = lib  # read by every call of paged_attention_tiled
+                    f()
+                    t = time.perf_counter()
+                    f()
+                    f()
+                    best[k] = min(best[k], (time.perf_counter() - t) / 2)
+            pa._LIBS["tiled_attention"] = libs["new"]
+            print(f"{name:28s} old {best['old'] * 1e3:8.1f} ms  new {best['new'] * 1e3:8.1f} ms"
+                  f"  ({best['new'] / best['old']:.3f})", flush=True)
 
 
 def _stepper(r):
