@@ -78,9 +78,7 @@ def ab(args) -> None:
     import deltaserve.layers.attention as attn
     import deltaserve.layers.linear as lin
 
-    r = _engine(args.model).runner
-    for t in r.kv.k_cache + r.kv.v_cache:
-        t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
+    r = _filled_runner(args.model)
     short = attn.native.paged_attention_short
     # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
     rows, small, min_rows_of = attn.tiled_min_rows(False), lin.SMALL_BATCH_ROWS_UNPACKED, attn.tiled_min_rows
@@ -96,16 +94,12 @@ def ab(args) -> None:
                 attn.tiled_min_rows = lambda kv_fp32, _m=min_rows: _m  # asked when the step's metadata is prepared
                 fs[label] = (step(spec), pairs, small_rows)
             attn.tiled_min_rows = min_rows_of
-            best = {k: 1e9 for k in fs}
-            for _ in range(6):
-                for k, (f, pairs, small_rows) in fs.items():
-                    attn.native.paged_attention_short = (lambda *a, _p=pairs, **kw: short(*a, pairs=_p and kw.get("pairs", False)))
-                    lin.SMALL_BATCH_ROWS_UNPACKED = small_rows  # read by every Linear call
-                    f()
-                    t = time.perf_counter()
-                    f()
-                    f()
-                    best[k] = min(best[k], (time.perf_counter() - t) / 2)
+
+            def use(pairs, small_rows):
+                attn.native.paged_attention_short = (lambda *a, _p=pairs, **kw: short(*a, pairs=_p and kw.get("pairs", False)))
+                lin.SMALL_BATCH_ROWS_UNPACKED = small_rows  # read by every Linear call
+
+            best = _best_alternating({k: (f, lambda p=pairs, s=small_rows: use(p, s)) for k, (f, pairs, small_rows) in fs.items()})
             attn.native.paged_attention_short = short
             lin.SMALL_BATCH_ROWS_UNPACKED = small
             print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
@@ -116,9 +110,7 @@ def ab_tiled(args) -> None:
 
     from deltaserve.kernels import paged_attention as pa
 
-    r = _engine(args.model).runner
-    for t in r.kv.k_cache + r.kv.v_cache:
-        t.normal_()
+    r = _filled_runner(args.model)
     assert pa.tiled_available(), "the tiled kernel is not built here"
     libs = {"old": ctypes.CDLL(args.ab_tiled), "new": pa._LIBS["tiled_attention"]}
     libs["old"].paged_attention_tiled.restype = ctypes.c_int
@@ -127,18 +119,35 @@ def ab_tiled(args) -> None:
     cases = {k: CASES[k] for k in ("verify 4x5 @4k", "delta 300 @4k", "prefill 2048")} | CASES_6K
     with torch.inference_mode():
         for name, spec in cases.items():
-            f, best = step(spec), {k: 1e9 for k in libs}
-            for _ in range(6):
-                for k, lib in libs.items():
-                    pa._LIBS["tiled_attention"] = lib  # read by every call of paged_attention_tiled
-                    f()
-                    t = time.perf_counter()
-                    f()
-                    f()
-                    best[k] = min(best[k], (time.perf_counter() - t) / 2)
+            f = step(spec)
+            # pa._LIBS is read by every call of paged_attention_tiled
+            best = _best_alternating({k: (f, lambda lib=lib: pa._LIBS.__setitem__("tiled_attention", lib))
+                                      for k, lib in libs.items()})
             pa._LIBS["tiled_attention"] = libs["new"]
             print(f"{name:28s} old {best['old'] * 1e3:8.1f} ms  new {best['new'] * 1e3:8.1f} ms"
                   f"  ({best['new'] / best['old']:.3f})", flush=True)
+
+
+def _filled_runner(model: str):
+    r = _engine(model).runner
+    for t in r.kv.k_cache + r.kv.v_cache:
+        t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
+    return r
+
+
+def _best_alternating(variants: dict, rounds: int = 6) -> dict:
+    """variants: label -> (step fn, setup fn run before it). Best seconds a step per label, the variants taking turns
+    each round (a warm-up call, then the mean of two)."""
+    best = {k: 1e9 for k in variants}
+    for _ in range(rounds):
+        for k, (f, setup) in variants.items():
+            setup()
+            f()
+            t = time.perf_counter()
+            f()
+            f()
+            best[k] = min(best[k], (time.perf_counter() - t) / 2)
+    return best
 
 
 def _stepper(r):

@@ -335,7 +335,6 @@ typedef struct {
 } Prefetch;
 
 static inline void prefetch_upto(Prefetch *pf, int64_t upto) {
-    if (!pf) return;
     if (upto > pf->n) upto = pf->n;
     for (; pf->done < upto; pf->done++) {
         const int64_t off = pf->slots[pf->done] * pf->row_mul + pf->head_off;
@@ -458,13 +457,13 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
          * L2: 27.7 -> 29.9 ms, hence only for short spans). */
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
         const int es = bf16 ? 2 : 4; /* bytes an element */
-        Prefetch pfs = {(const char *)k, (const char *)v, slots + j0 + KB, nnext > 0 ? nnext : 0, 0,
-                        (int64_t)Hkv * D * es, (int64_t)g * D * es, D * es};
-        Prefetch *pf = NULL;
+        Prefetch pfs, *pf = NULL;
         if (pbf || nrv > 2) {
             for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
             for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
         } else {
+            pfs = (Prefetch){(const char *)k, (const char *)v, slots + j0 + KB, nnext > 0 ? nnext : 0, 0,
+                             (int64_t)Hkv * D * es, (int64_t)g * D * es, D * es};
             pf = &pfs;
         }
         for (int jj = 0; jj < nk; jj++) {
