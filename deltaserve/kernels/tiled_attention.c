@@ -458,7 +458,7 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
         const int es = bf16 ? 2 : 4; /* bytes an element */
         Prefetch pfs, *pf = NULL;
-        if (pbf || nrv > 2) {
+        if (pbf || RP > 32) {
             for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
             for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
         } else {
