@@ -451,10 +451,11 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
         const int nka = (nk + ka - 1) / ka * ka; /* keys rounded up to whole tiles; the extra keys are zero */
         /* K/V rows sit wherever their slots put them, out of the hardware prefetchers' reach: the next chunk's K
          * rows and this chunk's V rows (read after the softmax with pair products) are asked for now. Spans of at
-         * most two row vectors (verify) with fp32 products, which copy K and V at a chunk's start and have little
-         * compute a chunk to hide the wait, take the next chunk's K and V a few rows between tiles instead (kernel
-         * alone, 4 x 9 queries x 6000 keys: 3.76 -> 3.33 ms; the same for a 2048-token prefill, whose K/V sit in
-         * L2: 27.7 -> 29.9 ms, hence only for short spans). */
+         * most 32 query rows (verify: two 16-lane or four 8-lane row vectors) with fp32 products, which copy K and
+         * V at a chunk's start and have little compute a chunk to hide the wait, take the next chunk's K and V a
+         * few rows between tiles instead (kernel alone, 4 x 9 queries x 6000 keys: 3.76 -> 3.33 ms; Zen 3, whole
+         * steps, verify 4 x 9 @6k: 361 -> 301 ms; the same for a 2048-token prefill, whose K/V sit in L2: 27.7 ->
+         * 29.9 ms, hence only for short spans). */
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
         const int es = bf16 ? 2 : 4; /* bytes an element */
         Prefetch pfs, *pf = NULL;
