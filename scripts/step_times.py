@@ -12,6 +12,7 @@ fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPA
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
+--ab-short OLD.so does the same for the short (decode/verify) kernel, paged_attention.c.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def main() -> None:
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "pairs", "small-gemm-rows"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
+    ap.add_argument("--ab-short", default="", metavar="OLD.so")
     args = ap.parse_args()
     if args.ab_tiled:
         return ab_tiled(args)
+    if args.ab_short:
+        return ab_short(args)
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
@@ -106,24 +110,33 @@ def ab(args) -> None:
 
 
 def ab_tiled(args) -> None:
+    cases = {k: CASES[k] for k in ("verify 4x5 @4k", "delta 300 @4k", "prefill 2048")} | CASES_6K
+    ab_lib(args.model, "tiled_attention", "paged_attention_tiled", args.ab_tiled, cases)
+
+
+def ab_short(args) -> None:
+    cases = {k: CASES[k] for k in ("decode 4 @4k", "verify 4x5 @4k", "verify 1x5 @4k", "decode 1 @100")}
+    ab_lib(args.model, "paged_attention", "paged_attention_short", args.ab_short, cases)
+
+
+def ab_lib(model: str, lib: str, fn: str, old_path: str, cases: dict) -> None:
+    """Whole steps with another build (old_path) of kernel library `lib` against this tree's, alternately."""
     import ctypes
 
     from deltaserve.kernels import paged_attention as pa
 
-    r = _filled_runner(args.model)
-    assert pa.tiled_available(), "the tiled kernel is not built here"
-    libs = {"old": ctypes.CDLL(args.ab_tiled), "new": pa._LIBS["tiled_attention"]}
-    libs["old"].paged_attention_tiled.restype = ctypes.c_int
-    libs["old"].paged_attention_tiled.argtypes = pa._lib_argtypes() + [ctypes.c_int]
+    r = _filled_runner(model)
+    assert pa.tiled_available() and pa.available(), "the attention kernels are not built here"
+    libs = {"old": ctypes.CDLL(old_path), "new": pa._LIBS[lib]}
+    getattr(libs["old"], fn).restype = ctypes.c_int
+    getattr(libs["old"], fn).argtypes = pa._lib_argtypes() + [ctypes.c_int]
     step = _stepper(r)
-    cases = {k: CASES[k] for k in ("verify 4x5 @4k", "delta 300 @4k", "prefill 2048")} | CASES_6K
     with torch.inference_mode():
         for name, spec in cases.items():
             f = step(spec)
-            # pa._LIBS is read by every call of paged_attention_tiled
-            best = _best_alternating({k: (f, lambda lib=lib: pa._LIBS.__setitem__("tiled_attention", lib))
-                                      for k, lib in libs.items()})
-            pa._LIBS["tiled_attention"] = libs["new"]
+            # pa._LIBS is read by every kernel call
+            best = _best_alternating({k: (f, lambda lb=lb: pa._LIBS.__setitem__(lib, lb)) for k, lb in libs.items()})
+            pa._LIBS[lib] = libs["new"]
             print(f"{name:28s} old {best['old'] * 1e3:8.1f} ms  new {best['new'] * 1e3:8.1f} ms"
                   f"  ({best['new'] / best['old']:.3f})", flush=True)
 

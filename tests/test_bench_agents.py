@@ -73,3 +73,18 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     # stateless recomputes every prompt: more time in prefill steps than stateful
     assert sl["profile"]["forward_prefill_s"] > sf["profile"]["forward_prefill_s"]
     assert "Where the time goes" in (tmp_path / "report.md").read_text()
+
+
+def test_vllm_targets_command_lines(smollm_dir):
+    """The vLLM targets' command lines (nothing is started): bf16 by default, fp32 for vllm-fp32, whose KV budget
+    (VLLM_CPU_KVCACHE_SPACE, whole GiB) is sized for fp32's 4 bytes an element; unknown names are refused."""
+    from deltaserve.bench import agents_targets as tg
+
+    budget = 60000  # SmolLM2 bf16 KV: 23,040 bytes a token -> 1.29 GiB in bf16, 2.57 GiB in fp32
+    cmds = {n: tg.build(n, "smollm2-135m", 4, budget, 2) for n in ("vllm", "vllm-ngram", "vllm-fp32")}
+    dtype = {n: t.cmd[t.cmd.index("--dtype") + 1] for n, t in cmds.items()}
+    assert dtype == {"vllm": "bfloat16", "vllm-ngram": "bfloat16", "vllm-fp32": "float32"}
+    assert [cmds[n].env["VLLM_CPU_KVCACHE_SPACE"] for n in ("vllm", "vllm-fp32")] == ["2", "3"]
+    assert "--speculative-config" in cmds["vllm-ngram"].cmd and "--speculative-config" not in cmds["vllm-fp32"].cmd
+    assert "vllm-fp32" not in tg.ALL_TARGETS and "vllm-fp32" in tg.KNOWN_TARGETS  # not in the default list
+    assert "unknown target" in tg.missing_reason("vllm-fp16", "smollm2-135m")

@@ -341,7 +341,7 @@ def run(args) -> int:
         results[name] = agg
         print(f"[agents] {name}: wall {res['wall_s']:.1f}s, median turn {agg['latency_median_all']:.3f}s, "
               f"prompt {agg['prompt_tokens']} cached {agg['cached_tokens']}", file=sys.stderr)
-    order = {n: i for i, n in enumerate(tg.ALL_TARGETS)}
+    order = {n: i for i, n in enumerate(tg.KNOWN_TARGETS)}
     report["targets"] = results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
     report["speedup_of_stateful"] = _speedups(results, "deltaserve-stateful", wf.n_turns)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

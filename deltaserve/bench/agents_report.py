@@ -62,8 +62,8 @@ def _f(v, nd=2):
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
-PEERS_FOR_GOALS = ("vllm", "vllm-ngram", "llamacpp", "deltaserve-prefix")
-EXTERNAL_PEERS = ("vllm", "vllm-ngram", "llamacpp")
+PEERS_FOR_GOALS = ("vllm", "vllm-ngram", "vllm-fp32", "llamacpp", "deltaserve-prefix")
+EXTERNAL_PEERS = ("vllm", "vllm-ngram", "vllm-fp32", "llamacpp")
 
 
 def _claim_rows(T: int, b: dict, who: str) -> list[list[str]]:
@@ -82,7 +82,7 @@ def _claim_rows(T: int, b: dict, who: str) -> list[list[str]]:
 
 def _paper_table(report: dict) -> list[str]:
     """The paper's claims beside ours: vs the best-configured peer (fastest median turn among vLLM, vLLM-ngram,
-    llama.cpp and the SGLang-style prefix emulation), vs the best external peer when that is another one,
+    vLLM-fp32, llama.cpp and the SGLang-style prefix emulation, those that ran), vs the best external peer when that is another one,
     and vs stateless."""
     res, sp = report["targets"], report["speedup_of_stateful"]
     T = report["workflow"]["turns"]

