@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workflow", type=int, default=6, help="turns per agent (the paper's workflows: 6 and 35)")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--targets", default=",".join(tg.ALL_TARGETS))
+    p.add_argument("--targets", default=",".join(tg.ALL_TARGETS),
+                   help=f"comma-separated, of {', '.join(tg.KNOWN_TARGETS)} (default: all but vllm-fp32)")
     p.add_argument("--out", default="bench_out/agents")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action=argparse_bool(), default=True,
