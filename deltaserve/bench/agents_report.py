@@ -82,8 +82,8 @@ def _claim_rows(T: int, b: dict, who: str) -> list[list[str]]:
 
 def _paper_table(report: dict) -> list[str]:
     """The paper's claims beside ours: vs the best-configured peer (fastest median turn among vLLM, vLLM-ngram,
-    vLLM-fp32, llama.cpp and the SGLang-style prefix emulation, those that ran), vs the best external peer when that is another one,
-    and vs stateless."""
+    vLLM-fp32, llama.cpp and the SGLang-style prefix emulation, those that ran), vs the best external peer when
+    that is another one, and vs stateless."""
     res, sp = report["targets"], report["speedup_of_stateful"]
     T = report["workflow"]["turns"]
     peers = [n for n in PEERS_FOR_GOALS if n in sp]
