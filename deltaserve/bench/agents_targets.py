@@ -183,10 +183,10 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
         t.notes.append(f"--kv-cache-gb {kv_gb:.4g}")
     elif name.startswith("vllm"):
         d = hf_dir(model)
+        fp32 = name == "vllm-fp32"
         cmd = [str(VLLM_BIN), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
                "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "float32" if name == "vllm-fp32" else "bfloat16", "--enable-prefix-caching",
-               "--max-model-len", str(context),
+               "--dtype", "float32" if fp32 else "bfloat16", "--enable-prefix-caching", "--max-model-len", str(context),
                "--max-num-seqs", str(max(agents, 1)), "--max-num-batched-tokens", str(max(max_batch_tokens, context)),
                "--enable-prompt-tokens-details", "--generation-config", "vllm"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
@@ -195,8 +195,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
             # --kv-cache-memory-bytes (a 12k-token budget became 46,592 tokens), so the block count
             # is forced; its CPU blocks hold 128 tokens (the log then says "CPU KV cache size: N tokens").
             cmd += ["--block-size", "128", "--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 128))]
-            kv_elem = 2 if name == "vllm-fp32" else 1  # fp32 KV takes twice bf16's bytes a token
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_budget_tokens * bpt * kv_elem / 2**30)))
+            kv_bytes = kv_budget_tokens * bpt * (2 if fp32 else 1)  # bpt is bf16's; fp32 KV takes twice that
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_bytes / 2**30)))
         else:
             env["VLLM_CPU_KVCACHE_SPACE"] = "2"
         if name == "vllm-ngram":
