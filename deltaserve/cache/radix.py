@@ -31,6 +31,7 @@ import torch
 
 from deltaserve.cache.base import InsertResult, MatchResult, PrefixCache
 from deltaserve.kv.allocator import SlotAllocator
+from deltaserve.tokens import common_prefix_len
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -65,15 +66,6 @@ def _as_key(tokens: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
     return tuple(tokens.tolist()) if isinstance(tokens, torch.Tensor) else tuple(int(t) for t in tokens)
 
 
-def _common_len(key: tuple[int, ...], tokens: tuple[int, ...], start: int) -> int:
-    """Length of the common prefix of `key` and `tokens[start:]`."""
-    n = min(len(key), len(tokens) - start)
-    i = 0
-    while i < n and key[i] == tokens[start + i]:
-        i += 1
-    return i
-
-
 class RadixCache(PrefixCache[RadixNode]):
     """Token-exact prefix cache; owns the slots of every cached token. See module docstring."""
 
@@ -106,7 +98,7 @@ class RadixCache(PrefixCache[RadixNode]):
             child = node.children.get(key[i])
             if child is None:
                 break
-            k = _common_len(child.key, key, i)
+            k = common_prefix_len(child.key, key[i : i + len(child.key)])
             if k < len(child):
                 child = self._split(child, k)  # the match must end exactly at a node
             child.last_access = now
@@ -154,7 +146,7 @@ class RadixCache(PrefixCache[RadixNode]):
                 node.children[key[i]] = leaf
                 self._evictable += len(leaf)
                 return InsertResult(i, leaf)
-            k = _common_len(child.key, key, i)
+            k = common_prefix_len(child.key, key[i : i + len(child.key)])
             if k < len(child):
                 child = self._split(child, k)
             # Already cached: the tree keeps its slots; passed ids that differ are duplicates.

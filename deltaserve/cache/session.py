@@ -32,6 +32,7 @@ from enum import Enum
 from typing import Callable, NamedTuple, Sequence
 
 from deltaserve.cache.radix import RadixCache, RadixNode
+from deltaserve.tokens import common_prefix_len
 
 
 class MatchReason(str, Enum):
@@ -76,14 +77,6 @@ class Session:
     seq: int = 0  # open order; breaks last_used ties in demote_lru
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:
     """Classify a turn's cache reuse. `num_matched` is the radix match length; `was_pinned` the pin state at match time."""
     n = len(prompt)
@@ -96,7 +89,7 @@ def explain_match(session: Session | None, prompt: Sequence[int], num_matched: i
     if not state:
         detail = f"new session {session.session_id!r}; prefix cache hit {num_matched}/{n} tokens"
         return MatchExplanation(MatchReason.NEW_SESSION, diverged_at=None, session_tokens=0, detail=detail, **base)
-    lcp = _common_prefix_len(state, prompt)
+    lcp = common_prefix_len(list(state), list(prompt))
     if lcp < have:
         if lcp == n:
             detail = f"prompt truncates the session state at token {lcp} (session had {have} tokens)"

@@ -23,6 +23,7 @@ from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, explain_match
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.pool import KVPool
+from deltaserve.tokens import common_prefix_len
 
 
 ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before it is admitted
@@ -100,7 +101,7 @@ class KVManager:
         for r in self.running:
             if r is not seq and r.num_output == 0:
                 limit = min(r.prompt_len, len(seq.tokens) - 1)
-                if limit >= cached + SHARE_MIN_TOKENS and _common_prefix(r.tokens, seq.tokens, limit) >= cached + SHARE_MIN_TOKENS:
+                if limit >= cached + SHARE_MIN_TOKENS and common_prefix_len(r.tokens, seq.tokens, limit) >= cached + SHARE_MIN_TOKENS:
                     return True
         return False
 
@@ -209,20 +210,6 @@ class KVManager:
     def check_integrity(self, running: list[Sequence]) -> None:
         extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]
         self.radix.check_integrity(torch.cat(extra) if extra else torch.empty(0, dtype=torch.int64))
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of a[:limit] and b[:limit]; slice compares run in C (binary search)."""
-    if a[:limit] == b[:limit]:
-        return limit
-    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def _set_tokens(session: Session, tokens: list[int]) -> None:

@@ -5,7 +5,7 @@ Why C and not a torch extension: a plain shared library builds in about a second
 `libgomp.so.1` torch has already loaded, so both share one OpenMP thread pool.
 The build lands in `<cache>/kernels/<hash>/` (hash of source, flags and
 compiler); when no compiler is found or the build fails, `load()` returns None
-and callers keep their pure-PyTorch path. `DELTASERVE_NATIVE=0` disables the
+and callers keep their pure-PyTorch path. `DELTASERVE_NATIVE=off` disables the
 kernels (the reference path, for tests and comparisons).
 """
 
@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from deltaserve import env
+
 log = logging.getLogger(__name__)
 
 SRC_DIR = Path(__file__).parent
@@ -28,7 +30,7 @@ _LOADED: dict[str, ctypes.CDLL | None] = {}
 
 
 def enabled() -> bool:
-    return os.environ.get("DELTASERVE_NATIVE", "1") not in ("0", "false", "off")
+    return env.native_kernels()
 
 
 def _cache_root() -> Path:

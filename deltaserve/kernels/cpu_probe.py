@@ -9,8 +9,8 @@ the measured ratio.
 from __future__ import annotations
 
 import ctypes
-import os
 
+from deltaserve import env
 from deltaserve.kernels import load
 
 _SPEED: list[float] = []
@@ -31,12 +31,8 @@ def bf16_dot_speed() -> float:
 
 def bf16_dot_fast() -> bool:
     """Run products as bf16 pairs (True) or widen to fp32 (False): the env override, else the measured ratio."""
-    env = os.environ.get("DELTASERVE_BF16_DOT", "auto").lower()
-    if env in ("on", "1", "true"):
-        return True
-    if env in ("off", "0", "false"):
-        return False
-    return bf16_dot_speed() > 1.0
+    fixed = env.bf16_dot()
+    return fixed if fixed is not None else bf16_dot_speed() > 1.0
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ fp32 outputs stay bit-identical to the reference.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from deltaserve import env
 from deltaserve.kernels import cpu_probe, small_gemm
 
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
@@ -94,9 +94,9 @@ def large_batch_form() -> str:
     """'bf16' or 'fp32': the faster form for large batches here (env override, else measured once)."""
     global _LARGE_FORM
     if _LARGE_FORM is None:
-        env = os.environ.get("DELTASERVE_LARGE_BATCH_LINEAR", "auto").lower()
-        if env in ("bf16", "fp32"):
-            _LARGE_FORM = env
+        fixed = env.large_batch_linear()
+        if fixed is not None:
+            _LARGE_FORM = fixed
         elif not packed_supported():
             _LARGE_FORM = "fp32"
         elif bf16_gemm_fast():

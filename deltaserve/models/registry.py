@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from deltaserve import env
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -59,9 +61,9 @@ class ModelNotFound(Exception):
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("DELTASERVE_CACHE")
-    if env:
-        return Path(env).expanduser()
+    chosen = env.cache_dir()
+    if chosen is not None:
+        return chosen
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("deltaserve"))

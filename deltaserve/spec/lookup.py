@@ -35,6 +35,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from deltaserve.tokens import common_prefix_len
+
 
 class Draft(NamedTuple):
     """A proposed continuation.
@@ -171,13 +173,8 @@ class LookupIndex:
         """
         hist = self._tokens
         m = len(hist)
-        if len(history) >= m and list(history[:m]) == hist:
-            keep = m
-        else:
-            keep = 0
-            limit = min(m, len(history))
-            while keep < limit and hist[keep] == history[keep]:
-                keep += 1
+        keep = common_prefix_len(hist, list(history[:m]))
+        if keep < m:
             self.truncate(keep)
         self.extend(history[keep:])
         return keep
