@@ -7,36 +7,6 @@ import sys
 
 from deltaserve.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 
-DTYPES = ("bfloat16", "float32")
-
-
-def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "bfloat16") -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"known name ({', '.join(KNOWN_MODELS)}), HF directory or .gguf file")
-    p.add_argument("--dtype", choices=DTYPES, default=dtype_default)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-
-
-def ensure_pulled(model: str) -> None:
-    """A known model that is not in the cache yet is pulled (with a progress bar) before use."""
-    from deltaserve.models.registry import model_path, pull
-
-    if model in KNOWN_MODELS and not model_path(model).exists():
-        print(f"pulling {model} (first use)...", file=sys.stderr)
-        pull(model)
-
-
-def engine_from_args(args, **overrides):
-    import torch
-
-    from deltaserve.engine.engine import EngineConfig, LLMEngine
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda given but no CUDA device is available")
-    ensure_pulled(args.model)
-    fields = dict(dtype=getattr(torch, args.dtype), device=args.device)
-    fields.update(overrides)
-    return LLMEngine.from_model(args.model, EngineConfig(**fields))
-
 
 def cmd_pull(args) -> int:
     from deltaserve.models.loader import model_dir
@@ -51,23 +21,22 @@ def cmd_pull(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from deltaserve.engine.args import build_engine
     from deltaserve.engine.sampling import SamplingParams
+    from deltaserve.engine.textstream import TextStream
 
-    engine = engine_from_args(args, kv_cache_bytes=512 << 20, speculation=not args.no_speculation)
+    engine = build_engine(args)
     tok = engine.tokenizer
     ids = tok.apply_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
-    from deltaserve.models.tokenizer import IncrementalDecoder
-
-    dec = IncrementalDecoder(tok)
-    text = ""
+    text = TextStream(tok, params.stop)  # the server's detokenizer and stop strings
     for new in engine.stream(ids, params):
-        text += dec.push(new)
-    for s in params.stop:
-        if s in text:
-            text = text[: text.index(s)]
-    sys.stdout.write(text + "\n")
+        sys.stdout.write(text.push(new))
+        sys.stdout.flush()
+        if text.stopped:
+            break  # closing the stream aborts the request
+    sys.stdout.write(text.finish() + "\n")
     return 0
 
 
@@ -84,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pull)
 
+    from deltaserve.engine.args import add_engine_args
+
     p = sub.add_parser("generate", help="one-shot generation; prints only the completion")
-    add_model_args(p)
+    add_engine_args(p, kv_cache_gb=0.5)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user message through the chat template")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -93,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append")
-    p.add_argument("--no-speculation", action="store_true")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     p.set_defaults(func=cmd_generate)
 
     from deltaserve.server.app import add_serve_arguments, run_server

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the smollm_dir fixture pulls the model when missing
 
 
 def test_workload_is_seeded_and_bounded(smollm_dir):

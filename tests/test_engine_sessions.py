@@ -11,7 +11,6 @@ from deltaserve.cache.session import MatchReason
 from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.engine.sampling import SamplingParams
 
-pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_tokens=6)
 

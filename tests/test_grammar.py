@@ -6,7 +6,6 @@ The tokenizer is Qwen2.5-Coder-0.5B's (pulled on first use), loaded once per mod
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest

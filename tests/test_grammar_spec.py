@@ -11,7 +11,6 @@ from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.server.grammar import GrammarCompiler
 
-pytestmark = pytest.mark.slow
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
           "required": ["city", "days"], "additionalProperties": False}
@@ -26,8 +25,8 @@ def engines(qwen_dir):
 
 
 def _run(engine, comp, prompt, session_id=None, draft_hook=None):
-    seq = engine.add_request(prompt, SamplingParams(max_tokens=40), session_id=session_id)
-    seq.grammar = comp.for_json_schema(SCHEMA)
+    seq = engine.add_request(prompt, SamplingParams(max_tokens=40), session_id=session_id,
+                             constraint=comp.for_json_schema(SCHEMA))
     engine.run_until_done([seq])
     return seq
 

@@ -19,8 +19,8 @@ def _turn(kv: KVManager, sid: str, tokens: list[int], running: bool = False) -> 
     if sid not in kv.sessions:
         kv.sessions.open(sid)
     seq = Sequence(tokens, SamplingParams(max_tokens=1), session_id=sid)
-    kv.others_running = running
-    assert kv.admit(seq)
+    assert kv.can_admit(seq, [], demote_pins=not running)
+    kv.admit(seq)
     assert kv.reserve(seq, len(tokens) - seq.num_computed)
     seq.num_computed = len(tokens)
     kv.release(seq)
@@ -60,9 +60,8 @@ def test_admission_waits_instead_of_demoting_while_others_run():
     assert kv.sessions.get("a").pinned
     kv.sessions.open("b")
     seq = Sequence(list(range(1000, 1020)), SamplingParams(max_tokens=1), session_id="b")
-    kv.others_running = True
-    assert not kv.admit(seq)  # would need a's pinned slots: waits
+    assert not kv.can_admit(seq, [], demote_pins=False)  # others run: would need a's pinned slots, so it waits
     assert kv.sessions.get("a").pinned and kv.demoted_sessions == 0
-    kv.others_running = False
-    assert kv.admit(seq)  # nothing runs: the pin goes (never a deadlock)
+    assert kv.can_admit(seq, [], demote_pins=True)  # nothing runs: the pin goes (never a deadlock)
+    kv.admit(seq)
     assert not kv.sessions.get("a").pinned and kv.demoted_sessions == 1

@@ -16,7 +16,6 @@ from conftest import hf_greedy, load_engine, text_of_tokens
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.models.registry import model_path
 
-pytestmark = pytest.mark.slow
 
 NUM_PROMPTS = {"smollm2-135m": 20, "qwen2.5-coder-0.5b": 10}
 MAX_LEN = {"smollm2-135m": 1500, "qwen2.5-coder-0.5b": 1000}

@@ -17,8 +17,21 @@ def _decoding(sched: Scheduler, draft: list[int] | None = None) -> Sequence:
     return seq
 
 
+class _RoomyKV:
+    """The KV manager's verbs with unlimited memory: every request is admitted, every reservation granted."""
+
+    def can_admit(self, seq, running, demote_pins):
+        return True
+
+    def admit(self, seq):
+        pass
+
+    def reserve(self, seq, n):
+        return True
+
+
 def _plan(sched: Scheduler):
-    return [(it.seq, it.num_tokens, len(it.draft)) for it in sched.plan(lambda s: True, lambda s, n: True).items]
+    return [(it.seq, it.num_tokens, len(it.draft)) for it in sched.plan(_RoomyKV()).items]
 
 
 def test_prefill_fills_the_budget_without_a_cap():

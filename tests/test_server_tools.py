@@ -18,7 +18,6 @@ from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.server.app import create_app
 from deltaserve.server.testing import ServerThread
 
-pytestmark = pytest.mark.slow
 
 MODEL = "qwen2.5-coder-0.5b"
 WEATHER = {"type": "function", "function": {

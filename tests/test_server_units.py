@@ -1,4 +1,4 @@
-"""Server pieces without a model: the engine-thread driver (with a fake engine), stop strings, stores.
+"""Server pieces without a model: the engine-thread driver (with a fake engine), stop strings, turn records.
 
 Fast: the only real asset is SmolLM2's tokenizer (for the text stream).
 """
@@ -11,12 +11,26 @@ import time
 
 import pytest
 
-from deltaserve.engine.chat import Transcript
-from deltaserve.engine.engine import PromptTooLong, SeqOutput
+from deltaserve.cache.radix import RadixCache
+from deltaserve.cache.session import SessionManager
+from deltaserve.engine.api import GenerateRequest, PromptTooLong, RequestOutput, RequestStats, SessionNotFound, TurnRecord
+from deltaserve.engine.async_engine import AsyncEngine
+from deltaserve.engine.chat import Transcript, compact_tokens
+from deltaserve.engine.responses import ResponseStore
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.engine.sequence import Sequence, SeqStatus
-from deltaserve.server.async_engine import AsyncEngine
-from deltaserve.server.state import ResponseEntry, ResponseStore, SessionStore, compact_tokens
+from deltaserve.engine.sessions import EngineSessions
+from deltaserve.kv.allocator import SlotAllocator
+
+
+def _out(seq: Sequence, new: list[int], finished: bool) -> RequestOutput:
+    return RequestOutput(seq.seq_id, tuple(new), finished, seq.finish_reason,
+                         RequestStats(seq.prompt_len, seq.num_output, 0, seq.prompt_len, 0, 0, None))
+
+
+class _FakeSessions:
+    def info(self, session_id, owner):
+        raise SessionNotFound(f"session {session_id!r} not found")
 
 
 class FakeEngine:
@@ -27,11 +41,12 @@ class FakeEngine:
         self.aborted: list[Sequence] = []
         self.fail_next_step = False
         self.threads: set[str] = set()
+        self.sessions = _FakeSessions()
 
     def _touch(self):
         self.threads.add(threading.current_thread().name)
 
-    def add_request(self, prompt, params, session_id=None, owner=None):
+    def add_request(self, prompt, params, session_id=None, owner=None, **_):
         self._touch()
         if len(prompt) > 100:
             raise PromptTooLong(len(prompt), 100)
@@ -57,15 +72,26 @@ class FakeEngine:
             if done:
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "length"
                 self.running.remove(seq)
-            outs.append(SeqOutput(seq, [seq.tokens[-1]], done))
+            outs.append(_out(seq, [seq.tokens[-1]], done))
         return outs
 
     def abort(self, seq):
         self._touch()
+        if seq.status == SeqStatus.FINISHED:
+            return None
         if seq in self.running:
             self.running.remove(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
         self.aborted.append(seq)
+        return _out(seq, [], True)
+
+    def stats(self):
+        self._touch()
+        return {"thread": threading.get_ident()}
+
+
+def _req(prompt, max_tokens=10_000):
+    return GenerateRequest(list(prompt), SamplingParams(max_tokens=max_tokens))
 
 
 @pytest.fixture
@@ -79,14 +105,14 @@ def driver():
 
 def test_generate_streams_tokens_on_the_engine_thread(driver):
     async def collect(n):
-        return [i async for i in driver.generate([1, 2], SamplingParams(max_tokens=n))]
+        return [i async for i in driver.generate(_req([1, 2], n))]
 
     async def main():
         return await asyncio.gather(collect(3), collect(5))
 
     a, b = asyncio.run(main())
-    assert [t for i in a for t in i.new_tokens] == [100, 101, 102] and a[-1].finished
-    assert [t for i in b for t in i.new_tokens] == [100, 101, 102, 103, 104]
+    assert [t for i in a for t in i.new_token_ids] == [100, 101, 102] and a[-1].finished
+    assert [t for i in b for t in i.new_token_ids] == [100, 101, 102, 103, 104]
     assert driver.engine.threads == {"deltaserve-engine"}
 
 
@@ -102,12 +128,12 @@ def test_build_makes_the_engine_on_the_thread_that_later_steps_it():
     d = AsyncEngine.of(engine)
     d.start()
     try:
-        idents = set(d.call_sync(lambda e: threading.get_ident()) for _ in range(3))
+        async def main():
+            idents = {(await d.stats())["thread"] for _ in range(3)}
+            _ = [i async for i in d.generate(_req([1], 2))]
+            return idents
 
-        async def collect():
-            return [i async for i in d.generate([1], SamplingParams(max_tokens=2))]
-
-        asyncio.run(collect())
+        idents = asyncio.run(main())
     finally:
         d.stop()
     assert not d.running
@@ -115,7 +141,7 @@ def test_build_makes_the_engine_on_the_thread_that_later_steps_it():
     assert engine.threads == {"deltaserve-engine"}
     d.start()  # a restart runs the loop on the same thread again
     try:
-        assert d.call_sync(lambda e: threading.get_ident()) == made_on[0]
+        assert asyncio.run(d.stats())["thread"] == made_on[0]
     finally:
         d.stop()
 
@@ -131,24 +157,24 @@ def test_build_raises_what_the_factory_raises():
 def test_errors_raise_at_submit(driver):
     async def main():
         with pytest.raises(PromptTooLong):
-            await driver.submit(list(range(101)), SamplingParams())
+            await driver.submit(_req(range(101)))
         with pytest.raises(ValueError):
-            await driver.submit([1], SamplingParams(max_tokens=0))
+            await driver.submit(_req([1], 0))
 
     asyncio.run(main())
 
 
 def test_abort_and_cancel(driver):
     async def main():
-        s = await driver.submit([1], SamplingParams(max_tokens=10_000))
+        s = await driver.submit(_req([1]))
         first = await s.__anext__()
         s.abort()
         rest = [i async for i in s]
-        assert rest and rest[-1].finished and s.seq.finish_reason == "abort"
-        assert first.new_tokens
+        assert rest and rest[-1].finished and s.final.finish_reason == "abort"
+        assert first.new_token_ids and s.output_ids[0] == 100
 
         async def consume():
-            async for _ in driver.generate([1], SamplingParams(max_tokens=10_000)):
+            async for _ in driver.generate(_req([1])):
                 pass
 
         task = asyncio.create_task(consume())
@@ -167,21 +193,25 @@ def test_abort_and_cancel(driver):
 
 def test_failed_step_fails_requests_but_not_the_thread(driver):
     async def main():
-        s = await driver.submit([1], SamplingParams(max_tokens=10_000))
+        s = await driver.submit(_req([1]))
         driver.engine.fail_next_step = True
         with pytest.raises(RuntimeError, match="boom"):
             async for _ in s:
                 pass
-        return [i.new_tokens async for i in driver.generate([1], SamplingParams(max_tokens=2))]
+        return [i.new_token_ids async for i in driver.generate(_req([1], 2))]
 
-    assert asyncio.run(main()) == [[100], [101]]
+    assert asyncio.run(main()) == [(100,), (101,)]
     assert driver.running
 
 
-def test_call_runs_commands_between_steps(driver):
-    assert driver.call_sync(lambda e: threading.current_thread().name) == "deltaserve-engine"
-    with pytest.raises(KeyError):
-        driver.call_sync(lambda e: {}["x"])
+def test_commands_run_on_the_engine_thread_and_raise_to_the_caller(driver):
+    async def main():
+        assert (await driver.stats())["thread"] != threading.get_ident()
+        with pytest.raises(SessionNotFound):
+            await driver.get_session("x", None)
+
+    asyncio.run(main())
+    assert driver.engine.threads == {"deltaserve-engine"}
 
 
 # --------------------------------------------------------------------------- text stream
@@ -194,7 +224,7 @@ def tok():
 
 
 def _run(tok, text, stop):
-    from deltaserve.server.textstream import TextStream
+    from deltaserve.engine.textstream import TextStream
 
     ts = TextStream(tok, stop)
     out = []
@@ -218,7 +248,7 @@ def test_stop_strings(tok):
 
 
 def test_stop_prefix_is_held_back(tok):
-    from deltaserve.server.textstream import TextStream
+    from deltaserve.engine.textstream import TextStream
 
     ts = TextStream(tok, ["STOP"])
     ids = tok.encode("go ST")
@@ -226,28 +256,37 @@ def test_stop_prefix_is_held_back(tok):
     assert ts.finish().endswith("ST")
 
 
-# --------------------------------------------------------------------------- stores
-def _entry(rid, owner, n, session=None):
-    return ResponseEntry(rid, owner, Transcript([], None, compact_tokens(list(range(n)))), None, session)
+# --------------------------------------------------------------------------- turn records
+def _record(rid, owner, n, session=None):
+    return TurnRecord(rid, owner, session, Transcript([], None, compact_tokens(list(range(n)))), None)
 
 
 def test_response_store_bounds_and_owner():
     st = ResponseStore(max_entries=3, max_tokens=100)
     for i in range(4):
-        st.put(_entry(f"r{i}", "a", 10))
+        st.put(_record(f"r{i}", "a", 10))
     assert st.get("r0", "a") is None and st.get("r1", "a") is not None and len(st) == 3
     assert st.get("r1", "b") is None
-    st.put(_entry("big", "a", 90))
+    st.put(_record("big", "a", 90))
     assert st.get("big", "a") is not None and st.get("r1", "a") is not None  # r1 was used most recently
     assert st.get("r2", "a") is None and st.get("r3", "a") is None and len(st) == 2
 
 
-def test_session_store_owner():
-    st = SessionStore()
-    e = st.ensure("s", "a")
-    assert st.ensure("s", "a") is e
-    st.record_turn("s", "a", Transcript(), None, "r1")
-    assert st.get("s").last_response_id == "r1"
-    assert st.ensure("s", "b") is not e  # re-created by another owner: the old transcript is gone
-    st.drop("s")
-    assert st.get("s") is None
+def test_session_owns_its_last_turn():
+    sessions = EngineSessions(SessionManager(RadixCache(SlotAllocator(8))), ResponseStore())
+    sessions.open("s", "a")
+    assert sessions.last_turn("s", "a") is None and not sessions.info("s", "a").has_transcript
+    with pytest.raises(SessionNotFound):
+        sessions.last_turn("s", "b")  # another owner's session does not exist for you
+    with pytest.raises(SessionNotFound):
+        sessions.last_turn("nope", "a")
+    r1 = _record("r1", "a", 3, session="s")
+    sessions.record_turn(r1)
+    assert sessions.last_turn("s", "a") is r1 and sessions.response("r1", "a") is r1
+    assert sessions.info("s", "a").has_transcript
+    sessions.record_turn(_record("rb", "b", 3, session="s"))  # another owner cannot write into it
+    assert sessions.last_turn("s", "a") is r1 and sessions.response("rb", "b") is not None
+    sessions.close("s", "a")
+    sessions.open("s", "b")  # re-created by another owner: the old turn is gone with the old session
+    assert sessions.last_turn("s", "b") is None
+    assert sessions.response("r1", "a") is r1  # the response outlives its session

@@ -227,7 +227,7 @@ def test_prefix_mode_never_pins():
 
 def test_forget_idle_keeps_pinned_sessions():
     env = Env(16, ttl=5.0)
-    a, b = env.mgr.open("a"), env.mgr.open("b")
+    a, _ = env.mgr.open("a"), env.mgr.open("b")
     env.turn(a, [1])
     env.clock.now = 3.0
     assert env.mgr.forget_idle(2.0) == ["b"]

@@ -31,7 +31,6 @@ from deltaserve.engine.sampling import SamplingParams
 from deltaserve.engine.speculator import Speculator
 from deltaserve.server.tool_parser import parse_tool_calls
 
-pytestmark = pytest.mark.slow
 
 TOOLS = [
     {"type": "function", "function": {

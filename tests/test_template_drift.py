@@ -14,7 +14,6 @@ from deltaserve.engine.chat import Transcript, render_turn, reply_message
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.server.tool_parser import new_call_id, parse_tool_calls
 
-pytestmark = pytest.mark.slow
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city.",

@@ -29,7 +29,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from deltaserve.cache.radix import RadixCache, RadixNode
 from deltaserve.tokens import common_prefix_len
@@ -75,6 +75,9 @@ class Session:
     prefilled_tokens: int = 0
     last_match: MatchExplanation | None = None
     seq: int = 0  # open order; breaks last_used ties in demote_lru
+    # What the last finished turn's tokens spell in messages (the engine's TurnRecord; opaque here), so the
+    # next turn can be rendered as an exact extension of `tokens`. Written by the front end after a turn.
+    last_turn: Any = None
 
 
 def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:

@@ -18,19 +18,25 @@ recovers whatever prefix still agrees.
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from deltaserve.models.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Transcript:
-    """What a session's token state spells, in messages."""
+    """What a turn's token state spells, in messages."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)  # history incl. our last reply
     tools: list[dict[str, Any]] | None = None
-    tokens: list[int] = field(default_factory=list)  # prompt + generated of the last turn
+    # prompt + generated of the turn, as `compact_tokens` keeps them (4 bytes a token, not a Python int)
+    tokens: Sequence[int] = field(default_factory=list)
+
+
+def compact_tokens(tokens: Sequence[int]) -> array:
+    return array("i", tokens)
 
 
 class Rendered(NamedTuple):

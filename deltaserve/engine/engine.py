@@ -1,45 +1,33 @@
 """LLMEngine: requests in, tokens out; sessions that advance by their new tokens only.
 
-Control lives here and in `scheduler`/`kv_manager`; compute lives in
-`models/` and `layers/`; `model_runner` is the one bridge between them.
+Control lives here and in `scheduler`/`kv_manager`; compute lives in `models/` and `layers/`; `model_runner`
+is the one bridge between them. A step is schedule -> forward -> postprocess (sample or verify, append, stop
+checks, next drafts); its outputs are immutable `RequestOutput` snapshots (`engine/api.py`). The engine is not
+thread-safe: `AsyncEngine` drives it from one thread.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import torch
 
+from deltaserve import env
 from deltaserve.config import ModelConfig
-from deltaserve.engine.kv_manager import CacheMode, KVManager
-from deltaserve.engine.model_runner import ModelRunner
+from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, PromptTooLong, RequestOutput, RequestStats,
+                                   SessionInfo)
+from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
+from deltaserve.engine.model_runner import ModelRunner, StepLogits
+from deltaserve.engine.responses import ResponseStore
 from deltaserve.engine.sampling import SamplingParams, make_generator, sample
-from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.scheduler import Scheduler, StepPlan
 from deltaserve.engine.sequence import Sequence, SeqStatus
+from deltaserve.engine.sessions import EngineSessions
+from deltaserve.engine.stats import StepStats
 from deltaserve.kv.pool import KVLayout, KVPool
 from deltaserve.models.llama import LlamaModel
-
-
-class EngineError(Exception):
-    """Bad input to the engine (the server maps it to a 4xx)."""
-
-
-class PromptTooLong(EngineError):
-    def __init__(self, prompt_tokens: int, limit: int):
-        super().__init__(f"prompt is {prompt_tokens} tokens; the context holds {limit} (prompt + max_tokens must fit)")
-        self.prompt_tokens, self.limit = prompt_tokens, limit
-
-
-class SessionBusy(EngineError):
-    pass
-
-
-class SessionNotFound(EngineError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -56,34 +44,8 @@ class EngineConfig:
     max_context: int | None = None  # defaults to the model's
     speculation: bool = True
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
+    max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     check_integrity: bool = False  # after every step (tests)
-
-
-class SeqOutput(NamedTuple):
-    seq: Sequence
-    new_tokens: list[int]
-    finished: bool
-
-
-@dataclass
-class EngineCounters:
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefilled_tokens: int = 0
-    generated_tokens: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    steps: int = 0
-    preemptions: int = 0
-    # Where the engine thread's time goes (seconds, perf_counter): building the step (scheduling, admission,
-    # KV reservation), the forward pass of steps that carry prefill tokens and of pure decode/verify steps,
-    # and sampling/verification/bookkeeping after it. Read by `deltaserve bench agents` for its profile.
-    time_schedule: float = 0.0
-    time_forward_prefill: float = 0.0
-    time_forward_decode: float = 0.0
-    time_sample: float = 0.0
-    prefill_steps: int = 0
 
 
 class LLMEngine:
@@ -96,21 +58,18 @@ class LLMEngine:
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
+        self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
-        self.kv.running = self.scheduler.running  # the same list: admission sees prefills in flight
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
         self.stop_ids = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
-        self.counters = EngineCounters()
+        self.step_stats = StepStats(env.step_trace())
         self.speculator = None
         if config.speculation:
             from deltaserve.engine.speculator import Speculator
 
             self.speculator = Speculator()
-        self._busy_sessions: set[str] = set()
-        # DELTASERVE_STEP_TRACE=path: a JSON line per step (profiling; off by default)
-        trace = os.environ.get("DELTASERVE_STEP_TRACE")
-        self._trace = open(trace, "a", buffering=1) if trace else None
+        self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value)
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
@@ -122,23 +81,24 @@ class LLMEngine:
         return cls(net, Tokenizer(d), config, **kw)
 
     # -------------------------------------------------------------- sessions
-    def open_session(self, session_id: str, owner=None, ttl: float | None = None):
-        if session_id in self.kv.sessions:
-            raise EngineError(f"session {session_id!r} already exists")
-        return self.kv.sessions.open(session_id, owner, ttl)
+    def open_session(self, session_id: str, owner: str | None = None, ttl: float | None = None) -> SessionInfo:
+        return self.sessions.open(session_id, owner, ttl)
+
+    def close_session(self, session_id: str, owner: str | None = None) -> None:
+        self.sessions.close(session_id, owner)
 
     def get_session(self, session_id: str):
+        """The cache's `Session` object (engine-internal: token state, pin), or None."""
         return self.kv.sessions.get(session_id)
 
-    def close_session(self, session_id: str) -> None:
-        if session_id not in self.kv.sessions:
-            raise SessionNotFound(session_id)
-        if session_id in self._busy_sessions:
-            raise SessionBusy(f"session {session_id!r} has a turn in progress")
-        self.kv.sessions.close(session_id)
-
     # -------------------------------------------------------------- requests
-    def add_request(self, prompt: list[int], params: SamplingParams, session_id: str | None = None, owner=None) -> Sequence:
+    def add_request(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+                    owner: str | None = None, *, constraint: Constraint | None = None, open_session: bool = False,
+                    session_ttl: float | None = None) -> Sequence:
+        """Queue a request; input errors (EngineError, ValueError) raise here, before it exists.
+
+        With `session_id` the request is a turn of that session (opened first if unknown and `open_session`).
+        """
         params.validate()
         if not prompt:
             raise EngineError("prompt is empty")
@@ -146,78 +106,63 @@ class LLMEngine:
             raise EngineError(f"prompt has token ids outside [0, {self.cfg.vocab_size})")
         if len(prompt) + 1 > self.max_context:
             raise PromptTooLong(len(prompt), self.max_context)
+        if len(prompt) + ADMIT_HEADROOM > self.pool.num_slots:  # it could never be admitted: it would wait forever
+            raise EngineError(f"prompt is {len(prompt)} tokens but the KV pool holds {self.pool.num_slots} token "
+                              "slots; give the engine a larger KV cache (--kv-cache-gb)")
         if session_id is not None:
-            if session_id not in self.kv.sessions:
-                raise SessionNotFound(session_id)
-            if session_id in self._busy_sessions:
-                raise SessionBusy(f"session {session_id!r} already has a turn in progress")
-            self._busy_sessions.add(session_id)
+            self.sessions.begin_turn(session_id, owner, open_session, session_ttl)
         p = params
         if len(prompt) + p.max_tokens > self.max_context:
             p = SamplingParams(**{**p.__dict__, "max_tokens": self.max_context - len(prompt)})
         seq = Sequence(prompt, p, session_id, owner)
+        seq.constraint = constraint
         seq.generator = None if p.greedy else make_generator(p.seed)
         self.scheduler.add(seq)
-        self.counters.requests += 1
+        self.step_stats.counters.requests += 1
         return seq
 
-    def abort(self, seq: Sequence) -> None:
-        """Cancel a request; its computed KV still enters the cache so the session stays consistent."""
+    def abort(self, seq: Sequence) -> RequestOutput | None:
+        """Cancel a request; its computed KV still enters the cache so the session stays consistent.
+
+        Returns its final output, or None if it had already finished."""
         seq.cancelled = True
         if seq.status == SeqStatus.FINISHED:
-            return
-        if seq.status == SeqStatus.WAITING:
-            self.scheduler.remove(seq)
-            self._finish(seq, "abort", release=False)
-        else:
-            self.scheduler.remove(seq)
-            self._finish(seq, "abort")
+            return None
+        release = seq.status != SeqStatus.WAITING  # a waiting request holds no KV yet
+        self.scheduler.remove(seq)
+        self._finish(seq, "abort", release=release)
+        return _output(seq, [], True)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def session_busy(self, session_id: str) -> bool:
-        return session_id in self._busy_sessions
-
-    def set_session_ttl(self, session_id: str, ttl: float) -> None:
-        """Change a session's pin TTL; a pinned session's expiry restarts from now."""
-        s = self.kv.sessions.get(session_id)
-        if s is None:
-            raise SessionNotFound(session_id)
-        if ttl < 0:
-            raise EngineError("ttl must be >= 0")
-        s.ttl = ttl
-        if s.pinned:  # a new TTL counts from now
-            s.pin_expires_at = self.kv.sessions.clock() + ttl
-
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def step(self) -> list[SeqOutput]:
-        if self.counters.steps % 256 == 0:
-            # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
-            self.kv.sessions.forget_idle(self.config.session_max_idle)
-        c = self.counters
-        t0 = time.perf_counter()
-        self.kv.others_running = bool(self.scheduler.running)
-        plan = self.scheduler.plan(self.kv.admit, self.kv.reserve)
-        t1 = time.perf_counter()
-        c.time_schedule += t1 - t0
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over everything the scheduler fits; the outputs of the requests it advanced."""
+        self._housekeeping()
+        st = self.step_stats
+        st.begin()
+        plan = self.scheduler.plan(self.kv)
+        st.scheduled()
         if not plan.items:
             return self._unblock()
-        out = self.runner.run(plan)
-        t2 = time.perf_counter()
-        # a step carries prefill when some item feeds more than its last sampled token
-        if any(i.num_tokens > 1 for i in plan.items):
-            c.time_forward_prefill += t2 - t1
-            c.prefill_steps += 1
-        else:
-            c.time_forward_decode += t2 - t1
-        c.steps += 1
-        if self._trace is not None:
-            # one JSON line a step: per item (context before, tokens fed, draft length), forward seconds
-            self._trace.write(json.dumps({"t": round(t1, 4), "fwd": round(t2 - t1, 5), "items": [
-                [i.seq.num_computed, i.num_tokens, len(i.draft)] for i in plan.items]}) + "\n")
-        outputs: list[SeqOutput] = []
+        logits = self.runner.run(plan)
+        st.forwarded(plan)
+        outputs = self._postprocess(plan, logits)
+        st.done()
+        if self.config.check_integrity:
+            self.kv.check_integrity(self.scheduler.running)
+        return outputs
+
+    def _housekeeping(self) -> None:
+        if self.step_stats.counters.steps % 256 == 0:
+            # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
+            self.sessions.forget_idle(self.config.session_max_idle)
+
+    def _postprocess(self, plan: StepPlan, out: StepLogits) -> list[RequestOutput]:
+        """Advance each item by what the step computed; sample (or verify drafts) where logits came back."""
+        outputs: list[RequestOutput] = []
         for item, (r0, nrows) in zip(plan.items, out.rows):
             seq = item.seq
             seq.num_computed += item.num_tokens
@@ -234,17 +179,14 @@ class LLMEngine:
             else:
                 new = [self._sample(seq, logits[0])]
             outputs.append(self._append(seq, new))
-        if self.config.check_integrity:
-            self.kv.check_integrity(self.scheduler.running)
-        c.time_sample += time.perf_counter() - t2
         return outputs
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        if seq.grammar is not None:
-            seq.grammar.apply_mask(logits)
+        if seq.constraint is not None:
+            seq.constraint.apply_mask(logits)
         return sample(logits, seq.params, seq.generator)
 
-    def _append(self, seq: Sequence, new: list[int]) -> SeqOutput:
+    def _append(self, seq: Sequence, new: list[int]) -> RequestOutput:
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = time.perf_counter()
         p = seq.params
@@ -253,12 +195,12 @@ class LLMEngine:
         for t in new:
             seq.tokens.append(t)
             emitted.append(t)
-            if seq.grammar is not None:
-                seq.grammar.accept(t)
+            if seq.constraint is not None:
+                seq.constraint.accept(t)
             if not p.ignore_eos and (t in self.stop_ids or t in p.stop_token_ids):
                 reason = "stop"
                 break
-            if seq.grammar is not None and seq.grammar.is_terminated():
+            if seq.constraint is not None and seq.constraint.is_terminated():
                 reason = "stop"
                 break
             if seq.num_output >= p.max_tokens:
@@ -268,16 +210,16 @@ class LLMEngine:
         if len(seq.tokens) - 1 < seq.num_computed:
             seq.num_computed = len(seq.tokens) - 1
             self.kv.rollback(seq, seq.num_computed)
-        self.counters.generated_tokens += len(emitted)
+        self.step_stats.counters.generated_tokens += len(emitted)
         if reason is None and seq.cancelled:
             reason = "abort"
         if reason is not None:
             self.scheduler.remove(seq)
             self._finish(seq, reason)
-            return SeqOutput(seq, emitted, True)
+            return _output(seq, emitted, True)
         if self.speculator is not None:
             seq.draft = self.speculator.propose(seq)
-        return SeqOutput(seq, emitted, False)
+        return _output(seq, emitted, False)
 
     def _finish(self, seq: Sequence, reason: str, release: bool = True) -> None:
         seq.finish_reason = reason
@@ -288,15 +230,10 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.finish(seq)
         if seq.session_id is not None:
-            self._busy_sessions.discard(seq.session_id)
-        c = self.counters
-        c.prompt_tokens += seq.stats.prompt_tokens
-        c.cached_tokens += seq.stats.cached_tokens
-        c.prefilled_tokens += seq.stats.prefilled_tokens
-        c.drafted_tokens += seq.stats.drafted_tokens
-        c.accepted_tokens += seq.stats.accepted_tokens
+            self.sessions.end_turn(seq.session_id)
+        self.step_stats.finished(seq)
 
-    def _unblock(self) -> list[SeqOutput]:
+    def _unblock(self) -> list[RequestOutput]:
         """Nothing could be scheduled: preempt (recompute later) the newest running sequence."""
         running = self.scheduler.running
         if not running:
@@ -305,14 +242,11 @@ class LLMEngine:
             seq = running[0]
             self.scheduler.remove(seq)
             self._finish(seq, "length")  # the KV pool cannot hold even this one sequence
-            return [SeqOutput(seq, [], True)]
+            return [_output(seq, [], True)]
         seq = running[-1]
-        self.scheduler.remove(seq)
         self.kv.preempt(seq)
-        seq.status = SeqStatus.WAITING
-        seq.draft = []
-        self.scheduler.waiting.appendleft(seq)
-        self.counters.preemptions += 1
+        self.scheduler.preempt(seq)
+        self.step_stats.counters.preemptions += 1
         return []
 
     # ------------------------------------------------------------ sync helpers
@@ -326,14 +260,19 @@ class LLMEngine:
         return [s.output_ids for s in seqs]
 
     def stream(self, prompt: list[int], params: SamplingParams, session_id: str | None = None) -> Iterator[list[int]]:
+        """New token ids step by step; closing the iterator early aborts the request."""
         seq = self.add_request(prompt, params, session_id)
-        while seq.status != SeqStatus.FINISHED:
-            for o in self.step():
-                if o.seq is seq and o.new_tokens:
-                    yield o.new_tokens
+        try:
+            while seq.status != SeqStatus.FINISHED:
+                for o in self.step():
+                    if o.request_id == seq.seq_id and o.new_token_ids:
+                        yield list(o.new_token_ids)
+        finally:
+            if seq.status != SeqStatus.FINISHED:
+                self.abort(seq)
 
     def stats(self) -> dict:
-        c = self.counters
+        c = self.step_stats.counters
         alloc = self.pool.allocator
         return {
             "cache_mode": self.kv.mode.value,
@@ -365,3 +304,11 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
+
+
+def _output(seq: Sequence, new: list[int], finished: bool) -> RequestOutput:
+    """The immutable snapshot of `seq` after a step that appended `new`."""
+    st = seq.stats
+    stats = RequestStats(seq.prompt_len, seq.num_output, st.cached_tokens, st.prefilled_tokens, st.drafted_tokens,
+                         st.accepted_tokens, seq.explanation)
+    return RequestOutput(seq.seq_id, tuple(new), finished, seq.finish_reason, stats)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+from deltaserve.cache.base import MatchResult
 from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, explain_match
 from deltaserve.engine.sequence import Sequence
@@ -31,6 +32,14 @@ ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before i
 # prefilled right now waits for that prefill (a step or two) and then reuses its KV, instead of computing the
 # same tokens beside it: agents of one role arrive together with the same system prompt and tools.
 SHARE_MIN_TOKENS = 32
+
+
+class _Admission(NamedTuple):
+    seq: Sequence
+    match: MatchResult
+    cached: int  # prompt tokens reused (at most all but the last)
+    session: Session | None
+    was_pinned: bool  # the session's pin state when the turn was matched
 
 
 class CacheMode(str, Enum):
@@ -52,53 +61,70 @@ class KVManager:
         self.unpinned_over_budget = 0  # turns whose session was left unpinned by the pin budget
         # pinned (+ in-use) KV may hold at most this many slots; the rest is working space
         self.pin_budget = int(max_pinned_fraction * pool.num_slots)
-        # set by the engine before each plan: True while other sequences run, so admission
-        # waits for them to free memory instead of demoting pins (see _make_room)
-        self.others_running = False
-        # the scheduler's running list (set by the engine), for in-flight prefix sharing
-        self.running: list[Sequence] = []
+        self._admission: _Admission | None = None  # from the last True can_admit, consumed by admit
 
     @property
     def reuse(self) -> bool:
         return self.mode != CacheMode.STATELESS
 
     # ------------------------------------------------------------ admission
-    def admit(self, seq: Sequence) -> bool:
-        """Match `seq` against the cache, lock its prefix; False if memory cannot take it yet.
+    def can_admit(self, seq: Sequence, running: list[Sequence], demote_pins: bool) -> bool:
+        """Whether `seq` can be admitted now; if so, `admit(seq)` must follow (it uses this call's match).
 
-        Needs room for the uncached part of the prompt plus a little headroom,
-        counting slots that eviction or pin demotion could free.
+        No when a running prefill (in `running`) will put at least SHARE_MIN_TOKENS more of its prompt in the
+        tree (it waits a step or two and reuses that KV), or when memory cannot take the uncached part of its
+        prompt plus a little headroom, counting slots that eviction could free. With `demote_pins` (the caller's
+        policy: nothing was running when the step began, so waiting could last forever) LRU session pins are
+        demoted until it fits; while others run, a request waits for them to free their private KV instead of
+        throwing pinned sessions away for memory that is about to come back.
+        Mutates: expires pins whose TTL passed; demotes pins as above (counted in `demoted_sessions`); the match
+        refreshes LRU times and may split a node.
         """
-        self.sessions.expire()
+        self.sessions.expire()  # pins whose TTL passed become plain cache before anyone counts memory
         session = self.sessions.get(seq.session_id) if seq.session_id else None
-        was_pinned = bool(session and session.pinned)
+        was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
             m = self.radix.match_prefix(seq.tokens)
-            matched, slots, node = m.num_matched, m.slots, m.node
         else:
-            matched, slots, node = 0, torch.empty(0, dtype=torch.int64), None
+            m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.root, 0)
         # At least the last prompt token is computed: its logits give the first output token.
-        cached = min(matched, len(seq.tokens) - 1)
-        if self.reuse and self._prefill_in_flight(seq, cached):
+        cached = min(m.num_matched, len(seq.tokens) - 1)
+        if self.reuse and self._prefill_in_flight(seq, cached, running):
             return False
+        need = len(seq.tokens) - cached + ADMIT_HEADROOM
         if cached > 0:
-            self.radix.lock(node)  # before the room check, so the check cannot count our own prefix as evictable
-        if not self._make_room(len(seq.tokens) - cached + ADMIT_HEADROOM):
-            if cached > 0:
-                self.radix.unlock(node)
-            return False
+            self.radix.lock(m.node)  # while counting, so our own prefix is not counted as evictable for us
+        if self.allocator.num_free + self.radix.evictable_size < need and demote_pins and self.mode == CacheMode.STATEFUL:
+            self.demoted_sessions += len(self.sessions.demote_lru(need - self.allocator.num_free))
+        fits = self.allocator.num_free + self.radix.evictable_size >= need
         if cached > 0:
-            seq.locked_node = node
-        seq.slots = slots[:cached].clone()
+            self.radix.unlock(m.node)  # admit locks it for good
+        if fits:
+            self._admission = _Admission(seq, m, cached, session, was_pinned)
+        return fits
+
+    def admit(self, seq: Sequence) -> None:
+        """Lock `seq`'s cached prefix and give it the cached slots.
+
+        Precondition: `can_admit(seq, ...)` just returned True. Sets `slots`, `num_computed`, `num_shared`,
+        `locked_node`, the cached/prefilled counters and the cache explanation.
+        """
+        a = self._admission
+        assert a is not None and a.seq is seq, "admit without can_admit"
+        self._admission = None
+        m, cached = a.match, a.cached
+        if cached > 0:
+            self.radix.lock(m.node)
+            seq.locked_node = m.node
+        seq.slots = m.slots[:cached].clone()
         seq.num_computed = seq.num_shared = cached
         seq.stats.cached_tokens = cached
         seq.stats.prefilled_tokens = len(seq.tokens) - cached
-        seq.explanation = explain_match(session, seq.tokens, cached, was_pinned)
-        return True
+        seq.explanation = explain_match(a.session, seq.tokens, cached, a.was_pinned)
 
-    def _prefill_in_flight(self, seq: Sequence, cached: int) -> bool:
+    def _prefill_in_flight(self, seq: Sequence, cached: int, running: list[Sequence]) -> bool:
         """True if a running prefill will put at least SHARE_MIN_TOKENS more of `seq`'s prompt in the tree."""
-        for r in self.running:
+        for r in running:
             if r is not seq and r.num_output == 0:
                 limit = min(r.prompt_len, len(seq.tokens) - 1)
                 if limit >= cached + SHARE_MIN_TOKENS and common_prefix_len(r.tokens, seq.tokens, limit) >= cached + SHARE_MIN_TOKENS:
@@ -122,20 +148,6 @@ class KVManager:
         # the tree keeps slots it already had for these tokens (an insert frees passed duplicates)
         seq.slots = torch.cat([self.radix.path_slots(res.node), seq.slots[n:]])
         seq.num_shared = n
-
-    def _make_room(self, n: int) -> bool:
-        """True if `n` slots are free or evictable, demoting LRU session pins if that is what it takes.
-
-        Pins are demoted for admission only when nothing else is running: while
-        others run, the request waits for them to finish and free their private
-        KV (demoting would throw away a pinned session for memory that is about
-        to come back). With nothing running, waiting could last forever, so pins go.
-        """
-        if self.allocator.num_free + self.radix.evictable_size >= n:
-            return True
-        if self.mode == CacheMode.STATEFUL and not self.others_running:
-            self.demoted_sessions += len(self.sessions.demote_lru(n - self.allocator.num_free))
-        return self.allocator.num_free + self.radix.evictable_size >= n
 
     # ---------------------------------------------------------- reservation
     def reserve(self, seq: Sequence, n: int) -> bool:

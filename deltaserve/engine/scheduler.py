@@ -14,9 +14,22 @@ the other agents keep decoding, instead of stalling them.
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from deltaserve.engine.sequence import Sequence, SeqStatus
+
+
+class KVAdmission(Protocol):
+    """What the scheduler asks of the KV manager (`engine/kv_manager.py`), in pairs."""
+
+    def can_admit(self, seq: Sequence, running: list[Sequence], demote_pins: bool) -> bool:
+        """May `seq` start now? (matches the cache; may demote pins when `demote_pins`)"""
+
+    def admit(self, seq: Sequence) -> None:
+        """Give `seq` its cached prefix; only right after `can_admit(seq, ...)` said yes."""
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Secure KV slots for `n` more tokens of `seq` (False: out of memory)."""
 
 
 class ScheduledSeq(NamedTuple):
@@ -48,22 +61,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def plan(self, admit, reserve) -> StepPlan:
-        """Build the next step.
-
-        `admit(seq) -> bool` matches a waiting sequence against the cache and
-        locks its prefix (False: no memory yet, try later). `reserve(seq, n) -> bool`
-        secures KV slots for `n` more tokens (False: out of memory).
-        """
+    def plan(self, kv: KVAdmission) -> StepPlan:
+        """Build the next step: reserves KV for every item, moves admitted requests from waiting to running."""
         budget = self.max_batch_tokens
         items: list[ScheduledSeq] = []
+        # Pins may be demoted to admit a request only when nothing was running as the step began: then
+        # waiting could last forever. (Requests admitted earlier in this step do not count.)
+        demote_pins = not self.running
         for seq in list(self.running):
             if seq.in_prefill:
                 continue
             draft = seq.draft[: max(0, budget - 1)]
-            if not reserve(seq, 1 + len(draft)):
+            if not kv.reserve(seq, 1 + len(draft)):
                 draft = []
-                if not reserve(seq, 1):
+                if not kv.reserve(seq, 1):
                     continue  # the engine preempts when nothing could run
             items.append(ScheduledSeq(seq, 1, draft))
             budget -= 1 + len(draft)
@@ -75,7 +86,7 @@ class Scheduler:
             if not seq.in_prefill:
                 continue
             n = min(budget, len(seq.tokens) - seq.num_computed)
-            if n > 0 and reserve(seq, n):
+            if n > 0 and kv.reserve(seq, n):
                 items.append(ScheduledSeq(seq, n, []))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
@@ -83,13 +94,15 @@ class Scheduler:
             if seq.cancelled:
                 self.waiting.popleft()
                 continue
-            if not admit(seq):
+            # the running list as it is now: a prefill admitted a moment ago may be one to wait for
+            if not kv.can_admit(seq, self.running, demote_pins):
                 break
+            kv.admit(seq)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             n = min(budget, len(seq.tokens) - seq.num_computed)
-            if reserve(seq, n):
+            if kv.reserve(seq, n):
                 items.append(ScheduledSeq(seq, n, []))
                 budget -= n
         return StepPlan(items)
@@ -99,3 +112,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Send a running sequence back to the head of the queue (its KV was taken away: it recomputes)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.draft = []
+        self.waiting.appendleft(seq)

@@ -6,11 +6,14 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deltaserve.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from deltaserve.engine.api import Constraint
 
 _ids = itertools.count()
 
@@ -62,7 +65,7 @@ class Sequence:
         self.draft: list[int] = []  # tokens proposed for the next verify step
         self.spec_state: Any = None  # drafter index + length controller, owned by the speculator
         self.cancelled = False
-        self.grammar: Any = None  # GrammarMatcher when output is constrained
+        self.constraint: Constraint | None = None  # constrained decoding state (a grammar), if any
 
     @property
     def num_output(self) -> int:

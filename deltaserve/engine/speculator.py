@@ -44,10 +44,10 @@ class Speculator:
         if len(st.index) < len(seq.tokens):
             st.index.extend(seq.tokens[len(st.index) :])
         room = seq.params.max_tokens - seq.num_output - 1
-        if seq.grammar is not None:
-            # Text the grammar forces next (JSON punctuation, property names of the schema)
+        if seq.constraint is not None:
+            # Text a grammar forces next (JSON punctuation, property names of the schema)
             # is the best draft there is; fall back to lookup when nothing is forced.
-            forced = seq.grammar.forced_tokens()[: min(self.k_max, room)]
+            forced = seq.constraint.forced_tokens()[: min(self.k_max, room)]
             if forced:
                 return forced
         k = min(st.ctl.next_k(), room)
@@ -58,10 +58,10 @@ class Speculator:
     def verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[int]:
         """logits [k+1, vocab] at the last real token and each draft -> tokens to append."""
         p = seq.params
-        if seq.grammar is not None:
-            # Row i is the grammar's mask after draft[:i]: a drafted token the grammar forbids
+        if seq.constraint is not None:
+            # Row i is the constraint's mask after draft[:i]: a drafted token the constraint forbids
             # gets probability 0 at its row and is rejected, exactly as plain constrained decoding.
-            logits = seq.grammar.apply_mask(logits.clone(), seq.grammar.draft_masks(draft))  # [k+1, vocab]
+            logits = seq.constraint.apply_mask(logits.clone(), seq.constraint.draft_masks(draft))  # [k+1, vocab]
         if p.greedy:
             res = verify_greedy(logits.argmax(-1), draft)
         else:

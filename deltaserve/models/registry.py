@@ -121,6 +121,13 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
     return dest
 
 
+def ensure_pulled(model: str) -> None:
+    """A known model that is not in the cache yet is pulled (with a progress bar) before use."""
+    if model in KNOWN_MODELS and not model_path(model).exists():
+        print(f"pulling {model} (first use)...", file=sys.stderr)
+        pull(model)
+
+
 def resolve(model: str) -> Path:
     """Map --model (known name, HF directory or .gguf file) to a local path; never downloads."""
     if model in KNOWN_MODELS:

@@ -14,26 +14,23 @@ client cannot start the next turn before the server can extend this one.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Header, Request
 
-from deltaserve.engine.chat import Transcript, reply_message
+from deltaserve.engine.api import TurnRecord
+from deltaserve.engine.chat import Transcript, compact_tokens, reply_message
 from deltaserve.server.chat_plan import ChatPlan, plan_chat
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
-from deltaserve.server.generation import (Generation, GenerationResponse, engine_failure, new_id, sampling_params,
-                                          sse)
+from deltaserve.server.generation import (ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
+                                          sampling_params, sse_events)
 from deltaserve.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                         DeltaChatRequest, ErrorResponse, ResponseFunctionCall, ResponseMessage,
                                         ResponseToolCall)
-from deltaserve.server.state import ResponseEntry, compact_tokens
 from deltaserve.server.tool_parser import StreamingToolParser, new_call_id, parse_tool_calls
 
 router = APIRouter()
-_TRANSCRIPT_FIELDS = {f.name for f in dataclasses.fields(Transcript)}
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 500)}
 
 
@@ -62,13 +59,14 @@ async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionReq
                    owner: str | None, route: str):
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, ctx)
     gen = await Generation.start(ctx, route, plan.prompt, params, owner=owner, session_id=plan.session_id,
-                                 session_ttl=body.session_ttl, create_session=not plan.delta,
-                                 grammar=plan.grammar, render_mode=plan.mode)
+                                 session_ttl=body.session_ttl, open_session=not plan.delta,
+                                 constraint=plan.grammar, render_mode=plan.mode)
     resp_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationResponse(_stream(ctx, gen, plan, owner, resp_id, created, include_usage,
-                                          body.return_token_ids), gen)
+        fmt = ChunkFormat(resp_id, created, ctx.model_name, "chat.completion.chunk",
+                          bool(body.stream_options and body.stream_options.include_usage),
+                          {"system_fingerprint": "deltaserve"})
+        return GenerationResponse(_stream(ctx, gen, plan, owner, fmt, body.return_token_ids), gen)
     try:
         text = await gen.collect(request)
     except RuntimeError as e:
@@ -84,7 +82,7 @@ async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionReq
     usage = gen.usage()
     message = ResponseMessage(content=content, tool_calls=[ResponseToolCall(
         id=c["id"], function=ResponseFunctionCall(**c["function"])) for c in calls] or None)
-    ids: dict[str, Any] = {"token_ids": gen.seq.output_ids} if body.return_token_ids else {}
+    ids: dict[str, Any] = {"token_ids": gen.output_ids} if body.return_token_ids else {}
     top: dict[str, Any] = {"prompt_token_ids": plan.prompt} if body.return_token_ids else {}
     return ChatCompletionResponse(id=resp_id, created=created, model=ctx.model_name, usage=usage,
                                   choices=[ChatChoice(message=message, finish_reason=finish, **ids)],
@@ -104,27 +102,16 @@ def _remember(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | 
               content: str | None, calls: list[dict[str, Any]]) -> None:
     # A reply cut by a stop string spells more tokens than the returned text: no token state to
     # extend then (empty tokens), the next turn is rendered in full and the radix cache finds the prefix.
-    tokens = [] if gen.text.stopped else gen.seq.tokens
-    kw: dict[str, Any] = {}
-    if "ended_cleanly" in _TRANSCRIPT_FIELDS:  # older Transcript versions
-        kw["ended_cleanly"] = gen.ended_cleanly
+    tokens = [] if gen.text.stopped else plan.prompt + gen.output_ids
     transcript = Transcript(messages=plan.messages + [reply_message(content, calls or None)],
-                            tools=plan.template_tools, tokens=compact_tokens(tokens), **kw)  # type: ignore[arg-type]
-    ctx.responses.put(ResponseEntry(resp_id, owner, transcript, plan.request_tools, plan.session_id))
-    if plan.session_id is not None:
-        ctx.sessions.record_turn(plan.session_id, owner, transcript, plan.request_tools, resp_id)
+                            tools=plan.template_tools, tokens=compact_tokens(tokens))
+    ctx.driver.record_turn(TurnRecord(resp_id, owner, plan.session_id, transcript, plan.request_tools))
 
 
-async def _stream(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | None, resp_id: str,
-                  created: int, include_usage: bool, token_ids: bool = False) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        obj: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
-                               "model": ctx.model_name, "system_fingerprint": "deltaserve",
-                               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            obj["usage"] = None
-        obj.update(extra)
-        return sse(obj)
+def _stream(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | None, fmt: ChunkFormat,
+            token_ids: bool) -> AsyncIterator[str]:
+    def choice(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"delta": delta, "logprobs": None, "finish_reason": finish, **extra}
 
     parser = StreamingToolParser(plan.tool_names) if plan.tool_names is not None else None
     content: list[str] = []
@@ -135,42 +122,26 @@ async def _stream(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: st
             d = ev.to_openai()
             if "content" in d:
                 content.append(d["content"])
-            out.append(chunk(d))
+            out.append(fmt.chunk(choice(d)))
         return out
 
-    yield chunk({"role": "assistant", "content": ""}, **({"prompt_token_ids": plan.prompt} if token_ids else {}))
-    try:
-        async for text in gen.deltas():
-            if parser is None:
-                content.append(text)
-                yield chunk({"content": text})
-            else:
-                for c in events(parser.feed(text)):
-                    yield c
-    except RuntimeError as e:  # the engine failed mid-generation: the status line is gone, report in-band
-        yield sse(engine_failure(e).body())
-        yield "data: [DONE]\n\n"
-        return
-    if gen.aborted:
-        return
-    if parser is not None:
-        for c in events(parser.finish()):
-            yield c
-        calls = [_call_dict(cid, c.name, c.arguments) for cid, c in zip(parser.call_ids, parser.tool_calls)]
-    else:
-        calls = []
-    text = "".join(content)
-    _remember(ctx, gen, plan, owner, resp_id, text if (text or parser is None) else None, calls)
-    usage = gen.usage()
-    info = usage.deltaserve.model_dump() if usage.deltaserve else None
-    final = chunk({}, _finish_reason(gen, calls), deltaserve=info)
-    if token_ids:  # all generated ids on the finishing chunk's choice
-        obj = json.loads(final[len("data: "):])
-        obj["choices"][0]["token_ids"] = gen.seq.output_ids
-        final = sse(obj)
-    yield final
-    if include_usage:
-        yield sse({"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
-                   "system_fingerprint": "deltaserve", "choices": [], "usage": usage.model_dump()})
-    yield "data: [DONE]\n\n"
+    def on_text(text: str) -> list[str]:
+        if parser is None:
+            content.append(text)
+            return [fmt.chunk(choice({"content": text}))]
+        return events(parser.feed(text))
 
+    def closing(usage) -> list[str]:
+        out = events(parser.finish()) if parser is not None else []
+        calls = ([_call_dict(cid, c.name, c.arguments) for cid, c in zip(parser.call_ids, parser.tool_calls)]
+                 if parser is not None else [])
+        text = "".join(content)
+        _remember(ctx, gen, plan, owner, fmt.id, text if (text or parser is None) else None, calls)
+        ids = {"token_ids": gen.output_ids} if token_ids else {}  # all generated ids on the finishing chunk
+        info = usage.deltaserve.model_dump() if usage.deltaserve else None
+        out.append(fmt.chunk(choice({}, _finish_reason(gen, calls), **ids), deltaserve=info))
+        return out
+
+    opening = [fmt.chunk(choice({"role": "assistant", "content": ""}),
+                         **({"prompt_token_ids": plan.prompt} if token_ids else {}))]
+    return sse_events(gen, fmt, opening, on_text, closing)

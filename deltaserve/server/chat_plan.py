@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from deltaserve.engine.api import SessionNotFound, TurnRecord
 from deltaserve.engine.chat import Transcript, render_turn
 from deltaserve.server.context import ServerContext
 from deltaserve.server.errors import APIError, bad_request, session_not_found
@@ -110,32 +111,33 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
     inherited_tools: list[dict[str, Any]] | None = None
     inherit = False
 
-    entry = ctx.sessions.get(session_id) if session_id else None
-    if entry is not None and entry.owner != owner:
-        raise session_not_found(session_id)  # type: ignore[arg-type]
     if delta:
         if body.previous_response_id:
             raise bad_request("previous_response_id cannot be used with the session delta route",
                               "previous_response_id")
-        if entry is None:
+        try:
+            last = ctx.driver.last_turn(session_id, owner)  # type: ignore[arg-type]
+        except SessionNotFound:
             raise session_not_found(session_id)  # type: ignore[arg-type]
-        if entry.transcript is None:
+        if last is None:
             raise bad_request(f"session {session_id!r} has no completed turn yet; send the first turn (full "
                               "messages) to /v1/chat/completions with this session_id", "messages",
                               "no_previous_turn")
-        prior, base, inherited_tools, inherit = entry.transcript, entry.transcript.messages, entry.request_tools, True
+        prior, base, inherited_tools, inherit = last.transcript, last.transcript.messages, last.request_tools, True
     elif body.previous_response_id:
-        prev = ctx.responses.get(body.previous_response_id, owner)
+        prev = ctx.driver.response(body.previous_response_id, owner)
         if prev is None:
             raise APIError(404, f"response {body.previous_response_id!r} not found (unknown or expired)",
                            "previous_response_id", "response_not_found")
         prior, base, inherited_tools, inherit = prev.transcript, prev.transcript.messages, prev.request_tools, True
-        if session_id is None and prev.session_id is not None:
-            e2 = ctx.sessions.get(prev.session_id)
-            if e2 is not None and e2.owner == owner and e2.last_response_id == prev.response_id:
-                session_id = prev.session_id  # the session is still where that response left it
-    elif entry is not None:
-        prior = entry.transcript
+        if session_id is None and prev.session_id is not None and _is_last_turn(ctx, prev, owner):
+            session_id = prev.session_id  # the session is still where that response left it
+    elif session_id is not None:
+        try:
+            last = ctx.driver.last_turn(session_id, owner)
+        except SessionNotFound:  # unknown: this turn opens it (another key's: the submission says 404)
+            last = None
+        prior = last.transcript if last is not None else None
 
     new = [template_message(m, i) for i, m in enumerate(body.messages)]
     messages = list(base) + new
@@ -165,6 +167,15 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
                     names)
     plan.grammar = await _grammar(ctx, body, choice, template_tools)
     return plan
+
+
+def _is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> bool:
+    """Whether `record` is still its session's last turn (the session has not moved on since)."""
+    try:
+        last = ctx.driver.last_turn(record.session_id, owner)  # type: ignore[arg-type]
+    except SessionNotFound:
+        return False
+    return last is not None and last.response_id == record.response_id
 
 
 async def _grammar(ctx: ServerContext, body: ChatCompletionRequest, choice: Any,

@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import bad_request
-from deltaserve.server.generation import (Generation, GenerationResponse, engine_failure, new_id, sampling_params,
-                                          sse)
+from deltaserve.server.generation import (ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
+                                          sampling_params, sse_events)
 from deltaserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse
 
 router = APIRouter()
@@ -36,7 +36,7 @@ def prompt_tokens(ctx: ServerContext, prompt: Any) -> tuple[list[int], str | Non
         return ctx.tokenizer.encode(prompt), prompt
     if not prompt:
         raise bad_request("prompt is empty", "prompt")
-    vocab = ctx.engine.cfg.vocab_size
+    vocab = ctx.vocab_size
     if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
         raise bad_request(f"prompt token ids must be integers in [0, {vocab})", "prompt")
     return list(prompt), None
@@ -61,45 +61,28 @@ async def completions(body: CompletionRequest, request: Request, x_session_id: s
     echo = (text if text is not None else ctx.tokenizer.decode(ids_in)) if body.echo else ""
     resp_id, created = new_id("cmpl"), int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationResponse(_stream(ctx, gen, resp_id, created, echo, include_usage), gen)
+        fmt = ChunkFormat(resp_id, created, ctx.model_name, "text_completion",
+                          bool(body.stream_options and body.stream_options.include_usage))
+        return GenerationResponse(_stream(gen, fmt, echo), gen)
     try:
         out = await gen.collect(request)
     except RuntimeError as e:
         raise engine_failure(e) from e
     usage = gen.usage()
-    ids: dict[str, Any] = {"token_ids": gen.seq.output_ids} if body.return_token_ids else {}
+    ids: dict[str, Any] = {"token_ids": gen.output_ids} if body.return_token_ids else {}
     top: dict[str, Any] = {"prompt_token_ids": ids_in} if body.return_token_ids else {}
     return CompletionResponse(id=resp_id, created=created, model=ctx.model_name, usage=usage,
                               choices=[CompletionChoice(text=echo + out, finish_reason=gen.finish_reason, **ids)],
                               deltaserve=usage.deltaserve, **top)
 
 
-async def _stream(ctx: ServerContext, gen: Generation, resp_id: str, created: int, echo: str,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None, **extra: Any) -> str:
-        obj: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created,
-                               "model": ctx.model_name,
-                               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            obj["usage"] = None
-        obj.update(extra)
-        return sse(obj)
+def _stream(gen: Generation, fmt: ChunkFormat, echo: str) -> AsyncIterator[str]:
+    def choice(text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"text": text, "logprobs": None, "finish_reason": finish}
 
-    if echo:
-        yield chunk(echo)
-    try:
-        async for text in gen.deltas():
-            yield chunk(text)
-    except RuntimeError as e:
-        yield sse(engine_failure(e).body())
-        yield "data: [DONE]\n\n"
-        return
-    if gen.aborted:
-        return
-    usage = gen.usage()
-    yield chunk("", gen.finish_reason, deltaserve=usage.deltaserve.model_dump() if usage.deltaserve else None)
-    if include_usage:
-        yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-                   "choices": [], "usage": usage.model_dump()})
-    yield "data: [DONE]\n\n"
+    def closing(usage) -> list[str]:
+        return [fmt.chunk(choice("", gen.finish_reason),
+                          deltaserve=usage.deltaserve.model_dump() if usage.deltaserve else None)]
+
+    return sse_events(gen, fmt, [fmt.chunk(choice(echo))] if echo else [], lambda text: [fmt.chunk(choice(text))],
+                      closing)

@@ -1,14 +1,13 @@
 """Everything a request handler needs, in one object hung on `app.state.ctx`.
 
-Only immutable engine facts (tokenizer, context length, vocabulary size) are
-read directly from the `LLMEngine`; anything that touches engine state goes
-through `ctx.driver` (the engine thread).
+The engine is reached only through `ctx.driver` (`engine/async_engine.py`: named methods, immutable results);
+its immutable facts (tokenizer, context length, vocabulary size, stop tokens) are copied here from
+`driver.info`.
 
-Auth: with API keys configured, every /v1 route needs `Authorization:
-Bearer <key>`. A request's *owner* is a fingerprint of its key (never the key
-itself, so nothing secret is kept in sessions); sessions and stored
-responses belong to their owner, and another key sees them as nonexistent
-(404), which does not reveal whether an id is in use.
+Auth: with API keys configured, every /v1 route needs `Authorization: Bearer <key>`. A request's *owner* is a
+fingerprint of its key (never the key itself, so nothing secret is kept in sessions); sessions and stored
+responses belong to their owner, and another key sees them as nonexistent (404), which does not reveal whether
+an id is in use.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ from typing import Any
 
 from fastapi import Request
 
-from deltaserve.engine.engine import LLMEngine
-from deltaserve.server.async_engine import AsyncEngine
+from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.server.errors import APIError, bad_request
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.state import ResponseStore, SessionStore
 
 # End-of-turn tokens first: a grammar ends the turn with the first of its EOS ids,
 # and a chat transcript should end the way the template would render it.
@@ -37,29 +34,23 @@ def key_fingerprint(key: str) -> str:
 
 
 class ServerContext:
-    def __init__(self, engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
-                 max_responses: int = 1024):
-        if engine.tokenizer is None:
+    def __init__(self, driver: AsyncEngine, model_name: str, api_keys: list[str] | None = None):
+        info = driver.info
+        if info.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
-        self.engine = engine
-        self.driver = AsyncEngine.of(engine)
-        self.tokenizer = engine.tokenizer
+        self.driver = driver
+        self.tokenizer = info.tokenizer
+        self.vocab_size = info.vocab_size
         self.model_name = model_name
-        self.max_context = engine.max_context
-        self.stop_ids = frozenset(engine.stop_ids)
+        self.max_context = info.max_context
+        self.stop_ids = info.stop_ids
         self.created = int(time.time())
         self._keys = [k for k in (api_keys or []) if k]
-        self.sessions = SessionStore()
-        self.responses = ResponseStore(max_entries=max_responses)
         self.metrics = Metrics()
         self._grammar: Any = None
         self._grammar_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ auth
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self._keys)
-
     def authenticate(self, request: Request) -> str | None:
         """The request's owner (None when no keys are configured); 401 on a missing or wrong key."""
         if not self._keys:
@@ -92,7 +83,7 @@ class ServerContext:
                                           code="unsupported") from e
                     hf = self.tokenizer.hf
                     self._grammar = await asyncio.to_thread(
-                        GrammarCompiler, hf, self.engine.cfg.vocab_size, self.eos_ids_for_grammar())
+                        GrammarCompiler, hf, self.vocab_size, self.eos_ids_for_grammar())
         return self._grammar
 
     def eos_ids_for_grammar(self) -> list[int]:

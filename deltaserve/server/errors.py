@@ -9,13 +9,15 @@ errors get their own codes, and only genuine bugs are 500s.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltaserve.engine.engine import EngineError, PromptTooLong, SessionBusy, SessionNotFound
+from deltaserve.engine.api import EngineError, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
 
 log = logging.getLogger("deltaserve.server")
 
@@ -58,9 +60,20 @@ def from_engine_error(exc: Exception, session_id: str | None = None) -> APIError
                              "wait for it to finish (one turn per session at a time)", "session_id", "session_busy")
     if isinstance(exc, SessionNotFound):
         return session_not_found(session_id or str(exc))
+    if isinstance(exc, SessionExists):
+        return APIError(409, f"session {session_id!r} already exists", "session_id", "session_exists")
     if isinstance(exc, (EngineError, ValueError)):
         return bad_request(str(exc))
     raise exc
+
+
+@contextmanager
+def engine_errors(session_id: str | None = None) -> Iterator[None]:
+    """Inside: engine input errors become their HTTP errors (anything else propagates as it is)."""
+    try:
+        yield
+    except (EngineError, ValueError) as e:
+        raise from_engine_error(e, session_id) from e
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

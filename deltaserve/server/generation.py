@@ -1,13 +1,11 @@
-"""One HTTP generation: submit to the engine thread, turn tokens into text, account for it.
+"""One HTTP generation: submit to the engine, turn tokens into text, account for it.
 
-Shared by chat and text completions, streaming or not. `Generation.start`
-opens the session if needed and submits atomically on the engine thread, so
-every input error (prompt too long, session busy or unknown) is raised before
-a response has started and becomes a proper 4xx. `deltas()` yields released
-text; leaving it early (client disconnect, cancellation) aborts the
-sequence. After a stop-string match the sequence is aborted and the stream is
-drained to its final item, so `seq` is finished -- and no longer touched by
-the engine thread -- whenever `deltas()` has returned.
+Shared by chat and text completions, streaming or not. `Generation.start` submits a `GenerateRequest` (the
+engine opens the session if needed, atomically with the submission), so every input error (prompt too long,
+session busy or unknown) is raised before a response has started and becomes a proper 4xx. `deltas()` yields
+released text; leaving it early (client disconnect, cancellation) aborts the request. After a stop-string match
+the request is aborted and the stream is drained to its final output, so `final` is set whenever `deltas()`
+has returned.
 """
 
 from __future__ import annotations
@@ -16,20 +14,19 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from deltaserve.engine.engine import LLMEngine, SessionNotFound
-from deltaserve.engine.sampling import SamplingParams
-from deltaserve.engine.sequence import Sequence
-from deltaserve.server.async_engine import RequestStream
+from deltaserve.engine.api import Constraint, GenerateRequest, RequestOutput, SamplingParams
+from deltaserve.engine.async_engine import RequestStream
+from deltaserve.engine.textstream import TextStream
 from deltaserve.server.context import ServerContext
-from deltaserve.server.errors import APIError, bad_request, from_engine_error
+from deltaserve.server.errors import APIError, bad_request, engine_errors
 from deltaserve.server.protocol import (CacheInfo, CompletionTokensDetails, DeltaserveInfo, PromptTokensDetails,
                                         Usage, SamplingFields)
-from deltaserve.server.textstream import TextStream
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -51,7 +48,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, ctx: ServerCon
         raise bad_request("logprobs are not supported", "logprobs", "unsupported")
     top_k = body.top_k if body.top_k not in (None, -1) else 0
     for t in body.stop_token_ids or []:
-        if not 0 <= t < ctx.engine.cfg.vocab_size:
+        if not 0 <= t < ctx.vocab_size:
             raise bad_request(f"stop_token_ids has an id outside the vocabulary: {t}", "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens or ctx.max_context,  # the engine clamps to what the context leaves
@@ -66,9 +63,9 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, ctx: ServerCon
 
 
 class Generation:
-    def __init__(self, ctx: ServerContext, route: str, stream: RequestStream, params: SamplingParams,
-                 session_id: str | None, render_mode: str, t0: float):
-        self.ctx, self.route, self.stream = ctx, route, stream
+    def __init__(self, ctx: ServerContext, route: str, prompt: list[int], stream: RequestStream,
+                 params: SamplingParams, session_id: str | None, render_mode: str, t0: float):
+        self.ctx, self.route, self.prompt, self.stream = ctx, route, prompt, stream
         self.session_id, self.render_mode = session_id, render_mode
         self.text = TextStream(ctx.tokenizer, params.stop)
         self.t0 = t0
@@ -78,46 +75,36 @@ class Generation:
     @classmethod
     async def start(cls, ctx: ServerContext, route: str, prompt: list[int], params: SamplingParams, *,
                     owner: str | None, session_id: str | None = None, session_ttl: float | None = None,
-                    create_session: bool = True, grammar: Any = None, render_mode: str = "full") -> "Generation":
+                    open_session: bool = True, constraint: Constraint | None = None,
+                    render_mode: str = "full") -> "Generation":
         t0 = time.perf_counter()
-
-        def setup(engine: LLMEngine) -> None:
-            if session_id is None:
-                return
-            s = engine.get_session(session_id)
-            if s is None:
-                if not create_session:
-                    raise SessionNotFound(session_id)
-                engine.open_session(session_id, owner, session_ttl)
-            elif s.owner != owner:
-                raise SessionNotFound(session_id)
-            elif session_ttl is not None:
-                engine.set_session_ttl(session_id, session_ttl)
-
-        try:
-            stream = await ctx.driver.submit(prompt, params, session_id, owner, setup=setup, grammar=grammar)
-        except Exception as e:
-            raise from_engine_error(e, session_id) from e
-        if session_id is not None:
-            ctx.sessions.ensure(session_id, owner)
-        return cls(ctx, route, stream, params, session_id, render_mode, t0)
+        req = GenerateRequest(prompt, params, owner, session_id, open_session=open_session and session_id is not None,
+                              session_ttl=session_ttl, constraint=constraint)
+        with engine_errors(session_id):
+            stream = await ctx.driver.submit(req)
+        return cls(ctx, route, prompt, stream, params, session_id, render_mode, t0)
 
     @property
-    def seq(self) -> Sequence:
-        assert self.stream.seq is not None
-        return self.stream.seq
+    def final(self) -> RequestOutput:
+        """The request's last output (set once `deltas()` / `collect()` has returned)."""
+        assert self.stream.final is not None
+        return self.stream.final
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.stream.output_ids
 
     async def deltas(self) -> AsyncIterator[str]:
         try:
-            async for item in self.stream:
-                if self.ttft is None and item.new_tokens:
+            async for out in self.stream:
+                if self.ttft is None and out.new_token_ids:
                     self.ttft = time.perf_counter() - self.t0
-                d = self.text.push(item.new_tokens)
+                d = self.text.push(list(out.new_token_ids))
                 if d:
                     yield d
                 if self.text.stopped:
                     self.stream.abort()
-                    async for _ in self.stream:  # drain to the final item (at most one more step)
+                    async for _ in self.stream:  # drain to the final output (at most one more step)
                         pass
                     break
             self.done = True
@@ -134,11 +121,11 @@ class Generation:
     @property
     def aborted(self) -> bool:
         """Cancelled from outside (client disconnect, shutdown) rather than finished."""
-        seq = self.stream.seq
-        return seq is not None and seq.finish_reason == "abort" and not self.text.stopped
+        f = self.stream.final
+        return f is not None and f.finish_reason == "abort" and not self.text.stopped
 
     async def collect(self, request: Request | None = None) -> str:
-        """Run to the end (non-streaming); a client disconnect aborts the sequence (then: APIError 499)."""
+        """Run to the end (non-streaming); a client disconnect aborts the request (then: APIError 499)."""
         watcher = asyncio.create_task(_abort_on_disconnect(request, self.stream)) if request is not None else None
         try:
             async for _ in self.deltas():
@@ -155,30 +142,24 @@ class Generation:
     def finish_reason(self) -> str:
         if self.text.stopped:
             return "stop"
-        r = self.seq.finish_reason
+        r = self.final.finish_reason
         return r if r in ("stop", "length") else "stop"
 
-    @property
-    def ended_cleanly(self) -> bool:
-        """The reply ended with an end-of-turn token the engine stopped on (see Transcript)."""
-        seq = self.seq
-        return (seq.finish_reason == "stop" and not self.text.stopped and seq.num_output > 0
-                and seq.tokens[-1] in self.ctx.stop_ids)
-
     def info(self) -> DeltaserveInfo:
-        seq, ex = self.seq, self.seq.explanation
+        st = self.final.stats
+        ex = st.explanation
         cache = CacheInfo(
             reason=ex.reason.value if ex is not None else None,
-            cached_tokens=seq.stats.cached_tokens,
-            prefilled_tokens=seq.stats.prefilled_tokens,
+            cached_tokens=st.cached_tokens,
+            prefilled_tokens=st.prefilled_tokens,
             diverged_at=ex.diverged_at if ex is not None else None,
             detail=ex.detail if ex is not None else None,
         )
         return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode)
 
     def usage(self) -> Usage:
-        st = self.seq.stats
-        prompt, completion = self.seq.prompt_len, self.seq.num_output
+        st = self.final.stats
+        prompt, completion = st.prompt_tokens, st.output_tokens
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -192,9 +173,9 @@ class Generation:
         )
 
     def _observe(self) -> None:
-        seq = self.seq
-        self.ctx.metrics.observe_generation(self.route, time.perf_counter() - self.t0, self.ttft, seq.prompt_len,
-                                            seq.stats.cached_tokens, seq.num_output)
+        st = self.final.stats
+        self.ctx.metrics.observe_generation(self.route, time.perf_counter() - self.t0, self.ttft, st.prompt_tokens,
+                                            st.cached_tokens, st.output_tokens)
 
 
 class GenerationResponse(StreamingResponse):
@@ -230,3 +211,55 @@ async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
 
 def engine_failure(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {e}", code="engine_error")
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """How one route frames its stream chunks (`object` type, extra top-level fields, the usage chunk)."""
+
+    id: str
+    created: int
+    model: str
+    object: str
+    include_usage: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def chunk(self, choice: dict[str, Any], **top: Any) -> str:
+        obj: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                               **self.extra, "choices": [{"index": 0, **choice}]}
+        if self.include_usage:
+            obj["usage"] = None  # OpenAI sends usage: null on every chunk but the usage chunk
+        obj.update(top)
+        return sse(obj)
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return sse({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                    **self.extra, "choices": [], "usage": usage.model_dump()})
+
+
+async def sse_events(gen: Generation, fmt: ChunkFormat, opening: list[str],
+                     on_text: Callable[[str], list[str]], closing: Callable[[Usage], list[str]]) -> AsyncIterator[str]:
+    """A route's SSE body: `opening` chunks, `on_text(delta)` per released text, then (unless the client went
+    away) `closing(usage)` -- the finishing chunk(s) -- the usage chunk if asked for, and `[DONE]`. An engine
+    failure mid-stream is reported in-band (the status line is gone by then)."""
+    for c in opening:
+        yield c
+    try:
+        async for text in gen.deltas():
+            for c in on_text(text):
+                yield c
+    except RuntimeError as e:
+        yield sse(engine_failure(e).body())
+        yield SSE_DONE
+        return
+    if gen.aborted:
+        return
+    usage = gen.usage()
+    for c in closing(usage):
+        yield c
+    if fmt.include_usage:
+        yield fmt.usage_chunk(usage)
+    yield SSE_DONE

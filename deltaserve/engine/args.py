@@ -1,0 +1,62 @@
+"""Engine flags, declared once for every command that builds an engine (`deltaserve generate`, `deltaserve serve`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from deltaserve.engine.engine import EngineConfig, LLMEngine
+from deltaserve.engine.kv_manager import CacheMode
+from deltaserve.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> None:
+    """The model and engine options (`kv_cache_gb`: this command's default pool size)."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"known name ({', '.join(KNOWN_MODELS)}), HF directory or .gguf file")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--kv-cache-gb", type=float, default=kv_cache_gb, help="KV pool size in GiB")
+    p.add_argument("--cache-mode", choices=[m.value for m in CacheMode], default="stateful",
+                   help="stateful: pinned sessions + prefix cache; prefix: LRU prefix cache only; stateless: none")
+    p.add_argument("--speculation", choices=("lookup", "off"), default="lookup",
+                   help="prompt-lookup speculative decoding")
+    p.add_argument("--session-ttl", type=float, default=300.0, help="default seconds a session stays pinned")
+    p.add_argument("--max-pinned-fraction", type=float, default=0.7,
+                   help="share of the KV pool pinned sessions may hold; the rest is working space (stateful mode)")
+    p.add_argument("--max-context", type=int, default=None, help="cap on prompt + completion tokens")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens a forward step may carry")
+    p.add_argument("--max-prefill-with-decode", type=int, default=None,
+                   help="prefill tokens a step that also carries decodes may take (default: no cap below "
+                        "--max-batch-tokens); lower keeps decoding agents' tokens coming during long prefills")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the flags ask for; a clear `SystemExit` for values out of range."""
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda given but no CUDA device is available")
+    if args.kv_cache_gb <= 0:
+        raise SystemExit(f"error: --kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    if not 0.0 < args.max_pinned_fraction <= 1.0:
+        raise SystemExit(f"error: --max-pinned-fraction must be in (0, 1], got {args.max_pinned_fraction}")
+    if args.max_batch_tokens < 1 or (args.max_prefill_with_decode is not None and args.max_prefill_with_decode < 1):
+        raise SystemExit("error: --max-batch-tokens and --max-prefill-with-decode must be at least 1")
+    if args.session_ttl < 0:
+        raise SystemExit(f"error: --session-ttl must be >= 0, got {args.session_ttl}")
+    if args.max_context is not None and args.max_context < 2:
+        raise SystemExit(f"error: --max-context must be at least 2, got {args.max_context}")
+    return EngineConfig(dtype=getattr(torch, args.dtype), device=args.device,
+                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
+                        speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
+                        max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
+                        max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode)
+
+
+def build_engine(args: argparse.Namespace) -> LLMEngine:
+    """Check the flags, pull a known model on first use, load it."""
+    from deltaserve.models.registry import ensure_pulled
+
+    config = engine_config(args)
+    ensure_pulled(args.model)
+    return LLMEngine.from_model(args.model, config)

@@ -1,0 +1,128 @@
+"""The engine's sessions as their owners see them: the one registry of session state.
+
+Wraps the cache's `SessionManager` (pins, token state, counters) with what belongs to a session beyond its KV:
+its owner (every verb takes one; another owner's session does not exist for you), whether a turn is in
+progress (one at a time), its last turn as messages (`TurnRecord`), and the store of finished turns by
+response id. Results are `SessionInfo` snapshots.
+
+Threads: the engine thread runs every verb except `last_turn`, `record_turn` and `response`, which a front end
+calls from its own thread between turns (they read or replace one immutable record). `_lock` guards what those
+three touch: the registry's membership (inserts and deletes happen here, under it) and `Session.last_turn`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from deltaserve.cache.session import Session, SessionManager
+from deltaserve.engine.api import SessionBusy, SessionExists, SessionInfo, SessionNotFound, TurnRecord
+from deltaserve.engine.responses import ResponseStore
+
+
+class EngineSessions:
+    def __init__(self, manager: SessionManager, responses: ResponseStore):
+        self.manager = manager
+        self.responses = responses
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------- engine thread
+    def open(self, session_id: str, owner: str | None = None, ttl: float | None = None) -> SessionInfo:
+        """A new empty session; SessionExists if the id is taken (by anyone), ValueError for a negative ttl."""
+        with self._lock:
+            if session_id in self.manager:
+                raise SessionExists(f"session {session_id!r} already exists")
+            s = self.manager.open(session_id, owner, ttl)
+        return self._info(s)
+
+    def owned(self, session_id: str, owner: str | None) -> Session:
+        """The session, if it exists and belongs to `owner`; else SessionNotFound."""
+        s = self.manager.get(session_id)
+        if s is None or s.owner != owner:
+            raise SessionNotFound(f"session {session_id!r} not found")
+        return s
+
+    def info(self, session_id: str, owner: str | None) -> SessionInfo:
+        return self._info(self.owned(session_id, owner))
+
+    def list(self, owner: str | None) -> list[SessionInfo]:
+        """`owner`'s sessions, in open order."""
+        return [self._info(s) for s in self.manager.list() if s.owner == owner]
+
+    def set_ttl(self, session_id: str, owner: str | None, ttl: float) -> SessionInfo:
+        """Change the pin TTL; a pinned session's expiry restarts from now."""
+        s = self.owned(session_id, owner)
+        if ttl < 0:
+            raise ValueError("ttl must be >= 0")
+        s.ttl = ttl
+        if s.pinned:
+            s.pin_expires_at = self.manager.clock() + ttl
+        return self._info(s)
+
+    def close(self, session_id: str, owner: str | None) -> None:
+        """Unpin and forget; the KV stays as evictable prefix cache. SessionBusy while a turn runs."""
+        self.owned(session_id, owner)
+        if session_id in self._busy:
+            raise SessionBusy(f"session {session_id!r} has a turn in progress")
+        with self._lock:
+            self.manager.close(session_id)
+
+    def begin_turn(self, session_id: str, owner: str | None, open_missing: bool, ttl: float | None) -> None:
+        """Claim the session for a turn: opened if missing and `open_missing`; SessionNotFound / SessionBusy."""
+        if self.manager.get(session_id) is None and open_missing:
+            self.open(session_id, owner, ttl)
+        s = self.owned(session_id, owner)
+        if session_id in self._busy:
+            raise SessionBusy(f"session {session_id!r} already has a turn in progress")
+        if ttl is not None:
+            self.set_ttl(session_id, owner, ttl)
+        self._busy.add(s.session_id)
+
+    def end_turn(self, session_id: str) -> None:
+        self._busy.discard(session_id)
+
+    def busy(self, session_id: str) -> bool:
+        return session_id in self._busy
+
+    def forget_idle(self, max_idle: float) -> list[str]:
+        """Forget unpinned sessions idle longer than `max_idle` seconds (bounds the registry)."""
+        with self._lock:
+            return self.manager.forget_idle(max_idle)
+
+    def _info(self, s: Session) -> SessionInfo:
+        now = self.manager.clock()
+        expired = s.pinned and s.pin_expires_at <= now  # not yet unpinned: that happens at the next admission
+        if s.pinned:
+            state = "expired" if expired else "pinned"
+        elif s.unpin_reason is not None:
+            state = s.unpin_reason.value
+        else:
+            state = "new" if not s.tokens else "unpinned"
+        return SessionInfo(
+            session_id=s.session_id, state=state, busy=s.session_id in self._busy, pinned=s.pinned and not expired,
+            tokens=len(s.tokens), ttl=s.ttl, ttl_remaining=max(0.0, s.pin_expires_at - now) if s.pinned else None,
+            turns=s.turns, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
+            prefilled_tokens=s.prefilled_tokens, has_transcript=s.last_turn is not None, last_match=s.last_match)
+
+    # ------------------------------------------------------------- any thread
+    def last_turn(self, session_id: str, owner: str | None) -> TurnRecord | None:
+        """The session's last finished turn, None if it has none yet; SessionNotFound if there is no such session
+        of `owner`'s (a front end about to open it on its first turn treats that as "no prior turn")."""
+        with self._lock:
+            s = self.manager.get(session_id)
+            if s is None or s.owner != owner:
+                raise SessionNotFound(f"session {session_id!r} not found")
+            return s.last_turn
+
+    def record_turn(self, record: TurnRecord) -> None:
+        """Keep a finished turn under its response id and, if its session still exists, as its last turn."""
+        self.responses.put(record)
+        if record.session_id is None:
+            return
+        with self._lock:
+            s = self.manager.get(record.session_id)
+            if s is not None and s.owner == record.owner:
+                s.last_turn = record
+
+    def response(self, response_id: str, owner: str | None) -> TurnRecord | None:
+        return self.responses.get(response_id, owner)
