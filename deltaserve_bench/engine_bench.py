@@ -7,7 +7,6 @@ process, one after the other, in bf16 and fp32. deltaserve runs in
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
