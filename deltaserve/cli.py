@@ -73,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(p)
     p.set_defaults(func=run_server)
 
-    from deltaserve.bench import add_bench_parser
-
-    add_bench_parser(sub)
+    try:
+        from deltaserve_bench import add_bench_parser
+    except ImportError as e:  # installed without the benchmarks: `bench` stays listed and says what to install
+        p = sub.add_parser("bench", help="benchmarks (not installed: pip install 'deltaserve[bench]')")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda _args, e=e: sys.exit(
+            f"error: deltaserve bench cannot run here ({e}); install it with: pip install 'deltaserve[bench]'"))
+    else:
+        add_bench_parser(sub)
 
     args = ap.parse_args(argv)
     from deltaserve.models.registry import ModelNotFound

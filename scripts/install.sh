@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create ./.venv and install deltaserve into it (CPU PyTorch). `--test` adds the test dependencies.
+# Create ./.venv and install deltaserve into it (CPU PyTorch). `--bench` adds what `deltaserve bench` needs
+# (matplotlib, httpx); `--test` adds the test dependencies (the bench ones included).
 # torch is pinned first: an unpinned `torch` would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") extra="" ;;
+  --bench) extra="[bench]" ;;
+  --test) extra="[test]" ;;
+  *) echo "usage: scripts/install.sh [--bench|--test]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${DELTASERVE_TORCH:-2.13.0}"
-if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
-else
-  .venv/bin/python -m pip install -q -e .
-fi
+.venv/bin/python -m pip install -q -e ".$extra"

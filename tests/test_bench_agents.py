@@ -15,7 +15,7 @@ import pytest
 
 
 def test_workload_is_seeded_and_bounded(smollm_dir):
-    from deltaserve.bench.agents_workload import generate
+    from deltaserve_bench.agents_workload import generate
 
     tok = str(smollm_dir / "tokenizer.json")
     a = generate(35, 3, seed=7, max_tokens=32, tokenizer_json=tok, context_limit=8192)
@@ -35,14 +35,14 @@ def test_workload_is_seeded_and_bounded(smollm_dir):
 
 
 def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
-    from deltaserve.bench import agents_bench
+    from deltaserve_bench import agents_bench
 
     args = SimpleNamespace(workflow=3, agents=2, model="smollm2-135m",
                            targets="deltaserve-stateful,deltaserve-stateless,no-such-peer",
                            out=str(tmp_path), max_tokens=4, ignore_eos=True, seed=1, kv_budget_tokens=None,
                            result_median=40.0, tools_per_role=1, threads=2, max_batch_tokens=2048,
-                           max_prefill_with_decode=256, timeout=120.0, img_dir="", write="", no_progress=True,
-                           merge=False)
+                           max_prefill_with_decode=256, timeout=120.0, img_dir=str(tmp_path / "img"),
+                           write=tmp_path / "sections", section="", no_progress=True, merge=False)
     assert agents_bench.run(args) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "report.md").exists() and (tmp_path / "latency.png").exists()
@@ -72,12 +72,17 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     # stateless recomputes every prompt: more time in prefill steps than stateful
     assert sl["profile"]["forward_prefill_s"] > sf["profile"]["forward_prefill_s"]
     assert "Where the time goes" in (tmp_path / "report.md").read_text()
+    # --write: the section in DIR/KEY.md, its plots copied to --img-dir and linked relative to the section file
+    section = tmp_path / "sections" / "agents-w3.md"
+    links = [line[line.index("](") + 2:-1] for line in section.read_text().splitlines() if line.startswith("![")]
+    assert links == ["../img/agents-w3-latency.png", "../img/agents-w3-prefill_decode.png"]
+    assert all((section.parent / link).is_file() for link in links)
 
 
 def test_vllm_targets_command_lines(smollm_dir):
     """The vLLM targets' command lines (nothing is started): bf16 by default, fp32 for vllm-fp32, whose KV budget
     (VLLM_CPU_KVCACHE_SPACE, whole GiB) is sized for fp32's 4 bytes an element; unknown names are refused."""
-    from deltaserve.bench import agents_targets as tg
+    from deltaserve_bench import agents_targets as tg
 
     budget = 60000  # SmolLM2 bf16 KV: 23,040 bytes a token -> 1.29 GiB in bf16, 2.57 GiB in fp32
     cmds = {n: tg.build(n, "smollm2-135m", 4, budget, 2) for n in ("vllm", "vllm-ngram", "vllm-fp32")}

@@ -1,7 +1,7 @@
 """`deltaserve bench agents`: multi-agent tool-calling workflows against deltaserve and peer servers.
 
     deltaserve bench agents --workflow 6|35 --agents A --model M --targets LIST --out DIR
-        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N] [--write BENCHMARKS.md]
+        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N] [--section KEY] [--write [DIR]]
 
 The workload (`agents_workload`) is generated once from the seed. Every target
 (`agents_targets`) is started as a subprocess, health-polled, warmed up, then
@@ -15,8 +15,8 @@ across agents, TTFT (first content chunk; ~prefill + queueing), prompt and
 cached tokens (usage.prompt_tokens_details.cached_tokens, or llama.cpp's
 timings.cache_n), speculation acceptance
 (usage.completion_tokens_details.accepted_prediction_tokens), end-to-end wall
-time. Output: report.json, report.md, PNG plots in --out; with --write a
-section `agents-w{T}[-kv{N}]` (or `--section KEY`) in BENCHMARKS.md and the plots under docs/img/.
+time. Output: report.json, report.md, PNG plots in --out; with --write the
+section `agents-w{T}[-kv{N}]` (or `--section KEY`) in docs/benchmarks/KEY.md and the plots under docs/img/.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from deltaserve.bench import agents_targets as tg
-from deltaserve.bench.agents_workload import Workflow, generate, system_tokens
-from deltaserve.bench.agents_report import plots as _plots
-from deltaserve.bench.agents_report import render_md
-from deltaserve.bench.common import git_rev, machine, write_section
+from deltaserve_bench import agents_targets as tg
+from deltaserve_bench.agents_workload import Workflow, generate, system_tokens
+from deltaserve_bench.agents_report import plots as _plots
+from deltaserve_bench.agents_report import render_md
+from deltaserve_bench.common import git_rev, machine, require
+from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
 
 def add_parser(sub) -> None:
     p = sub.add_parser("agents", help="multi-agent tool-calling workflows vs vLLM / llama.cpp / SGLang-style prefix")
@@ -59,10 +60,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-prefill-with-decode", type=int, default=None,
                    help="deltaserve targets: prefill tokens a step that also decodes may carry (default: no cap)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--img-dir", default="docs/img", help="where --write copies the plots ('' to skip)")
-    p.add_argument("--write", default="", help="markdown file to update, e.g. BENCHMARKS.md ('' to skip)")
-    p.add_argument("--section", default="", help="section key --write replaces and plot prefix (default "
-                   "agents-w{T}[-kv{N}]; another key keeps a run on other hardware beside the default one)")
+    p.add_argument("--img-dir", default="docs/img",
+                   help="where --write copies the plots ('': the section links the copies in --out)")
+    p.add_argument("--section", default="", metavar="KEY",
+                   help="the section --write replaces, and the plots' prefix (default agents-w{T}[-kv{N}]; "
+                        "another key keeps a run on other hardware beside the default one)")
+    add_write_argument(p, "KEY")
     p.add_argument("--merge", action="store_true",
                    help="keep the other targets' results from an earlier run's --out/report.json (same workload)")
     p.add_argument("--no-progress", action="store_true")
@@ -284,6 +287,7 @@ def _speedups(results: dict[str, dict], ref: str, n_turns: int) -> dict[str, dic
 
 # ------------------------------------------------------------------ run
 def run(args) -> int:
+    require("httpx", "matplotlib", what="deltaserve bench agents")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
@@ -352,11 +356,13 @@ def run(args) -> int:
     print(md)
     if args.write:
         key = args.section or f"agents-w{wf.n_turns}" + (f"-kv{args.kv_budget_tokens}" if args.kv_budget_tokens else "")
-        if args.img_dir:
-            img = Path(args.img_dir)
-            img.mkdir(parents=True, exist_ok=True)
-            for p in plots:
-                shutil.copy(out / p, img / f"{key}-{p}")
-            md = md.replace("](", f"]({img.as_posix()}/{key}-") if plots else md
-        write_section(args.write, key, md)
+        section = section_path(args.write, key)
+        for p in plots:  # report.md links them beside it; the section links the committed copy (or the --out one)
+            src = out / p
+            if args.img_dir:
+                src = Path(args.img_dir) / f"{key}-{p}"
+                src.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / p, src)
+            md = md.replace(f"]({p})", f"]({rel_link(src, section)})")
+        write_section(section, key, md)
     return 0

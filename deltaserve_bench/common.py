@@ -1,12 +1,13 @@
-"""Shared benchmark helpers: machine description, markdown tables, BENCHMARKS.md sections."""
+"""Shared benchmark helpers: machine description, markdown tables, the `[bench]` extra's imports."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
-import re
 import subprocess
-from pathlib import Path
+
+BENCH_EXTRA = "pip install 'deltaserve[bench]'"
 
 
 def machine() -> str:
@@ -48,14 +49,24 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str | Path, key: str, body: str) -> None:
-    """Replace (or append) the section between `<!-- bench:KEY -->` markers in BENCHMARKS.md."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+def require(*modules: str, what: str) -> None:
+    """Import `modules` now, so a missing `[bench]` extra stops a run before its first minute, not after its last."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise RuntimeError(f"{what} cannot import {', '.join(missing)}; install the benchmarks' extra: {BENCH_EXTRA}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (matplotlib is in the `[bench]` extra)."""
+    require("matplotlib", what="plotting")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltaserve.bench.common import md_table
+from deltaserve_bench.common import md_table, pyplot
 
 PAPER = {6: ("per turn", 2.1), 35: ("median turn", 4.2)}
 
 
 def plots(report: dict, out: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
     res = report["targets"]
     if not res:
         return []
+    plt = pyplot()
     files = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, r in res.items():

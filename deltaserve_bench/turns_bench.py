@@ -28,7 +28,8 @@ from statistics import median
 
 import torch
 
-from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
+from deltaserve_bench.common import load_note, git_rev, machine, md_table, pyplot, require
+from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
 
 MODES = ("stateful", "prefix", "stateless")
 SELECTED_TURNS = (1, 5, 10, 20, 35)
@@ -58,8 +59,9 @@ def add_parser(sub) -> None:
                    help="stateless keeps nothing between turns, so by default it is timed only at the reported turns "
                         "(1,5,10,20,last) on the contexts the first mode produced; 'all' times every turn")
     p.add_argument("--out", default="bench_out/turns", help="folder for the PNG plot and raw JSON")
-    p.add_argument("--img-dir", default="docs/img", help="where the committed copy of the plot goes ('' to skip)")
-    p.add_argument("--write", default="BENCHMARKS.md", help="markdown file to update ('' to skip)")
+    p.add_argument("--img-dir", default="docs/img",
+                   help="where --write copies the plot ('': the section links the copy in --out)")
+    add_write_argument(p, "turns-MODEL")
     p.set_defaults(func=run)
 
 
@@ -167,11 +169,7 @@ def _run_mode(args, mode: str, sys_ids, deltas, ref=None, only_turns=None) -> li
 
 
 def _plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for mode, ys in curves.items():
         pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
@@ -192,6 +190,7 @@ def run(args) -> int:
     from deltaserve.models.loader import model_dir
     from deltaserve.models.tokenizer import Tokenizer
 
+    require("matplotlib", what="deltaserve bench turns (its plot)")
     torch.manual_seed(args.seed)
     tok = Tokenizer(model_dir(args.model))
     sys_ids, deltas, ntools = build_workload(tok, args.agents, args.turns, args.system_tokens,
@@ -226,8 +225,10 @@ def run(args) -> int:
     png = out / f"turns-{args.model}.png"
     _plot(lat, png, f"{args.model} {args.dtype}, {args.agents} agents, +{args.delta_min}-{args.delta_max} tok/turn, "
                     f"{args.gen_tokens} gen tok")
+    key = f"turns-{args.model}"
+    section = section_path(args.write, key) if args.write else None
     link = png
-    if args.img_dir:
+    if section and args.img_dir:
         link = Path(args.img_dir) / png.name
         link.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, link)
@@ -287,7 +288,7 @@ def run(args) -> int:
         f"max_batch_tokens {args.max_batch_tokens}. Latency = request in to last token, median over agents.\n\n"
         + table + "\n\n" + "\n".join(lines) + "\n\n"
         + "Targets: " + "; ".join(verdict) + ".\n\n"
-        + f"![turn latency by cache mode]({link.as_posix()})\n\n"
+        + f"![turn latency by cache mode]({rel_link(link, section) if section else link.as_posix()})\n\n"
         + ("`stateless` keeps nothing between turns, so it was timed only at the turns in the table, on the same "
            "contexts (the other turns' outputs were taken from the first mode); `--stateless-turns all` times every "
            "turn.\n\n" if args.stateless_turns == "selected" else "")
@@ -295,7 +296,7 @@ def run(args) -> int:
         "tracks `stateful`; the two differ only under memory pressure, where `stateful` keeps sessions pinned. "
         + load_note() + "\n"
     )
-    if args.write:
-        write_section(args.write, f"turns-{args.model}", body)
+    if section:
+        write_section(section, key, body)
     print(body)
     return 0

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from deltaserve.bench.common import load_note, git_rev, machine, md_table, write_section
+from deltaserve_bench.common import load_note, git_rev, machine, md_table
+from deltaserve_bench.sections import add_write_argument, section_path, write_section
 
 TOOLS = [
     {"type": "function", "function": {
@@ -55,7 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--k", type=int, default=8, help="HF prompt_lookup_num_tokens (deltaserve drafts up to 8, adaptive)")
     p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--write", default="BENCHMARKS.md", help="markdown file to update ('' to skip)")
+    add_write_argument(p, "spec-MODEL")
     p.set_defaults(func=run)
 
 
@@ -234,6 +235,7 @@ def run(args) -> int:
         + load_note() + "\n"
     )
     if args.write:
-        write_section(args.write, f"spec-{args.model}", body)
+        key = f"spec-{args.model}"
+        write_section(section_path(args.write, key), key, body)
     print(body)
     return 0
