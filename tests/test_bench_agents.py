@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
-
-
 
 def test_workload_is_seeded_and_bounded(smollm_dir):
     from deltaserve_bench.agents_workload import generate
