@@ -99,6 +99,24 @@ def test_divergence_cuts_back_and_matches_recompute(engines):
         assert s[5].diverged_at is not None and s[5].cached_tokens <= s[5].diverged_at
 
 
+def test_forks_continue_independently_and_equal_recompute(engines):
+    eng, ref = engines[CacheMode.STATEFUL], engines[CacheMode.STATELESS]
+    tok = eng.tokenizer
+    eng.open_session("trunk")
+    first = eng.add_request(tok.apply_chat([{"role": "user", "content": "Fork this plan."}]), GREEDY, session_id="trunk")
+    eng.run_until_done([first])
+    eng.sessions.fork("trunk", "branch", None)
+    for sid, words in (("trunk", " go north"), ("branch", " go south, then east")):
+        prompt = first.tokens + tok.encode(words)
+        seq = eng.add_request(prompt, GREEDY, session_id=sid)
+        eng.run_until_done([seq])
+        # the fork starts at the trunk's state: everything but the last sampled token is cached already
+        assert seq.explanation.reason == MatchReason.EXTENDED
+        assert seq.stats.cached_tokens >= len(first.tokens) - 1
+        assert seq.output_ids == ref.generate([prompt], GREEDY)[0]
+    assert eng.get_session("trunk").tokens != eng.get_session("branch").tokens
+
+
 def test_pool_full_of_pins_never_deadlocks(smollm_dir):
     """A pool that holds about half of them serves 6 pinned sessions: LRU pins are demoted, outputs stay exact."""
     small = load_engine(smollm_dir, cache_mode=CacheMode.STATEFUL, speculation=False,

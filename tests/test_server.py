@@ -96,7 +96,7 @@ def test_models_health_openapi(client, http):
     assert http.get("/health").json()["status"] == "ok"
     paths = http.get("/openapi.json").json()["paths"]
     for p in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/sessions", "/v1/sessions/{session_id}",
-              "/v1/sessions/{session_id}/chat/completions", "/health", "/metrics"):
+              "/v1/sessions/{session_id}/chat/completions", "/v1/sessions/{session_id}/fork", "/health", "/metrics"):
         assert p in paths, p
 
 
@@ -225,6 +225,32 @@ def test_previous_response_id(client, ref):
         chat(client, new, extra_body={"previous_response_id": "chatcmpl-nope"})
 
 
+def test_fork_route(server, client, http, ref):
+    s = sid()
+    r1 = chat(client, USER, extra_body={"session_id": s})
+    f = http.post(f"/v1/sessions/{s}/fork", json={"session_id": s + "-f"})
+    assert f.status_code == 200
+    info = f.json()
+    assert (info["id"], info["state"], info["pinned"], info["has_transcript"], info["turns"]) == (
+        s + "-f", "pinned", True, True, 0)
+    assert info["tokens"] == http.get(f"/v1/sessions/{s}").json()["tokens"]
+    assert http.post(f"/v1/sessions/{s}/fork", json={"session_id": s + "-f"}).status_code == 409
+    assert http.post("/v1/sessions/nope/fork", json={}).status_code == 404
+    # both continue from the same state with different messages (delta route): each equals recompute and
+    # reuses all of the shared state
+    outs = []
+    for which, question in ((s, "And three animals?"), (s + "-f", "And three fruits?")):
+        delta = openai.OpenAI(base_url=f"{server.base_url}/v1/sessions/{which}", api_key="unused", max_retries=0)
+        r = chat(delta, [{"role": "user", "content": question}])
+        assert ext(r)["render_mode"] == "extended" and ext(r)["cache"]["reason"] == "extended"
+        assert r.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+        assert r.choices[0].model_extra["token_ids"] == ref(r.model_extra["prompt_token_ids"])
+        outs.append(r.model_extra["prompt_token_ids"])
+    assert outs[0] != outs[1]
+    auto = http.post(f"/v1/sessions/{s}/fork").json()["id"]  # an id is made up when none is given
+    assert auto.startswith("sess_") and http.delete(f"/v1/sessions/{auto}").status_code == 200
+
+
 def test_session_routes(http):
     s = sid()
     r = http.post("/v1/sessions", json={"session_id": s, "ttl": 42})
@@ -341,6 +367,7 @@ def test_api_keys_and_ownership(keyed):
     assert httpx.get(f"{url}/sessions/{s}", headers=h1).status_code == 200
     assert httpx.get(f"{url}/sessions/{s}", headers=h2).status_code == 404
     assert httpx.delete(f"{url}/sessions/{s}", headers=h2).status_code == 404
+    assert httpx.post(f"{url}/sessions/{s}/fork", headers=h2, json={}).status_code == 404
     with pytest.raises(openai.NotFoundError):
         chat(two, USER, max_tokens=2, extra_body={"session_id": s})
     with pytest.raises(openai.NotFoundError):

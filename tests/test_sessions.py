@@ -104,6 +104,29 @@ def test_pinned_session_survives_eviction_and_next_turn_extends():
     env.radix.check_integrity()
 
 
+def test_fork_shares_the_pinned_path_and_diverges_independently():
+    env = Env(16)
+    s = env.mgr.open("s", owner="o")
+    env.turn(s, [1, 2, 3], gen=[4])
+    s.last_turn = "turn-1"  # opaque to the manager
+    f = env.mgr.fork(s, "f", owner="o")
+    assert (f.tokens, f.node, f.pinned, f.last_turn, f.turns) == ([1, 2, 3, 4], s.node, True, "turn-1", 0)
+    assert s.node.own_locks == 2 and env.radix.protected_size == 4  # one path, two pins, counted once
+    with pytest.raises(KeyError):
+        env.mgr.fork(s, "f")
+    a = env.turn(s, [1, 2, 3, 4, 5], gen=[6])
+    b = env.turn(f, [1, 2, 3, 4, 9], gen=[9])
+    assert (a.reason, a.cached_tokens) == (b.reason, b.cached_tokens) == (MatchReason.EXTENDED, 4)
+    assert s.tokens == [1, 2, 3, 4, 5, 6] and f.tokens == [1, 2, 3, 4, 9, 9]
+    assert env.radix.protected_size == 8  # the shared 4 + two private tails of 2
+    env.mgr.close("s")
+    env.mgr.close("f")
+    assert env.radix.protected_size == 0
+    env.radix.check_integrity()
+    g = env.mgr.fork(env.mgr.open("u"), "g")  # an empty (unpinned) session forks into an empty one
+    assert (g.tokens, g.pinned, g.node) == ([], False, None)
+
+
 def test_repin_locks_new_before_unlocking_old():
     env = Env(16)
     s = env.mgr.open("s")

@@ -153,6 +153,22 @@ class SessionManager:
         self._sessions[session_id] = s
         return s
 
+    def fork(self, src: Session, session_id: str, owner: str | None = None) -> Session:
+        """A new session whose state is `src`'s: same tokens, node and last turn, no copy of any KV.
+
+        A pinned `src` gives the fork its own lock on the same node (the shared path now has two pins and
+        counts once in the tree's sizes); an unpinned one gives an unpinned fork, whose next turn hits
+        whatever LRU left. The fork's counters start at zero. Raises KeyError if the id exists.
+        """
+        s = self.open(session_id, owner, src.ttl)
+        s.tokens, s.node, s.last_turn = list(src.tokens), src.node, src.last_turn
+        if src.pinned:
+            self.radix.lock(src.node)
+            s.pinned, s.pin_expires_at = True, self.clock() + s.ttl
+        else:
+            s.unpin_reason = src.unpin_reason
+        return s
+
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 

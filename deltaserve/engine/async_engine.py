@@ -202,6 +202,11 @@ class AsyncEngine:
     async def set_session_ttl(self, session_id: str, owner: str | None, ttl: float) -> SessionInfo:
         return await self._call(lambda e: e.sessions.set_ttl(session_id, owner, ttl))
 
+    async def fork_session(self, session_id: str, new_id: str, owner: str | None,
+                           ttl: float | None = None) -> SessionInfo:
+        """A new session `new_id` at `session_id`'s state (shared KV, no prefill); SessionNotFound / SessionExists."""
+        return await self._call(lambda e: e.sessions.fork(session_id, new_id, owner, ttl))
+
     async def close_session(self, session_id: str, owner: str | None) -> None:
         """SessionBusy while a turn runs; the KV stays as evictable prefix cache."""
         await self._call(lambda e: e.sessions.close(session_id, owner))

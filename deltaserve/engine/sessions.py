@@ -35,6 +35,18 @@ class EngineSessions:
             s = self.manager.open(session_id, owner, ttl)
         return self._info(s)
 
+    def fork(self, session_id: str, new_id: str, owner: str | None, ttl: float | None = None) -> SessionInfo:
+        """A new session of `owner`'s at `session_id`'s state: its tokens, pinned KV and last turn, shared.
+
+        SessionNotFound / SessionExists. A fork of a session with a turn in progress starts from its last
+        finished turn."""
+        src = self.owned(session_id, owner)
+        with self._lock:
+            if new_id in self.manager:
+                raise SessionExists(f"session {new_id!r} already exists")
+            s = self.manager.fork(src, new_id, owner)
+        return self._info(s) if ttl is None else self.set_ttl(new_id, owner, ttl)
+
     def owned(self, session_id: str, owner: str | None) -> Session:
         """The session, if it exists and belongs to `owner`; else SessionNotFound."""
         s = self.manager.get(session_id)

@@ -167,6 +167,11 @@ class SessionCreateRequest(_Req):
     ttl: float | None = Field(default=None, ge=0)
 
 
+class SessionForkRequest(_Req):
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)  # the new session's id
+    ttl: float | None = Field(default=None, ge=0)  # default: the source session's
+
+
 class SessionUpdateRequest(_Req):
     ttl: float = Field(ge=0)
 

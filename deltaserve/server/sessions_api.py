@@ -1,4 +1,4 @@
-"""Session routes: create, inspect, list, change TTL, delete.
+"""Session routes: create, fork, inspect, list, change TTL, delete.
 
 A session is a conversation whose KV stays pinned between turns (TTL seconds after each turn). Sessions are
 also created implicitly by the first chat turn naming an unseen `session_id`. Every verb is one call of the
@@ -13,11 +13,12 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
+from deltaserve.engine.api import EngineError, SessionExists
 from deltaserve.engine.api import SessionInfo as EngineSessionInfo
 from deltaserve.server.context import get_ctx, get_owner
-from deltaserve.server.errors import engine_errors
+from deltaserve.server.errors import engine_errors, from_engine_error
 from deltaserve.server.protocol import (CacheInfo, DeletedSession, ErrorResponse, SessionCreateRequest,
-                                        SessionInfo, SessionUpdateRequest)
+                                        SessionForkRequest, SessionInfo, SessionUpdateRequest)
 
 router = APIRouter()
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409)}
@@ -41,6 +42,20 @@ async def create_session(request: Request, body: SessionCreateRequest | None = B
     sid = body.session_id or f"sess_{uuid.uuid4().hex[:24]}"
     with engine_errors(sid):
         return _shown(await get_ctx(request).driver.open_session(sid, owner, body.ttl))
+
+
+@router.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, responses=_ERRORS,
+             summary="Fork a session: a new session at its state, sharing its KV (no copy, no prefill)")
+async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = Body(default=None),
+                       owner: str | None = Depends(get_owner)):
+    body = body or SessionForkRequest()
+    new_id = body.session_id or f"sess_{uuid.uuid4().hex[:24]}"
+    try:
+        return _shown(await get_ctx(request).driver.fork_session(session_id, new_id, owner, body.ttl))
+    except SessionExists as e:
+        raise from_engine_error(e, new_id) from e
+    except (EngineError, ValueError) as e:
+        raise from_engine_error(e, session_id) from e
 
 
 @router.get("/v1/sessions", responses=_ERRORS, summary="List this key's sessions")
