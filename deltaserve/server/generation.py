@@ -63,9 +63,9 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, ctx: ServerCon
 
 
 class Generation:
-    def __init__(self, ctx: ServerContext, route: str, prompt: list[int], stream: RequestStream,
-                 params: SamplingParams, session_id: str | None, render_mode: str, t0: float):
-        self.ctx, self.route, self.prompt, self.stream = ctx, route, prompt, stream
+    def __init__(self, ctx: ServerContext, route: str, stream: RequestStream, params: SamplingParams,
+                 session_id: str | None, render_mode: str, t0: float):
+        self.ctx, self.route, self.stream = ctx, route, stream
         self.session_id, self.render_mode = session_id, render_mode
         self.text = TextStream(ctx.tokenizer, params.stop)
         self.t0 = t0
@@ -82,7 +82,7 @@ class Generation:
                               session_ttl=session_ttl, constraint=constraint)
         with engine_errors(session_id):
             stream = await ctx.driver.submit(req)
-        return cls(ctx, route, prompt, stream, params, session_id, render_mode, t0)
+        return cls(ctx, route, stream, params, session_id, render_mode, t0)
 
     @property
     def final(self) -> RequestOutput:
