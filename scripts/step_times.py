@@ -7,8 +7,10 @@ delta over a long context, a whole prompt. K/V slots are contiguous and their co
 timing means anything. --profile CASE prints torch's operator table for that case (the native attention
 kernels run through ctypes and show up as the gap between the table's total and the step time).
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
-routes spans to the tiled kernel from 12 vs 16 rows (`layers.attention.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16), `pairs` runs the short kernel in
-fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24.
+routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16),
+`pairs` runs the short kernel in fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
+(CPUs without oneDNN bf16) to 8 vs 24. Each variant is a copy of the model's attention backend
+(`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -18,13 +20,14 @@ fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
-from deltaserve.layers.attention import AttentionMetadata, SeqSpan
+from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
 
 CASES = {
     "decode 4 @4k": [(4000, 1)] * 4, "verify 4x5 @4k": [(4000, 5)] * 4, "verify 4x8 @4k": [(4000, 8)] * 4,
@@ -79,33 +82,33 @@ def _engine(model: str) -> LLMEngine:
 
 
 def ab(args) -> None:
-    import deltaserve.layers.attention as attn
     import deltaserve.layers.linear as lin
 
     r = _filled_runner(args.model)
-    short = attn.native.paged_attention_short
+    base = r.model.attn
+    native = isinstance(base, NativeCpuBackend) and base.short and base.tiled
+    assert native or args.ab == "small-gemm-rows", f"--ab {args.ab} needs both native attention kernels: {base}"
     # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
-    rows, small, min_rows_of = attn.tiled_min_rows(False), lin.SMALL_BATCH_ROWS_UNPACKED, attn.tiled_min_rows
-    variants = {"min-rows": {"12": (12, True, small), "16": (16, True, small)},
-                "min-rows-avx2": {"8": (8, True, small), "16": (16, True, small)},
-                "pairs": {"fp32": (rows, False, small), "pairs": (rows, True, small)},
-                "small-gemm-rows": {"8": (rows, True, 8), "24": (rows, True, 24)}}[args.ab]
+    rows, pairs = (base.tiled_min_rows, base.pairs) if native else (0, False)  # ignored without the native kernels
+    small = lin.SMALL_BATCH_ROWS_UNPACKED
+    variants = {"min-rows": {"12": (12, pairs, small), "16": (16, pairs, small)},
+                "min-rows-avx2": {"8": (8, pairs, small), "16": (16, pairs, small)},
+                "pairs": {"fp32": (rows, False, small), "pairs": (rows, pairs, small)},
+                "small-gemm-rows": {"8": (rows, pairs, 8), "24": (rows, pairs, 24)}}[args.ab]
     step = _stepper(r)
     with torch.inference_mode():
         for name, spec in CASES.items():
             fs = {}
-            for label, (min_rows, pairs, small_rows) in variants.items():
-                attn.tiled_min_rows = lambda kv_fp32, _m=min_rows: _m  # asked when the step's metadata is prepared
-                fs[label] = (step(spec), pairs, small_rows)
-            attn.tiled_min_rows = min_rows_of
+            for label, (min_rows, pairs_, small_rows) in variants.items():
+                attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_) if native else base
+                fs[label] = (step(spec, attn), small_rows)
 
-            def use(pairs, small_rows):
-                attn.native.paged_attention_short = (lambda *a, _p=pairs, **kw: short(*a, pairs=_p and kw.get("pairs", False)))
+            def use(small_rows):
                 lin.SMALL_BATCH_ROWS_UNPACKED = small_rows  # read by every Linear call
 
-            best = _best_alternating({k: (f, lambda p=pairs, s=small_rows: use(p, s)) for k, (f, pairs, small_rows) in fs.items()})
-            attn.native.paged_attention_short = short
+            best = _best_alternating({k: (f, lambda s=small_rows: use(s)) for k, (f, small_rows) in fs.items()})
             lin.SMALL_BATCH_ROWS_UNPACKED = small
+            r.model.attn = base
             print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
 
 
@@ -164,7 +167,9 @@ def _best_alternating(variants: dict, rounds: int = 6) -> dict:
 
 
 def _stepper(r):
-    def step(spec):
+    def step(spec, attn=None):
+        """A whole forward step of `spec` with attention backend `attn` (default: the model's)."""
+        attn = attn or r.model.attn
         ids, pos, spans, write, base = [], [], [], [], 0
         for ctx, q in spec:
             slots = torch.arange(base, base + ctx + q)
@@ -173,9 +178,13 @@ def _stepper(r):
             ids += [100 + i % 1000 for i in range(q)]
             pos += list(range(ctx, ctx + q))
             write.append(slots[ctx:])
-        meta = AttentionMetadata(torch.cat(write), spans).prepare(torch.device("cpu"), r.native_attention,
-                                                                  r.tiled_attention, r.gqa_group)
-        return lambda: r.model(torch.tensor(ids), torch.tensor(pos), r.kv, meta)
+        meta = attn.prepare(spans, torch.cat(write))
+
+        def f():
+            r.model.attn = attn  # the backend this step's metadata was prepared for
+            return r.model(torch.tensor(ids), torch.tensor(pos), r.kv, meta)
+
+        return f
 
     return step
 

@@ -35,21 +35,27 @@ def pair(request):
 
 
 def test_logits_allclose(pair):
+    """A 300-token prompt through PyTorch SDPA and through the engine's own backend (the native kernels where
+    they build)."""
     name, ref, eng = pair
     tok = eng.tokenizer
     ids = text_of_tokens(tok, 300, seed=7)
-    from deltaserve.layers.attention import AttentionMetadata, SeqSpan
+    from deltaserve.layers.attention import SdpaBackend, SeqSpan
 
-    slots = eng.pool.allocator.allocate(len(ids))
-    try:
-        meta = AttentionMetadata(slots, [SeqSpan(0, len(ids), slots)]).prepare(torch.device("cpu"))
-        got = eng.model.logits(eng.model(torch.tensor(ids), torch.arange(len(ids)), eng.pool, meta))
-    finally:
-        eng.pool.allocator.free(slots)
     with torch.inference_mode():
         want = ref(torch.tensor([ids])).logits[0].float()
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.999
+    selected, cfg = eng.model.attn, eng.model.cfg
+    for attn in (SdpaBackend("cpu", cfg.num_heads, cfg.num_kv_heads), selected):
+        slots = eng.pool.allocator.allocate(len(ids))
+        try:
+            eng.model.attn = attn
+            meta = attn.prepare([SeqSpan(0, len(ids), slots)], slots)
+            got = eng.model.logits(eng.model(torch.tensor(ids), torch.arange(len(ids)), eng.pool, meta))
+        finally:
+            eng.model.attn = selected
+            eng.pool.allocator.free(slots)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.999
 
 
 def test_greedy_matches_reference(pair):

@@ -11,7 +11,7 @@ from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.kv.pool import KVLayout, KVPool
-from deltaserve.layers.attention import AttentionMetadata, SeqSpan
+from deltaserve.layers.attention import SdpaBackend, SeqSpan, select_backend
 from deltaserve.models.llama import LlamaModel
 
 
@@ -39,15 +39,20 @@ def hf_model(cfg: ModelConfig, seed: int):
 CASES = [("llama", True), ("llama", False), ("qwen2", False), ("qwen2", True)]
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "selected"])
 @pytest.mark.parametrize("arch,tie", CASES)
-def test_logits_match_hf(arch, tie):
+def test_logits_match_hf(arch, tie, backend):
+    """One 37-token prompt through PyTorch SDPA and through the backend selected here (the native kernels
+    where they build)."""
     cfg = tiny_config(arch, tie)
     ref = hf_model(cfg, seed=1)
     ours = LlamaModel.from_state_dict(cfg, ref.state_dict(), torch.float32)
+    if backend == "sdpa":
+        ours.attn = SdpaBackend("cpu", cfg.num_heads, cfg.num_kv_heads)
     ids = torch.randint(0, cfg.vocab_size, (37,), generator=torch.Generator().manual_seed(2))
     kv = KVPool(KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32), 64)
     slots = kv.allocator.allocate(len(ids))
-    meta = AttentionMetadata(slots, [SeqSpan(0, len(ids), slots)]).prepare(torch.device("cpu"))
+    meta = ours.attn.prepare([SeqSpan(0, len(ids), slots)], slots)
     got = ours.logits(ours(ids, torch.arange(len(ids)), kv, meta))
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
@@ -68,8 +73,9 @@ def test_chunked_batched_greedy_matches_hf(arch, tie, native, chunk):
     model = LlamaModel.from_state_dict(cfg, ref.state_dict(), torch.float32)
     eng = LLMEngine(model, None, EngineConfig(dtype=torch.float32, kv_cache_bytes=1 << 22, max_batch_tokens=chunk,
                                               cache_mode=CacheMode.STATEFUL, speculation=False, check_integrity=True))
-    eng.runner.native_attention = native != "sdpa" and eng.runner.native_attention
-    eng.runner.tiled_attention = native == "tiled" and eng.runner.tiled_attention
+    # each kernel where it builds here, as select_backend finds it; "sdpa" leaves both out
+    model.attn = select_backend("cpu", torch.float32, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                short=native != "sdpa", tiled=native == "tiled")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 19, 33, 2)]
     outs = eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))

@@ -7,9 +7,8 @@ from typing import NamedTuple
 import torch
 
 from deltaserve.engine.scheduler import StepPlan
-from deltaserve.kernels import paged_attention as native_attention
 from deltaserve.kv.pool import KVPool
-from deltaserve.layers.attention import AttentionMetadata, SeqSpan
+from deltaserve.layers.attention import SeqSpan
 from deltaserve.models.llama import LlamaModel
 
 
@@ -23,10 +22,6 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = model.device
-        # the native kernels read K/V straight from the pool (CPU, bf16/fp32 caches): short queries, tiled spans
-        self.native_attention = native_attention.supports(kv.k_cache[0])
-        self.tiled_attention = native_attention.supports_tiled(kv.k_cache[0])
-        self.gqa_group = model.cfg.num_heads // model.cfg.num_kv_heads
 
     def run(self, plan: StepPlan) -> StepLogits:
         ids: list[int] = []
@@ -51,9 +46,8 @@ class ModelRunner:
                 logit_index.extend(range(q0 + n - 1, q0 + len(feed)))
             else:
                 rows.append((len(logit_index), 0))
-        meta = AttentionMetadata(torch.cat(write).to(self.device), spans).prepare(
-            self.device, self.native_attention, self.tiled_attention, self.gqa_group,
-            self.kv.k_cache[0].dtype == torch.float32)
+        # the model's attention backend (chosen at its build) lays out the step once for all layers
+        meta = self.model.attn.prepare(spans, torch.cat(write).to(self.device))
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),
             torch.tensor(pos, dtype=torch.int64, device=self.device),

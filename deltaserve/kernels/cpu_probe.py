@@ -1,9 +1,9 @@
 """Whether this CPU's bf16 pair dot products outrun fp32 FMA (`cpu_probe.c`), measured once per process.
 
 AVX512-BF16 in the CPU flags does not make bf16 products fast: they are twice fp32's rate on AMD Zen 4 and half of
-it on a 2-core Intel Xeon (family 6 model 207). The tiled attention kernel and `layers.linear` ask `bf16_dot_fast()`
-which form to run. `DELTASERVE_BF16_DOT=on|off` fixes the answer; `python -m deltaserve.kernels.cpu_probe` prints
-the measured ratio.
+it on a 2-core Intel Xeon (family 6 model 207). `layers.attention.select_backend` (once, at model build: the tiled
+kernel's product form and the short/tiled split) and `layers.linear` ask `bf16_dot_fast()` which form to run.
+`DELTASERVE_BF16_DOT=on|off` fixes the answer; `python -m deltaserve.kernels.cpu_probe` prints the measured ratio.
 """
 
 from __future__ import annotations

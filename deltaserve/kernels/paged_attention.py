@@ -44,16 +44,18 @@ def _lib_argtypes() -> list:
         ctypes.c_float, ctypes.c_void_p]
 
 
-def _cpu_cache(k_cache: torch.Tensor) -> bool:
-    return k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
+def _cpu_cache(device: torch.device, kv_dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and kv_dtype in (torch.bfloat16, torch.float32)
 
 
-def supports_tiled(k_cache: torch.Tensor) -> bool:
-    return _cpu_cache(k_cache) and k_cache.shape[-1] % 4 == 0 and tiled_available()
+def supports_tiled(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
+    """The tiled kernel takes a KV cache of this kind and is built here."""
+    return _cpu_cache(device, kv_dtype) and head_dim % 4 == 0 and tiled_available()
 
 
-def supports(k_cache: torch.Tensor) -> bool:
-    return _cpu_cache(k_cache) and available()
+def supports(device: torch.device, kv_dtype: torch.dtype) -> bool:
+    """The short-query kernel takes a KV cache of this kind and is built here."""
+    return _cpu_cache(device, kv_dtype) and available()
 
 
 def _args(q, k_cache, v_cache, slots, seqs, scale, out) -> tuple:
@@ -113,7 +115,8 @@ def paged_attention_tiled(
 
 def _bench(reps: int = 10) -> None:
     """Print ms per call of the short and tiled kernels and of SDPA on gathered K/V (SmolLM2 heads, bf16 KV),
-    to re-measure `layers.attention.TILED_MIN_ROWS` on a new machine: python -m deltaserve.kernels.paged_attention"""
+    to re-measure `layers.attention.native.TILED_MIN_ROWS` on a new machine:
+    python -m deltaserve.kernels.paged_attention"""
     import time
 
     import torch.nn.functional as F

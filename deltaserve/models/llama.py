@@ -11,7 +11,7 @@ from torch import nn
 
 from deltaserve.config import ModelConfig
 from deltaserve.kv.pool import KVPool
-from deltaserve.layers.attention import AttentionMetadata, paged_attention
+from deltaserve.layers.attention import AttentionBackend, select_backend
 from deltaserve.layers.elementwise import RopeStep, Rotary, rms_norm, silu_mul
 from deltaserve.layers.linear import Linear
 
@@ -39,16 +39,16 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(self.gate_up_w)
         self.down = Linear(self.down_w)
 
-    def forward(self, x, rope: RopeStep, k_cache, v_cache, meta: AttentionMetadata):
+    def forward(self, x, rope: RopeStep, k_cache, v_cache, attn: AttentionBackend, meta):
         cfg = self.cfg
         h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
         qkv = self.qkv(h)  # [T, q + 2kv]
         T = x.shape[0]
         H, Hkv = cfg.num_heads, cfg.num_kv_heads
         # the native attention kernels take q in fp32: rotated straight into it when that runs fused
-        q, k = Rotary.rotate_qk(qkv, rope, H, Hkv, cfg.head_dim, fp32_q=meta.native)  # [T, H, D], [T, Hkv, D]
+        q, k = Rotary.rotate_qk(qkv, rope, H, Hkv, cfg.head_dim, fp32_q=attn.fp32_q)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].reshape(T, Hkv, cfg.head_dim)  # [T, Hkv, D]
-        a = paged_attention(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)  # [T, H, D], v's dtype
+        a = attn.forward(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)  # [T, H, D], v's dtype
         x = x + self.o(a.reshape(T, self.q_size))  # [T, hidden]
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         return x + self.down(silu_mul(self.gate_up(h)))  # gate_up: [T, 2I]
@@ -67,6 +67,9 @@ class LlamaModel(nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
         )
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, self.device)
+        # the KV pool holds K/V in the model dtype (`engine.LLMEngine`): the backend is fixed by the model.
+        # Assign another backend (`select_backend(..., tiled=False)`, `SdpaBackend`) before preparing a step for it.
+        self.attn: AttentionBackend = _attention(cfg, dtype, self.device)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
@@ -98,12 +101,13 @@ class LlamaModel(nn.Module):
         self.lm_head_kernel = Linear(self.lm_head, large_batch_fp32=False)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens.
+        meta: `self.attn.prepare(...)` for this step."""
         x = self.embed[input_ids]  # [T, hidden]
         rope = self.rope.step(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv.k_cache[i], kv.v_cache[i], meta)
+            x = layer(x, rope, kv.k_cache[i], kv.v_cache[i], self.attn, meta)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
@@ -119,4 +123,9 @@ def _build(cls, cfg, dtype, device):
         m = cls(cfg, dtype, "meta")
     m.device = torch.device(device)
     m.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, m.device)
+    m.attn = _attention(cfg, dtype, m.device)
     return m
+
+
+def _attention(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> AttentionBackend:
+    return select_backend(device, dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)

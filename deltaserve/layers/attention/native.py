@@ -1,0 +1,138 @@
+"""The native CPU attention backend: the C kernels of `kernels/paged_attention.py` read K/V straight from the pool.
+
+Spans with few query rows (q_len x GQA group: decode, short speculative verify) go to the split-K short-query
+kernel, all others (longer verify, prefill chunks, whole prompts) to the tiled flash-attention kernel. Where the
+tiled kernel is not built (head_dim % 4 != 0, no AVX2 + FMA), spans up to SHORT_QUERY tokens take the short
+kernel and longer ones run SDPA one sequence at a time (`sdpa.attend_long`); where the short one is not,
+every span takes the tiled one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from deltaserve.kernels import cpu_probe
+from deltaserve.kernels import paged_attention as native
+from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
+from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long, prepare_long
+
+# Spans with fewer query rows (q_len x GQA group) than this use the short-query kernel, the
+# rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below 16 rows, and it splits
+# work by (sequence, kv head, query block) only, so a single sequence's verify gives 2 cores 3 items; the short
+# kernel splits keys, but its cost grows with every row. Whole SmolLM2 bf16 steps at 4k context, 2 cores, in one
+# process (short kernel's pair mode vs tiled): verify 4 x 4 tokens (12 rows) 80 vs 93 ms, 4 x 5 (15 rows) 107 vs
+# 112 ms, 1 x 5 32 vs 45 ms; 4 x 8 (24 rows) 136 vs 126 ms in the tiled kernel's favour. With an fp32 cache the
+# short kernel converts rows to fp32 and reduces each q.k horizontally: there the tiled one wins from ~12 rows
+# (kernel alone, 4 x 5000 keys: 12 rows 3.4 vs 2.7 ms, 15 rows 3.9 vs 2.2 ms). On AVX2 only (Zen 3; 8-row
+# vectors, no pair products) a split at 8 rows measured the same as 16 (`scripts/step_times.py --ab min-rows-avx2`:
+# verify 4 x 5 @4k 227 vs 219 ms, 1 x 5 69 vs 62 ms, within the noise), so one value serves both.
+# Where AVX512-BF16 pair products are slower than fp32 FMA (`kernels/cpu_probe.py`), the tiled kernel widens to fp32
+# while the short one keeps its pairs; there the tiled one wins from 12 rows too (2-core Xeon, family 6 model 207,
+# `--ab min-rows`, two runs: verify 4 x 5 @4k 89 vs 103 and 116 vs 126 ms, 1 x 5 39 vs 42 and 45 vs 45 ms).
+TILED_MIN_ROWS = 16
+TILED_MIN_ROWS_FP32 = 12
+
+
+def tiled_min_rows(kv_fp32: bool) -> int:
+    """Query rows from which a span takes the tiled kernel (see above). Asks the CPU probe: call it once, at build."""
+    slow_pairs = cpu_probe.bf16_dot_speed() > 0 and not cpu_probe.bf16_dot_fast()
+    return TILED_MIN_ROWS_FP32 if kv_fp32 or slow_pairs else TILED_MIN_ROWS
+
+
+class KernelSpans(NamedTuple):
+    """One kernel's share of a step, in the layout both kernels take."""
+
+    slots: torch.Tensor  # [sum kv_len] int64: the spans' slot lists concatenated
+    seqs: torch.Tensor  # [n_spans, 4] int64 rows: q_start, q_len, kv_offset (into slots), kv_len
+
+
+class NativeMetadata(NamedTuple):
+    slot_mapping: torch.Tensor  # [T] slot each flat token's K/V is written to
+    short: KernelSpans | None  # spans of the short-query kernel, if any
+    tiled: KernelSpans | None  # spans of the tiled kernel, if any
+    long: tuple[LongSpan, ...]  # spans run by SDPA one at a time (only without the tiled kernel)
+
+
+def kernel_spans(spans: list[SeqSpan]) -> KernelSpans:
+    """The kernels' inputs for `spans` (at least one)."""
+    rows, off = [], 0
+    for s in spans:
+        rows.append((s.q_start, s.q_len, off, len(s.kv_slots)))
+        off += len(s.kv_slots)
+    return KernelSpans(torch.cat([s.kv_slots for s in spans]).to(torch.int64).contiguous(),
+                       torch.tensor(rows, dtype=torch.int64))
+
+
+@dataclass(frozen=True)
+class NativeCpuBackend(AttentionBackend):
+    """Every decision fixed at build (`selector.select_backend`); `dataclasses.replace` makes a variant (A/B runs).
+
+    short, tiled: which kernels run (at least one). A span with q_len x gqa_group < tiled_min_rows takes the
+    short kernel, the others the tiled one; without the tiled kernel, spans up to SHORT_QUERY tokens take the
+    short kernel and longer ones SDPA; without the short kernel, every span takes the tiled one.
+    pairs: the short kernel's bf16 pair mode; p_bf16: the tiled kernel's P.V in bf16 pairs (both: a bf16 cache —
+    a bf16 model rounds its attention output to bf16 anyway). bf16_dot: the tiled kernel's Q.K (and P.V) as bf16
+    pair products (the probe's answer: on some Xeons they are slower than fp32 FMA, `kernels/cpu_probe.py`).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    short: bool
+    tiled: bool
+    tiled_min_rows: int
+    pairs: bool
+    p_bf16: bool
+    bf16_dot: bool
+
+    def __post_init__(self):
+        assert self.short or self.tiled, "no native kernel: use SdpaBackend"
+        assert self.num_heads % self.num_kv_heads == 0
+
+    @property
+    def fp32_q(self) -> bool:
+        # the kernels take q in fp32. Spans that fall to SDPA get it too: fp32 holding the bf16 values that q
+        # would have had (the fused rotary rounds as the PyTorch one does), which SDPA upcasts to anyway.
+        return True
+
+    @property
+    def short_max_q_len(self) -> int:
+        """The longest span (in query tokens) the short kernel takes; -1 without it. The kernel takes <= 64."""
+        if not self.short:
+            return -1
+        if not self.tiled:
+            return SHORT_QUERY
+        group = self.num_heads // self.num_kv_heads
+        return -(-self.tiled_min_rows // group) - 1  # q_len * group < tiled_min_rows  <=>  q_len < ceil(min / group)
+
+    def prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> NativeMetadata:
+        n = self.short_max_q_len
+        short = [s for s in spans if s.q_len <= n]
+        rest = [s for s in spans if s.q_len > n]
+        if self.tiled:
+            return NativeMetadata(slot_mapping, kernel_spans(short) if short else None,
+                                  kernel_spans(rest) if rest else None, ())
+        return NativeMetadata(slot_mapping, kernel_spans(short) if short else None, None,
+                              prepare_long(rest, slot_mapping.device))
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.short is None and meta.tiled is None:  # SDPA spans only: no fp32 buffer to fill
+            out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
+        else:
+            # fp32 in and out of the kernels; each writes the rows of its own spans only
+            q32 = q.float().contiguous()  # [T, H, D]; no copy when q came in fp32 (fp32_q)
+            out32 = torch.empty(q.shape, dtype=torch.float32)
+            if meta.short is not None:
+                native.paged_attention_short(q32, k_cache, v_cache, meta.short.slots, meta.short.seqs, scale, out32,
+                                             pairs=self.pairs)
+            if meta.tiled is not None:
+                native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled.slots, meta.tiled.seqs, scale, out32,
+                                             p_bf16=self.p_bf16, bf16_dot=self.bf16_dot)
+            out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
+        if meta.long:
+            attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out)
+        return out
