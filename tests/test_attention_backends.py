@@ -116,7 +116,7 @@ SELECTIONS = [
     ("cpu", torch.bfloat16, 42, True, True, 2.0, True, (True, False, 0, True, False)),  # head_dim % 4: no tiled
     ("cpu", torch.bfloat16, 64, True, False, 2.0, True, (True, False, 0, True, False)),  # no AVX2 + FMA
     ("cpu", torch.bfloat16, 64, False, True, 2.0, True, (False, True, 0, True, True)),
-    ("cpu", torch.bfloat16, 64, False, False, 2.0, True, None),  # no compiler, DELTASERVE_NATIVE=0
+    ("cpu", torch.bfloat16, 64, False, False, 2.0, True, None),  # no compiler, DELTASERVE_NATIVE=off
     ("cpu", torch.float16, 64, True, True, 2.0, True, None),
     ("cuda", torch.bfloat16, 64, True, True, 2.0, True, None),
 ]

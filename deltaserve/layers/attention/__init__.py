@@ -7,7 +7,7 @@ through `kv_slots` (a `SeqSpan`).
 - `base.py`: `SeqSpan` and the `AttentionBackend` interface (prepare once a step, forward once a layer);
 - `selector.py`: `select_backend`, the one place that picks a backend, its kernels and the CPU probe's answers;
 - `native.py`: the native CPU kernels (short-query + tiled, or short-query + SDPA for long spans);
-- `sdpa.py`: PyTorch SDPA (CUDA, no compiler, `DELTASERVE_NATIVE=0`).
+- `sdpa.py`: PyTorch SDPA (CUDA, no compiler, `DELTASERVE_NATIVE=off`).
 """
 
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan

@@ -1,6 +1,6 @@
 """The PyTorch attention backend: `F.scaled_dot_product_attention` over K/V gathered from the pool.
 
-It runs wherever the native kernels do not (CUDA, no C compiler, `DELTASERVE_NATIVE=0`, a KV dtype they do not
+It runs wherever the native kernels do not (CUDA, no C compiler, `DELTASERVE_NATIVE=off`, a KV dtype they do not
 take). Short queries (decode, speculative verify: q_len <= SHORT_QUERY) run as one padded SDPA batch over
 gathered K/V; longer spans (prefill chunks, whole prompts) one sequence at a time, so a 512-token chunk never pads
 seven decodes to 512 rows. The per-sequence half (`prepare_long`, `attend_long`) also serves the native backend
