@@ -70,3 +70,18 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def invoked_command(bench: str, fallback: str) -> str:
+    """The command line that ran this bench, as `deltaserve bench BENCH …` (else `fallback`, e.g. when imported)."""
+    import shlex
+    import sys
+
+    if sys.argv[1:3] == ["bench", bench]:
+        return ("deltaserve bench " + " ".join([bench] + [shlex.quote(a) for a in sys.argv[3:]])).rstrip()
+    return fallback
+
+
+def report_head(title: str, command: str) -> str:
+    """The first lines every generated report starts with: title, machine, commit, the command that reproduces it."""
+    return f"## {title}\n\nMachine: {machine()}. Commit {git_rev()}.\nCommand: `{command}`\n\n"

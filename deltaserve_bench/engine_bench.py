@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from deltaserve_bench.common import load_note, git_rev, machine, md_table
+from deltaserve_bench.common import load_note, md_table, report_head
 from deltaserve_bench.sections import add_write_argument, section_path, write_section
 
 
@@ -105,9 +105,8 @@ def run(args) -> int:
             print(f"{dname:9s} {label:18s} deltaserve {ours[key]:9.1f} tok/s   HF {h or 0:9.1f} tok/s")
     table = md_table(["dtype", "phase", "deltaserve tok/s", "HF transformers tok/s", "ratio"], rows)
     body = (
-        f"## Engine: prefill and single-stream decode ({args.model})\n\n"
-        f"Machine: {machine()}. Commit {git_rev()}.\n"
-        f"Command: `deltaserve bench engine --model {args.model} --dtypes {args.dtypes} --prompt-lens {args.prompt_lens}`\n\n"
+        report_head(f"Engine: prefill and single-stream decode ({args.model})",
+                    f"deltaserve bench engine --model {args.model} --dtypes {args.dtypes} --prompt-lens {args.prompt_lens}")
         + table
         + "\n\nPrefill at the model's context limit is capped to `max_position - 1` tokens. "
         "deltaserve runs stateless (no cache reuse) with a step budget of 8,192 tokens, so each prompt is one forward pass like HF's. "

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import gc
 import json
-import shlex
 import sys
 import time
 
 import torch
 
-from deltaserve_bench.common import load_note, git_rev, machine, md_table
+from deltaserve_bench.common import invoked_command, load_note, md_table, report_head
 from deltaserve_bench.sections import add_write_argument, section_path, write_section
 
 TOOLS = [
@@ -212,12 +211,9 @@ def run(args) -> int:
     free_ratio = free_on / free_off
     table = md_table(["engine", "mode", "decode tok/s", "vs deltaserve off"], rows)
     speedup = tps_on / tps_off
-    cmd = ("deltaserve bench spec " + " ".join(shlex.quote(a) for a in sys.argv[3:])).rstrip() if sys.argv[1:3] == ["bench", "spec"] \
-        else f"deltaserve bench spec --model {args.model}"
+    cmd = invoked_command("spec", f"deltaserve bench spec --model {args.model}")
     body = (
-        f"## Speculation: prompt lookup on tool-calling agent loops ({args.model}, {args.dtype})\n\n"
-        f"Machine: {machine()}. Commit {git_rev()}.\n"
-        f"Command: `{cmd}`\n\n"
+        report_head(f"Speculation: prompt lookup on tool-calling agent loops ({args.model}, {args.dtype})", cmd) +
         f"{args.agents} agents x {args.turns} turns, tools rendered by the model's chat template, replies parsed with "
         f"`parse_tool_calls` ({calls} tool calls in {len(on)} replies), synthetic tool results appended; greedy, "
         f"max_tokens {args.max_tokens}, sessions (stateful). Same prompts with speculation off and on: "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import shlex
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from statistics import median
 
 import torch
 
-from deltaserve_bench.common import load_note, git_rev, machine, md_table, pyplot, require
+from deltaserve_bench.common import invoked_command, load_note, md_table, pyplot, report_head, require
 from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
 
 MODES = ("stateful", "prefix", "stateless")
@@ -275,12 +274,9 @@ def run(args) -> int:
     lines.append(f"- generated tokens identical to `{modes[0]}`: {', '.join(same) or '-'}"
                  + (f"; differ (bf16 rounding of a different computation order): {', '.join(diff)}" if diff else ""))
 
-    cmd = ("deltaserve bench turns " + " ".join(shlex.quote(a) for a in sys.argv[3:])).rstrip() if sys.argv[1:3] == ["bench", "turns"] \
-        else f"deltaserve bench turns --model {args.model} --turns {turns} --agents {args.agents}"
+    cmd = invoked_command("turns", f"deltaserve bench turns --model {args.model} --turns {turns} --agents {args.agents}")
     body = (
-        f"## Turns: per-turn latency by cache mode ({args.model}, {args.dtype})\n\n"
-        f"Machine: {machine()}. Commit {git_rev()}.\n"
-        f"Command: `{cmd}`\n\n"
+        report_head(f"Turns: per-turn latency by cache mode ({args.model}, {args.dtype})", cmd) +
         f"Workload (seed {args.seed}): {args.agents} agents share a system prompt with {ntools} tool definitions "
         f"({len(sys_ids)} tokens); each turn appends a tool result of {args.delta_min}-{args.delta_max} tokens "
         f"and generates {args.gen_tokens} tokens (ignore_eos); agents take turns round-robin. One engine per cache "
