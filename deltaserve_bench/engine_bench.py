@@ -13,7 +13,7 @@ import time
 import torch
 
 from deltaserve_bench.common import load_note, md_table, report_head
-from deltaserve_bench.sections import add_write_argument, section_path, write_section
+from deltaserve_bench.sections import add_write_argument, publish
 
 
 def add_parser(sub) -> None:
@@ -112,8 +112,5 @@ def run(args) -> int:
         "deltaserve runs stateless (no cache reuse) with a step budget of 8,192 tokens, so each prompt is one forward pass like HF's. "
         + load_note() + "\n"
     )
-    if args.write:
-        key = f"engine-{args.model}"
-        write_section(section_path(args.write, key), key, body)
-    print(body)
+    publish(args.write, f"engine-{args.model}", body)
     return 0

@@ -95,3 +95,10 @@ def write_section(path: str | Path, key: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def publish(write: str | None, key: str, body: str) -> None:
+    """Print a report, and with `--write [DIR]` also put it in DIR/KEY.md as section KEY."""
+    if write:
+        write_section(section_path(write, key), key, body)
+    print(body)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from deltaserve_bench.common import invoked_command, load_note, md_table, report_head
-from deltaserve_bench.sections import add_write_argument, section_path, write_section
+from deltaserve_bench.sections import add_write_argument, publish
 
 TOOLS = [
     {"type": "function", "function": {
@@ -230,8 +230,5 @@ def run(args) -> int:
         "Decode time = finish - first token of each request (prefill excluded), summed over requests. "
         + load_note() + "\n"
     )
-    if args.write:
-        key = f"spec-{args.model}"
-        write_section(section_path(args.write, key), key, body)
-    print(body)
+    publish(args.write, f"spec-{args.model}", body)
     return 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deltaserve_bench.sections import ForeignHeadingError, headings, rel_link, write_section
+from deltaserve_bench.common import invoked_command, report_head
+from deltaserve_bench.sections import ForeignHeadingError, headings, publish, rel_link, write_section
 
 RUN1 = "## Engine (run 1)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
 RUN2 = "## Engine (run 2)\n\nFaster now.\n\n### Details\n\nmore\n"
@@ -86,3 +87,20 @@ def test_the_committed_sections_can_be_rewritten(tmp_path):
         assert f"<!-- bench:{key} " in f.read_text(), f
         probe.write_text(f.read_text())
         write_section(probe, key, "probe")  # raises ForeignHeadingError on hand-written headings
+
+
+def test_publish_prints_always_and_writes_only_with_write(tmp_path, capsys):
+    publish(None, "k", RUN1)
+    assert capsys.readouterr().out.strip() == RUN1.strip() and not any(tmp_path.iterdir())
+    publish(str(tmp_path), "k", RUN1)
+    assert RUN1.strip() in capsys.readouterr().out
+    assert RUN1.rstrip() in (tmp_path / "k.md").read_text()
+
+
+def test_report_head_names_the_command_and_echoes_the_invocation(monkeypatch):
+    head = report_head("Turns (m)", "deltaserve bench turns --turns 2")
+    assert head.startswith("## Turns (m)\n\nMachine: ") and head.endswith("Command: `deltaserve bench turns --turns 2`\n\n")
+    monkeypatch.setattr("sys.argv", ["deltaserve", "bench", "turns", "--out", "a dir"])
+    assert invoked_command("turns", "fallback") == "deltaserve bench turns --out 'a dir'"
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    assert invoked_command("turns", "fallback") == "fallback"
