@@ -61,6 +61,13 @@ def test_tools_with_json_schema_auto(client):
               max_output_tokens=48)
     called = client.responses.create(input="What is the weather in Paris?", **kw)
     assert [c.name for c in _calls(called)] == ["get_weather"], called.output
-    answered = client.responses.create(input="What is 2 + 3? Reply with the number.", **kw)
+    answered = client.responses.create(input='Reply with {"answer": 5}', **kw)
     assert not _calls(answered), answered.output
-    assert set(json.loads(answered.output_text)) == {"answer"}
+    assert json.loads(answered.output_text) == {"answer": 5}
+    # the same grammar on chat completions (tools + response_format json_schema, tool_choice auto)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], temperature=0,
+        max_tokens=48, tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER["schema"]}})
+    assert chat.choices[0].finish_reason == "tool_calls", chat.choices[0].message
+    assert [c.function.name for c in chat.choices[0].message.tool_calls] == ["get_weather"]
