@@ -38,11 +38,18 @@ def _calls(r):
 
 
 def test_tool_chain_extends_state_and_one_call(client):
-    r = client.responses.create(model=MODEL, input="What is the weather in Paris and in London?", tools=[WEATHER],
-                                parallel_tool_calls=False, temperature=0, max_output_tokens=64)
+    kw = dict(model=MODEL, input="What is the weather in Paris and in London?", tools=[WEATHER],
+              parallel_tool_calls=False, temperature=0, max_output_tokens=64)
+    r = client.responses.create(**kw)
     calls = _calls(r)
     assert len(calls) == 1, r.output  # parallel_tool_calls false: at most one (and this prompt needs one)
     assert calls[0].name == "get_weather" and "city" in json.loads(calls[0].arguments)
+    with client.responses.stream(store=False, **kw) as s:  # the streamed call equals the non-streamed one
+        types = [ev.type for ev in s]
+        streamed = s.get_final_response()
+    assert [(c.name, c.arguments) for c in _calls(streamed)] == [(calls[0].name, calls[0].arguments)]
+    assert streamed.output_text == r.output_text
+    assert "response.function_call_arguments.done" in types and types[-1] == "response.completed"
     state = r.usage.input_tokens + r.usage.output_tokens
     turns = [[{"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temp_c": 21}'}],
              "Thanks. Is that warm?", "One word: yes or no?", "Bye."]
