@@ -86,6 +86,22 @@ def test_dropped_state_is_recomputed(clients):
     assert again.output_text == exact.output_text and again.usage.input_tokens >= exact.usage.input_tokens - 1
 
 
+def test_pinned_chain_is_a_session(clients):
+    """`session_ttl` (deltaserve extension): the chain's KV is a pinned session that each turn continues."""
+    a, _, _ = clients
+    r1 = a.responses.create(model=MODEL, input="Hi.", temperature=0, max_output_tokens=6,
+                            extra_body={"session_ttl": 60})
+    sid = r1.model_extra["deltaserve"]["session_id"]
+    assert sid and a.get(f"/sessions/{sid}", cast_to=object)["pinned"]
+    r2 = a.responses.create(model=MODEL, input="Bye.", temperature=0, max_output_tokens=6, previous_response_id=r1.id)
+    info = r2.model_extra["deltaserve"]
+    assert info["session_id"] == sid and info["cache"]["reason"] == "extended", info
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens + r1.usage.output_tokens - 1
+    # continuing from r1 again forks: r1 is no longer the session's last turn
+    r3 = a.responses.create(model=MODEL, input="Bye.", temperature=0, max_output_tokens=6, previous_response_id=r1.id)
+    assert r3.model_extra["deltaserve"]["session_id"] is None and r3.output_text == r2.output_text
+
+
 def test_changed_instructions_rerender(clients):
     a, _, _ = clients
     r1 = a.responses.create(model=MODEL, instructions=INSTR, input="Hello.", temperature=0, max_output_tokens=4)

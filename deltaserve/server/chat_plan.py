@@ -132,7 +132,7 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
             raise APIError(404, f"response {body.previous_response_id!r} not found (unknown or expired)",
                            "previous_response_id", "response_not_found")
         prior, base, inherited_tools, inherit = prev.transcript, prev.transcript.messages, prev.request_tools, True
-        if session_id is None and prev.session_id is not None and _is_last_turn(ctx, prev, owner):
+        if session_id is None and prev.session_id is not None and is_last_turn(ctx, prev, owner):
             session_id = prev.session_id  # the session is still where that response left it
     elif session_id is not None:
         try:
@@ -178,7 +178,7 @@ async def plan_history(ctx: ServerContext, messages: list[dict[str, Any]], prior
     return plan
 
 
-def _is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> bool:
+def is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> bool:
     """Whether `record` is still its session's last turn (the session has not moved on since)."""
     try:
         last = ctx.driver.last_turn(record.session_id, owner)  # type: ignore[arg-type]

@@ -9,6 +9,10 @@ store is bounded) the turn is rendered in full from the stored items -- same con
 Instructions apply to their own request only (as OpenAI): the same instructions again keep the extension
 exact, different ones re-render.
 
+Pinned chains (deltaserve extension `session_ttl`): the response opens a session `chain-<id>` that keeps the
+chain's KV pinned `session_ttl` seconds after each turn; a continuation from the session's last response
+continues the session (a continuation from an older one forks: a new session when `session_ttl` is given).
+
 Stored responses (`store`, default true) are owned by their API key, bounded (`ResponseLog` here, the
 engine's `ResponseStore` for token states) and served by `GET /v1/responses/{id}`, `GET
 /v1/responses/{id}/input_items` and `DELETE /v1/responses/{id}`.
@@ -29,7 +33,7 @@ from deltaserve.engine.api import TurnRecord
 from deltaserve.engine.chat import Transcript, compact_tokens, reply_message
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.server.chat_api import limit_calls
-from deltaserve.server.chat_plan import ChatPlan, plan_history
+from deltaserve.server.chat_plan import ChatPlan, is_last_turn, plan_history
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import APIError
 from deltaserve.server.generation import Generation, GenerationResponse, Usage, engine_failure
@@ -58,10 +62,10 @@ class Turn:
     """One planned Responses turn: what to generate, and how to answer and remember it."""
 
     def __init__(self, ctx: ServerContext, body: ResponsesRequest, owner: str | None, plan: ChatPlan,
-                 items: list[dict[str, Any]], history: list[dict[str, Any]], log: ResponseLog):
+                 items: list[dict[str, Any]], history: list[dict[str, Any]], log: ResponseLog, rid: str):
         self.ctx, self.body, self.owner, self.plan, self.log = ctx, body, owner, plan, log
         self.items, self.history = items, history  # history: no instructions, no reply yet
-        self.id = item_id("resp")
+        self.id = rid
         self.created = int(time.time())
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None,
@@ -105,7 +109,8 @@ class Turn:
             tokens = self.plan.prompt + gen.output_ids if exact else []
             transcript = Transcript(messages=self.plan.messages + [reply], tools=self.plan.template_tools,
                                     tokens=compact_tokens(tokens))
-            self.ctx.driver.record_turn(TurnRecord(self.id, self.owner, None, transcript, self.plan.request_tools))
+            self.ctx.driver.record_turn(TurnRecord(self.id, self.owner, self.plan.session_id, transcript,
+                                                   self.plan.request_tools))
             self.log.put(self.id, StoredResponse(self.owner, obj, self.items, self.history + [reply],
                                                  self.plan.request_tools))
         return obj
@@ -119,11 +124,14 @@ def _choice_echo(choice: Any) -> Any:
 
 async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | None, log: ResponseLog) -> Turn:
     check_supported(body)
+    if body.session_ttl is not None and not body.store:
+        raise APIError(400, "session_ttl pins a stored chain: it needs store true", "session_ttl")
     items = normalize_input(body.input)
     tools = chat_tools(body)
     base: list[dict[str, Any]] = []
     prior: Transcript | None = None
     inherited = None
+    session_id = None
     if body.previous_response_id:
         prev = log.get(body.previous_response_id, owner)
         if prev is None:
@@ -131,11 +139,17 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
         base, inherited = prev.history, prev.request_tools
         record = ctx.driver.response(body.previous_response_id, owner)
         prior = record.transcript if record is not None else None  # None: recompute from the items
+        if record is not None and record.session_id is not None and is_last_turn(ctx, record, owner):
+            session_id = record.session_id  # a pinned chain whose session is still at that response
+    turn_id = item_id("resp")
+    if session_id is None and body.session_ttl is not None:
+        session_id = "chain-" + turn_id  # this response starts (or forks) a pinned chain
     history = list(base) + to_messages(items)
     head = [{"role": "system", "content": body.instructions}] if body.instructions else []
     plan = await plan_history(ctx, head + history, prior, tools if body.tools is not None else inherited,
-                              chat_tool_choice(body.tool_choice), chat_format(body), body.parallel_tool_calls)
-    return Turn(ctx, body, owner, plan, items, history, log)
+                              chat_tool_choice(body.tool_choice), chat_format(body), body.parallel_tool_calls,
+                              session_id)
+    return Turn(ctx, body, owner, plan, items, history, log, turn_id)
 
 
 @router.post("/v1/responses", summary="Create a response (OpenAI Responses API; ids name exact KV states)")
@@ -147,6 +161,7 @@ async def create_response(body: ResponsesRequest, request: Request, owner: str |
                             temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p)
     gen = await Generation.start(ctx, "/v1/responses", turn.plan.prompt, params, owner=owner,
+                                 session_id=turn.plan.session_id, session_ttl=body.session_ttl,
                                  constraint=turn.plan.grammar, render_mode=turn.plan.mode)
     if body.stream:
         from deltaserve.server.responses_stream import stream_events

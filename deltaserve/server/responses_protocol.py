@@ -67,6 +67,8 @@ class ResponsesRequest(_Req):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # deltaserve extension: pin the chain's KV as a session kept `session_ttl` seconds after each turn
+    session_ttl: float | None = Field(default=None, ge=0)
     # known, not supported (checked in `check_supported`)
     reasoning: dict[str, Any] | None = None
     background: bool | None = None
