@@ -80,7 +80,7 @@ class Turn:
             "previous_response_id": b.previous_response_id, "reasoning": None, "store": b.store,
             "temperature": 1.0 if b.temperature is None else b.temperature, "text": format_echo(b),
             "tool_choice": _choice_echo(b.tool_choice),
-            "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
+            "tools": [{"type": "function", **t["function"]} for t in self.plan.request_tools or []],  # incl. inherited
             "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled", "usage": None,
             "user": b.user, "metadata": b.metadata or {},
         }
