@@ -223,6 +223,10 @@ class AsyncEngine:
         """Any thread, no wait: a finished turn by response id, if kept and `owner`'s."""
         return self.engine.sessions.response(response_id, owner)
 
+    def forget_response(self, response_id: str, owner: str | None) -> bool:
+        """Any thread, no wait: drop a stored response (DELETE /v1/responses/{id}); whether it was there."""
+        return self.engine.sessions.forget_response(response_id, owner)
+
     async def stats(self) -> dict[str, Any]:
         """The engine's counters and gauges, as one consistent snapshot."""
         return await self._call(lambda e: e.stats())

@@ -43,5 +43,15 @@ class ResponseStore:
             self._entries.move_to_end(response_id)
             return r
 
+    def delete(self, response_id: str, owner: str | None) -> bool:
+        """Drop the record if it exists and belongs to `owner`; whether it did."""
+        with self._lock:
+            r = self._entries.get(response_id)
+            if r is None or r.owner != owner:
+                return False
+            del self._entries[response_id]
+            self._tokens -= len(r.transcript.tokens)
+            return True
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -138,3 +138,7 @@ class EngineSessions:
 
     def response(self, response_id: str, owner: str | None) -> TurnRecord | None:
         return self.responses.get(response_id, owner)
+
+    def forget_response(self, response_id: str, owner: str | None) -> bool:
+        """Drop a stored response (a session keeps its last turn: that record is the session's too)."""
+        return self.responses.delete(response_id, owner)

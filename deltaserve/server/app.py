@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from deltaserve import env
 from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.engine.engine import LLMEngine
-from deltaserve.server import chat_api, completions_api, sessions_api
+from deltaserve.server import chat_api, completions_api, responses_api, sessions_api
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
@@ -53,6 +53,7 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     app.include_router(chat_api.router)
     app.include_router(completions_api.router)
     app.include_router(sessions_api.router)
+    app.include_router(responses_api.router)
 
     @app.get("/health", summary="Liveness")
     async def health(request: Request):

@@ -28,7 +28,7 @@ from deltaserve.server.generation import (ChunkFormat, Generation, GenerationRes
 from deltaserve.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                         DeltaChatRequest, ErrorResponse, ResponseFunctionCall, ResponseMessage,
                                         ResponseToolCall)
-from deltaserve.server.tool_parser import StreamingToolParser, new_call_id, parse_tool_calls
+from deltaserve.server.tool_parser import StreamingToolParser, ToolCallDelta, new_call_id, parse_tool_calls
 
 router = APIRouter()
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 500)}
@@ -77,8 +77,9 @@ async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionReq
         calls = [_call_dict(new_call_id(), c.name, c.arguments) for c in parsed.tool_calls]
     else:
         content, calls = text, []
+    calls, exact = limit_calls(calls, plan.max_calls)
     finish = _finish_reason(gen, calls)
-    _remember(ctx, gen, plan, owner, resp_id, content, calls)
+    _remember(ctx, gen, plan, owner, resp_id, content, calls, exact)
     usage = gen.usage()
     message = ResponseMessage(content=content, tool_calls=[ResponseToolCall(
         id=c["id"], function=ResponseFunctionCall(**c["function"])) for c in calls] or None)
@@ -98,11 +99,19 @@ def _finish_reason(gen: Generation, calls: list) -> str:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
+def limit_calls(calls: list, max_calls: int | None) -> tuple[list, bool]:
+    """`parallel_tool_calls: false`: keep the first call. The second result says whether the returned reply
+    still spells the generated tokens (False when calls were dropped)."""
+    if max_calls is None or len(calls) <= max_calls:
+        return calls, True
+    return calls[:max_calls], False
+
+
 def _remember(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | None, resp_id: str,
-              content: str | None, calls: list[dict[str, Any]]) -> None:
-    # A reply cut by a stop string spells more tokens than the returned text: no token state to
-    # extend then (empty tokens), the next turn is rendered in full and the radix cache finds the prefix.
-    tokens = [] if gen.text.stopped else plan.prompt + gen.output_ids
+              content: str | None, calls: list[dict[str, Any]], exact: bool = True) -> None:
+    # A reply cut by a stop string (or with dropped calls) spells more tokens than the returned text: no token
+    # state to extend then (empty tokens), the next turn is rendered in full and the radix cache finds the prefix.
+    tokens = [] if gen.text.stopped or not exact else plan.prompt + gen.output_ids
     transcript = Transcript(messages=plan.messages + [reply_message(content, calls or None)],
                             tools=plan.template_tools, tokens=compact_tokens(tokens))
     ctx.driver.record_turn(TurnRecord(resp_id, owner, plan.session_id, transcript, plan.request_tools))
@@ -119,6 +128,8 @@ def _stream(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | No
     def events(evs: list) -> list[str]:
         out = []
         for ev in evs:
+            if plan.max_calls is not None and isinstance(ev, ToolCallDelta) and ev.index >= plan.max_calls:
+                continue  # parallel_tool_calls false: calls after the first are dropped
             d = ev.to_openai()
             if "content" in d:
                 content.append(d["content"])
@@ -135,8 +146,9 @@ def _stream(ctx: ServerContext, gen: Generation, plan: ChatPlan, owner: str | No
         out = events(parser.finish()) if parser is not None else []
         calls = ([_call_dict(cid, c.name, c.arguments) for cid, c in zip(parser.call_ids, parser.tool_calls)]
                  if parser is not None else [])
+        calls, exact = limit_calls(calls, plan.max_calls)
         text = "".join(content)
-        _remember(ctx, gen, plan, owner, fmt.id, text if (text or parser is None) else None, calls)
+        _remember(ctx, gen, plan, owner, fmt.id, text if (text or parser is None) else None, calls, exact)
         ids = {"token_ids": gen.output_ids} if token_ids else {}  # all generated ids on the finishing chunk
         info = usage.deltaserve.model_dump() if usage.deltaserve else None
         out.append(fmt.chunk(choice({}, _finish_reason(gen, calls), **ids), deltaserve=info))

@@ -33,7 +33,8 @@ from deltaserve.engine.api import SessionNotFound, TurnRecord
 from deltaserve.engine.chat import Transcript, render_turn
 from deltaserve.server.context import ServerContext
 from deltaserve.server.errors import APIError, bad_request, session_not_found
-from deltaserve.server.protocol import AssistantMessage, ChatCompletionRequest, NamedToolChoice, ToolMessage
+from deltaserve.server.protocol import (AssistantMessage, ChatCompletionRequest, NamedToolChoice, ResponseFormat,
+                                        ToolMessage)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ChatPlan:
     template_tools: list[dict[str, Any]] | None  # tools shown to the model (None when tool_choice="none")
     tool_names: set[str] | None  # parse tool calls out of the output when not None
     grammar: Any = None
+    max_calls: int | None = None  # parallel_tool_calls false: at most one call is returned
 
 
 def _text(content: Any, where: str) -> str:
@@ -130,7 +132,7 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
             raise APIError(404, f"response {body.previous_response_id!r} not found (unknown or expired)",
                            "previous_response_id", "response_not_found")
         prior, base, inherited_tools, inherit = prev.transcript, prev.transcript.messages, prev.request_tools, True
-        if session_id is None and prev.session_id is not None and _is_last_turn(ctx, prev, owner):
+        if session_id is None and prev.session_id is not None and is_last_turn(ctx, prev, owner):
             session_id = prev.session_id  # the session is still where that response left it
     elif session_id is not None:
         try:
@@ -140,15 +142,22 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
         prior = last.transcript if last is not None else None
 
     new = [template_message(m, i) for i, m in enumerate(body.messages)]
-    messages = list(base) + new
     if not new:
         raise bad_request("messages must contain at least one message", "messages")
-
     if body.tools is not None:
         request_tools = [t.model_dump(exclude_none=True) for t in body.tools] or None
     else:
         request_tools = inherited_tools if inherit else None
-    choice = body.tool_choice if body.tool_choice is not None else ("auto" if request_tools else "none")
+    return await plan_history(ctx, list(base) + new, prior, request_tools, body.tool_choice, body.response_format,
+                              body.parallel_tool_calls, session_id, delta)
+
+
+async def plan_history(ctx: ServerContext, messages: list[dict[str, Any]], prior: Transcript | None,
+                       request_tools: list[dict[str, Any]] | None, tool_choice: Any, fmt: ResponseFormat | None,
+                       parallel: bool | None, session_id: str | None = None, delta: bool = False) -> ChatPlan:
+    """Render a full history (template-form `messages`, extending `prior` when it is a prefix) with its tools
+    (chat shape) and output grammar. Shared by chat completions and the Responses API."""
+    choice = tool_choice if tool_choice is not None else ("auto" if request_tools else "none")
     if choice != "none" and choice != "auto" and not request_tools:
         raise bad_request("tool_choice requires tools", "tool_choice")
     template_tools = request_tools if choice != "none" else None
@@ -164,12 +173,12 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
     ctx.metrics.render_seconds.labels("chat").inc(time.perf_counter() - t0)
 
     plan = ChatPlan(messages, rendered.tokens, rendered.mode, session_id, delta, request_tools, template_tools,
-                    names)
-    plan.grammar = await _grammar(ctx, body, choice, template_tools)
+                    names, max_calls=1 if parallel is False else None)
+    plan.grammar = await _grammar(ctx, choice, template_tools, fmt, parallel)
     return plan
 
 
-def _is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> bool:
+def is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> bool:
     """Whether `record` is still its session's last turn (the session has not moved on since)."""
     try:
         last = ctx.driver.last_turn(record.session_id, owner)  # type: ignore[arg-type]
@@ -178,10 +187,11 @@ def _is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> 
     return last is not None and last.response_id == record.response_id
 
 
-async def _grammar(ctx: ServerContext, body: ChatCompletionRequest, choice: Any,
-                   tools: list[dict[str, Any]] | None) -> Any:
+async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] | None,
+                   fmt: ResponseFormat | None, parallel: bool | None) -> Any:
+    """The output grammar: a forced tool call; JSON (a schema / any object); with tools offered under
+    tool_choice "auto" and a JSON format, either a tool call or the JSON answer (one grammar for both)."""
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    fmt = body.response_format
     if not forced and (fmt is None or fmt.type == "text"):
         return None
     compiler = await ctx.grammar_compiler()
@@ -192,13 +202,17 @@ async def _grammar(ctx: ServerContext, body: ChatCompletionRequest, choice: Any,
             name = choice.function.name if isinstance(choice, NamedToolChoice) else None
             if name is not None and name not in {t["function"]["name"] for t in tools or []}:
                 raise bad_request(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
-            parallel = body.parallel_tool_calls is True and name is None
-            return await asyncio.to_thread(compiler.for_tool_call, tools, name, "hermes", parallel)
+            many = parallel is True and name is None
+            return await asyncio.to_thread(compiler.for_tool_call, tools, name, "hermes", many)
         if fmt.type == "json_object":
-            return await asyncio.to_thread(compiler.for_json_schema, {"type": "object"})
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            schema: dict[str, Any] = {"type": "object"}
+        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
-        return await asyncio.to_thread(compiler.for_json_schema, fmt.json_schema.schema_)
+        else:
+            schema = fmt.json_schema.schema_
+        if tools:  # tool_choice "auto": a call or the answer
+            return await asyncio.to_thread(compiler.for_tool_call_or_json, tools, schema, parallel is not False)
+        return await asyncio.to_thread(compiler.for_json_schema, schema)
     except GrammarError as e:
         raise bad_request(f"cannot compile the output grammar: {e}", "tool_choice" if forced else "response_format",
                           "invalid_grammar") from e

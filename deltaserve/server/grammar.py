@@ -156,6 +156,25 @@ class GrammarCompiler:
         )
         return self._matcher(LLMatcher.grammar_from_lark(lark))
 
+    def for_tool_call_or_json(self, tools: list[dict], schema: dict, parallel: bool = True) -> "GrammarMatcher":
+        """Matcher for ``tool_choice: "auto"`` with a JSON output format: either Hermes tool call(s) as in
+        :meth:`for_tool_call` (several when ``parallel``) or a JSON value valid against ``schema`` -- the
+        model picks the branch with its first tokens, and each branch is fully constrained. A call may also
+        be the bare ``{"name": ..., "arguments": ...}`` object (no tags): some models (Qwen2.5-Coder) call
+        tools that way, and the tool-call parser reads both forms."""
+        if not isinstance(schema, dict):
+            raise GrammarError("JSON schema must be an object")
+        body = tool_call_schema(tools)
+        repeat = ' ("\\n" call)*' if parallel else ""
+        lark = (
+            "start: calls | answer\n"
+            f"calls: call{repeat}\n"
+            f"call: {self._tool_open} \"\\n\" body \"\\n\" {self._tool_close} | body\n"
+            f"body: %json {json.dumps(body)}\n"
+            f"answer: %json {json.dumps(_with_options(schema))}\n"
+        )
+        return self._matcher(LLMatcher.grammar_from_lark(lark))
+
     # -- internals --------------------------------------------------------------
 
     def _marker(self, hf_tokenizer: Any, text: str) -> str:
