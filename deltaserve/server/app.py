@@ -12,7 +12,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from deltaserve import env
 from deltaserve.engine.async_engine import AsyncEngine
@@ -21,7 +21,7 @@ from deltaserve.server import chat_api, completions_api, responses_api, sessions
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
-from deltaserve.server.protocol import ModelCard, ModelList
+from deltaserve.server.protocol import ErrorResponse, ModelCard, ModelList
 
 log = logging.getLogger("deltaserve.server")
 
@@ -55,24 +55,27 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     app.include_router(sessions_api.router)
     app.include_router(responses_api.router)
 
-    @app.get("/health", summary="Liveness")
+    @app.get("/health", summary="Liveness", responses={503: {"description": "the engine thread is not running"}})
     async def health(request: Request):
         c = get_ctx(request)
         ok = c.driver.running
         return JSONResponse({"status": "ok" if ok else "stopped", "model": c.model_name},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         c = get_ctx(request)
         return Response(c.metrics.render(await c.driver.stats()), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", response_model=ModelList, summary="List models")
+    errors = {code: {"model": ErrorResponse} for code in (401,)}
+
+    @app.get("/v1/models", response_model=ModelList, responses=errors, summary="List models")
     async def models(request: Request, owner: str | None = Depends(get_owner)):
         c = get_ctx(request)
         return ModelList(data=[ModelCard(id=c.model_name, created=c.created, max_model_len=c.max_context)])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="Retrieve a model")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="Retrieve a model",
+             responses={code: {"model": ErrorResponse} for code in (401, 404)})
     async def model(model_id: str, request: Request, owner: str | None = Depends(get_owner)):
         c = get_ctx(request)
         c.check_model(model_id)

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from deltaserve.engine.api import EngineError, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
 
@@ -100,13 +101,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(400, msg, param, "invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(APIError(exc.status_code, detail, code=code).body(), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
         log.exception("internal error", exc_info=exc)
         return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error").response()
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})  # no method matches: FULL only by path
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+# Request numbers and flags are strict: JSON `false` is not a TTL of 0 and "3" is not a token count (pydantic's
+# lax mode would coerce both). An integer is still a valid number (`"ttl": 30`).
+Num = Annotated[float, Strict()]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class _Req(BaseModel):
@@ -71,7 +77,7 @@ class FunctionDef(_Req):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class Tool(_Req):
@@ -95,7 +101,7 @@ class JsonSchemaSpec(_Req):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(_Req):
@@ -104,32 +110,32 @@ class ResponseFormat(_Req):
 
 
 class StreamOptions(_Req):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 # --------------------------------------------------------------------------- shared sampling fields
 class SamplingFields(_Req):
     model: str
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: Num | None = Field(default=None, ge=0, le=2)
+    top_p: Num | None = Field(default=None, gt=0, le=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = 1
-    stream: bool = False
+    seed: Int | None = None
+    n: Int | None = 1
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float | None = None  # accepted, ignored (not implemented)
-    frequency_penalty: float | None = None  # accepted, ignored (not implemented)
+    logprobs: Bool | Int | None = None
+    presence_penalty: Num | None = None  # accepted, ignored (not implemented)
+    frequency_penalty: Num | None = None  # accepted, ignored (not implemented)
     user: str | None = None
     # vLLM extensions
-    top_k: int | None = Field(default=None, ge=-1)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    return_token_ids: bool = False  # vLLM: prompt_token_ids in the response, token_ids in the choice
+    top_k: Int | None = Field(default=None, ge=-1)
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
+    return_token_ids: Bool = False  # vLLM: prompt_token_ids in the response, token_ids in the choice
     # deltaserve extensions
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
-    session_ttl: float | None = Field(default=None, ge=0)
+    session_ttl: Num | None = Field(default=None, ge=0)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -138,13 +144,13 @@ class SamplingFields(_Req):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[Message]
+    messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: Bool | None = None
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     previous_response_id: str | None = None
 
 
@@ -155,25 +161,25 @@ class DeltaChatRequest(ChatCompletionRequest):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False
+    prompt: Annotated[str | list[Int] | list[str] | list[list[Int]], Field(min_length=1)]
+    max_tokens: Int | None = Field(default=16, ge=1)
+    echo: Bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
 
 class SessionCreateRequest(_Req):
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
-    ttl: float | None = Field(default=None, ge=0)
+    ttl: Num | None = Field(default=None, ge=0)
 
 
 class SessionForkRequest(_Req):
     session_id: str | None = Field(default=None, min_length=1, max_length=256)  # the new session's id
-    ttl: float | None = Field(default=None, ge=0)  # default: the source session's
+    ttl: Num | None = Field(default=None, ge=0)  # default: the source session's
 
 
 class SessionUpdateRequest(_Req):
-    ttl: float = Field(ge=0)
+    ttl: Num = Field(ge=0)
 
 
 # --------------------------------------------------------------------------- responses
