@@ -70,20 +70,26 @@ def test_chain_extends_exact_state(clients):
     assert [it.content[0].text for it in items.data] == ["Thanks."]
 
 
-def test_dropped_state_is_recomputed(clients):
-    """When the engine no longer holds a response's token state, the continuation re-renders from the
-    stored items: the same conversation, so the same greedy reply."""
-    a, _, _ = clients
+def test_a_stored_response_is_the_engines_turn_record(clients):
+    """One store: the Response shown is the view on the engine's TurnRecord for that id, so what the engine
+    forgets (bounded store, DELETE) is gone from every route; a chat completion's id is not a Response."""
+    a, _, app = clients
+    driver, owner = app.state.ctx.driver, key_fingerprint("key-a")
     r1 = a.responses.create(model=MODEL, instructions=INSTR, input="Count to three.", temperature=0,
                             max_output_tokens=10)
-    kw = dict(model=MODEL, instructions=INSTR, input="Now to five.", temperature=0, max_output_tokens=10,
-              previous_response_id=r1.id)
-    exact = a.responses.create(**kw)
-    assert exact.model_extra["deltaserve"]["render_mode"] == "extended"
-    assert clients[2].state.ctx.driver.forget_response(r1.id, key_fingerprint("key-a"))
-    again = a.responses.create(**kw)
-    assert again.model_extra["deltaserve"]["render_mode"] == "full"
-    assert again.output_text == exact.output_text and again.usage.input_tokens >= exact.usage.input_tokens - 1
+    record = driver.response(r1.id, owner)
+    assert record.view.response["output"][0]["content"][0]["text"] == r1.output_text
+    assert record.transcript.tokens  # the exact token state a continuation extends
+    chat = a.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert driver.response(chat.id, owner) is not None
+    with pytest.raises(openai.NotFoundError):
+        a.responses.retrieve(chat.id)
+    assert driver.forget_response(r1.id, owner)
+    for call in (lambda: a.responses.retrieve(r1.id), lambda: a.responses.input_items.list(r1.id),
+                 lambda: a.responses.create(model=MODEL, input="Again.", previous_response_id=r1.id,
+                                            max_output_tokens=2)):
+        with pytest.raises(openai.NotFoundError):
+            call()
 
 
 def test_pinned_chain_is_a_session(clients):

@@ -140,6 +140,9 @@ class TurnRecord:
     session_id: str | None
     transcript: Transcript
     request_tools: list[dict[str, Any]] | None  # tools the request sent (a later turn that omits them inherits)
+    # what the front end shows for this turn, opaque to the engine (the Responses API: the Response object and
+    # its input items); it lives and dies with the record, so a front end keeps no second store
+    view: Any = None
 
 
 # ----------------------------------------------------------------- facts

@@ -48,6 +48,7 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
                   description="OpenAI-compatible inference server that keeps agent sessions' KV cache between "
                               "turns. The extensions are documented in docs/API.md.")
     app.state.ctx = ctx
+    _openapi_errors_as_sent(app)
     install_error_handlers(app)
     app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics)
     app.include_router(chat_api.router)
@@ -115,3 +116,24 @@ def run_server(args: argparse.Namespace) -> int:
     gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _openapi_errors_as_sent(app: FastAPI) -> None:
+    """Document body validation errors as the 400 we send (`errors.py`), not FastAPI's default 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            error = {"description": "invalid request (OpenAI error format)",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operations in doc.get("paths", {}).values():
+                for op in operations.values():
+                    if op.get("responses", {}).pop("422", None) is not None:
+                        op["responses"].setdefault("400", error)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]

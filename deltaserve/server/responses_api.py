@@ -4,8 +4,7 @@
 turn with chat's `plan_history` (tools, tool_choice, `text.format` grammar, parallel_tool_calls). With
 `previous_response_id` the conversation is that response's stored history + the new items, rendered as an
 extension of the engine's `TurnRecord` for that id (its prompt + generated tokens, kept exactly): only the
-new items are prefilled and the radix cache matches the rest. If the engine has dropped that record (its
-store is bounded) the turn is rendered in full from the stored items -- same conversation, recomputed.
+new items are prefilled and the radix cache matches the rest (KV evicted since is recomputed by the same path).
 Instructions apply to their own request only (as OpenAI): the same instructions again keep the extension
 exact, different ones re-render.
 
@@ -13,9 +12,10 @@ Pinned chains (deltaserve extension `session_ttl`): the response opens a session
 chain's KV pinned `session_ttl` seconds after each turn; a continuation from the session's last response
 continues the session (a continuation from an older one forks: a new session when `session_ttl` is given).
 
-Stored responses (`store`, default true) are owned by their API key, bounded (`ResponseLog` here, the
-engine's `ResponseStore` for token states) and served by `GET /v1/responses/{id}`, `GET
-/v1/responses/{id}/input_items` and `DELETE /v1/responses/{id}`.
+Stored responses (`store`, default true) are the engine's `TurnRecord`s (token state, owner, and the Response
+object with its items as the record's `view`): owned by their API key, bounded by the engine's store of finished
+turns, and served by `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items` and
+`DELETE /v1/responses/{id}`. The server keeps no store of its own.
 
 Streaming emits the Responses event sequence (`responses_stream.py`); its output equals the non-streamed
 output for greedy decoding (the same `Generation` text and tool-call scanner).
@@ -36,9 +36,9 @@ from deltaserve.server.chat_api import limit_calls
 from deltaserve.server.chat_plan import ChatPlan, is_last_turn, plan_history
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import APIError
-from deltaserve.server.generation import Generation, GenerationResponse, Usage, engine_failure
-from deltaserve.server.responses_items import (ResponseLog, StoredResponse, item_id, normalize_input,
-                                               output_items, to_messages)
+from deltaserve.server.generation import STREAMING_200, Generation, GenerationResponse, Usage, engine_failure
+from deltaserve.server.protocol import ErrorResponse
+from deltaserve.server.responses_items import StoredView, item_id, normalize_input, output_items, to_messages
 from deltaserve.server.responses_protocol import (ResponsesRequest, chat_format, chat_tool_choice, chat_tools,
                                                   check_supported, format_echo)
 from deltaserve.server.tool_parser import new_call_id, parse_tool_calls
@@ -46,12 +46,17 @@ from deltaserve.server.tool_parser import new_call_id, parse_tool_calls
 router = APIRouter()
 
 
-def response_log(request: Request) -> ResponseLog:
-    """The app's log of stored responses (made on first use; the event loop is single-threaded)."""
-    state = request.app.state
-    if getattr(state, "responses_log", None) is None:
-        state.responses_log = ResponseLog()
-    return state.responses_log
+def _errors(*codes: int, streaming: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route: its error statuses (and SSE for a streaming one)."""
+    return {**(STREAMING_200 if streaming else {}), **{c: {"model": ErrorResponse} for c in codes}}
+
+
+def stored(ctx: ServerContext, rid: str, owner: str | None, param: str | None = None) -> tuple[TurnRecord, StoredView]:
+    """The stored response `rid` of `owner` (a chat completion's id is not one: it has no view); else 404."""
+    record = ctx.driver.response(rid, owner)
+    if record is None or not isinstance(record.view, StoredView):
+        raise _not_found(rid, param)
+    return record, record.view
 
 
 def _not_found(rid: str, param: str | None = None) -> APIError:
@@ -62,8 +67,8 @@ class Turn:
     """One planned Responses turn: what to generate, and how to answer and remember it."""
 
     def __init__(self, ctx: ServerContext, body: ResponsesRequest, owner: str | None, plan: ChatPlan,
-                 items: list[dict[str, Any]], history: list[dict[str, Any]], log: ResponseLog, rid: str):
-        self.ctx, self.body, self.owner, self.plan, self.log = ctx, body, owner, plan, log
+                 items: list[dict[str, Any]], history: list[dict[str, Any]], rid: str):
+        self.ctx, self.body, self.owner, self.plan = ctx, body, owner, plan
         self.items, self.history = items, history  # history: no instructions, no reply yet
         self.id = rid
         self.created = int(time.time())
@@ -109,10 +114,9 @@ class Turn:
             tokens = self.plan.prompt + gen.output_ids if exact else []
             transcript = Transcript(messages=self.plan.messages + [reply], tools=self.plan.template_tools,
                                     tokens=compact_tokens(tokens))
+            view = StoredView(obj, self.items, self.history + [reply])
             self.ctx.driver.record_turn(TurnRecord(self.id, self.owner, self.plan.session_id, transcript,
-                                                   self.plan.request_tools))
-            self.log.put(self.id, StoredResponse(self.owner, obj, self.items, self.history + [reply],
-                                                 self.plan.request_tools))
+                                                   self.plan.request_tools, view))
         return obj
 
 
@@ -122,7 +126,7 @@ def _choice_echo(choice: Any) -> Any:
     return choice if isinstance(choice, str) else {"type": "function", "name": choice.name}
 
 
-async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | None, log: ResponseLog) -> Turn:
+async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | None) -> Turn:
     check_supported(body)
     if body.session_ttl is not None and not body.store:
         raise APIError(400, "session_ttl pins a stored chain: it needs store true", "session_ttl")
@@ -133,13 +137,9 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
     inherited = None
     session_id = None
     if body.previous_response_id:
-        prev = log.get(body.previous_response_id, owner)
-        if prev is None:
-            raise _not_found(body.previous_response_id, "previous_response_id")
-        base, inherited = prev.history, prev.request_tools
-        record = ctx.driver.response(body.previous_response_id, owner)
-        prior = record.transcript if record is not None else None  # None: recompute from the items
-        if record is not None and record.session_id is not None and is_last_turn(ctx, record, owner):
+        record, view = stored(ctx, body.previous_response_id, owner, "previous_response_id")
+        base, inherited, prior = view.history, record.request_tools, record.transcript
+        if record.session_id is not None and is_last_turn(ctx, record, owner):
             session_id = record.session_id  # a pinned chain whose session is still at that response
     turn_id = item_id("resp")
     if session_id is None and body.session_ttl is not None:
@@ -149,14 +149,15 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
     plan = await plan_history(ctx, head + history, prior, tools if body.tools is not None else inherited,
                               chat_tool_choice(body.tool_choice), chat_format(body), body.parallel_tool_calls,
                               session_id)
-    return Turn(ctx, body, owner, plan, items, history, log, turn_id)
+    return Turn(ctx, body, owner, plan, items, history, turn_id)
 
 
-@router.post("/v1/responses", summary="Create a response (OpenAI Responses API; ids name exact KV states)")
+@router.post("/v1/responses", responses=_errors(400, 401, 404, 409, 500, streaming=True),
+             summary="Create a response (OpenAI Responses API; ids name exact KV states)")
 async def create_response(body: ResponsesRequest, request: Request, owner: str | None = Depends(get_owner)):
     ctx = get_ctx(request)
     ctx.check_model(body.model)
-    turn = await plan_turn(ctx, body, owner, response_log(request))
+    turn = await plan_turn(ctx, body, owner)
     params = SamplingParams(max_tokens=body.max_output_tokens or ctx.max_context,
                             temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p)
@@ -182,24 +183,21 @@ async def create_response(body: ResponsesRequest, request: Request, owner: str |
     return JSONResponse(turn.finish(gen, content, calls, exact, output_items(content, calls)))
 
 
-@router.get("/v1/responses/{response_id}", summary="Retrieve a stored response")
+@router.get("/v1/responses/{response_id}", responses=_errors(401, 404), summary="Retrieve a stored response")
 async def get_response(response_id: str, request: Request, owner: str | None = Depends(get_owner)):
-    stored = response_log(request).get(response_id, owner)
-    if stored is None:
-        raise _not_found(response_id)
-    return JSONResponse(stored.response)
+    _, view = stored(get_ctx(request), response_id, owner)
+    return JSONResponse(view.response)
 
 
-@router.get("/v1/responses/{response_id}/input_items", summary="The input items of a stored response")
+@router.get("/v1/responses/{response_id}/input_items", responses=_errors(400, 401, 404),
+            summary="The input items of a stored response")
 async def input_items(response_id: str, request: Request, owner: str | None = Depends(get_owner),
                       limit: int = Query(default=20, ge=1, le=100), order: str = Query(default="desc"),
                       after: str | None = None):
-    stored = response_log(request).get(response_id, owner)
-    if stored is None:
-        raise _not_found(response_id)
+    _, view = stored(get_ctx(request), response_id, owner)
     if order not in ("asc", "desc"):
         raise APIError(400, "order must be 'asc' or 'desc'", "order", "invalid_value")
-    items = list(stored.input_items) if order == "asc" else list(reversed(stored.input_items))
+    items = list(view.input_items) if order == "asc" else list(reversed(view.input_items))
     if after is not None:
         ids = [it["id"] for it in items]
         if after not in ids:
@@ -210,9 +208,10 @@ async def input_items(response_id: str, request: Request, owner: str | None = De
                          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
-@router.delete("/v1/responses/{response_id}", summary="Delete a stored response (and its token state)")
+@router.delete("/v1/responses/{response_id}", responses=_errors(401, 404),
+               summary="Delete a stored response (and its token state)")
 async def delete_response(response_id: str, request: Request, owner: str | None = Depends(get_owner)):
-    if not response_log(request).delete(response_id, owner):
-        raise _not_found(response_id)
-    get_ctx(request).driver.forget_response(response_id, owner)
+    ctx = get_ctx(request)
+    stored(ctx, response_id, owner)  # 404 unless it is a stored response of this owner
+    ctx.driver.forget_response(response_id, owner)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -1,4 +1,4 @@
-"""Responses API items <-> chat-template messages, and the bounded log of stored responses.
+"""Responses API items <-> chat-template messages, and what a stored response shows.
 
 Input items (`input` as a string or a list):
 * `message` (the `type` may be omitted): role user / system / developer / assistant; content a string or
@@ -7,17 +7,16 @@ Input items (`input` as a string or a list):
 * `function_call_output` {call_id, output}: a `tool` message.
 Anything else (images, files, reasoning, item references, built-in tool calls) is a 400 naming `input[i]`.
 
-`ResponseLog` keeps, per stored response, the Response object returned, this request's input items (for
-`GET .../input_items`) and the conversation as template messages (without the instructions, which OpenAI
-does not carry over a `previous_response_id`): what a continuation appends to, and what it re-renders from
-when the engine no longer holds the exact token state.
+`StoredView` is what a stored response shows beyond its token state: the Response object returned, this request's
+input items (for `GET .../input_items`) and the conversation as template messages (without the instructions,
+which OpenAI does not carry over a `previous_response_id`): what a continuation appends to, and what it
+re-renders from when its instructions change. The engine keeps it on the turn's `TurnRecord` (`view`), in the
+one bounded store of finished turns, owned by the API key like every record.
 """
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,41 +118,9 @@ def call_item(iid: str, call_id: str, name: str, arguments: str, status: str = "
 
 
 @dataclass(frozen=True)
-class StoredResponse:
-    owner: str | None
+class StoredView:
+    """What a stored response shows (`TurnRecord.view`: kept by the engine with the turn's token state)."""
+
     response: dict[str, Any]  # the Response object as returned
     input_items: list[dict[str, Any]]  # this request's input, normalized
     history: list[dict[str, Any]]  # template messages of the whole conversation incl. the reply, no instructions
-    request_tools: list[dict[str, Any]] | None  # chat-shape tools, inherited by a continuation that omits them
-
-
-class ResponseLog:
-    """Bounded LRU of stored responses by id (another owner's ids do not exist for you). Any thread."""
-
-    def __init__(self, max_entries: int = 1024):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, rid: str, stored: StoredResponse) -> None:
-        with self._lock:
-            self._entries[rid] = stored
-            self._entries.move_to_end(rid)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def get(self, rid: str, owner: str | None) -> StoredResponse | None:
-        with self._lock:
-            s = self._entries.get(rid)
-            if s is None or s.owner != owner:
-                return None
-            self._entries.move_to_end(rid)
-            return s
-
-    def delete(self, rid: str, owner: str | None) -> bool:
-        with self._lock:
-            s = self._entries.get(rid)
-            if s is None or s.owner != owner:
-                return False
-            del self._entries[rid]
-            return True

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltaserve.server.errors import bad_request
-from deltaserve.server.protocol import (FunctionDef, JsonSchemaSpec, NamedFunction, NamedToolChoice,
+from deltaserve.server.protocol import (Bool, FunctionDef, Int, JsonSchemaSpec, NamedFunction, NamedToolChoice, Num,
                                         ResponseFormat, Tool)
 
 
@@ -30,7 +30,7 @@ class FunctionTool(_Req):
     name: str | None = Field(default=None, min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class FunctionChoice(_Req):
@@ -43,7 +43,7 @@ class TextFormat(_Req):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class TextConfig(_Req):
@@ -57,27 +57,27 @@ class ResponsesRequest(_Req):
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], FunctionChoice, None] = None
-    parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    parallel_tool_calls: Bool | None = None
+    max_output_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Num | None = Field(default=None, ge=0, le=2)
+    top_p: Num | None = Field(default=None, gt=0, le=1)
     text: TextConfig | None = None
     previous_response_id: str | None = None
-    store: bool = True  # OpenAI's default: a response is kept and can be continued
-    stream: bool = False
+    store: Bool = True  # OpenAI's default: a response is kept and can be continued
+    stream: Bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
     # deltaserve extension: pin the chain's KV as a session kept `session_ttl` seconds after each turn
-    session_ttl: float | None = Field(default=None, ge=0)
+    session_ttl: Num | None = Field(default=None, ge=0)
     # known, not supported (checked in `check_supported`)
     reasoning: dict[str, Any] | None = None
-    background: bool | None = None
+    background: Bool | None = None
     include: list[str] | None = None
     conversation: Any = None
     prompt: Any = None
     truncation: str | None = None
-    top_logprobs: int | None = None
-    max_tool_calls: int | None = None
+    top_logprobs: Int | None = None
+    max_tool_calls: Int | None = None
 
 
 def check_supported(body: ResponsesRequest) -> None:
