@@ -1,0 +1,45 @@
+"""Request-size bound (server/limits.py): a toy app behind a real uvicorn server; no model needed."""
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from deltaserve.server.limits import BodySizeLimitMiddleware
+from deltaserve.server.testing import ServerThread
+
+LIMIT = 1000
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    app = FastAPI()
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=LIMIT)
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"n": len(await request.body())}
+
+    with ServerThread(app) as srv:
+        yield srv.base_url
+
+
+def test_body_within_limit_passes(base_url):
+    r = httpx.post(base_url + "/echo", content=b"x" * LIMIT)
+    assert r.status_code == 200 and r.json() == {"n": LIMIT}
+
+
+def test_declared_oversized_body_is_413_openai_format(base_url):
+    r = httpx.post(base_url + "/echo", content=b"x" * (LIMIT + 1))
+    assert r.status_code == 413
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and str(LIMIT) in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_chunked_oversized_body_is_413(base_url):
+    def chunks():  # no Content-Length: the middleware must count the streamed bytes
+        for _ in range(5):
+            yield b"y" * 400
+
+    r = httpx.post(base_url + "/echo", content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
