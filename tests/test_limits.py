@@ -43,3 +43,24 @@ def test_chunked_oversized_body_is_413(base_url):
 
     r = httpx.post(base_url + "/echo", content=chunks())
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def _tool(name: str, pad: int = 0) -> dict:
+    return {"type": "function", "function": {"name": name, "description": "d" * pad,
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tool_count_and_schema_size_bounds():
+    from deltaserve.server.errors import APIError
+    from deltaserve.server.limits import MAX_SCHEMA_BYTES, MAX_TOOLS, check_schema, check_tools
+
+    check_tools([_tool(f"t{i}") for i in range(MAX_TOOLS)])  # at the limit: accepted
+    with pytest.raises(APIError) as e:
+        check_tools([_tool(f"t{i}") for i in range(MAX_TOOLS + 1)])
+    assert e.value.status == 400 and e.value.code == "too_many_tools"
+    with pytest.raises(APIError) as e:
+        check_tools([_tool("a"), _tool("big", MAX_SCHEMA_BYTES)])
+    assert e.value.code == "schema_too_large" and e.value.param == "tools[1]"
+    with pytest.raises(APIError) as e:
+        check_schema({"description": "x" * MAX_SCHEMA_BYTES}, "response_format")
+    assert e.value.status == 400 and e.value.param == "response_format"

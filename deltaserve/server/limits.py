@@ -8,6 +8,8 @@ Mutates nothing but the request's own receive stream.
 
 from __future__ import annotations
 
+import json
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deltaserve.server.errors import APIError
@@ -65,3 +67,29 @@ class BodySizeLimitMiddleware:
             if started:  # the app already answered; nothing valid can follow
                 raise
             await _error(self.max_bytes).response()(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- tools and schemas
+#: At most this many tools per request; more is a 400 (a tool list is rendered into every prompt and compiled
+#: into a grammar, so an unbounded one costs the whole server).
+MAX_TOOLS = 128
+#: At most this many bytes of JSON per tool definition or `response_format` schema (compact encoding).
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def check_tools(tools: list[dict] | None, param: str = "tools") -> None:
+    """Raise a 400 APIError when `tools` has more than MAX_TOOLS entries or one over MAX_SCHEMA_BYTES."""
+    if not tools:
+        return
+    if len(tools) > MAX_TOOLS:
+        raise APIError(400, f"{len(tools)} tools given; at most {MAX_TOOLS} are accepted", param, "too_many_tools")
+    for i, tool in enumerate(tools):
+        check_schema(tool, f"{param}[{i}]")
+
+
+def check_schema(schema: object, param: str) -> None:
+    """Raise a 400 APIError when `schema`'s compact JSON is over MAX_SCHEMA_BYTES."""
+    size = len(json.dumps(schema, separators=(",", ":")).encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise APIError(400, f"{param} is {size} bytes of JSON; at most {MAX_SCHEMA_BYTES} are accepted", param,
+                       "schema_too_large")
