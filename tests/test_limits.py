@@ -64,3 +64,35 @@ def test_tool_count_and_schema_size_bounds():
     with pytest.raises(APIError) as e:
         check_schema({"description": "x" * MAX_SCHEMA_BYTES}, "response_format")
     assert e.value.status == 400 and e.value.param == "response_format"
+
+
+# --------------------------------------------------------------------------- live: the real app, smollm
+@pytest.fixture(scope="module")
+def live(smollm_model):
+    import openai
+    import torch
+
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.server.app import create_app
+
+    model, tok = smollm_model
+    engine = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=64 << 20))
+    with ServerThread(create_app(engine, "m", max_request_bytes=16 * 1024)) as srv:
+        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+
+
+def test_live_oversized_body_413_and_too_many_tools_400(live):
+    import openai
+
+    from deltaserve.server.limits import MAX_TOOLS
+
+    msgs = [{"role": "user", "content": "hi"}]
+    ok = live.chat.completions.create(model="m", messages=msgs, max_tokens=2)
+    assert ok.choices[0].message is not None
+    with pytest.raises(openai.APIStatusError) as e:
+        live.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 20000}], max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError) as e:
+        live.chat.completions.create(model="m", messages=msgs, max_tokens=2,
+                                     tools=[_tool(f"t{i}") for i in range(MAX_TOOLS + 1)])
+    assert e.value.body["code"] == "too_many_tools"
