@@ -96,3 +96,25 @@ def test_live_oversized_body_413_and_too_many_tools_400(live):
         live.chat.completions.create(model="m", messages=msgs, max_tokens=2,
                                      tools=[_tool(f"t{i}") for i in range(MAX_TOOLS + 1)])
     assert e.value.body["code"] == "too_many_tools"
+
+
+# --------------------------------------------------------------------------- waiting-queue bound
+def test_max_waiting_refuses_with_overloaded_then_429(smollm_model):
+    """Deterministic: requests are queued without stepping, so the waiting queue only grows."""
+    import torch
+
+    from deltaserve.engine.api import Overloaded
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.engine.sampling import SamplingParams
+    from deltaserve.server.errors import from_engine_error
+
+    model, tok = smollm_model
+    e = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=32 << 20, max_waiting=1,
+                                           speculation=False))
+    e.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(Overloaded) as ex:
+        e.add_request([1, 2, 3], SamplingParams(max_tokens=2), session_id="s", open_session=True)
+    assert ex.value.waiting == 1 and ex.value.limit == 1
+    assert e.sessions.list(None) == []  # refused before the session was opened
+    err = from_engine_error(ex.value)
+    assert err.status == 429 and err.code == "server_overloaded" and "Retry-After" in err.response().headers

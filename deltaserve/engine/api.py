@@ -45,6 +45,14 @@ class SessionExists(EngineError):
     """Opening a session under an id that is taken."""
 
 
+class Overloaded(EngineError):
+    """The scheduler's waiting queue is full (EngineConfig.max_waiting): retry later; nothing was queued."""
+
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"server overloaded: {waiting} requests are waiting (limit {limit}); retry later")
+        self.waiting, self.limit = waiting, limit
+
+
 # -------------------------------------------------------------- constraint
 @runtime_checkable
 class Constraint(Protocol):

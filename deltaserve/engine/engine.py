@@ -16,7 +16,7 @@ import torch
 
 from deltaserve import env
 from deltaserve.config import ModelConfig
-from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, PromptTooLong, RequestOutput, RequestStats,
+from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, Overloaded, PromptTooLong, RequestOutput, RequestStats,
                                    SessionInfo)
 from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner, StepLogits
@@ -46,6 +46,7 @@ class EngineConfig:
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     check_integrity: bool = False  # after every step (tests)
+    max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
 
 
 class LLMEngine:
@@ -109,6 +110,9 @@ class LLMEngine:
         if len(prompt) + ADMIT_HEADROOM > self.pool.num_slots:  # it could never be admitted: it would wait forever
             raise EngineError(f"prompt is {len(prompt)} tokens but the KV pool holds {self.pool.num_slots} token "
                               "slots; give the engine a larger KV cache (--kv-cache-gb)")
+        limit = self.config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) >= limit:  # before begin_turn: a refusal changes nothing
+            raise Overloaded(len(self.scheduler.waiting), limit)
         if session_id is not None:
             self.sessions.begin_turn(session_id, owner, open_session, session_ttl)
         p = params
