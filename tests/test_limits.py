@@ -118,3 +118,24 @@ def test_max_waiting_refuses_with_overloaded_then_429(smollm_model):
     assert e.sessions.list(None) == []  # refused before the session was opened
     err = from_engine_error(ex.value)
     assert err.status == 429 and err.code == "server_overloaded" and "Retry-After" in err.response().headers
+
+
+# --------------------------------------------------------------------------- admin endpoint
+def test_admin_integrity_needs_admin_key(smollm_model):
+    import torch
+
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.server.app import create_app
+
+    model, tok = smollm_model
+    engine = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=32 << 20))
+    with ServerThread(create_app(engine, "m")) as srv:  # no admin key: the route does not exist
+        assert httpx.get(srv.base_url + "/v1/debug/integrity").status_code == 404
+    with ServerThread(create_app(engine, "m", admin_key="adm")) as srv:
+        url = srv.base_url + "/v1/debug/integrity"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.get(url, headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["ok"] is True and body["error"] is None and body["running"] == 0 and body["waiting"] == 0

@@ -163,3 +163,13 @@ class EngineInfo:
     max_context: int
     stop_ids: frozenset[int]
     cache_mode: str
+
+
+class IntegrityReport(NamedTuple):
+    """Result of LLMEngine.check_integrity: ok, the first violated invariant (None when ok), and counts."""
+    ok: bool
+    error: str | None
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_cached_tokens: int

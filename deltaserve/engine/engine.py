@@ -16,7 +16,7 @@ import torch
 
 from deltaserve import env
 from deltaserve.config import ModelConfig
-from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, Overloaded, PromptTooLong, RequestOutput, RequestStats,
+from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, IntegrityReport, Overloaded, PromptTooLong, RequestOutput, RequestStats,
                                    SessionInfo)
 from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner, StepLogits
@@ -158,6 +158,18 @@ class LLMEngine:
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.running)
         return outputs
+
+    def check_integrity(self) -> IntegrityReport:
+        """Check the KV bookkeeping's invariants now (engine thread; mutates nothing); a violation is reported,
+        not raised, so an admin probe cannot stop the engine."""
+        try:
+            self.kv.check_integrity(self.scheduler.running)
+            error = None
+        except AssertionError as e:  # the checks are asserts that name the broken invariant
+            error = str(e) or "integrity check failed"
+        return IntegrityReport(error is None, error, len(self.scheduler.running), len(self.scheduler.waiting),
+                               self.pool.allocator.num_used,
+                               self.kv.radix.total_size if self.kv.reuse else 0)
 
     def _housekeeping(self) -> None:
         if self.step_stats.counters.steps % 256 == 0:
