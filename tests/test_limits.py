@@ -139,3 +139,26 @@ def test_admin_integrity_needs_admin_key(smollm_model):
         assert r.status_code == 200
         body = r.json()
         assert body["ok"] is True and body["error"] is None and body["running"] == 0 and body["waiting"] == 0
+
+
+def test_session_quota_per_key(smollm_model):
+    import torch
+
+    from deltaserve.engine.api import SessionQuotaExceeded
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.server.errors import from_engine_error
+
+    model, tok = smollm_model
+    e = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=32 << 20, max_sessions_per_key=2))
+    e.sessions.open("a1", "A")
+    e.sessions.open("a2", "A")
+    e.sessions.open("b1", "B")  # another key has its own quota
+    with pytest.raises(SessionQuotaExceeded):
+        e.sessions.open("a3", "A")
+    with pytest.raises(SessionQuotaExceeded):
+        e.sessions.fork("a1", "a1-fork", "A")
+    assert [s.session_id for s in e.sessions.list("A")] == ["a1", "a2"]
+    e.sessions.close("a2", "A")  # closing frees a place
+    e.sessions.open("a3", "A")
+    err = from_engine_error(SessionQuotaExceeded(2, 2))
+    assert err.status == 429 and err.code == "session_quota_exceeded"

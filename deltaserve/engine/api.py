@@ -45,6 +45,14 @@ class SessionExists(EngineError):
     """Opening a session under an id that is taken."""
 
 
+class SessionQuotaExceeded(EngineError):
+    """The owner already holds its maximum of open sessions (EngineConfig.max_sessions_per_key)."""
+
+    def __init__(self, held: int, limit: int):
+        super().__init__(f"this API key already has {held} open sessions (limit {limit}); close one first")
+        self.held, self.limit = held, limit
+
+
 class Overloaded(EngineError):
     """The scheduler's waiting queue is full (EngineConfig.max_waiting): retry later; nothing was queued."""
 

@@ -46,6 +46,7 @@ class EngineConfig:
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     check_integrity: bool = False  # after every step (tests)
+    max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
 
 
@@ -60,6 +61,7 @@ class LLMEngine:
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
+        self.sessions.max_per_owner = config.max_sessions_per_key
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from deltaserve.engine.api import EngineError, Overloaded, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
+from deltaserve.engine.api import EngineError, Overloaded, SessionQuotaExceeded, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
 
 log = logging.getLogger("deltaserve.server")
 
@@ -64,6 +64,8 @@ def from_engine_error(exc: Exception, session_id: str | None = None) -> APIError
         return session_not_found(session_id or str(exc))
     if isinstance(exc, Overloaded):
         return APIError(429, str(exc), None, "server_overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, SessionQuotaExceeded):
+        return APIError(429, str(exc), "session_id", "session_quota_exceeded")
     if isinstance(exc, SessionExists):
         return APIError(409, f"session {session_id!r} already exists", "session_id", "session_exists")
     if isinstance(exc, (EngineError, ValueError)):
