@@ -45,6 +45,22 @@ class SessionExists(EngineError):
     """Opening a session under an id that is taken."""
 
 
+class SessionQuotaExceeded(EngineError):
+    """The owner already holds its maximum of open sessions (EngineConfig.max_sessions_per_key)."""
+
+    def __init__(self, held: int, limit: int):
+        super().__init__(f"this API key already has {held} open sessions (limit {limit}); close one first")
+        self.held, self.limit = held, limit
+
+
+class Overloaded(EngineError):
+    """The scheduler's waiting queue is full (EngineConfig.max_waiting): retry later; nothing was queued."""
+
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"server overloaded: {waiting} requests are waiting (limit {limit}); retry later")
+        self.waiting, self.limit = waiting, limit
+
+
 # -------------------------------------------------------------- constraint
 @runtime_checkable
 class Constraint(Protocol):
@@ -155,3 +171,13 @@ class EngineInfo:
     max_context: int
     stop_ids: frozenset[int]
     cache_mode: str
+
+
+class IntegrityReport(NamedTuple):
+    """Result of LLMEngine.check_integrity: ok, the first violated invariant (None when ok), and counts."""
+    ok: bool
+    error: str | None
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_cached_tokens: int

@@ -28,6 +28,10 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--max-prefill-with-decode", type=int, default=None,
                    help="prefill tokens a step that also carries decodes may take (default: no cap below "
                         "--max-batch-tokens); lower keeps decoding agents' tokens coming during long prefills")
+    p.add_argument("--max-sessions-per-key", type=int, default=None,
+                   help="open sessions one API key may hold; one more is HTTP 429 (default: no cap)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests waiting for admission beyond this are refused (HTTP 429; default: no cap)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -46,7 +50,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --session-ttl must be >= 0, got {args.session_ttl}")
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit(f"error: --max-context must be at least 2, got {args.max_context}")
-    return EngineConfig(dtype=getattr(torch, args.dtype), device=args.device,
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise SystemExit(f"error: --max-waiting must be >= 0, got {args.max_waiting}")
+    return EngineConfig(max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key, dtype=getattr(torch, args.dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,

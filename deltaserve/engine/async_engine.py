@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from deltaserve.engine.api import EngineInfo, GenerateRequest, RequestOutput, SessionInfo, TurnRecord
+from deltaserve.engine.api import EngineInfo, GenerateRequest, IntegrityReport, RequestOutput, SessionInfo, TurnRecord
 from deltaserve.engine.engine import LLMEngine
 from deltaserve.engine.sequence import Sequence, SeqStatus
 
@@ -230,6 +230,10 @@ class AsyncEngine:
     async def stats(self) -> dict[str, Any]:
         """The engine's counters and gauges, as one consistent snapshot."""
         return await self._call(lambda e: e.stats())
+
+    async def check_integrity(self) -> IntegrityReport:
+        """Run the engine's invariant checks on the engine thread, between steps."""
+        return await self._call(lambda e: e.check_integrity())
 
     # ------------------------------------------------------------ commands
     def _submit(self, fn: Callable[[LLMEngine], Any]) -> cf.Future:

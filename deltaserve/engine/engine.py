@@ -16,7 +16,7 @@ import torch
 
 from deltaserve import env
 from deltaserve.config import ModelConfig
-from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, PromptTooLong, RequestOutput, RequestStats,
+from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, IntegrityReport, Overloaded, PromptTooLong, RequestOutput, RequestStats,
                                    SessionInfo)
 from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner, StepLogits
@@ -46,6 +46,8 @@ class EngineConfig:
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     check_integrity: bool = False  # after every step (tests)
+    max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
+    max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
 
 
 class LLMEngine:
@@ -59,6 +61,7 @@ class LLMEngine:
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
+        self.sessions.max_per_owner = config.max_sessions_per_key
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
@@ -109,6 +112,9 @@ class LLMEngine:
         if len(prompt) + ADMIT_HEADROOM > self.pool.num_slots:  # it could never be admitted: it would wait forever
             raise EngineError(f"prompt is {len(prompt)} tokens but the KV pool holds {self.pool.num_slots} token "
                               "slots; give the engine a larger KV cache (--kv-cache-gb)")
+        limit = self.config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) >= limit:  # before begin_turn: a refusal changes nothing
+            raise Overloaded(len(self.scheduler.waiting), limit)
         if session_id is not None:
             self.sessions.begin_turn(session_id, owner, open_session, session_ttl)
         p = params
@@ -154,6 +160,18 @@ class LLMEngine:
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.running)
         return outputs
+
+    def check_integrity(self) -> IntegrityReport:
+        """Check the KV bookkeeping's invariants now (engine thread; mutates nothing); a violation is reported,
+        not raised, so an admin probe cannot stop the engine."""
+        try:
+            self.kv.check_integrity(self.scheduler.running)
+            error = None
+        except AssertionError as e:  # the checks are asserts that name the broken invariant
+            error = str(e) or "integrity check failed"
+        return IntegrityReport(error is None, error, len(self.scheduler.running), len(self.scheduler.waiting),
+                               self.pool.allocator.num_used,
+                               self.kv.radix.total_size if self.kv.reuse else 0)
 
     def _housekeeping(self) -> None:
         if self.step_stats.counters.steps % 256 == 0:

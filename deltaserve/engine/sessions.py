@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 
 from deltaserve.cache.session import Session, SessionManager
-from deltaserve.engine.api import SessionBusy, SessionExists, SessionInfo, SessionNotFound, TurnRecord
+from deltaserve.engine.api import SessionBusy, SessionExists, SessionInfo, SessionNotFound, SessionQuotaExceeded, TurnRecord
 from deltaserve.engine.responses import ResponseStore
 
 
@@ -25,6 +25,14 @@ class EngineSessions:
         self.responses = responses
         self._busy: set[str] = set()
         self._lock = threading.Lock()
+        self.max_per_owner: int | None = None  # open sessions one owner may hold (None: no cap)
+
+    def _check_quota(self, owner: str | None) -> None:
+        """SessionQuotaExceeded when `owner` already holds max_per_owner sessions (call under the lock)."""
+        if self.max_per_owner is not None:
+            held = sum(1 for s in self.manager.list() if s.owner == owner)
+            if held >= self.max_per_owner:
+                raise SessionQuotaExceeded(held, self.max_per_owner)
 
     # ----------------------------------------------------------- engine thread
     def open(self, session_id: str, owner: str | None = None, ttl: float | None = None) -> SessionInfo:
@@ -32,6 +40,7 @@ class EngineSessions:
         with self._lock:
             if session_id in self.manager:
                 raise SessionExists(f"session {session_id!r} already exists")
+            self._check_quota(owner)
             s = self.manager.open(session_id, owner, ttl)
         return self._info(s)
 
@@ -44,6 +53,7 @@ class EngineSessions:
         with self._lock:
             if new_id in self.manager:
                 raise SessionExists(f"session {new_id!r} already exists")
+            self._check_quota(owner)
             s = self.manager.fork(src, new_id, owner)
         return self._info(s) if ttl is None else self.set_ttl(new_id, owner, ttl)
 

@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from deltaserve import env
 from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.engine.engine import LLMEngine
-from deltaserve.server import chat_api, completions_api, responses_api, sessions_api
+from deltaserve.server import admin_api, chat_api, completions_api, responses_api, sessions_api
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
+from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
 from deltaserve.server.protocol import ErrorResponse, ModelCard, ModelList
 
@@ -28,10 +29,12 @@ log = logging.getLogger("deltaserve.server")
 __all__ = ["create_app", "add_serve_arguments", "run_server"]
 
 
-def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None) -> FastAPI:
+def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
+    `max_request_bytes`: larger bodies get 413 (0: unbounded). `admin_key`: enables /v1/debug/* (admin_api).
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
 
@@ -48,13 +51,16 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
                   description="OpenAI-compatible inference server that keeps agent sessions' KV cache between "
                               "turns. The extensions are documented in docs/API.md.")
     app.state.ctx = ctx
+    app.state.admin_key = admin_key
     _openapi_errors_as_sent(app)
     install_error_handlers(app)
     app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     app.include_router(chat_api.router)
     app.include_router(completions_api.router)
     app.include_router(sessions_api.router)
     app.include_router(responses_api.router)
+    app.include_router(admin_api.router)
 
     @app.get("/health", summary="Liveness", responses={503: {"description": "the engine thread is not running"}})
     async def health(request: Request):
@@ -97,6 +103,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable); also $DELTASERVE_API_KEY. None: no auth")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
+    p.add_argument("--admin-key", default=None, help="enables GET /v1/debug/integrity for this bearer key")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -110,7 +119,8 @@ def run_server(args: argparse.Namespace) -> int:
         keys.append(env.api_key())
     # Built on the engine thread, so that thread is the only one with an OpenMP team (see async_engine).
     engine = AsyncEngine.build(lambda: build_engine(args))
-    app = create_app(engine, args.served_model_name or args.model, keys or None)
+    app = create_app(engine, args.served_model_name or args.model, keys or None,
+                     max_request_bytes=args.max_request_bytes, admin_key=args.admin_key)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()

@@ -33,6 +33,7 @@ from deltaserve.engine.api import SessionNotFound, TurnRecord
 from deltaserve.engine.chat import Transcript, render_turn
 from deltaserve.server.context import ServerContext
 from deltaserve.server.errors import APIError, bad_request, session_not_found
+from deltaserve.server.limits import check_schema, check_tools
 from deltaserve.server.protocol import (AssistantMessage, ChatCompletionRequest, NamedToolChoice, ResponseFormat,
                                         ToolMessage)
 
@@ -157,6 +158,7 @@ async def plan_history(ctx: ServerContext, messages: list[dict[str, Any]], prior
                        parallel: bool | None, session_id: str | None = None, delta: bool = False) -> ChatPlan:
     """Render a full history (template-form `messages`, extending `prior` when it is a prefix) with its tools
     (chat shape) and output grammar. Shared by chat completions and the Responses API."""
+    check_tools(request_tools)  # bounded before rendering or grammar compiling (server/limits.py)
     choice = tool_choice if tool_choice is not None else ("auto" if request_tools else "none")
     if choice != "none" and choice != "auto" and not request_tools:
         raise bad_request("tool_choice requires tools", "tool_choice")
@@ -210,6 +212,7 @@ async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] 
             raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
         else:
             schema = fmt.json_schema.schema_
+            check_schema(schema, "response_format")
         if tools:  # tool_choice "auto": a call or the answer
             return await asyncio.to_thread(compiler.for_tool_call_or_json, tools, schema, parallel is not False)
         return await asyncio.to_thread(compiler.for_json_schema, schema)

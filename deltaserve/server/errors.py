@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from deltaserve.engine.api import EngineError, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
+from deltaserve.engine.api import EngineError, Overloaded, SessionQuotaExceeded, PromptTooLong, SessionBusy, SessionExists, SessionNotFound
 
 log = logging.getLogger("deltaserve.server")
 
@@ -29,8 +29,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
 
@@ -38,7 +39,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -61,6 +62,10 @@ def from_engine_error(exc: Exception, session_id: str | None = None) -> APIError
                              "wait for it to finish (one turn per session at a time)", "session_id", "session_busy")
     if isinstance(exc, SessionNotFound):
         return session_not_found(session_id or str(exc))
+    if isinstance(exc, Overloaded):
+        return APIError(429, str(exc), None, "server_overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, SessionQuotaExceeded):
+        return APIError(429, str(exc), "session_id", "session_quota_exceeded")
     if isinstance(exc, SessionExists):
         return APIError(409, f"session {session_id!r} already exists", "session_id", "session_exists")
     if isinstance(exc, (EngineError, ValueError)):
