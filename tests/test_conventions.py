@@ -14,6 +14,8 @@ import torch
 
 from deltaserve.engine.args import engine_config
 from deltaserve.engine.engine import EngineConfig, LLMEngine
+from deltaserve.models.generation_config import SamplingDefaults, load_sampling_defaults
+from deltaserve.models.tokenizer import Tokenizer
 from deltaserve.server.app import add_serve_arguments, create_app, resolve_model
 from deltaserve.server.testing import ServerThread
 
@@ -53,10 +55,18 @@ def test_max_num_seqs_must_be_positive():
 
 
 # ------------------------------------------------------------------ HTTP
+# SmolLM2's template plus one variable, so chat_template_kwargs has an observable effect
+THINK = "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
+DEFAULTS = SamplingDefaults(temperature=0.0, top_p=0.5, top_k=7)
+
+
 @pytest.fixture(scope="module")
-def engine(smollm_model):
-    model, tok = smollm_model
-    return LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=64 << 20))
+def engine(smollm_model, smollm_dir):
+    model, _ = smollm_model
+    tok = Tokenizer(smollm_dir)  # its own copy: the shared one's template stays untouched
+    tok.hf.chat_template = tok.hf.chat_template.replace("{% for message", THINK + "{% for message", 1)
+    return LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=64 << 20),
+                     sampling_defaults=DEFAULTS)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +109,48 @@ def test_tokenize_errors_are_openai_format(http):
     assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
     out_of_range = http.post("/detokenize", json={"tokens": [10**9]})
     assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "tokens"
+
+
+def test_chat_template_kwargs_reach_the_template(server, http):
+    plain = http.post("/tokenize", json={"messages": MESSAGES}).json()
+    off = http.post("/tokenize", json={"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}})
+    assert off.status_code == 200, off.text
+    text = http.post("/detokenize", json={"tokens": off.json()["tokens"]}).json()["prompt"]
+    assert text.startswith("/no_think") and off.json()["count"] > plain["count"]
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1,
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert chat.usage.prompt_tokens == off.json()["count"]
+    reserved = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 1,
+                                                       "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert reserved.status_code == 400 and reserved.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_generation_config_defaults_apply_when_omitted(engine):
+    from types import SimpleNamespace
+
+    from deltaserve.server.generation import sampling_params
+    from deltaserve.server.protocol import CompletionRequest
+
+    ctx = SimpleNamespace(sampling_defaults=engine.info.sampling_defaults, vocab_size=100, max_context=64)
+    omitted = sampling_params(CompletionRequest(model=MODEL, prompt="x"), 4, ctx)
+    assert (omitted.temperature, omitted.top_p, omitted.top_k) == (0.0, 0.5, 7)
+    given = sampling_params(CompletionRequest(model=MODEL, prompt="x", temperature=0.8, top_p=0.9, top_k=-1), 4, ctx)
+    assert (given.temperature, given.top_p, given.top_k) == (0.8, 0.9, 0)
+    ctx.sampling_defaults = None  # --generation-config vllm / no file: the OpenAI defaults
+    plain = sampling_params(CompletionRequest(model=MODEL, prompt="x"), 4, ctx)
+    assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 0)
+
+
+def test_load_sampling_defaults(tmp_path):
+    assert load_sampling_defaults(tmp_path) == SamplingDefaults()
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_p": 0.8, "top_k": 20, '
+                                                     '"repetition_penalty": 1.05}')
+    assert load_sampling_defaults(tmp_path) == SamplingDefaults(0.7, 0.8, 20)
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.7}')
+    assert load_sampling_defaults(tmp_path) == SamplingDefaults(temperature=0.0)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert load_sampling_defaults(tmp_path) == SamplingDefaults()
 
 
 def test_version(http):

@@ -155,3 +155,5 @@ class EngineInfo:
     max_context: int
     stop_ids: frozenset[int]
     cache_mode: str
+    # the model's generation_config.json sampling defaults (models.generation_config.SamplingDefaults; None: none)
+    sampling_defaults: Any = None

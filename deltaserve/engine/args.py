@@ -37,6 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                    help="sequences a step may run at once (vLLM's --max-num-seqs); the rest wait")
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="accepted for vLLM scripts; a no-op: prefix caching is always on in stateful/prefix mode")
+    p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
+                   help="auto: sampling defaults from the model's generation_config.json when a request omits "
+                        "them; vllm: ignore it (OpenAI defaults)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -63,7 +66,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
                         max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode,
-                        max_running=getattr(args, "max_running", 64))
+                        max_running=getattr(args, "max_running", 64),
+                        generation_config=getattr(args, "generation_config", "auto") == "auto")
 
 
 def build_engine(args: argparse.Namespace) -> LLMEngine:

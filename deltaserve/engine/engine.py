@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -46,11 +46,12 @@ class EngineConfig:
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     check_integrity: bool = False  # after every step (tests)
+    generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
 
 
 class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer=None, config: EngineConfig = EngineConfig(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sampling_defaults: Any = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.tokenizer = tokenizer
@@ -69,15 +70,20 @@ class LLMEngine:
             from deltaserve.engine.speculator import Speculator
 
             self.speculator = Speculator()
-        self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value)
+        self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value,
+                               sampling_defaults)
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
         from deltaserve.models.loader import load_config, load_state_dict, model_dir
         from deltaserve.models.tokenizer import Tokenizer
 
+        from deltaserve.models.generation_config import load_sampling_defaults
+
         d = model_dir(model)
         net = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), config.dtype, config.device)
+        if config.generation_config:
+            kw.setdefault("sampling_defaults", load_sampling_defaults(d))
         return cls(net, Tokenizer(d), config, **kw)
 
     # -------------------------------------------------------------- sessions

@@ -27,6 +27,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[Message] | None = None
     tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(BaseModel):
@@ -58,7 +59,8 @@ async def tokenize(body: TokenizeRequest, request: Request, owner: str | None = 
         if not messages:
             raise bad_request("messages must contain at least one message", "messages")
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        plan = await plan_history(ctx, messages, None, tools, None, None, None)
+        plan = await plan_history(ctx, messages, None, tools, None, None, None,
+                                  template_kwargs=body.chat_template_kwargs)
         tokens = list(plan.prompt)
     return TokenizeResponse(count=len(tokens), max_model_len=ctx.max_context, tokens=tokens)
 
