@@ -71,7 +71,7 @@ def engine(smollm_model, smollm_dir):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(create_app(engine, MODEL)) as srv:
+    with ServerThread(create_app(engine, MODEL, stats_interval=0.1)) as srv:
         yield srv
 
 
@@ -177,3 +177,52 @@ def test_cors_only_when_allowed(engine, http):
             assert r.headers.get("access-control-allow-origin") == "https://app.example"
             other = c.get("/version", headers={"Origin": "https://evil.example"})
             assert "access-control-allow-origin" not in other.headers
+
+
+# ------------------------------------------------------------------ metrics and the stats line
+def test_metric_names_and_latency_histograms(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "One two three", "max_tokens": 3,
+                                           "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    text = http.get("/metrics").text
+    for name in ("deltaserve_request_queue_time_seconds_count", "deltaserve_inter_token_latency_seconds_count",
+                 "deltaserve_time_to_first_token_seconds_count", "deltaserve_kv_slots "):
+        assert name in text, name
+    gauges = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE") and line.endswith("gauge")}
+    assert gauges and not [g for g in gauges if g.endswith("_total")]
+    itl = [line for line in text.splitlines()
+           if line.startswith('deltaserve_inter_token_latency_seconds_count{route="/v1/completions"}')]
+    assert itl and float(itl[0].split()[-1]) >= 2  # 3 tokens: at least 2 gaps after the first
+
+
+def test_stats_line_is_logged_without_text(http, caplog):
+    import logging
+    import time
+
+    secret = "Zanzibar-quokka-7731"
+    caplog.set_level(logging.INFO, logger="deltaserve.stats")
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": secret, "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 30  # a bound on waiting, not a speed check
+    while not [x for x in caplog.records if x.name == "deltaserve.stats"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [x.getMessage() for x in caplog.records if x.name == "deltaserve.stats"]
+    assert lines and "Avg generation throughput" in lines[-1]
+    out = r.json()["choices"][0]["text"]
+    assert not [m for m in lines if secret in m or (out.strip() and out.strip() in m)]
+
+
+def test_stats_logger_line():
+    from deltaserve.server.stats_log import StatsLogger
+
+    t = iter([0.0, 2.0, 4.0])
+    lg = StatsLogger(clock=lambda: next(t))
+    base = {"prompt_tokens": 100, "cached_tokens": 0, "generated_tokens": 10, "running": 0, "waiting": 0,
+            "kv_slots_used": 0, "kv_slots_total": 100}
+    assert lg.line(base) is None
+    busy = {**base, "prompt_tokens": 300, "cached_tokens": 50, "generated_tokens": 50, "running": 2,
+            "kv_slots_used": 25}
+    line = lg.line(busy)
+    assert "prompt throughput: 100.0 tokens/s" in line and "generation throughput: 20.0" in line
+    assert "Running: 2 reqs" in line and "KV usage: 25.0%" in line and "hit rate: 25.0%" in line
+    assert lg.line({**busy, "running": 0}) is None  # idle, nothing new

@@ -95,6 +95,7 @@ class RequestStats(NamedTuple):
     drafted_tokens: int  # speculative tokens verified
     accepted_tokens: int  # of those, accepted
     explanation: MatchExplanation | None  # why the cache matched what it did (set at admission)
+    queue_s: float | None = None  # seconds from submission to first admission (None: not admitted yet)
 
 
 class RequestOutput(NamedTuple):

@@ -316,5 +316,6 @@ def _output(seq: Sequence, new: list[int], finished: bool) -> RequestOutput:
     """The immutable snapshot of `seq` after a step that appended `new`."""
     st = seq.stats
     stats = RequestStats(seq.prompt_len, seq.num_output, st.cached_tokens, st.prefilled_tokens, st.drafted_tokens,
-                         st.accepted_tokens, seq.explanation)
+                         st.accepted_tokens, seq.explanation,
+                         None if st.scheduled_time is None else st.scheduled_time - st.arrival)
     return RequestOutput(seq.seq_id, tuple(new), finished, seq.finish_reason, stats)

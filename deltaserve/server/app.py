@@ -7,6 +7,7 @@ docs/API.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
@@ -29,10 +30,11 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 
 
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_origins: list[str] | None = None, stats_interval: float | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
+    `stats_interval`: seconds between throughput log lines while there is work (None: no lines).
     `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
@@ -40,9 +42,16 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.driver.start()
+        ticker = None
+        if stats_interval:
+            from deltaserve.server.stats_log import log_stats_forever
+
+            ticker = asyncio.create_task(log_stats_forever(ctx.driver.stats, stats_interval))
         try:
             yield
         finally:
+            if ticker is not None:
+                ticker.cancel()
             ctx.driver.stop()
 
     # FastAPI's strict content type stays on: a body not sent as application/json is not read as JSON (a 400
@@ -115,6 +124,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable); also $DELTASERVE_API_KEY. None: no auth")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--stats-interval", type=float, default=5.0,
+                   help="seconds between throughput/cache INFO lines while there is work (0: none)")
 
 
 def resolve_model(args: argparse.Namespace) -> None:
@@ -141,11 +152,15 @@ def run_server(args: argparse.Namespace) -> int:
         keys.append(env.api_key())
     # Built on the engine thread, so that thread is the only one with an OpenMP team (see async_engine).
     engine = AsyncEngine.build(lambda: build_engine(args))
-    app = create_app(engine, args.served_model_name or args.model, keys or None, args.allowed_origins)
+    app = create_app(engine, args.served_model_name or args.model, keys or None, args.allowed_origins,
+                     stats_interval=args.stats_interval or None)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    from deltaserve.server.stats_log import logging_config
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                log_config=logging_config(args.log_level))
     return 0
 
 

@@ -83,6 +83,7 @@ class Generation:
         self.text = TextStream(ctx.tokenizer, params.stop)
         self.t0 = t0
         self.ttft: float | None = None
+        self._last: float | None = None  # when the previous tokens arrived (inter-token latency)
         self.done = False
 
     @classmethod
@@ -110,8 +111,13 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         try:
             async for out in self.stream:
-                if self.ttft is None and out.new_token_ids:
-                    self.ttft = time.perf_counter() - self.t0
+                if out.new_token_ids:
+                    now = time.perf_counter()
+                    if self.ttft is None:
+                        self.ttft = now - self.t0
+                    else:
+                        self.ctx.metrics.observe_tokens(self.route, now - self._last, len(out.new_token_ids))
+                    self._last = now
                 d = self.text.push(list(out.new_token_ids))
                 if d:
                     yield d
@@ -188,7 +194,7 @@ class Generation:
     def _observe(self) -> None:
         st = self.final.stats
         self.ctx.metrics.observe_generation(self.route, time.perf_counter() - self.t0, self.ttft, st.prompt_tokens,
-                                            st.cached_tokens, st.output_tokens)
+                                            st.cached_tokens, st.output_tokens, st.queue_s)
 
 
 class GenerationResponse(StreamingResponse):
