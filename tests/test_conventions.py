@@ -46,7 +46,8 @@ def test_vllm_aliases_map_to_the_same_config():
 def test_positional_and_flag_model_must_agree():
     assert _parse(["smollm2-135m", "--model", "smollm2-135m"]).model == "smollm2-135m"
     with pytest.raises(SystemExit, match="differs"):
-        _parse(["smollm2-135m", "--model", "qwen2.5-coder-0.5b"])
+        _parse(["qwen2.5-coder-0.5b", "--model", "smollm2-135m"])  # --model given as the default's value
+    assert _parse([]).model == "smollm2-135m"  # the default
 
 
 def test_max_num_seqs_must_be_positive():

@@ -109,6 +109,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from deltaserve.engine.args import add_engine_args
 
     add_engine_args(p)
+    p.set_defaults(model=None)  # resolve_model tells "not given" from the default (MODEL vs --model)
     p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
                    help="the model, as vLLM's `serve MODEL` (same as --model)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
@@ -130,14 +131,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_model(args: argparse.Namespace) -> None:
     """Fold the positional MODEL into `args.model` (mutates `args`); both given and different: SystemExit."""
-    pos = getattr(args, "model_positional", None)
-    if pos is None:
-        return
     from deltaserve.models.registry import DEFAULT_MODEL
 
-    if args.model != DEFAULT_MODEL and args.model != pos:
+    pos = getattr(args, "model_positional", None)
+    if pos is not None and args.model is not None and args.model != pos:
         raise SystemExit(f"error: the model is given twice and differs: MODEL {pos!r} and --model {args.model!r}")
-    args.model = pos
+    args.model = pos or args.model or DEFAULT_MODEL
 
 
 def run_server(args: argparse.Namespace) -> int:
