@@ -161,9 +161,14 @@ def test_version(http):
 
 def test_non_json_body_is_rejected_in_openai_format(http):
     body = '{"model": "%s", "prompt": "Hi", "max_tokens": 1}' % MODEL
-    r = http.post("/v1/completions", content=body, headers={"Content-Type": "text/plain"})
-    assert r.status_code in (400, 415), r.text
-    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    for headers in ({"Content-Type": "text/plain"}, {}):  # {}: no content type at all (a bare fetch/beacon)
+        req = http.build_request("POST", "/v1/completions", content=body.encode(), headers=headers)
+        if not headers:
+            req.headers.pop("Content-Type", None)  # the case is a body without any content type
+        assert "content-type" not in req.headers or headers
+        r = http.send(req)
+        assert r.status_code in (400, 415), (headers, r.text)
+        assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
     ok = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert ok.status_code == 200, ok.text
 

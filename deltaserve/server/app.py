@@ -54,8 +54,9 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
                 ticker.cancel()
             ctx.driver.stop()
 
-    # FastAPI's strict content type stays on: a body not sent as application/json is not read as JSON (a 400
-    # here), so a cross-site form POST (no CORS preflight) cannot drive the API from a user's browser.
+    # FastAPI's strict content type stays on: a body without a JSON content type, including one with no content
+    # type at all (which strict_content_type=False read as JSON), is not read as JSON (a 400 here), so a
+    # cross-site request that needs no CORS preflight cannot drive the API from a user's browser.
     app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference server that keeps agent sessions' KV cache between "
                               "turns. The extensions are documented in docs/API.md.")
