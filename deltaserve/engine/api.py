@@ -111,6 +111,7 @@ class RequestStats(NamedTuple):
     drafted_tokens: int  # speculative tokens verified
     accepted_tokens: int  # of those, accepted
     explanation: MatchExplanation | None  # why the cache matched what it did (set at admission)
+    queue_s: float | None = None  # seconds from submission to first admission (None: not admitted yet)
 
 
 class RequestOutput(NamedTuple):
@@ -171,6 +172,8 @@ class EngineInfo:
     max_context: int
     stop_ids: frozenset[int]
     cache_mode: str
+    # the model's generation_config.json sampling defaults (models.generation_config.SamplingDefaults; None: none)
+    sampling_defaults: Any = None
 
 
 class IntegrityReport(NamedTuple):

@@ -13,7 +13,10 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     """The model and engine options (`kv_cache_gb`: this command's default pool size)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"known name ({', '.join(KNOWN_MODELS)}), HF directory or .gguf file")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    # `auto` (vLLM's default) is bfloat16: the checkpoints we run are bf16 or f16, and on CPU f16 matmuls are
+    # slow while bf16 ones use the AMX/AVX512-BF16 kernels; float32 stays available for reference runs.
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="bfloat16",
+                   help="weights/activations dtype; auto (vLLM's name) = bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float, default=kv_cache_gb, help="KV pool size in GiB")
     p.add_argument("--cache-mode", choices=[m.value for m in CacheMode], default="stateful",
@@ -23,8 +26,10 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--session-ttl", type=float, default=300.0, help="default seconds a session stays pinned")
     p.add_argument("--max-pinned-fraction", type=float, default=0.7,
                    help="share of the KV pool pinned sessions may hold; the rest is working space (stateful mode)")
-    p.add_argument("--max-context", type=int, default=None, help="cap on prompt + completion tokens")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens a forward step may carry")
+    p.add_argument("--max-context", "--max-model-len", dest="max_context", type=int, default=None,
+                   help="cap on prompt + completion tokens")
+    p.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens", type=int,
+                   default=512, help="tokens a forward step may carry")
     p.add_argument("--max-prefill-with-decode", type=int, default=None,
                    help="prefill tokens a step that also carries decodes may take (default: no cap below "
                         "--max-batch-tokens); lower keeps decoding agents' tokens coming during long prefills")
@@ -32,6 +37,13 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                    help="open sessions one API key may hold; one more is HTTP 429 (default: no cap)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests waiting for admission beyond this are refused (HTTP 429; default: no cap)")
+    p.add_argument("--max-num-seqs", "--max-running", dest="max_running", type=int, default=64,
+                   help="sequences a step may run at once (vLLM's --max-num-seqs); the rest wait")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="accepted for vLLM scripts; a no-op: prefix caching is always on in stateful/prefix mode")
+    p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
+                   help="auto: sampling defaults from the model's generation_config.json when a request omits "
+                        "them; vllm: ignore it (OpenAI defaults)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -46,17 +58,23 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --max-pinned-fraction must be in (0, 1], got {args.max_pinned_fraction}")
     if args.max_batch_tokens < 1 or (args.max_prefill_with_decode is not None and args.max_prefill_with_decode < 1):
         raise SystemExit("error: --max-batch-tokens and --max-prefill-with-decode must be at least 1")
+    if getattr(args, "max_running", 64) < 1:
+        raise SystemExit(f"error: --max-num-seqs must be at least 1, got {args.max_running}")
     if args.session_ttl < 0:
         raise SystemExit(f"error: --session-ttl must be >= 0, got {args.session_ttl}")
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit(f"error: --max-context must be at least 2, got {args.max_context}")
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit(f"error: --max-waiting must be >= 0, got {args.max_waiting}")
-    return EngineConfig(max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key, dtype=getattr(torch, args.dtype), device=args.device,
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    return EngineConfig(max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key,
+                        dtype=getattr(torch, dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
-                        max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode)
+                        max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode,
+                        max_running=getattr(args, "max_running", 64),
+                        generation_config=getattr(args, "generation_config", "auto") == "auto")
 
 
 def build_engine(args: argparse.Namespace) -> LLMEngine:

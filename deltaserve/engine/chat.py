@@ -79,9 +79,11 @@ def same_message(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def render_turn(tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                prior: Transcript | None) -> Rendered:
-    full_text = tok.render_chat(messages, tools, add_generation_prompt=True)
-    if prior is not None and prior.tokens and (prior.tools or None) == (tools or None):
+                prior: Transcript | None, template_kwargs: dict[str, Any] | None = None) -> Rendered:
+    full_text = tok.render_chat(messages, tools, add_generation_prompt=True, template_kwargs=template_kwargs)
+    # With template variables, history may render differently from how `prior` was rendered: render in full
+    # (the prefix cache still reuses whatever KV the tokens share).
+    if prior is not None and not template_kwargs and prior.tokens and (prior.tools or None) == (tools or None):
         n = len(prior.messages)
         if len(messages) > n and all(same_message(a, b) for a, b in zip(prior.messages, messages[:n])):
             hist_text = tok.render_chat(messages[:n], tools, add_generation_prompt=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,11 +48,12 @@ class EngineConfig:
     check_integrity: bool = False  # after every step (tests)
     max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
+    generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
 
 
 class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer=None, config: EngineConfig = EngineConfig(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sampling_defaults: Any = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.tokenizer = tokenizer
@@ -72,15 +73,20 @@ class LLMEngine:
             from deltaserve.engine.speculator import Speculator
 
             self.speculator = Speculator()
-        self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value)
+        self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value,
+                               sampling_defaults)
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
         from deltaserve.models.loader import load_config, load_state_dict, model_dir
         from deltaserve.models.tokenizer import Tokenizer
 
+        from deltaserve.models.generation_config import load_sampling_defaults
+
         d = model_dir(model)
         net = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), config.dtype, config.device)
+        if config.generation_config:
+            kw.setdefault("sampling_defaults", load_sampling_defaults(d))
         return cls(net, Tokenizer(d), config, **kw)
 
     # -------------------------------------------------------------- sessions
@@ -328,5 +334,6 @@ def _output(seq: Sequence, new: list[int], finished: bool) -> RequestOutput:
     """The immutable snapshot of `seq` after a step that appended `new`."""
     st = seq.stats
     stats = RequestStats(seq.prompt_len, seq.num_output, st.cached_tokens, st.prefilled_tokens, st.drafted_tokens,
-                         st.accepted_tokens, seq.explanation)
+                         st.accepted_tokens, seq.explanation,
+                         None if st.scheduled_time is None else st.scheduled_time - st.arrival)
     return RequestOutput(seq.seq_id, tuple(new), finished, seq.finish_reason, stats)

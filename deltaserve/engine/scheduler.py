@@ -13,6 +13,7 @@ the other agents keep decoding, instead of stalling them.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import NamedTuple, Protocol
 
@@ -100,6 +101,8 @@ class Scheduler:
             kv.admit(seq)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            if seq.stats.scheduled_time is None:
+                seq.stats.scheduled_time = time.perf_counter()
             self.running.append(seq)
             n = min(budget, len(seq.tokens) - seq.num_computed)
             if kv.reserve(seq, n):

@@ -34,6 +34,7 @@ class SeqStats:
     verify_steps: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # first admission to the running set (a preempted re-admission keeps it)
     finish_time: float | None = None
 
 

@@ -43,11 +43,14 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
+        """`template_kwargs`: extra variables for the template (e.g. enable_thinking), as chat_template_kwargs."""
         if self.hf.chat_template is None:
             raise ValueError("this model has no chat template; use the completions API")
         return self.hf.apply_chat_template(
-            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
         )
 
     def apply_chat(self, messages, tools=None, add_generation_prompt: bool = True) -> list[int]:

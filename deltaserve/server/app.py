@@ -7,6 +7,7 @@ docs/API.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from deltaserve import env
 from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.engine.engine import LLMEngine
-from deltaserve.server import admin_api, chat_api, completions_api, responses_api, sessions_api
+from deltaserve.server import admin_api, chat_api, completions_api, responses_api, sessions_api, utility_api
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
@@ -30,24 +31,36 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 
 
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
+               allowed_origins: list[str] | None = None, stats_interval: float | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
     `max_request_bytes`: larger bodies get 413 (0: unbounded). `admin_key`: enables /v1/debug/* (admin_api).
+    `stats_interval`: seconds between throughput log lines while there is work (None: no lines).
+    `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.driver.start()
+        ticker = None
+        if stats_interval:
+            from deltaserve.server.stats_log import log_stats_forever
+
+            ticker = asyncio.create_task(log_stats_forever(ctx.driver.stats, stats_interval))
         try:
             yield
         finally:
+            if ticker is not None:
+                ticker.cancel()
             ctx.driver.stop()
 
-    # strict_content_type off: `curl -d '{...}'` (form content type) is still read as JSON.
-    app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan, strict_content_type=False,
+    # FastAPI's strict content type stays on: a body without a JSON content type, including one with no content
+    # type at all (which strict_content_type=False read as JSON), is not read as JSON (a 400 here), so a
+    # cross-site request that needs no CORS preflight cannot drive the API from a user's browser.
+    app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference server that keeps agent sessions' KV cache between "
                               "turns. The extensions are documented in docs/API.md.")
     app.state.ctx = ctx
@@ -61,6 +74,12 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     app.include_router(sessions_api.router)
     app.include_router(responses_api.router)
     app.include_router(admin_api.router)
+    app.include_router(utility_api.router)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
 
     @app.get("/health", summary="Liveness", responses={503: {"description": "the engine thread is not running"}})
     async def health(request: Request):
@@ -97,7 +116,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from deltaserve.engine.args import add_engine_args
 
     add_engine_args(p)
+    p.set_defaults(model=None)  # resolve_model tells "not given" from the default (MODEL vs --model)
+    p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `serve MODEL` (same as --model)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="browser origin allowed cross-site (CORS; repeatable, * for any). Default: none")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM scripts; a no-op: tool calls are always parsed when tools are offered")
+    p.add_argument("--tool-call-parser", choices=("hermes", "auto"), default="auto",
+                   help="accepted for vLLM scripts: our parser reads hermes-style <tool_call> JSON and bare JSON "
+                        "calls (docs/API.md); both values select it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
@@ -106,6 +135,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
     p.add_argument("--admin-key", default=None, help="enables GET /v1/debug/integrity for this bearer key")
+    p.add_argument("--stats-interval", type=float, default=5.0,
+                   help="seconds between throughput/cache INFO lines while there is work (0: none)")
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """Fold the positional MODEL into `args.model` (mutates `args`); both given and different: SystemExit."""
+    from deltaserve.models.registry import DEFAULT_MODEL
+
+    pos = getattr(args, "model_positional", None)
+    if pos is not None and args.model is not None and args.model != pos:
+        raise SystemExit(f"error: the model is given twice and differs: MODEL {pos!r} and --model {args.model!r}")
+    args.model = pos or args.model or DEFAULT_MODEL
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -114,17 +155,22 @@ def run_server(args: argparse.Namespace) -> int:
 
     from deltaserve.engine.args import build_engine
 
+    resolve_model(args)
     keys = list(args.api_key or [])
     if env.api_key():
         keys.append(env.api_key())
     # Built on the engine thread, so that thread is the only one with an OpenMP team (see async_engine).
     engine = AsyncEngine.build(lambda: build_engine(args))
     app = create_app(engine, args.served_model_name or args.model, keys or None,
-                     max_request_bytes=args.max_request_bytes, admin_key=args.admin_key)
+                     max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
+                     allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    from deltaserve.server.stats_log import logging_config
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                log_config=logging_config(args.log_level))
     return 0
 
 

@@ -105,6 +105,11 @@ def _for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# the variables the server itself passes to the chat template (chat_template_kwargs may not override them)
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                     "tokenize", "return_dict", "chat_template", "continue_final_message"})
+
+
 async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str | None,
                     header_session: str | None = None, delta_session: str | None = None) -> ChatPlan:
     delta = delta_session is not None
@@ -150,12 +155,14 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
     else:
         request_tools = inherited_tools if inherit else None
     return await plan_history(ctx, list(base) + new, prior, request_tools, body.tool_choice, body.response_format,
-                              body.parallel_tool_calls, session_id, delta)
+                              body.parallel_tool_calls, session_id, delta,
+                              template_kwargs=getattr(body, "chat_template_kwargs", None))
 
 
 async def plan_history(ctx: ServerContext, messages: list[dict[str, Any]], prior: Transcript | None,
                        request_tools: list[dict[str, Any]] | None, tool_choice: Any, fmt: ResponseFormat | None,
-                       parallel: bool | None, session_id: str | None = None, delta: bool = False) -> ChatPlan:
+                       parallel: bool | None, session_id: str | None = None, delta: bool = False,
+                       template_kwargs: dict[str, Any] | None = None) -> ChatPlan:
     """Render a full history (template-form `messages`, extending `prior` when it is a prefix) with its tools
     (chat shape) and output grammar. Shared by chat completions and the Responses API."""
     check_tools(request_tools)  # bounded before rendering or grammar compiling (server/limits.py)
@@ -165,9 +172,12 @@ async def plan_history(ctx: ServerContext, messages: list[dict[str, Any]], prior
     template_tools = request_tools if choice != "none" else None
     names = {t["function"]["name"] for t in template_tools} if template_tools else None
 
+    reserved = sorted(set(template_kwargs or ()) & _RESERVED_TEMPLATE_VARS)
+    if reserved:
+        raise bad_request(f"chat_template_kwargs cannot set {', '.join(reserved)}", "chat_template_kwargs")
     t0 = time.perf_counter()
     try:
-        rendered = render_turn(ctx.tokenizer, _for_template(messages), template_tools, prior)
+        rendered = render_turn(ctx.tokenizer, _for_template(messages), template_tools, prior, template_kwargs)
     except Exception as e:  # jinja's raise_exception, a template without tool support, ...
         if isinstance(e, (APIError, MemoryError)):
             raise

@@ -44,6 +44,7 @@ class ServerContext:
         self.model_name = model_name
         self.max_context = info.max_context
         self.stop_ids = info.stop_ids
+        self.sampling_defaults = info.sampling_defaults  # SamplingDefaults or None
         self.created = int(time.time())
         self._keys = [k for k in (api_keys or []) if k]
         self.metrics = Metrics()

@@ -54,14 +54,19 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, ctx: ServerCon
         raise bad_request("only n=1 is supported", "n", "unsupported")
     if body.logprobs:
         raise bad_request("logprobs are not supported", "logprobs", "unsupported")
-    top_k = body.top_k if body.top_k not in (None, -1) else 0
+    # request > the model's generation_config.json (ctx.sampling_defaults) > the OpenAI defaults
+    d = ctx.sampling_defaults
+    temperature = body.temperature if body.temperature is not None else getattr(d, "temperature", None)
+    top_p = body.top_p if body.top_p is not None else getattr(d, "top_p", None)
+    top_k = body.top_k if body.top_k is not None else getattr(d, "top_k", None)
+    top_k = 0 if top_k in (None, -1) else top_k
     for t in body.stop_token_ids or []:
         if not 0 <= t < ctx.vocab_size:
             raise bad_request(f"stop_token_ids has an id outside the vocabulary: {t}", "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens or ctx.max_context,  # the engine clamps to what the context leaves
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
         top_k=top_k,
         seed=body.seed,
         stop=body.stop_list(),
@@ -78,6 +83,7 @@ class Generation:
         self.text = TextStream(ctx.tokenizer, params.stop)
         self.t0 = t0
         self.ttft: float | None = None
+        self._last: float | None = None  # when the previous tokens arrived (inter-token latency)
         self.done = False
 
     @classmethod
@@ -105,8 +111,13 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         try:
             async for out in self.stream:
-                if self.ttft is None and out.new_token_ids:
-                    self.ttft = time.perf_counter() - self.t0
+                if out.new_token_ids:
+                    now = time.perf_counter()
+                    if self.ttft is None:
+                        self.ttft = now - self.t0
+                    else:
+                        self.ctx.metrics.observe_tokens(self.route, now - self._last, len(out.new_token_ids))
+                    self._last = now
                 d = self.text.push(list(out.new_token_ids))
                 if d:
                     yield d
@@ -183,7 +194,7 @@ class Generation:
     def _observe(self) -> None:
         st = self.final.stats
         self.ctx.metrics.observe_generation(self.route, time.perf_counter() - self.t0, self.ttft, st.prompt_tokens,
-                                            st.cached_tokens, st.output_tokens)
+                                            st.cached_tokens, st.output_tokens, st.queue_s)
 
 
 class GenerationResponse(StreamingResponse):

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 # engine.stats() key -> (metric name, help); counters get the `_total` suffix from prometheus_client
 _ENGINE_COUNTERS = {
@@ -46,7 +47,8 @@ _ENGINE_GAUGES = {
     "acceptance_rate": ("deltaserve_spec_acceptance_rate", "accepted / drafted speculative tokens since start"),
     "sessions": ("deltaserve_sessions", "Known sessions"),
     "pinned_sessions": ("deltaserve_pinned_sessions", "Sessions whose KV is pinned"),
-    "kv_slots_total": ("deltaserve_kv_slots_total", "Token slots in the KV pool"),
+    # a gauge, so no `_total` suffix (Prometheus reserves it for counters); was deltaserve_kv_slots_total
+    "kv_slots_total": ("deltaserve_kv_slots", "Token slots in the KV pool"),
     "kv_slots_used": ("deltaserve_kv_slots_used", "Token slots in use (cache + running)"),
     "kv_cached_tokens": ("deltaserve_kv_cached_tokens", "Tokens held by the radix cache"),
     "running": ("deltaserve_running_requests", "Requests running"),
@@ -91,6 +93,12 @@ class Metrics:
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("deltaserve_time_to_first_token_seconds", "Time to the first generated token",
                               ["route"], buckets=_TTFT_BUCKETS, registry=r)
+        self.queue_time = Histogram("deltaserve_request_queue_time_seconds",
+                                    "Time a request waited for admission to the running set", ["route"],
+                                    buckets=_TTFT_BUCKETS, registry=r)
+        self.inter_token = Histogram("deltaserve_inter_token_latency_seconds",
+                                     "Time between generated tokens (a step's gap shared by its tokens)", ["route"],
+                                     buckets=_ITL_BUCKETS, registry=r)
         self.request_prompt_tokens = Counter("deltaserve_request_prompt_tokens",
                                              "Prompt tokens of completed HTTP generations", ["route"], registry=r)
         self.request_cached_tokens = Counter("deltaserve_request_cached_tokens",
@@ -104,13 +112,21 @@ class Metrics:
                                                  registry=r)
 
     def observe_generation(self, route: str, e2e: float, ttft: float | None, prompt_tokens: int,
-                           cached_tokens: int, completion_tokens: int) -> None:
+                           cached_tokens: int, completion_tokens: int, queue_s: float | None = None) -> None:
         self.latency.labels(route).observe(e2e)
+        if queue_s is not None:
+            self.queue_time.labels(route).observe(queue_s)
         if ttft is not None:
             self.ttft.labels(route).observe(ttft)
         self.request_prompt_tokens.labels(route).inc(prompt_tokens)
         self.request_cached_tokens.labels(route).inc(cached_tokens)
         self.request_completion_tokens.labels(route).inc(completion_tokens)
+
+    def observe_tokens(self, route: str, gap: float, n: int) -> None:
+        """`n` tokens arrived `gap` seconds after the previous ones (one step; speculation may bring several)."""
+        h = self.inter_token.labels(route)
+        for _ in range(n):
+            h.observe(gap / n)
 
     def render(self, engine_stats: dict[str, Any]) -> bytes:
         return generate_latest(self.registry) + generate_latest(_EngineSnapshot(engine_stats))  # type: ignore[arg-type]

@@ -152,6 +152,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     top_logprobs: Int | None = None
     previous_response_id: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra chat template variables
 
 
 class DeltaChatRequest(ChatCompletionRequest):
