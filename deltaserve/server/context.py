@@ -104,3 +104,14 @@ def get_ctx(request: Request) -> ServerContext:
 def get_owner(request: Request) -> str | None:
     """FastAPI dependency: authenticate and return the owner."""
     return get_ctx(request).authenticate(request)
+
+
+def cache_namespace(owner: str | None, cache_salt: str | None) -> str:
+    """The engine's radix namespace for a request: its tenant (owner) and `cache_salt`.
+
+    KV is reused only between requests with equal namespaces, so a tenant's cached_tokens, timing and
+    cache explanation reveal nothing about another tenant's prompts. No keys and no salt: "" (one shared tree).
+    """
+    if owner is None and cache_salt is None:
+        return ""
+    return f"{owner or ''}\x00{cache_salt or ''}"  # NUL: no owner/salt pair can alias another
