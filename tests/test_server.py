@@ -419,3 +419,21 @@ def test_cache_salt_scopes_reuse(server):
     assert _cached(c, prompt, cache_salt="s1")[0] > 0  # same salt shares
     bad = httpx.post(server.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "cache_salt": ""})
     assert bad.status_code == 400
+
+
+def test_tenant_header_isolates_cache(engine, server):
+    with ServerThread(create_app(engine, MODEL, tenant_header="X-Tenant")) as srv:
+        url = srv.base_url + "/v1/completions"
+        prompt = f"Gateway tenant probe {sid()}: " + "pack my box with five dozen liquor jugs. " * 12
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+
+        def cached(headers):
+            r = httpx.post(url, json=body, headers=headers, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert cached({"X-Tenant": "acme"}) == 0
+        assert cached({"X-Tenant": "globex"}) == 0
+        assert cached({}) == 0  # no header: the anonymous tenant, its own namespace
+        assert cached({"X-Tenant": "acme"}) > 0
+        assert cached({}) > 0

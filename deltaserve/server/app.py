@@ -28,12 +28,15 @@ log = logging.getLogger("deltaserve.server")
 __all__ = ["create_app", "add_serve_arguments", "run_server"]
 
 
-def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None) -> FastAPI:
+def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
+               tenant_header: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
+    `tenant_header`: HTTP header naming the tenant whose radix namespace a request's KV reuse stays in.
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
+    ctx.tenant_header = tenant_header
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -96,6 +99,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable); also $DELTASERVE_API_KEY. None: no auth")
+    p.add_argument("--tenant-header", default=None, metavar="NAME",
+                   help="HTTP header (set by an authenticating gateway) naming the tenant; the prefix cache is "
+                        "isolated per tenant (requests without it: the anonymous tenant)")
     p.add_argument("--log-level", default="info")
 
 
@@ -110,7 +116,7 @@ def run_server(args: argparse.Namespace) -> int:
         keys.append(env.api_key())
     # Built on the engine thread, so that thread is the only one with an OpenMP team (see async_engine).
     engine = AsyncEngine.build(lambda: build_engine(args))
-    app = create_app(engine, args.served_model_name or args.model, keys or None)
+    app = create_app(engine, args.served_model_name or args.model, keys or None, args.tenant_header)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()

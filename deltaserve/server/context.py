@@ -46,6 +46,7 @@ class ServerContext:
         self.stop_ids = info.stop_ids
         self.created = int(time.time())
         self._keys = [k for k in (api_keys or []) if k]
+        self.tenant_header: str | None = None  # create_app sets it from --tenant-header
         self.metrics = Metrics()
         self._grammar: Any = None
         self._grammar_lock = asyncio.Lock()
@@ -106,12 +107,16 @@ def get_owner(request: Request) -> str | None:
     return get_ctx(request).authenticate(request)
 
 
-def cache_namespace(owner: str | None, cache_salt: str | None) -> str:
-    """The engine's radix namespace for a request: its tenant (owner) and `cache_salt`.
+def cache_namespace(request: Request, owner: str | None, cache_salt: str | None) -> str:
+    """The engine's radix namespace for a request: its tenant and `cache_salt`.
 
-    KV is reused only between requests with equal namespaces, so a tenant's cached_tokens, timing and
-    cache explanation reveal nothing about another tenant's prompts. No keys and no salt: "" (one shared tree).
+    Tenant: the value of the `--tenant-header` header when that flag is set (absent: the anonymous tenant ""),
+    else the owner (API-key fingerprint). KV is reused only between requests with equal namespaces, so
+    cached_tokens, timing and the cache explanation reveal nothing about another tenant's prompts.
+    No keys, no tenant header and no salt: "" (one shared tree, as before).
     """
-    if owner is None and cache_salt is None:
+    header = get_ctx(request).tenant_header
+    tenant = (request.headers.get(header) or "") if header else (owner or "")
+    if not tenant and cache_salt is None:
         return ""
-    return f"{owner or ''}\x00{cache_salt or ''}"  # NUL: no owner/salt pair can alias another
+    return f"{tenant}\x00{cache_salt or ''}"  # NUL: no tenant/salt pair can alias another
