@@ -437,3 +437,18 @@ def test_tenant_header_isolates_cache(engine, server):
         assert cached({}) == 0  # no header: the anonymous tenant, its own namespace
         assert cached({"X-Tenant": "acme"}) > 0
         assert cached({}) > 0
+
+
+def test_responses_api_cache_is_isolated_between_api_keys(keyed):
+    h1, h2 = ({"Authorization": f"Bearer {k}"} for k in KEYS)
+    body = {"model": MODEL, "input": f"Responses probe {sid()}: " + "sphinx of black quartz, judge my vow. " * 12,
+            "max_output_tokens": 2, "temperature": 0}
+
+    def cached(h):
+        r = httpx.post(keyed.base_url + "/v1/responses", json=body, headers=h, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["input_tokens_details"]["cached_tokens"]
+
+    cached(h1)
+    b, a = cached(h2), cached(h1)  # each key may hit its own earlier chat-template prefix, nothing more for B
+    assert a >= b + 60, f"key two reused {b} tokens, key one {a}: the 100-token input leaked across keys"

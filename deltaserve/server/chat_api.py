@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from deltaserve.engine.api import TurnRecord
 from deltaserve.engine.chat import Transcript, compact_tokens, reply_message
 from deltaserve.server.chat_plan import ChatPlan, plan_chat
-from deltaserve.server.context import ServerContext, cache_namespace, get_ctx, get_owner
+from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.generation import (STREAMING_200, ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
                                           sampling_params, sse_events)
 from deltaserve.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -59,7 +59,7 @@ async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionReq
                    owner: str | None, route: str):
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, ctx)
     gen = await Generation.start(ctx, route, plan.prompt, params, owner=owner, session_id=plan.session_id,
-                                 cache_namespace=cache_namespace(request, owner, body.cache_salt),
+                                 cache_salt=body.cache_salt,
                                  session_ttl=body.session_ttl, open_session=not plan.delta,
                                  constraint=plan.grammar, render_mode=plan.mode)
     resp_id, created = new_id("chatcmpl"), int(time.time())

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Header, Request
 
-from deltaserve.server.context import ServerContext, cache_namespace, get_ctx, get_owner
+from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import bad_request
 from deltaserve.server.generation import (STREAMING_200, ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
                                           sampling_params, sse_events)
@@ -58,7 +58,7 @@ async def completions(body: CompletionRequest, request: Request, x_session_id: s
     session_id = body.session_id or x_session_id
     gen = await Generation.start(ctx, ROUTE, ids_in, params, owner=owner, session_id=session_id,
                                  session_ttl=body.session_ttl, render_mode="tokens",
-                                 cache_namespace=cache_namespace(request, owner, body.cache_salt))
+                                 cache_salt=body.cache_salt)
     echo = (text if text is not None else ctx.tokenizer.decode(ids_in)) if body.echo else ""
     resp_id, created = new_id("cmpl"), int(time.time())
     if body.stream:

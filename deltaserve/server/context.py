@@ -103,20 +103,25 @@ def get_ctx(request: Request) -> ServerContext:
 
 
 def get_owner(request: Request) -> str | None:
-    """FastAPI dependency: authenticate and return the owner."""
-    return get_ctx(request).authenticate(request)
+    """FastAPI dependency: authenticate and return the owner (the tenant).
 
-
-def cache_namespace(request: Request, owner: str | None, cache_salt: str | None) -> str:
-    """The engine's radix namespace for a request: its tenant and `cache_salt`.
-
-    Tenant: the value of the `--tenant-header` header when that flag is set (absent: the anonymous tenant ""),
-    else the owner (API-key fingerprint). KV is reused only between requests with equal namespaces, so
-    cached_tokens, timing and the cache explanation reveal nothing about another tenant's prompts.
-    No keys, no tenant header and no salt: "" (one shared tree, as before).
+    With `--tenant-header NAME` the owner also folds in that header's value (absent: the anonymous tenant), so
+    a gateway's tenants get separate caches, sessions and responses even when they share one API key.
     """
-    header = get_ctx(request).tenant_header
-    tenant = (request.headers.get(header) or "") if header else (owner or "")
-    if not tenant and cache_salt is None:
+    ctx = get_ctx(request)
+    owner = ctx.authenticate(request)
+    if ctx.tenant_header is None:
+        return owner
+    tenant = request.headers.get(ctx.tenant_header) or ""
+    return "t-" + hashlib.sha256(f"{owner or ''}\x00{tenant}".encode()).hexdigest()[:24]
+
+
+def cache_namespace(owner: str | None, cache_salt: str | None) -> str:
+    """The engine's radix namespace for a request: its tenant (the owner, see `get_owner`) and `cache_salt`.
+
+    KV is reused only between requests with equal namespaces, so cached_tokens, timing and the cache
+    explanation reveal nothing about another tenant's prompts. No tenant and no salt: "" (one shared tree).
+    """
+    if owner is None and cache_salt is None:
         return ""
-    return f"{tenant}\x00{cache_salt or ''}"  # NUL: no tenant/salt pair can alias another
+    return f"{owner or ''}\x00{cache_salt or ''}"  # NUL: no owner/salt pair can alias another
