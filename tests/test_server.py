@@ -387,3 +387,68 @@ def test_nonstream_disconnect_aborts(server, http):
         time.sleep(0.1)
     assert 0 < info["tokens"] < info["prompt_tokens"] + 150
     assert info["has_transcript"] is False  # an abandoned turn is not a turn the client saw
+
+
+def _cached(c, prompt: str, **extra) -> tuple[int, str]:
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, extra_body=extra or None)
+    return r.usage.prompt_tokens_details.cached_tokens, r.choices[0].text
+
+
+def test_cache_is_isolated_between_api_keys(keyed):
+    """Key B sending key A's exact prompt reuses none of A's KV; A resending hits; outputs equal."""
+    url = keyed.base_url + "/v1"
+    one, two = (openai.OpenAI(base_url=url, api_key=k, max_retries=0) for k in KEYS)
+    prompt = f"Tenant isolation probe {sid()}: " + "the quick brown fox jumps over the lazy dog. " * 12
+    first, out_a = _cached(one, prompt)
+    assert first == 0
+    b, out_b = _cached(two, prompt)
+    assert b == 0, "another key's prompt was served from the cache"
+    a, out_a2 = _cached(one, prompt)
+    assert a > 0
+    b2, _ = _cached(two, prompt)
+    assert b2 > 0  # B's own earlier request is now cached in B's namespace
+    assert out_a == out_b == out_a2  # greedy output does not depend on the tenant
+
+
+def test_cache_salt_scopes_reuse(server):
+    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    prompt = f"Salt probe {sid()}: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 10
+    assert _cached(c, prompt, cache_salt="s1")[0] == 0
+    assert _cached(c, prompt, cache_salt="s2")[0] == 0  # different salt: no sharing
+    assert _cached(c, prompt)[0] == 0  # no salt: its own namespace too
+    assert _cached(c, prompt, cache_salt="s1")[0] > 0  # same salt shares
+    bad = httpx.post(server.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "cache_salt": ""})
+    assert bad.status_code == 400
+
+
+def test_tenant_header_isolates_cache(engine, server):
+    with ServerThread(create_app(engine, MODEL, tenant_header="X-Tenant")) as srv:
+        url = srv.base_url + "/v1/completions"
+        prompt = f"Gateway tenant probe {sid()}: " + "pack my box with five dozen liquor jugs. " * 12
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+
+        def cached(headers):
+            r = httpx.post(url, json=body, headers=headers, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert cached({"X-Tenant": "acme"}) == 0
+        assert cached({"X-Tenant": "globex"}) == 0
+        assert cached({}) == 0  # no header: the anonymous tenant, its own namespace
+        assert cached({"X-Tenant": "acme"}) > 0
+        assert cached({}) > 0
+
+
+def test_responses_api_cache_is_isolated_between_api_keys(keyed):
+    h1, h2 = ({"Authorization": f"Bearer {k}"} for k in KEYS)
+    body = {"model": MODEL, "input": f"Responses probe {sid()}: " + "sphinx of black quartz, judge my vow. " * 12,
+            "max_output_tokens": 2, "temperature": 0}
+
+    def cached(h):
+        r = httpx.post(keyed.base_url + "/v1/responses", json=body, headers=h, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["input_tokens_details"]["cached_tokens"]
+
+    cached(h1)
+    b, a = cached(h2), cached(h1)  # each key may hit its own earlier chat-template prefix, nothing more for B
+    assert a >= b + 60, f"key two reused {b} tokens, key one {a}: the 100-token input leaked across keys"

@@ -43,8 +43,11 @@ class PrefixCache(ABC, Generic[NodeT]):
     """A token-prefix → KV-slot cache with reference-counted protection and LRU eviction."""
 
     @abstractmethod
-    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
-        """Longest cached token-exact prefix of `tokens`.
+    def match_prefix(self, tokens: Sequence[int], namespace: str = "") -> MatchResult:
+        """Longest cached token-exact prefix of `tokens` within `namespace`.
+
+        Namespaces (tenant + cache_salt) never share nodes: a prefix inserted
+        in one namespace is never matched from another; "" is the default.
 
         Mutates: refreshes the LRU time of every node on the matched path, and
         may split a node so that a node ends exactly at the match. Splitting
@@ -52,7 +55,7 @@ class PrefixCache(ABC, Generic[NodeT]):
         """
 
     @abstractmethod
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor) -> int:
+    def insert(self, tokens: Sequence[int], slots: torch.Tensor, namespace: str = "") -> int:
         """Cache `tokens` with their slots `[len(tokens)]`; return how many leading tokens were already cached.
 
         Ownership: the cache takes ALL of `slots`. For the leading part that
@@ -64,7 +67,7 @@ class PrefixCache(ABC, Generic[NodeT]):
         """
 
     @abstractmethod
-    def insert_with_node(self, tokens: Sequence[int], slots: torch.Tensor) -> InsertResult:
+    def insert_with_node(self, tokens: Sequence[int], slots: torch.Tensor, namespace: str = "") -> InsertResult:
         """As `insert`, but also return the node ending the inserted path (to lock / pin it)."""
 
     @abstractmethod

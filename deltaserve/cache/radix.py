@@ -75,7 +75,21 @@ class RadixCache(PrefixCache[RadixNode]):
         self._ids = itertools.count()
         self._evictable = 0
         self._protected = 0
-        self.root = self._new_node((), _EMPTY, None)
+        # One root per cache namespace (tenant + cache_salt): a match never
+        # crosses roots; eviction still walks every root, so LRU stays global.
+        self._roots: dict[str, RadixNode] = {}
+        self.root = self.namespace_root("")
+
+    def namespace_root(self, namespace: str) -> RadixNode:
+        """The root of `namespace`'s subtree (created empty on first use; roots are never evicted)."""
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = self._new_node((), _EMPTY, None)
+        return root
+
+    @staticmethod
+    def _is_root(node: RadixNode) -> bool:
+        return node.parent is None and not node.key
 
     def _new_node(self, key: tuple[int, ...], value: torch.Tensor, parent: RadixNode | None) -> RadixNode:
         return RadixNode(next(self._ids), key, value, parent, self.clock())
@@ -90,10 +104,10 @@ class RadixCache(PrefixCache[RadixNode]):
         return self._protected
 
     # ------------------------------------------------------------------ lookup
-    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
+    def match_prefix(self, tokens: Sequence[int], namespace: str = "") -> MatchResult:
         key = _as_key(tokens)
         now = self.clock()
-        node, i, pieces = self.root, 0, []
+        node, i, pieces = self.namespace_root(namespace), 0, []
         while i < len(key):
             child = node.children.get(key[i])
             if child is None:
@@ -127,16 +141,16 @@ class RadixCache(PrefixCache[RadixNode]):
         return upper
 
     # ------------------------------------------------------------------ insert
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor) -> int:
-        return self.insert_with_node(tokens, slots).num_existing
+    def insert(self, tokens: Sequence[int], slots: torch.Tensor, namespace: str = "") -> int:
+        return self.insert_with_node(tokens, slots, namespace).num_existing
 
-    def insert_with_node(self, tokens: Sequence[int], slots: torch.Tensor) -> InsertResult:
+    def insert_with_node(self, tokens: Sequence[int], slots: torch.Tensor, namespace: str = "") -> InsertResult:
         key = _as_key(tokens)
         if slots.dim() != 1 or slots.numel() != len(key):
             raise ValueError(f"need one slot per token: {len(key)} tokens, slots shape {tuple(slots.shape)}")
         slots = slots.to(torch.int64)
         now = self.clock()
-        node, i = self.root, 0
+        node, i = self.namespace_root(namespace), 0
         while i < len(key):
             child = node.children.get(key[i])
             if child is None:
@@ -160,7 +174,7 @@ class RadixCache(PrefixCache[RadixNode]):
 
     def path_slots(self, node: RadixNode) -> torch.Tensor:
         pieces = []
-        while node is not self.root:
+        while not self._is_root(node):
             pieces.append(node.value)
             node = node.parent
         return torch.cat(pieces[::-1]) if pieces else _EMPTY.clone()
@@ -169,10 +183,10 @@ class RadixCache(PrefixCache[RadixNode]):
     def lock(self, node: RadixNode) -> None:
         if node.detached:
             raise ValueError(f"cannot lock evicted node {node.id}")
-        if node is self.root:
+        if self._is_root(node):
             return  # the empty prefix needs no protection
         node.own_locks += 1
-        while node is not self.root:
+        while not self._is_root(node):
             if node.ref == 0:
                 self._evictable -= len(node)
                 self._protected += len(node)
@@ -180,14 +194,14 @@ class RadixCache(PrefixCache[RadixNode]):
             node = node.parent  # type: ignore[assignment]  # non-root nodes have a parent
 
     def unlock(self, node: RadixNode) -> None:
-        if node is self.root:
+        if self._is_root(node):
             return
         # own_locks > 0 implies ref > 0 all the way up (a parent's ref ≥ its child's),
         # so checking it first leaves the tree untouched on error.
         if node.own_locks <= 0:
             raise ValueError(f"unlock of node {node.id} that holds no lock")
         node.own_locks -= 1
-        while node is not self.root:
+        while not self._is_root(node):
             node.ref -= 1
             if node.ref == 0:
                 self._protected -= len(node)
@@ -204,7 +218,7 @@ class RadixCache(PrefixCache[RadixNode]):
         """
         if num_tokens <= 0:
             return 0
-        heap = [n for n in self._iter_nodes() if not n.children and n.ref == 0 and n is not self.root]
+        heap = [n for n in self._iter_nodes() if not n.children and n.ref == 0 and not self._is_root(n)]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
@@ -213,7 +227,7 @@ class RadixCache(PrefixCache[RadixNode]):
             assert parent is not None
             self._remove_leaf(leaf)
             freed += len(leaf)
-            if parent is not self.root and not parent.children and parent.ref == 0:
+            if not self._is_root(parent) and not parent.children and parent.ref == 0:
                 heapq.heappush(heap, parent)
         return freed
 
@@ -228,14 +242,14 @@ class RadixCache(PrefixCache[RadixNode]):
 
     # ------------------------------------------------------------------ whole-tree
     def _iter_nodes(self):
-        stack = [self.root]
+        stack = list(self._roots.values())
         while stack:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
 
     def owned_slots(self) -> torch.Tensor:
-        values = [n.value for n in self._iter_nodes() if n is not self.root]
+        values = [n.value for n in self._iter_nodes() if not self._is_root(n)]
         return torch.cat(values) if values else _EMPTY.clone()
 
     def reset(self) -> None:
@@ -243,16 +257,18 @@ class RadixCache(PrefixCache[RadixNode]):
             raise RuntimeError(f"reset with {self._protected} tokens still locked")
         owned = self.owned_slots()
         for node in self._iter_nodes():
-            if node is not self.root:
+            if not self._is_root(node):
                 node.parent, node.detached = None, True
-        self.root.children = {}
+        for root in self._roots.values():
+            root.children = {}
         self.allocator.free(owned)
         self._evictable = 0
 
     def check_integrity(self, extra_owned: torch.Tensor | None = None) -> None:
         evictable = protected = 0
-        root = self.root
-        assert root.parent is None and root.ref == 0 and root.own_locks == 0 and not root.key
+        roots = set(map(id, self._roots.values()))
+        for root in self._roots.values():
+            assert root.parent is None and root.ref == 0 and root.own_locks == 0 and not root.key
         for node in self._iter_nodes():
             child_refs = 0
             for first, child in node.children.items():
@@ -260,7 +276,7 @@ class RadixCache(PrefixCache[RadixNode]):
                 assert not child.detached, f"evicted node {child.id} still in the tree"
                 assert len(child) > 0 and child.key[0] == first, f"node {child.id} keyed by {first}, key {child.key}"
                 child_refs += child.ref
-            if node is root:
+            if id(node) in roots:
                 continue
             assert node.value.dtype == torch.int64 and node.value.dim() == 1
             assert node.value.numel() == len(node), f"node {node.id}: {len(node)} tokens, {node.value.numel()} slots"
@@ -288,5 +304,8 @@ class RadixCache(PrefixCache[RadixNode]):
                 lines.append("  " * depth + repr(child))
                 walk(child, depth + 1)
 
-        walk(self.root, 0)
+        for ns in sorted(self._roots):
+            if self._roots[ns].children and ns:
+                lines.append(f"[namespace {ns!r}]")
+            walk(self._roots[ns], 1 if ns else 0)
         return "\n".join(lines) or "(empty)"

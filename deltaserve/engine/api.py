@@ -99,6 +99,8 @@ class GenerateRequest:
     open_session: bool = False
     session_ttl: float | None = None
     constraint: Constraint | None = None
+    # Radix namespace (server: tenant + cache_salt). KV is reused only between requests with equal namespaces.
+    cache_namespace: str = ""
 
 
 class RequestStats(NamedTuple):

@@ -167,7 +167,8 @@ class AsyncEngine:
 
         def start(engine: LLMEngine) -> None:
             seq = engine.add_request(req.prompt, req.params, req.session_id, req.owner, constraint=req.constraint,
-                                     open_session=req.open_session, session_ttl=req.session_ttl)
+                                     open_session=req.open_session, session_ttl=req.session_ttl,
+                                     cache_namespace=req.cache_namespace)
             stream.request_id = seq.seq_id
             self._requests[seq.seq_id] = (stream, seq)
 

@@ -103,7 +103,7 @@ class LLMEngine:
     # -------------------------------------------------------------- requests
     def add_request(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
                     owner: str | None = None, *, constraint: Constraint | None = None, open_session: bool = False,
-                    session_ttl: float | None = None) -> Sequence:
+                    session_ttl: float | None = None, cache_namespace: str = "") -> Sequence:
         """Queue a request; input errors (EngineError, ValueError) raise here, before it exists.
 
         With `session_id` the request is a turn of that session (opened first if unknown and `open_session`).
@@ -128,6 +128,7 @@ class LLMEngine:
             p = SamplingParams(**{**p.__dict__, "max_tokens": self.max_context - len(prompt)})
         seq = Sequence(prompt, p, session_id, owner)
         seq.constraint = constraint
+        seq.cache_namespace = cache_namespace  # radix matches/inserts stay inside it
         seq.generator = None if p.greedy else make_generator(p.seed)
         self.scheduler.add(seq)
         self.step_stats.counters.requests += 1

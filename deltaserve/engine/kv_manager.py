@@ -84,9 +84,9 @@ class KVManager:
         session = self.sessions.get(seq.session_id) if seq.session_id else None
         was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
-            m = self.radix.match_prefix(seq.tokens)
+            m = self.radix.match_prefix(seq.tokens, seq.cache_namespace)
         else:
-            m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.root, 0)
+            m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.namespace_root(seq.cache_namespace), 0)
         # At least the last prompt token is computed: its logits give the first output token.
         cached = min(m.num_matched, len(seq.tokens) - 1)
         if self.reuse and self._prefill_in_flight(seq, cached, running):
@@ -125,7 +125,8 @@ class KVManager:
     def _prefill_in_flight(self, seq: Sequence, cached: int, running: list[Sequence]) -> bool:
         """True if a running prefill will put at least SHARE_MIN_TOKENS more of `seq`'s prompt in the tree."""
         for r in running:
-            if r is not seq and r.num_output == 0:
+            # only same-namespace prefills: waiting on another tenant's would leak its prompt through timing
+            if r is not seq and r.num_output == 0 and r.cache_namespace == seq.cache_namespace:
                 limit = min(r.prompt_len, len(seq.tokens) - 1)
                 if limit >= cached + SHARE_MIN_TOKENS and common_prefix_len(r.tokens, seq.tokens, limit) >= cached + SHARE_MIN_TOKENS:
                     return True
@@ -140,7 +141,7 @@ class KVManager:
         n = seq.prompt_len
         if not self.reuse or n <= seq.num_shared or seq.num_computed < n:
             return
-        res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
+        res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n], seq.cache_namespace)
         self.radix.lock(res.node)  # before unlocking the old prefix, so no shared ancestor turns evictable
         if seq.locked_node is not None:
             self.radix.unlock(seq.locked_node)
@@ -184,7 +185,7 @@ class KVManager:
         if session is not None and seq.explanation is not None:
             self.sessions.record_turn(session, seq.explanation)  # once per finished turn, not per admission
         if self.reuse and n > 0:
-            res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n])
+            res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n], seq.cache_namespace)
             if session is not None:
                 self.sessions.repin(session, res.node, seq.tokens[:n])
         else:

@@ -54,6 +54,7 @@ class Sequence:
         self.params = params
         self.session_id = session_id
         self.owner = owner
+        self.cache_namespace = ""  # radix namespace: KV is shared only with equal namespaces
         self.status = SeqStatus.WAITING
         self.slots = torch.empty(0, dtype=torch.int64)
         self.num_computed = 0

@@ -32,15 +32,18 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
-               allowed_origins: list[str] | None = None, stats_interval: float | None = None) -> FastAPI:
+               allowed_origins: list[str] | None = None, stats_interval: float | None = None,
+               tenant_header: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
     `max_request_bytes`: larger bodies get 413 (0: unbounded). `admin_key`: enables /v1/debug/* (admin_api).
     `stats_interval`: seconds between throughput log lines while there is work (None: no lines).
     `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
+    `tenant_header`: HTTP header naming the tenant whose radix namespace a request's KV reuse stays in.
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
+    ctx.tenant_header = tenant_header
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -131,6 +134,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeatable); also $DELTASERVE_API_KEY. None: no auth")
+    p.add_argument("--tenant-header", default=None, metavar="NAME",
+                   help="HTTP header (set by an authenticating gateway) naming the tenant; the prefix cache is "
+                        "isolated per tenant (requests without it: the anonymous tenant)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
@@ -163,7 +169,8 @@ def run_server(args: argparse.Namespace) -> int:
     engine = AsyncEngine.build(lambda: build_engine(args))
     app = create_app(engine, args.served_model_name or args.model, keys or None,
                      max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
-                     allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None)
+                     allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None,
+                     tenant_header=args.tenant_header)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()

@@ -59,6 +59,7 @@ async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionReq
                    owner: str | None, route: str):
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, ctx)
     gen = await Generation.start(ctx, route, plan.prompt, params, owner=owner, session_id=plan.session_id,
+                                 cache_salt=body.cache_salt,
                                  session_ttl=body.session_ttl, open_session=not plan.delta,
                                  constraint=plan.grammar, render_mode=plan.mode)
     resp_id, created = new_id("chatcmpl"), int(time.time())

@@ -57,7 +57,8 @@ async def completions(body: CompletionRequest, request: Request, x_session_id: s
     params = sampling_params(body, body.max_tokens, ctx)
     session_id = body.session_id or x_session_id
     gen = await Generation.start(ctx, ROUTE, ids_in, params, owner=owner, session_id=session_id,
-                                 session_ttl=body.session_ttl, render_mode="tokens")
+                                 session_ttl=body.session_ttl, render_mode="tokens",
+                                 cache_salt=body.cache_salt)
     echo = (text if text is not None else ctx.tokenizer.decode(ids_in)) if body.echo else ""
     resp_id, created = new_id("cmpl"), int(time.time())
     if body.stream:

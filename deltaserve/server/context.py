@@ -47,6 +47,7 @@ class ServerContext:
         self.sampling_defaults = info.sampling_defaults  # SamplingDefaults or None
         self.created = int(time.time())
         self._keys = [k for k in (api_keys or []) if k]
+        self.tenant_header: str | None = None  # create_app sets it from --tenant-header
         self.metrics = Metrics()
         self._grammar: Any = None
         self._grammar_lock = asyncio.Lock()
@@ -103,5 +104,25 @@ def get_ctx(request: Request) -> ServerContext:
 
 
 def get_owner(request: Request) -> str | None:
-    """FastAPI dependency: authenticate and return the owner."""
-    return get_ctx(request).authenticate(request)
+    """FastAPI dependency: authenticate and return the owner (the tenant).
+
+    With `--tenant-header NAME` the owner also folds in that header's value (absent: the anonymous tenant), so
+    a gateway's tenants get separate caches, sessions and responses even when they share one API key.
+    """
+    ctx = get_ctx(request)
+    owner = ctx.authenticate(request)
+    if ctx.tenant_header is None:
+        return owner
+    tenant = request.headers.get(ctx.tenant_header) or ""
+    return "t-" + hashlib.sha256(f"{owner or ''}\x00{tenant}".encode()).hexdigest()[:24]
+
+
+def cache_namespace(owner: str | None, cache_salt: str | None) -> str:
+    """The engine's radix namespace for a request: its tenant (the owner, see `get_owner`) and `cache_salt`.
+
+    KV is reused only between requests with equal namespaces, so cached_tokens, timing and the cache
+    explanation reveal nothing about another tenant's prompts. No tenant and no salt: "" (one shared tree).
+    """
+    if owner is None and cache_salt is None:
+        return ""
+    return f"{owner or ''}\x00{cache_salt or ''}"  # NUL: no owner/salt pair can alias another

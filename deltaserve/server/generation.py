@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from deltaserve.engine.api import Constraint, GenerateRequest, RequestOutput, SamplingParams
 from deltaserve.engine.async_engine import RequestStream
 from deltaserve.engine.textstream import TextStream
-from deltaserve.server.context import ServerContext
+from deltaserve.server.context import cache_namespace, ServerContext
 from deltaserve.server.errors import APIError, bad_request, engine_errors
 from deltaserve.server.protocol import (CacheInfo, CompletionTokensDetails, DeltaserveInfo, PromptTokensDetails,
                                         Usage, SamplingFields)
@@ -90,10 +90,11 @@ class Generation:
     async def start(cls, ctx: ServerContext, route: str, prompt: list[int], params: SamplingParams, *,
                     owner: str | None, session_id: str | None = None, session_ttl: float | None = None,
                     open_session: bool = True, constraint: Constraint | None = None,
-                    render_mode: str = "full") -> "Generation":
+                    render_mode: str = "full", cache_salt: str | None = None) -> "Generation":
         t0 = time.perf_counter()
         req = GenerateRequest(prompt, params, owner, session_id, open_session=open_session and session_id is not None,
-                              session_ttl=session_ttl, constraint=constraint)
+                              session_ttl=session_ttl, constraint=constraint,
+                              cache_namespace=cache_namespace(owner, cache_salt))  # every route: tenant-scoped KV
         with engine_errors(session_id):
             stream = await ctx.driver.submit(req)
         return cls(ctx, route, stream, params, session_id, render_mode, t0)

@@ -133,6 +133,7 @@ class SamplingFields(_Req):
     ignore_eos: Bool = False
     stop_token_ids: list[Int] | None = None
     return_token_ids: Bool = False  # vLLM: prompt_token_ids in the response, token_ids in the choice
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM: only equal salts share KV
     # deltaserve extensions
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
     session_ttl: Num | None = Field(default=None, ge=0)
