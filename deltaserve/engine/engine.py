@@ -48,6 +48,8 @@ class EngineConfig:
     check_integrity: bool = False  # after every step (tests)
     max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
+    # a request still running this many seconds after it arrived ends with finish_reason "timeout" (None: never)
+    request_timeout: float | None = None
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
 
 
@@ -154,15 +156,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything the scheduler fits; the outputs of the requests it advanced."""
         self._housekeeping()
+        expired = self._expire_deadlines()
         st = self.step_stats
         st.begin()
         plan = self.scheduler.plan(self.kv)
         st.scheduled()
         if not plan.items:
-            return self._unblock()
+            return expired + self._unblock()
         logits = self.runner.run(plan)
         st.forwarded(plan)
-        outputs = self._postprocess(plan, logits)
+        outputs = expired + self._postprocess(plan, logits)
         st.done()
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.running)
@@ -184,6 +187,24 @@ class LLMEngine:
         if self.step_stats.counters.steps % 256 == 0:
             # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
             self.sessions.forget_idle(self.config.session_max_idle)
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """End requests older than `request_timeout` (finish_reason "timeout"), before this step plans.
+
+        They end as an abort does: the KV computed so far stays in the cache and the session is released, so its
+        next turn is consistent (and reuses that KV)."""
+        timeout = self.config.request_timeout
+        if timeout is None or not self.scheduler.has_work():
+            return []
+        cutoff = time.perf_counter() - timeout
+        late = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.stats.arrival < cutoff]
+        outputs = []
+        for seq in late:
+            release = seq.status != SeqStatus.WAITING  # a waiting request holds no KV yet
+            self.scheduler.remove(seq)
+            self._finish(seq, "timeout", release=release)
+            outputs.append(_output(seq, [], True))
+        return outputs
 
     def _postprocess(self, plan: StepPlan, out: StepLogits) -> list[RequestOutput]:
         """Advance each item by what the step computed; sample (or verify drafts) where logits came back."""

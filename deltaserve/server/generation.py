@@ -163,6 +163,8 @@ class Generation:
         if self.text.stopped:
             return "stop"
         r = self.final.finish_reason
+        if r == "timeout":  # --request-timeout: cut like max_tokens would, flagged in the usage extension
+            return "length"
         return r if r in ("stop", "length") else "stop"
 
     def info(self) -> DeltaserveInfo:
@@ -175,7 +177,9 @@ class Generation:
             diverged_at=ex.diverged_at if ex is not None else None,
             detail=ex.detail if ex is not None else None,
         )
-        return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode)
+        timed_out = self.final.finish_reason == "timeout"
+        return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode,
+                              timed_out=timed_out)
 
     def usage(self) -> Usage:
         st = self.final.stats
