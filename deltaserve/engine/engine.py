@@ -50,6 +50,7 @@ class EngineConfig:
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
     # a request still running this many seconds after it arrived ends with finish_reason "timeout" (None: never)
     request_timeout: float | None = None
+    max_pinned_tokens_per_key: int | None = None  # tokens one owner's pinned sessions may hold (None: no cap)
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
 
 
@@ -63,6 +64,7 @@ class LLMEngine:
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
+        self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
         self.sessions.max_per_owner = config.max_sessions_per_key
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
