@@ -188,3 +188,27 @@ def test_pinned_token_quota_per_key_in_the_engine(smollm_model):
     assert not e.get_session("a1").pinned  # A's least recently used
     assert e.get_session("a2").pinned and e.get_session("a3").pinned and e.get_session("b1").pinned
     assert e.stats()["demoted_sessions"] == 1
+
+
+def test_grammar_compile_time_is_bounded(smollm_model):
+    """A grammar that does not compile within ctx.grammar_timeout is a 400 naming the parameter."""
+    import time
+
+    import torch
+
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.server.app import create_app
+
+    class SlowCompiler:
+        def for_json_schema(self, schema):
+            time.sleep(1.0)
+
+    model, tok = smollm_model
+    app = create_app(LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=16 << 20)), "m")
+    app.state.ctx.grammar_timeout, app.state.ctx._grammar = 0.2, SlowCompiler()
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=30, json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "grammar_too_complex", r.text
+    assert r.json()["error"]["param"] == "response_format"
