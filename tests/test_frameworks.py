@@ -1,6 +1,6 @@
 """Agent frameworks against the live server, unchanged: only `base_url`, `api_key` and the model name.
 
-The OpenAI Agents SDK (its default Responses model and its Chat Completions model) and LangGraph/LangChain
+The OpenAI Agents SDK (its default Responses model and its Chat Completions model), pydantic-ai and LangGraph/LangChain
 (`ChatOpenAI`: tools, structured output, the Responses API) drive Qwen2.5-Coder-0.5B, greedy. What is asserted
 is the protocol: tools are called through each framework's own tool-calling path with arguments parsed from the
 model's calls, a multi-step loop reaches a final answer, `previous_response_id` continues from the cached
@@ -130,3 +130,15 @@ def test_langchain_structured_output_and_responses_api(base_url):
                                             max_tokens=30, use_responses_api=True)
     reply = responses.invoke("Say hi.")
     assert reply.text and reply.response_metadata.get("id", "").startswith("resp_")
+
+
+def test_pydantic_ai_structured_output_over_chat_completions(base_url):
+    """pydantic-ai's OpenAI chat model: its structured output is a forced call of its `final_result` tool."""
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=base_url, api_key="none"))
+    agent = pydantic_ai.Agent(model, output_type=City, model_settings={"temperature": 0, "max_tokens": 60})
+    out = agent.run_sync("I flew to Lyon, France last week.").output
+    assert isinstance(out, City) and out.name == "Lyon"

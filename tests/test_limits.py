@@ -162,3 +162,53 @@ def test_session_quota_per_key(smollm_model):
     e.sessions.open("a3", "A")
     err = from_engine_error(SessionQuotaExceeded(2, 2))
     assert err.status == 429 and err.code == "session_quota_exceeded"
+
+
+def test_pinned_token_quota_per_key_in_the_engine(smollm_model):
+    """--max-pinned-tokens-per-key: a finished turn that puts its key over the quota unpins that key's least
+    recently used sessions, and only that key's."""
+    import torch
+
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.engine.sampling import SamplingParams
+
+    model, tok = smollm_model
+    e = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=32 << 20, speculation=False,
+                                           max_pinned_tokens_per_key=50, check_integrity=True))
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def turn(sid: str, owner: str, first: int) -> None:
+        e.run_until_done([e.add_request(list(range(first, first + 20)), p, sid, owner, open_session=True)])
+
+    turn("b1", "B", 100)  # the oldest pin; B is under its own quota
+    turn("a1", "A", 200)  # each A turn pins ~21 tokens: the third puts A over 50
+    turn("a2", "A", 300)
+    assert e.get_session("a1").pinned and e.get_session("a2").pinned
+    turn("a3", "A", 400)
+    assert not e.get_session("a1").pinned  # A's least recently used
+    assert e.get_session("a2").pinned and e.get_session("a3").pinned and e.get_session("b1").pinned
+    assert e.stats()["demoted_sessions"] == 1
+
+
+def test_grammar_compile_time_is_bounded(smollm_model):
+    """A grammar that does not compile within ctx.grammar_timeout is a 400 naming the parameter."""
+    import time
+
+    import torch
+
+    from deltaserve.engine.engine import EngineConfig, LLMEngine
+    from deltaserve.server.app import create_app
+
+    class SlowCompiler:
+        def for_json_schema(self, schema):
+            time.sleep(1.0)
+
+    model, tok = smollm_model
+    app = create_app(LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=16 << 20)), "m")
+    app.state.ctx.grammar_timeout, app.state.ctx._grammar = 0.2, SlowCompiler()
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=30, json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "grammar_too_complex", r.text
+    assert r.json()["error"]["param"] == "response_format"

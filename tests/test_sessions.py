@@ -418,3 +418,21 @@ SessionMachine.TestCase.settings = _settings
 PrefixModeMachine.TestCase.settings = settings(_settings, max_examples=60)
 TestSessionMachine = SessionMachine.TestCase
 TestPrefixModeMachine = PrefixModeMachine.TestCase
+
+
+def test_owner_pin_quota_demotes_only_that_owners_lru_pins():
+    env = Env(num_slots=64)
+    a1, a2, a3 = (env.mgr.open(f"a{i}", owner="A") for i in (1, 2, 3))
+    b1 = env.mgr.open("b1", owner="B")
+    env.clock.now = 1.0
+    env.turn(b1, [90, 91, 92, 93, 94, 95])  # B holds 6 pinned tokens, the oldest pin of all
+    for t, (s, base) in enumerate(((a1, 10), (a2, 20), (a3, 30)), start=2):
+        env.clock.now = float(t)
+        env.turn(s, [base, base + 1, base + 2, base + 3])  # 4 tokens each: A holds 12
+    assert env.mgr.enforce_owner_quota("A", 8) == ["a1"]  # A's least recently used, not B's older pin
+    assert not a1.pinned and a1.unpin_reason == MatchReason.DEMOTED
+    assert a2.pinned and a3.pinned and b1.pinned
+    assert env.mgr.enforce_owner_quota("A", 8) == []  # 8 held: within the quota
+    assert env.mgr.enforce_owner_quota("A", 3) == ["a2", "a3"]  # one session alone over it goes too
+    assert b1.pinned
+    env.radix.check_integrity()

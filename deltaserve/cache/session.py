@@ -254,6 +254,24 @@ class SessionManager:
         """
         self._unpin(session, MatchReason.DEMOTED)
 
+    def enforce_owner_quota(self, owner: str | None, max_tokens: int) -> list[str]:
+        """Unpin `owner`'s least recently used pins until its pinned sessions hold <= `max_tokens` tokens.
+
+        A key's quota is paid by that key alone: other owners' pins are never touched. A session's tokens count
+        in full even where they share a prefix with another pin (what the key asks to keep, not what it costs
+        the pool). Demoted paths stay as LRU cache; their misses are explained as DEMOTED. Returns the ids."""
+        pinned = sorted((s for s in self._sessions.values() if s.pinned and s.owner == owner),
+                        key=lambda s: (s.last_used, s.seq))
+        held = sum(len(s.tokens) for s in pinned)
+        out: list[str] = []
+        for s in pinned:
+            if held <= max_tokens:
+                break
+            self._unpin(s, MatchReason.DEMOTED)
+            held -= len(s.tokens)
+            out.append(s.session_id)
+        return out
+
     def demote_lru(self, num_tokens_needed: int) -> list[str]:
         """Unpin least-recently-used sessions until `radix.evictable_size >= num_tokens_needed`.
 

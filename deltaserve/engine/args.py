@@ -35,6 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                         "--max-batch-tokens); lower keeps decoding agents' tokens coming during long prefills")
     p.add_argument("--max-sessions-per-key", type=int, default=None,
                    help="open sessions one API key may hold; one more is HTTP 429 (default: no cap)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="a request running longer than S seconds ends with finish_reason 'length' and "
+                        "deltaserve.timed_out (its KV so far stays cached; default: no limit)")
+    p.add_argument("--max-pinned-tokens-per-key", type=int, default=None, metavar="N",
+                   help="tokens one API key's pinned sessions may hold; over it, that key's least recently used "
+                        "pins are demoted (never another key's; default: no cap)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests waiting for admission beyond this are refused (HTTP 429; default: no cap)")
     p.add_argument("--max-num-seqs", "--max-running", dest="max_running", type=int, default=64,
@@ -68,6 +74,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --max-waiting must be >= 0, got {args.max_waiting}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     return EngineConfig(max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key,
+                        request_timeout=args.request_timeout, max_pinned_tokens_per_key=args.max_pinned_tokens_per_key,
                         dtype=getattr(torch, dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,

@@ -48,6 +48,9 @@ class EngineConfig:
     check_integrity: bool = False  # after every step (tests)
     max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
+    # a request still running this many seconds after it arrived ends with finish_reason "timeout" (None: never)
+    request_timeout: float | None = None
+    max_pinned_tokens_per_key: int | None = None  # tokens one owner's pinned sessions may hold (None: no cap)
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
 
 
@@ -61,6 +64,7 @@ class LLMEngine:
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
+        self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
         self.sessions.max_per_owner = config.max_sessions_per_key
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
@@ -154,15 +158,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything the scheduler fits; the outputs of the requests it advanced."""
         self._housekeeping()
+        expired = self._expire_deadlines()
         st = self.step_stats
         st.begin()
         plan = self.scheduler.plan(self.kv)
         st.scheduled()
         if not plan.items:
-            return self._unblock()
+            return expired + self._unblock()
         logits = self.runner.run(plan)
         st.forwarded(plan)
-        outputs = self._postprocess(plan, logits)
+        outputs = expired + self._postprocess(plan, logits)
         st.done()
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.running)
@@ -184,6 +189,24 @@ class LLMEngine:
         if self.step_stats.counters.steps % 256 == 0:
             # Unpinned sessions idle this long are forgotten, so the registry stays bounded.
             self.sessions.forget_idle(self.config.session_max_idle)
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """End requests older than `request_timeout` (finish_reason "timeout"), before this step plans.
+
+        They end as an abort does: the KV computed so far stays in the cache and the session is released, so its
+        next turn is consistent (and reuses that KV)."""
+        timeout = self.config.request_timeout
+        if timeout is None or not self.scheduler.has_work():
+            return []
+        cutoff = time.perf_counter() - timeout
+        late = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.stats.arrival < cutoff]
+        outputs = []
+        for seq in late:
+            release = seq.status != SeqStatus.WAITING  # a waiting request holds no KV yet
+            self.scheduler.remove(seq)
+            self._finish(seq, "timeout", release=release)
+            outputs.append(_output(seq, [], True))
+        return outputs
 
     def _postprocess(self, plan: StepPlan, out: StepLogits) -> list[RequestOutput]:
         """Advance each item by what the step computed; sample (or verify drafts) where logits came back."""

@@ -59,6 +59,7 @@ class KVManager:
         self.evicted_tokens = 0
         self.demoted_sessions = 0
         self.unpinned_over_budget = 0  # turns whose session was left unpinned by the pin budget
+        self.max_pinned_tokens_per_owner: int | None = None  # a key's pins over this demote its own LRU ones
         # pinned (+ in-use) KV may hold at most this many slots; the rest is working space
         self.pin_budget = int(max_pinned_fraction * pool.num_slots)
         self._admission: _Admission | None = None  # from the last True can_admit, consumed by admit
@@ -200,6 +201,9 @@ class KVManager:
         if session is not None and session.pinned and self.radix.protected_size > self.pin_budget:
             self.sessions.unpin_over_budget(session)
             self.unpinned_over_budget += 1
+        if session is not None and session.pinned and self.max_pinned_tokens_per_owner is not None:
+            demoted = self.sessions.enforce_owner_quota(session.owner, self.max_pinned_tokens_per_owner)
+            self.demoted_sessions += len(demoted)
         seq.slots = torch.empty(0, dtype=torch.int64)
         seq.num_computed = seq.num_shared = 0
 

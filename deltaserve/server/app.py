@@ -33,7 +33,7 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
                allowed_origins: list[str] | None = None, stats_interval: float | None = None,
-               tenant_header: str | None = None) -> FastAPI:
+               tenant_header: str | None = None, log_requests: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
@@ -41,9 +41,11 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     `stats_interval`: seconds between throughput log lines while there is work (None: no lines).
     `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
     `tenant_header`: HTTP header naming the tenant whose radix namespace a request's KV reuse stays in.
+    `log_requests`: log each request's prompt and output text (logger `deltaserve.requests`; off: never).
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
     ctx.tenant_header = tenant_header
+    ctx.log_requests = log_requests
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -141,6 +143,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
     p.add_argument("--admin-key", default=None, help="enables GET /v1/debug/integrity for this bearer key")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log each request's prompt and output text at INFO (default: never logged)")
     p.add_argument("--stats-interval", type=float, default=5.0,
                    help="seconds between throughput/cache INFO lines while there is work (0: none)")
 
@@ -170,7 +174,7 @@ def run_server(args: argparse.Namespace) -> int:
     app = create_app(engine, args.served_model_name or args.model, keys or None,
                      max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
                      allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None,
-                     tenant_header=args.tenant_header)
+                     tenant_header=args.tenant_header, log_requests=args.log_requests)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()

@@ -199,6 +199,17 @@ def is_last_turn(ctx: ServerContext, record: TurnRecord, owner: str | None) -> b
     return last is not None and last.response_id == record.response_id
 
 
+async def _compile(ctx: ServerContext, param: str, fn: Any, *args: Any) -> Any:
+    """Compile a grammar off the event loop, within `ctx.grammar_timeout` seconds (else 400). A compile that runs
+    over keeps its worker thread until it ends (threads cannot be killed); the size limits (`limits.py`) keep
+    schemas small enough that this is rare."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), ctx.grammar_timeout)
+    except TimeoutError:
+        raise bad_request(f"the output grammar did not compile within {ctx.grammar_timeout:g} s; simplify the "
+                          "schema", param, "grammar_too_complex") from None
+
+
 async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] | None,
                    fmt: ResponseFormat | None, parallel: bool | None) -> Any:
     """The output grammar: a forced tool call; JSON (a schema / any object); with tools offered under
@@ -215,7 +226,7 @@ async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] 
             if name is not None and name not in {t["function"]["name"] for t in tools or []}:
                 raise bad_request(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
             many = parallel is True and name is None
-            return await asyncio.to_thread(compiler.for_tool_call, tools, name, "hermes", many)
+            return await _compile(ctx, "tool_choice", compiler.for_tool_call, tools, name, "hermes", many)
         if fmt.type == "json_object":
             schema: dict[str, Any] = {"type": "object"}
         elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
@@ -224,8 +235,9 @@ async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] 
             schema = fmt.json_schema.schema_
             check_schema(schema, "response_format")
         if tools:  # tool_choice "auto": a call or the answer
-            return await asyncio.to_thread(compiler.for_tool_call_or_json, tools, schema, parallel is not False)
-        return await asyncio.to_thread(compiler.for_json_schema, schema)
+            return await _compile(ctx, "response_format", compiler.for_tool_call_or_json, tools, schema,
+                                  parallel is not False)
+        return await _compile(ctx, "response_format", compiler.for_json_schema, schema)
     except GrammarError as e:
         raise bad_request(f"cannot compile the output grammar: {e}", "tool_choice" if forced else "response_format",
                           "invalid_grammar") from e

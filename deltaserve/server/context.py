@@ -48,6 +48,8 @@ class ServerContext:
         self.created = int(time.time())
         self._keys = [k for k in (api_keys or []) if k]
         self.tenant_header: str | None = None  # create_app sets it from --tenant-header
+        self.log_requests = False  # create_app sets it from --log-requests: prompts and outputs in the log
+        self.grammar_timeout = 10.0  # seconds a request's output grammar may take to compile (else 400)
         self.metrics = Metrics()
         self._grammar: Any = None
         self._grammar_lock = asyncio.Lock()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from deltaserve.server.context import cache_namespace, ServerContext
 from deltaserve.server.errors import APIError, bad_request, engine_errors
 from deltaserve.server.protocol import (CacheInfo, CompletionTokensDetails, DeltaserveInfo, PromptTokensDetails,
                                         Usage, SamplingFields)
+
+request_log = logging.getLogger("deltaserve.requests")
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -85,6 +88,7 @@ class Generation:
         self.ttft: float | None = None
         self._last: float | None = None  # when the previous tokens arrived (inter-token latency)
         self.done = False
+        self.prompt_ids: list[int] | None = None
 
     @classmethod
     async def start(cls, ctx: ServerContext, route: str, prompt: list[int], params: SamplingParams, *,
@@ -97,7 +101,9 @@ class Generation:
                               cache_namespace=cache_namespace(owner, cache_salt))  # every route: tenant-scoped KV
         with engine_errors(session_id):
             stream = await ctx.driver.submit(req)
-        return cls(ctx, route, stream, params, session_id, render_mode, t0)
+        gen = cls(ctx, route, stream, params, session_id, render_mode, t0)
+        gen.prompt_ids = prompt if ctx.log_requests else None  # kept only to be logged
+        return gen
 
     @property
     def final(self) -> RequestOutput:
@@ -163,6 +169,8 @@ class Generation:
         if self.text.stopped:
             return "stop"
         r = self.final.finish_reason
+        if r == "timeout":  # --request-timeout: cut like max_tokens would, flagged in the usage extension
+            return "length"
         return r if r in ("stop", "length") else "stop"
 
     def info(self) -> DeltaserveInfo:
@@ -175,7 +183,9 @@ class Generation:
             diverged_at=ex.diverged_at if ex is not None else None,
             detail=ex.detail if ex is not None else None,
         )
-        return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode)
+        timed_out = self.final.finish_reason == "timeout"
+        return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode,
+                              timed_out=timed_out)
 
     def usage(self) -> Usage:
         st = self.final.stats
@@ -196,6 +206,10 @@ class Generation:
         st = self.final.stats
         self.ctx.metrics.observe_generation(self.route, time.perf_counter() - self.t0, self.ttft, st.prompt_tokens,
                                             st.cached_tokens, st.output_tokens, st.queue_s)
+        if self.prompt_ids is not None:  # --log-requests only: prompts and outputs are user data
+            request_log.info("%s session=%s prompt_tokens=%d cached=%d output_tokens=%d finish=%s prompt=%r output=%r",
+                             self.route, self.session_id, st.prompt_tokens, st.cached_tokens, st.output_tokens,
+                             self.finish_reason, self.ctx.tokenizer.decode(self.prompt_ids), self.text.text)
 
 
 class GenerationResponse(StreamingResponse):

@@ -212,6 +212,7 @@ class DeltaserveInfo(_Resp):
     session_id: str | None = None
     cache: CacheInfo
     render_mode: str
+    timed_out: bool = False  # --request-timeout ended the request (its finish_reason is "length")
 
 
 class Usage(_Resp):
