@@ -99,6 +99,7 @@ def test_fuzz_every_route(server, engine, tmp_path):
            "--workers", "1", "--request-timeout", "60", "--suppress-health-check", "all", "--no-color"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     report = run.stdout + run.stderr
+    print(report[-2500:])  # the summary (cases generated, phases), shown with -s
     assert run.returncode == 0, report[-12000:]
     # Nothing it sent may have left the engine inconsistent, and it must still serve.
     assert httpx.get(server.base_url + "/health").json()["status"] == "ok"
