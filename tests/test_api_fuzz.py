@@ -12,7 +12,7 @@ stopping at a 404, and the engine's context is 48 tokens, so that every generati
 few minutes on 2 CPU cores. The engine checks its own integrity every step (`check_integrity=True`), so a request that corrupts
 the pool, the radix tree or a session fails the run too.
 
-The longer run (documented in docs/API.md, "Fuzzing"): `FUZZ_EXAMPLES=200 pytest tests/test_api_fuzz.py`.
+The longer run (documented in docs/API.md, "Fuzzing"): `FUZZ_EXAMPLES=50 pytest -s tests/test_api_fuzz.py -k every`.
 """
 
 from __future__ import annotations
