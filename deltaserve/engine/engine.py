@@ -16,8 +16,8 @@ import torch
 
 from deltaserve import env
 from deltaserve.config import ModelConfig
-from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, IntegrityReport, Overloaded, PromptTooLong, RequestOutput, RequestStats,
-                                   SessionInfo)
+from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, IntegrityReport, Overloaded, PromptTooLong,
+                                   RequestOutput, RequestStats, SessionInfo)
 from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner, StepLogits
 from deltaserve.engine.responses import ResponseStore
@@ -82,10 +82,9 @@ class LLMEngine:
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
+        from deltaserve.models.generation_config import load_sampling_defaults
         from deltaserve.models.loader import load_config, load_state_dict, model_dir
         from deltaserve.models.tokenizer import Tokenizer
-
-        from deltaserve.models.generation_config import load_sampling_defaults
 
         d = model_dir(model)
         net = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), config.dtype, config.device)
@@ -145,9 +144,14 @@ class LLMEngine:
         seq.cancelled = True
         if seq.status == SeqStatus.FINISHED:
             return None
+        return self._end_early(seq, "abort")
+
+    def _end_early(self, seq: Sequence, reason: str) -> RequestOutput:
+        """Finish a queued or running request between steps (abort, timeout): the KV it computed enters the
+        cache, so its session stays consistent. Its final output."""
         release = seq.status != SeqStatus.WAITING  # a waiting request holds no KV yet
         self.scheduler.remove(seq)
-        self._finish(seq, "abort", release=release)
+        self._finish(seq, reason, release=release)
         return _output(seq, [], True)
 
     def has_work(self) -> bool:
@@ -200,13 +204,7 @@ class LLMEngine:
             return []
         cutoff = time.perf_counter() - timeout
         late = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.stats.arrival < cutoff]
-        outputs = []
-        for seq in late:
-            release = seq.status != SeqStatus.WAITING  # a waiting request holds no KV yet
-            self.scheduler.remove(seq)
-            self._finish(seq, "timeout", release=release)
-            outputs.append(_output(seq, [], True))
-        return outputs
+        return [self._end_early(seq, "timeout") for seq in late]
 
     def _postprocess(self, plan: StepPlan, out: StepLogits) -> list[RequestOutput]:
         """Advance each item by what the step computed; sample (or verify drafts) where logits came back."""
