@@ -23,7 +23,7 @@ from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
-from deltaserve.server.protocol import ErrorResponse, ModelCard, ModelList
+from deltaserve.server.protocol import ModelCard, ModelList, openapi_responses
 
 log = logging.getLogger("deltaserve.server")
 
@@ -98,15 +98,13 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
         c = get_ctx(request)
         return Response(c.metrics.render(await c.driver.stats()), media_type=CONTENT_TYPE)
 
-    errors = {code: {"model": ErrorResponse} for code in (401,)}
-
-    @app.get("/v1/models", response_model=ModelList, responses=errors, summary="List models")
+    @app.get("/v1/models", response_model=ModelList, responses=openapi_responses(401), summary="List models")
     async def models(request: Request, owner: str | None = Depends(get_owner)):
         c = get_ctx(request)
         return ModelList(data=[ModelCard(id=c.model_name, created=c.created, max_model_len=c.max_context)])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="Retrieve a model",
-             responses={code: {"model": ErrorResponse} for code in (401, 404)})
+             responses=openapi_responses(401, 404))
     async def model(model_id: str, request: Request, owner: str | None = Depends(get_owner)):
         c = get_ctx(request)
         c.check_model(model_id)

@@ -23,15 +23,15 @@ from deltaserve.engine.api import TurnRecord
 from deltaserve.engine.chat import Transcript, compact_tokens, reply_message
 from deltaserve.server.chat_plan import ChatPlan, plan_chat
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
-from deltaserve.server.generation import (STREAMING_200, ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
+from deltaserve.server.generation import (ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
                                           sampling_params, sse_events)
 from deltaserve.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
-                                        DeltaChatRequest, ErrorResponse, ResponseFunctionCall, ResponseMessage,
-                                        ResponseToolCall)
+                                        DeltaChatRequest, ResponseFunctionCall, ResponseMessage,
+                                        ResponseToolCall, openapi_responses)
 from deltaserve.server.tool_parser import StreamingToolParser, ToolCallDelta, new_call_id, parse_tool_calls
 
 router = APIRouter()
-_ERRORS = {**STREAMING_200, **{code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 500)}}
+_ERRORS = openapi_responses(400, 401, 404, 409, 500, streaming=True)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,

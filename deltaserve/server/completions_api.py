@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import bad_request
-from deltaserve.server.generation import (STREAMING_200, ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
+from deltaserve.server.generation import (ChunkFormat, Generation, GenerationResponse, engine_failure, new_id,
                                           sampling_params, sse_events)
-from deltaserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse
+from deltaserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, openapi_responses
 
 router = APIRouter()
 ROUTE = "/v1/completions"
@@ -43,7 +43,7 @@ def prompt_tokens(ctx: ServerContext, prompt: Any) -> tuple[list[int], str | Non
 
 
 @router.post(ROUTE, response_model=CompletionResponse,
-             responses={**STREAMING_200, **{c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 500)}},
+             responses=openapi_responses(400, 401, 404, 409, 500, streaming=True),
              summary="Text completion (OpenAI legacy API); deltaserve extension: session_id")
 async def completions(body: CompletionRequest, request: Request, x_session_id: str | None = Header(default=None),
                       owner: str | None = Depends(get_owner)):

@@ -35,14 +35,6 @@ request_log = logging.getLogger("deltaserve.requests")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-# OpenAPI: a generating route answers JSON, or with `stream: true` server-sent events.
-STREAMING_200 = {200: {"description": "the completion, or with `stream: true` server-sent events (`data: {...}` "
-                                      "chunks ending with `data: [DONE]`)",
-                       "content": {"text/event-stream": {"schema": {  # one event
-                           "type": "object", "required": ["data"],
-                           "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}}
-
-
 def sse(obj: Any) -> str:
     """One server-sent event carrying `obj` as compact JSON."""
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"

@@ -321,3 +321,16 @@ class ErrorBody(_Resp):
 
 class ErrorResponse(_Resp):
     error: ErrorBody
+
+
+# OpenAPI `responses` of a route. A generating route answers JSON, or with `stream: true` server-sent events.
+_SSE_200 = {200: {"description": "the completion, or with `stream: true` server-sent events (`data: {...}` chunks "
+                                 "ending with `data: [DONE]`)",
+                  "content": {"text/event-stream": {"schema": {  # one event
+                      "type": "object", "required": ["data"],
+                      "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}}
+
+
+def openapi_responses(*codes: int, streaming: bool = False) -> dict[int | str, dict[str, Any]]:
+    """A route's documented error statuses (OpenAI error format), plus SSE on 200 for a streaming route."""
+    return {**(_SSE_200 if streaming else {}), **{c: {"model": ErrorResponse} for c in codes}}

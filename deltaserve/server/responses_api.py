@@ -36,19 +36,14 @@ from deltaserve.server.chat_api import limit_calls
 from deltaserve.server.chat_plan import ChatPlan, is_last_turn, plan_history
 from deltaserve.server.context import ServerContext, get_ctx, get_owner
 from deltaserve.server.errors import APIError
-from deltaserve.server.generation import STREAMING_200, Generation, GenerationResponse, Usage, engine_failure
-from deltaserve.server.protocol import ErrorResponse
+from deltaserve.server.generation import Generation, GenerationResponse, Usage, engine_failure
+from deltaserve.server.protocol import openapi_responses
 from deltaserve.server.responses_items import StoredView, item_id, normalize_input, output_items, to_messages
 from deltaserve.server.responses_protocol import (ResponsesRequest, chat_format, chat_tool_choice, chat_tools,
                                                   check_supported, format_echo)
 from deltaserve.server.tool_parser import new_call_id, parse_tool_calls
 
 router = APIRouter()
-
-
-def _errors(*codes: int, streaming: bool = False) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` of a route: its error statuses (and SSE for a streaming one)."""
-    return {**(STREAMING_200 if streaming else {}), **{c: {"model": ErrorResponse} for c in codes}}
 
 
 def stored(ctx: ServerContext, rid: str, owner: str | None, param: str | None = None) -> tuple[TurnRecord, StoredView]:
@@ -152,7 +147,7 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
     return Turn(ctx, body, owner, plan, items, history, turn_id)
 
 
-@router.post("/v1/responses", responses=_errors(400, 401, 404, 409, 500, streaming=True),
+@router.post("/v1/responses", responses=openapi_responses(400, 401, 404, 409, 500, streaming=True),
              summary="Create a response (OpenAI Responses API; ids name exact KV states)")
 async def create_response(body: ResponsesRequest, request: Request, owner: str | None = Depends(get_owner)):
     ctx = get_ctx(request)
@@ -183,13 +178,13 @@ async def create_response(body: ResponsesRequest, request: Request, owner: str |
     return JSONResponse(turn.finish(gen, content, calls, exact, output_items(content, calls)))
 
 
-@router.get("/v1/responses/{response_id}", responses=_errors(401, 404), summary="Retrieve a stored response")
+@router.get("/v1/responses/{response_id}", responses=openapi_responses(401, 404), summary="Retrieve a stored response")
 async def get_response(response_id: str, request: Request, owner: str | None = Depends(get_owner)):
     _, view = stored(get_ctx(request), response_id, owner)
     return JSONResponse(view.response)
 
 
-@router.get("/v1/responses/{response_id}/input_items", responses=_errors(400, 401, 404),
+@router.get("/v1/responses/{response_id}/input_items", responses=openapi_responses(400, 401, 404),
             summary="The input items of a stored response")
 async def input_items(response_id: str, request: Request, owner: str | None = Depends(get_owner),
                       limit: int = Query(default=20, ge=1, le=100), order: str = Query(default="desc"),
@@ -208,7 +203,7 @@ async def input_items(response_id: str, request: Request, owner: str | None = De
                          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
-@router.delete("/v1/responses/{response_id}", responses=_errors(401, 404),
+@router.delete("/v1/responses/{response_id}", responses=openapi_responses(401, 404),
                summary="Delete a stored response (and its token state)")
 async def delete_response(response_id: str, request: Request, owner: str | None = Depends(get_owner)):
     ctx = get_ctx(request)

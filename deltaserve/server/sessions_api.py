@@ -17,11 +17,11 @@ from deltaserve.engine.api import EngineError, SessionExists
 from deltaserve.engine.api import SessionInfo as EngineSessionInfo
 from deltaserve.server.context import get_ctx, get_owner
 from deltaserve.server.errors import engine_errors, from_engine_error
-from deltaserve.server.protocol import (CacheInfo, DeletedSession, ErrorResponse, SessionCreateRequest,
-                                        SessionForkRequest, SessionInfo, SessionUpdateRequest)
+from deltaserve.server.protocol import (CacheInfo, DeletedSession, SessionCreateRequest, SessionForkRequest,
+                                        SessionInfo, SessionUpdateRequest, openapi_responses)
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409)}
+_ERRORS = openapi_responses(400, 401, 404, 409)
 
 
 def _shown(s: EngineSessionInfo) -> SessionInfo:

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from deltaserve.server.chat_plan import plan_history, template_message
 from deltaserve.server.context import get_ctx, get_owner
 from deltaserve.server.errors import bad_request
-from deltaserve.server.protocol import ErrorResponse, Int, Message, Tool
+from deltaserve.server.protocol import Int, Message, Tool, openapi_responses
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
+_ERRORS = openapi_responses(400, 401, 404)
 
 
 class TokenizeRequest(BaseModel):
