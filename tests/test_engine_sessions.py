@@ -117,6 +117,38 @@ def test_forks_continue_independently_and_equal_recompute(engines):
     assert eng.get_session("trunk").tokens != eng.get_session("branch").tokens
 
 
+def test_fork_at_a_turn_and_rollback_equal_recompute(engines):
+    """Two forks from turn 1 continue independently; a rollback to turn 2 then a new turn: each equals a fresh
+    recompute of its history, and each prefills only its new tokens (the shared state is reused, not copied)."""
+    eng, ref = engines[CacheMode.STATEFUL], engines[CacheMode.STATELESS]
+    tok = eng.tokenizer
+    eng.open_session("rb")
+    history, ends = tok.apply_chat([{"role": "user", "content": "List three steps to debug a crash."}]), []
+    for words in (" first step", " second step", " third step"):
+        seq = eng.add_request(history, GREEDY, session_id="rb")
+        eng.run_until_done([seq])
+        ends.append(len(seq.tokens) - 1)  # the state holds all but the last sampled token
+        history = seq.tokens + tok.encode(words)
+    assert [t.end for t in eng.sessions.info("rb", None).history] == ends
+    at_turn = {k + 1: eng.get_session("rb").tokens[:e] for k, e in enumerate(ends)}
+    for sid, words in (("fa", " try gdb"), ("fb", " read the core dump, then the logs")):
+        eng.sessions.fork("rb", sid, None, turn=1)
+        prompt = at_turn[1] + tok.encode(words)
+        seq = eng.add_request(prompt, GREEDY, session_id=sid)
+        eng.run_until_done([seq])
+        assert (seq.explanation.reason, seq.stats.cached_tokens) == (MatchReason.EXTENDED, ends[0])
+        assert seq.output_ids == ref.generate([prompt], GREEDY)[0]
+    info = eng.sessions.rollback("rb", None, 2)
+    assert (info.tokens, len(info.history)) == (ends[1], 2)
+    prompt = at_turn[2] + tok.encode(" instead, bisect")
+    seq = eng.add_request(prompt, GREEDY, session_id="rb")
+    eng.run_until_done([seq])
+    assert (seq.explanation.reason, seq.stats.prefilled_tokens) == (MatchReason.EXTENDED, len(prompt) - ends[1])
+    assert seq.output_ids == ref.generate([prompt], GREEDY)[0]
+    with pytest.raises(ValueError):
+        eng.sessions.rollback("rb", None, 9)
+
+
 def test_pool_full_of_pins_never_deadlocks(smollm_dir):
     """A pool that holds about half of them serves 6 pinned sessions: LRU pins are demoted, outputs stay exact."""
     small = load_engine(smollm_dir, cache_mode=CacheMode.STATEFUL, speculation=False,

@@ -251,6 +251,34 @@ def test_fork_route(server, client, http, ref):
     assert auto.startswith("sess_") and http.delete(f"/v1/sessions/{auto}").status_code == 200
 
 
+def test_fork_at_turn_and_rollback_routes(server, client, http, ref):
+    s = sid()
+    r1 = chat(client, USER, extra_body={"session_id": s})
+    chat(client, _turn2(r1), extra_body={"session_id": s})
+    hist = http.get(f"/v1/sessions/{s}").json()["history"]
+    assert [t["turn"] for t in hist] == [1, 2] and all(t["has_transcript"] for t in hist)
+    assert hist[0]["end"] == r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    f = http.post(f"/v1/sessions/{s}/fork", json={"session_id": s + "-t1", "turn": 1}).json()
+    assert (f["tokens"], len(f["history"]), f["pinned"]) == (hist[0]["end"], 1, True)
+    outs = []
+    for which in (s + "-t1", s):
+        if which == s:
+            rb = http.post(f"/v1/sessions/{s}/rollback", json={"turn": 1})
+            assert rb.status_code == 200 and rb.json()["tokens"] == hist[0]["end"] and len(rb.json()["history"]) == 1
+        delta = openai.OpenAI(base_url=f"{server.base_url}/v1/sessions/{which}", api_key="unused", max_retries=0)
+        r = chat(delta, [{"role": "user", "content": "And three rivers?"}])  # extends turn 1's messages exactly
+        assert ext(r)["render_mode"] == "extended" and ext(r)["cache"]["reason"] == "extended"
+        assert ext(r)["cache"]["cached_tokens"] >= hist[0]["end"]  # the fork and the rollback reuse turn 1
+        assert r.choices[0].model_extra["token_ids"] == ref(r.model_extra["prompt_token_ids"])
+        outs.append(r.choices[0].model_extra["token_ids"])
+    assert outs[0] == outs[1]
+    for bad in ({"turn": 9}, {"turn": 0}, {}):
+        r = http.post(f"/v1/sessions/{s}/rollback", json=bad)
+        assert r.status_code == 400 and "error" in r.json(), bad
+    assert http.post(f"/v1/sessions/{s}/fork", json={"turn": 9}).status_code == 400
+    assert http.post("/v1/sessions/nope/rollback", json={"turn": 1}).status_code == 404
+
+
 def test_session_routes(http):
     s = sid()
     r = http.post("/v1/sessions", json={"session_id": s, "ttl": 42})

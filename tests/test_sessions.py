@@ -302,7 +302,7 @@ NEW = st.lists(st.integers(0, 3), min_size=1, max_size=4)
 
 
 class SessionMachine(RuleBasedStateMachine):
-    """Random open / turn / clock / expire / demote / close over a small pool.
+    """Random open / turn / clock / expire / demote / close / fork at a turn / rollback over a small pool.
 
     Invariants: a pinned session's tokens are fully cached and its node holds
     its lock; the tree holds exactly one lock per pinned session between turns;
@@ -395,6 +395,36 @@ class SessionMachine(RuleBasedStateMachine):
     def evict(self, k):
         self.env.radix.evict(k)
 
+    @rule(sid=SIDS, new=SIDS, turn=st.integers(1, 4))
+    def fork(self, sid, new, turn):
+        src = self.mgr.get(sid)
+        if src is None or new in self.mgr:
+            return
+        if turn > len(src.history):
+            with pytest.raises(ValueError):
+                self.mgr.fork(src, new, turn=turn)
+            assert new not in self.mgr
+            return
+        f = self.mgr.fork(src, new, turn=turn)
+        assert f.tokens == src.tokens[: src.history[turn - 1].end] and f.pinned == src.pinned
+        assert [m.end for m in f.history] == [m.end for m in src.history[:turn]]
+
+    @rule(sid=SIDS, turn=st.integers(1, 4))
+    def rollback(self, sid, turn):
+        s = self.mgr.get(sid)
+        if s is None:
+            return
+        before, pinned = list(s.tokens), s.pinned
+        if turn > len(s.history):
+            with pytest.raises(ValueError):
+                self.mgr.rollback(s, turn)
+            assert s.tokens == before
+            return
+        free = self.env.alloc.num_free
+        self.mgr.rollback(s, turn)
+        assert s.tokens == before[: s.history[-1].end] and len(s.history) == turn and s.pinned == pinned
+        assert self.env.alloc.num_free == free  # nothing freed, nothing recomputed
+
     @invariant()
     def consistent(self):
         radix = self.env.radix
@@ -402,6 +432,8 @@ class SessionMachine(RuleBasedStateMachine):
         locks = sum(n.own_locks for n in radix._iter_nodes())
         assert locks == self.mgr.num_pinned == sum(1 for s in self.mgr.list() if s.pinned)
         for s in self.mgr.list():
+            ends = [m.end for m in s.history]
+            assert ends == sorted(set(ends)) and (not ends or ends[-1] == len(s.tokens)), (ends, len(s.tokens))
             if s.pinned:
                 assert cached_len(radix, s.tokens) == len(s.tokens), "pinned session lost tokens"
                 assert s.node.own_locks >= 1 and not s.node.detached
@@ -435,4 +467,73 @@ def test_owner_pin_quota_demotes_only_that_owners_lru_pins():
     assert env.mgr.enforce_owner_quota("A", 8) == []  # 8 held: within the quota
     assert env.mgr.enforce_owner_quota("A", 3) == ["a2", "a3"]  # one session alone over it goes too
     assert b1.pinned
+    env.radix.check_integrity()
+
+
+def test_turn_history_marks_each_turn_and_drops_diverged_ones():
+    env = Env(32)
+    s = env.mgr.open("s")
+    env.turn(s, [1, 2, 3], gen=[4])
+    env.turn(s, [1, 2, 3, 4, 5], gen=[6])
+    env.turn(s, [1, 2, 3, 4, 5, 6, 7], gen=[8])
+    assert [m.end for m in s.history] == [4, 6, 8]
+    env.turn(s, [1, 2, 3, 4, 9], gen=[9])  # edits history inside turn 2: turns 2 and 3 leave the state
+    assert [m.end for m in s.history] == [4, 6]
+    s.last_turn = "t2"
+    assert s.history[-1].record == "t2" and s.turn_end(2) == 6
+    with pytest.raises(ValueError):
+        s.turn_end(3)
+
+
+def test_rollback_moves_the_pin_and_leaves_later_turns_as_cache():
+    env = Env(32)
+    s = env.mgr.open("s")
+    env.turn(s, [1, 2, 3], gen=[4])
+    env.turn(s, [1, 2, 3, 4, 5, 6], gen=[7])
+    s.history[0].record = "t1"
+    assert env.radix.protected_size == 7
+    with pytest.raises(ValueError):
+        env.mgr.rollback(s, 3)
+    assert s.tokens == [1, 2, 3, 4, 5, 6, 7] and env.radix.protected_size == 7  # refused: nothing changed
+    env.mgr.rollback(s, 1)
+    assert s.tokens == [1, 2, 3, 4] and s.pinned and s.last_turn == "t1" and [m.end for m in s.history] == [4]
+    assert (env.radix.protected_size, env.radix.evictable_size) == (4, 3)  # turn 2's tokens: plain cache
+    assert env.radix.evict(100) == 3
+    env.radix.check_integrity()
+    why = env.turn(s, [1, 2, 3, 4, 8], gen=[9])  # continuing after a rollback extends the truncated state
+    assert (why.reason, why.cached_tokens) == (MatchReason.EXTENDED, 4)
+    assert [m.end for m in s.history] == [4, 6]
+
+
+def test_fork_at_a_turn_shares_that_prefix_only():
+    env = Env(32)
+    s = env.mgr.open("s")
+    env.turn(s, [1, 2, 3], gen=[4])
+    env.turn(s, [1, 2, 3, 4, 5, 6], gen=[7])
+    f = env.mgr.fork(s, "f", turn=1)
+    assert (f.tokens, f.pinned, [m.end for m in f.history]) == ([1, 2, 3, 4], True, [4])
+    assert env.radix.path_slots(f.node).tolist() == env.radix.path_slots(s.node).tolist()[:4]  # no copy
+    assert env.radix.protected_size == 7  # the fork's pin lies inside s's path
+    with pytest.raises(ValueError):
+        env.mgr.fork(s, "g", turn=0)
+    assert "g" not in env.mgr
+    a = env.turn(f, [1, 2, 3, 4, 9], gen=[9])
+    assert (a.reason, a.cached_tokens) == (MatchReason.EXTENDED, 4)
+    assert s.tokens == [1, 2, 3, 4, 5, 6, 7] and f.tokens == [1, 2, 3, 4, 9, 9]
+    env.mgr.close("s")
+    env.mgr.close("f")
+    assert env.radix.protected_size == 0
+    env.radix.check_integrity()
+
+
+def test_rollback_and_fork_of_an_unpinned_state_keep_tokens_only():
+    env = Env(32, pin=False)
+    s = env.mgr.open("s")
+    env.turn(s, [1, 2, 3], gen=[4])
+    env.turn(s, [1, 2, 3, 4, 5], gen=[6])
+    f = env.mgr.fork(s, "f", turn=1)
+    assert (f.tokens, f.pinned, f.node) == ([1, 2, 3, 4], False, None)
+    env.mgr.rollback(s, 1)
+    assert (s.tokens, s.pinned, s.node) == ([1, 2, 3, 4], False, None)
+    assert env.radix.protected_size == 0
     env.radix.check_integrity()

@@ -172,6 +172,30 @@ class RadixCache(PrefixCache[RadixNode]):
             node, i = child, i + k
         return InsertResult(i, node)
 
+    def prefix_node(self, node: RadixNode, num_tokens: int) -> RadixNode:
+        """The node whose root path is exactly the first `num_tokens` tokens of `node`'s (splitting one if the
+        cut falls inside it); the namespace root for 0. `node` must be in the tree (not evicted).
+
+        Mutates: may split a node (sizes, slots and locks unchanged, as a split in `match_prefix`)."""
+        if node.detached:
+            raise ValueError(f"node {node.id} was evicted")
+        depth = sum(len(n) for n in self._ancestors(node))
+        if not 0 <= num_tokens <= depth:
+            raise ValueError(f"prefix of {num_tokens} tokens on a path of {depth}")
+        while not self._is_root(node):
+            start = depth - len(node)
+            if num_tokens >= depth:
+                return node
+            if num_tokens > start:
+                return self._split(node, num_tokens - start)
+            depth, node = start, node.parent  # type: ignore[assignment]
+        return node
+
+    def _ancestors(self, node: RadixNode):
+        while not self._is_root(node):
+            yield node
+            node = node.parent  # type: ignore[assignment]
+
     def path_slots(self, node: RadixNode) -> torch.Tensor:
         pieces = []
         while not self._is_root(node):

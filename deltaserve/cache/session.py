@@ -58,6 +58,14 @@ class MatchExplanation(NamedTuple):
 
 
 @dataclass
+class TurnMark:
+    """Where one turn of the session's current state ended, and what it spelled."""
+
+    end: int  # session tokens through this turn's reply (turn k ends at history[k-1].end)
+    record: Any = None  # the front end's TurnRecord for it (opaque here), once recorded
+
+
+@dataclass
 class Session:
     session_id: str
     owner: str | None
@@ -75,9 +83,28 @@ class Session:
     prefilled_tokens: int = 0
     last_match: MatchExplanation | None = None
     seq: int = 0  # open order; breaks last_used ties in demote_lru
-    # What the last finished turn's tokens spell in messages (the engine's TurnRecord; opaque here), so the
-    # next turn can be rendered as an exact extension of `tokens`. Written by the front end after a turn.
-    last_turn: Any = None
+    # The turns `tokens` holds, oldest first: a turn that diverged from the state drops the marks past the
+    # divergence, a rollback drops the later ones. Ends are increasing; the last one is len(tokens).
+    history: list[TurnMark] = field(default_factory=list)
+    namespace: str | None = None  # the radix namespace its KV lives in (known from its first turn)
+
+    @property
+    def last_turn(self) -> Any:
+        """What the last turn's tokens spell in messages (the engine's TurnRecord; opaque here), so the next turn
+        can be rendered as an exact extension of `tokens`. Written by the front end after a turn."""
+        return self.history[-1].record if self.history else None
+
+    @last_turn.setter
+    def last_turn(self, record: Any) -> None:
+        if not self.history or self.history[-1].end != len(self.tokens):
+            self.history.append(TurnMark(len(self.tokens)))
+        self.history[-1].record = record
+
+    def turn_end(self, turn: int) -> int:
+        """Token offset where turn `turn` (1-based) ends; ValueError when the state holds no such turn."""
+        if not 1 <= turn <= len(self.history):
+            raise ValueError(f"session {self.session_id!r} has turns 1..{len(self.history)}, not turn {turn}")
+        return self.history[turn - 1].end
 
 
 def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:
@@ -124,6 +151,18 @@ def _path_tokens(node: RadixNode) -> list[int]:
     return [t for key in reversed(pieces) for t in key]
 
 
+def advance(session: Session, tokens: Sequence[int]) -> None:
+    """A turn ended with the session's state at `tokens`: turns past where `tokens` leaves the old state are
+    dropped, and this turn is marked at its end."""
+    tokens = list(tokens)
+    lcp = common_prefix_len(session.tokens, tokens)
+    while session.history and session.history[-1].end > lcp:
+        session.history.pop()
+    session.tokens = tokens
+    if not session.history or session.history[-1].end < len(tokens):
+        session.history.append(TurnMark(len(tokens)))
+
+
 class SessionManager:
     """Registry of sessions and owner of their pins (one radix lock per pinned session).
 
@@ -153,21 +192,48 @@ class SessionManager:
         self._sessions[session_id] = s
         return s
 
-    def fork(self, src: Session, session_id: str, owner: str | None = None) -> Session:
-        """A new session whose state is `src`'s: same tokens, node and last turn, no copy of any KV.
+    def fork(self, src: Session, session_id: str, owner: str | None = None, turn: int | None = None) -> Session:
+        """A new session whose state is `src`'s through turn `turn` (default: all of it), no copy of any KV.
 
-        A pinned `src` gives the fork its own lock on the same node (the shared path now has two pins and
-        counts once in the tree's sizes); an unpinned one gives an unpinned fork, whose next turn hits
-        whatever LRU left. The fork's counters start at zero. Raises KeyError if the id exists.
+        A pinned `src` gives the fork its own lock on the node ending that prefix (the shared path now has two
+        pins and counts once in the tree's sizes); an unpinned one gives an unpinned fork, whose next turn hits
+        whatever LRU left. The fork's counters start at zero. Raises KeyError if the id exists, ValueError for
+        a turn `src` does not hold (before anything changed).
         """
+        end = len(src.tokens) if turn is None else src.turn_end(turn)
+        keep = len(src.history) if turn is None else turn
+        node = src.node
+        if src.pinned and end < len(src.tokens):
+            node = self.radix.prefix_node(src.node, end)  # a pinned path is in the tree
         s = self.open(session_id, owner, src.ttl)
-        s.tokens, s.node, s.last_turn = list(src.tokens), src.node, src.last_turn
+        s.tokens, s.node, s.namespace = list(src.tokens[:end]), node, src.namespace
+        s.history = [TurnMark(m.end, m.record) for m in src.history[:keep]]
         if src.pinned:
-            self.radix.lock(src.node)
+            self.radix.lock(node)
             s.pinned, s.pin_expires_at = True, self.clock() + s.ttl
         else:
             s.unpin_reason = src.unpin_reason
+            if end < len(src.tokens):
+                s.node = None  # the unpinned state's node ends past the fork (or was evicted)
         return s
+
+    def rollback(self, session: Session, turn: int) -> None:
+        """Truncate `session` to the end of turn `turn`: later turns' tokens leave its state (their KV stays in
+        the tree as ordinary evictable cache) and nothing is recomputed. A pinned session moves its pin to the
+        node ending turn `turn` (locked before the old one is unlocked, so no shared node turns evictable in
+        between). ValueError for a turn it does not hold, before anything changed."""
+        end = session.turn_end(turn)
+        if session.pinned:
+            assert session.node is not None
+            node = self.radix.prefix_node(session.node, end)
+            self.radix.lock(node)
+            self.radix.unlock(session.node)
+            session.node = node
+        elif end < len(session.tokens):
+            session.node = None  # where the unpinned state ended no longer bounds it
+        session.tokens = session.tokens[:end]
+        del session.history[turn:]
+        session.last_used = self.clock()
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -213,7 +279,8 @@ class SessionManager:
                 self.radix.unlock(session.node)
             session.pinned, session.unpin_reason = True, None
         now = self.clock()
-        session.node, session.tokens = node, tokens
+        session.node = node
+        advance(session, tokens)
         session.pin_expires_at = now + session.ttl
         session.last_used = now
 

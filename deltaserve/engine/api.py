@@ -127,6 +127,14 @@ class RequestOutput(NamedTuple):
 
 
 # --------------------------------------------------------------- sessions
+class TurnInfo(NamedTuple):
+    """One turn of a session's current state."""
+
+    turn: int  # 1-based
+    end: int  # token offset where it ends (its reply included, up to the last token whose KV is computed)
+    has_transcript: bool  # its messages are known (a fork or rollback to it can extend them exactly)
+
+
 class SessionInfo(NamedTuple):
     """A session as its owner may see it."""
 
@@ -143,6 +151,7 @@ class SessionInfo(NamedTuple):
     prefilled_tokens: int
     has_transcript: bool  # a completed turn's messages are known (the delta route can extend it)
     last_match: MatchExplanation | None
+    history: tuple[TurnInfo, ...] = ()  # the turns `tokens` holds, oldest first
 
 
 @dataclass(frozen=True)

@@ -204,9 +204,15 @@ class AsyncEngine:
         return await self._call(lambda e: e.sessions.set_ttl(session_id, owner, ttl))
 
     async def fork_session(self, session_id: str, new_id: str, owner: str | None,
-                           ttl: float | None = None) -> SessionInfo:
-        """A new session `new_id` at `session_id`'s state (shared KV, no prefill); SessionNotFound / SessionExists."""
-        return await self._call(lambda e: e.sessions.fork(session_id, new_id, owner, ttl))
+                           ttl: float | None = None, turn: int | None = None) -> SessionInfo:
+        """A new session `new_id` at `session_id`'s state through `turn` (default: all; shared KV, no prefill);
+        SessionNotFound / SessionExists / ValueError (no such turn)."""
+        return await self._call(lambda e: e.sessions.fork(session_id, new_id, owner, ttl, turn))
+
+    async def rollback_session(self, session_id: str, owner: str | None, turn: int) -> SessionInfo:
+        """Truncate the session to the end of `turn` (nothing recomputed); SessionNotFound / SessionBusy /
+        ValueError (no such turn)."""
+        return await self._call(lambda e: e.sessions.rollback(session_id, owner, turn))
 
     async def close_session(self, session_id: str, owner: str | None) -> None:
         """SessionBusy while a turn runs; the KV stays as evictable prefix cache."""

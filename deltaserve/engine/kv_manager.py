@@ -21,7 +21,7 @@ import torch
 
 from deltaserve.cache.base import MatchResult
 from deltaserve.cache.radix import RadixCache
-from deltaserve.cache.session import Session, SessionManager, explain_match
+from deltaserve.cache.session import Session, SessionManager, advance, explain_match
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.pool import KVPool
 from deltaserve.tokens import common_prefix_len
@@ -185,6 +185,8 @@ class KVManager:
         session = self.sessions.get(seq.session_id) if seq.session_id else None
         if session is not None and seq.explanation is not None:
             self.sessions.record_turn(session, seq.explanation)  # once per finished turn, not per admission
+        if session is not None:
+            session.namespace = seq.cache_namespace
         if self.reuse and n > 0:
             res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n], seq.cache_namespace)
             if session is not None:
@@ -194,7 +196,7 @@ class KVManager:
             if private.numel():
                 self.allocator.free(private)
             if session is not None:
-                _set_tokens(session, seq.tokens[:n])
+                advance(session, seq.tokens[:n])
         if seq.locked_node is not None:
             self.radix.unlock(seq.locked_node)
             seq.locked_node = None
@@ -228,6 +230,3 @@ class KVManager:
         extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]
         self.radix.check_integrity(torch.cat(extra) if extra else torch.empty(0, dtype=torch.int64))
 
-
-def _set_tokens(session: Session, tokens: list[int]) -> None:
-    session.tokens = list(tokens)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import threading
 
 from deltaserve.cache.session import Session, SessionManager
-from deltaserve.engine.api import SessionBusy, SessionExists, SessionInfo, SessionNotFound, SessionQuotaExceeded, TurnRecord
+from deltaserve.engine.api import (SessionBusy, SessionExists, SessionInfo, SessionNotFound, SessionQuotaExceeded,
+                                   TurnInfo, TurnRecord)
 from deltaserve.engine.responses import ResponseStore
 
 
@@ -44,18 +45,32 @@ class EngineSessions:
             s = self.manager.open(session_id, owner, ttl)
         return self._info(s)
 
-    def fork(self, session_id: str, new_id: str, owner: str | None, ttl: float | None = None) -> SessionInfo:
-        """A new session of `owner`'s at `session_id`'s state: its tokens, pinned KV and last turn, shared.
+    def fork(self, session_id: str, new_id: str, owner: str | None, ttl: float | None = None,
+             turn: int | None = None) -> SessionInfo:
+        """A new session of `owner`'s at `session_id`'s state through turn `turn` (default: its end): its tokens,
+        pinned KV and turns, shared; nothing is copied or prefilled.
 
-        SessionNotFound / SessionExists. A fork of a session with a turn in progress starts from its last
-        finished turn."""
+        SessionNotFound / SessionExists / ValueError (no such turn). A fork of a session with a turn in progress
+        starts from its last finished turn."""
         src = self.owned(session_id, owner)
+        if turn is not None:
+            src.turn_end(turn)  # ValueError before anything changed
         with self._lock:
             if new_id in self.manager:
                 raise SessionExists(f"session {new_id!r} already exists")
             self._check_quota(owner)
-            s = self.manager.fork(src, new_id, owner)
+            s = self.manager.fork(src, new_id, owner, turn)
         return self._info(s) if ttl is None else self.set_ttl(new_id, owner, ttl)
+
+    def rollback(self, session_id: str, owner: str | None, turn: int) -> SessionInfo:
+        """Truncate the session to the end of turn `turn` (1-based); its later tokens stay as evictable cache.
+        SessionNotFound / SessionBusy (a turn in progress) / ValueError (no such turn)."""
+        s = self.owned(session_id, owner)
+        if session_id in self._busy:
+            raise SessionBusy(f"session {session_id!r} has a turn in progress")
+        with self._lock:  # last_turn readers see the history before or after, never between
+            self.manager.rollback(s, turn)
+        return self._info(s)
 
     def owned(self, session_id: str, owner: str | None) -> Session:
         """The session, if it exists and belongs to `owner`; else SessionNotFound."""
@@ -124,7 +139,8 @@ class EngineSessions:
             session_id=s.session_id, state=state, busy=s.session_id in self._busy, pinned=s.pinned and not expired,
             tokens=len(s.tokens), ttl=s.ttl, ttl_remaining=max(0.0, s.pin_expires_at - now) if s.pinned else None,
             turns=s.turns, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
-            prefilled_tokens=s.prefilled_tokens, has_transcript=s.last_turn is not None, last_match=s.last_match)
+            prefilled_tokens=s.prefilled_tokens, has_transcript=s.last_turn is not None, last_match=s.last_match,
+            history=tuple(TurnInfo(i + 1, m.end, m.record is not None) for i, m in enumerate(s.history)))
 
     # ------------------------------------------------------------- any thread
     def last_turn(self, session_id: str, owner: str | None) -> TurnRecord | None:
@@ -144,7 +160,7 @@ class EngineSessions:
         with self._lock:
             s = self.manager.get(record.session_id)
             if s is not None and s.owner == record.owner:
-                s.last_turn = record
+                _attach(s, record)
 
     def response(self, response_id: str, owner: str | None) -> TurnRecord | None:
         return self.responses.get(response_id, owner)
@@ -152,3 +168,18 @@ class EngineSessions:
     def forget_response(self, response_id: str, owner: str | None) -> bool:
         """Drop a stored response (a session keeps its last turn: that record is the session's too)."""
         return self.responses.delete(response_id, owner)
+
+
+def _attach(s: Session, record: TurnRecord) -> None:
+    """Give `record` to the turn mark it spells: the session's state ends before the reply's last token (whose KV
+    was never computed) or at it. A record cut by a stop string (no tokens), or one no mark fits (the session
+    moved on meanwhile), becomes the last turn's: its tokens are self-consistent, so rendering from it is exact
+    and the radix match finds whatever KV still agrees."""
+    n = len(record.transcript.tokens)
+    for m in reversed(s.history):
+        if m.end in (n - 1, n):
+            m.record = record
+            return
+        if m.end < n - 1:
+            break
+    s.last_turn = record

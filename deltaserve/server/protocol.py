@@ -178,6 +178,11 @@ class SessionCreateRequest(_Req):
 class SessionForkRequest(_Req):
     session_id: str | None = Field(default=None, min_length=1, max_length=256)  # the new session's id
     ttl: Num | None = Field(default=None, ge=0)  # default: the source session's
+    turn: int | None = Field(default=None, ge=1)  # fork at the end of this turn (1-based); default: the current end
+
+
+class SessionRollbackRequest(_Req):
+    turn: int = Field(ge=1)  # keep turns 1..turn
 
 
 class SessionUpdateRequest(_Req):
@@ -289,6 +294,12 @@ class ModelList(_Resp):
     data: list[ModelCard]
 
 
+class SessionTurn(_Resp):
+    turn: int  # 1-based
+    end: int  # token offset where the turn ends (its reply included)
+    has_transcript: bool  # its messages are known: the next turn after a fork or rollback to it extends them
+
+
 class SessionInfo(_Resp):
     id: str
     object: Literal["session"] = "session"
@@ -304,6 +315,7 @@ class SessionInfo(_Resp):
     prefilled_tokens: int
     has_transcript: bool
     last_match: CacheInfo | None = None
+    history: list[SessionTurn] = []  # the turns the state holds, oldest first
 
 
 class DeletedSession(_Resp):

@@ -18,7 +18,8 @@ from deltaserve.engine.api import SessionInfo as EngineSessionInfo
 from deltaserve.server.context import get_ctx, get_owner
 from deltaserve.server.errors import engine_errors, from_engine_error
 from deltaserve.server.protocol import (CacheInfo, DeletedSession, SessionCreateRequest, SessionForkRequest,
-                                        SessionInfo, SessionUpdateRequest, openapi_responses)
+                                        SessionInfo, SessionRollbackRequest, SessionTurn, SessionUpdateRequest,
+                                        openapi_responses)
 
 router = APIRouter()
 _ERRORS = openapi_responses(400, 401, 404, 409)
@@ -32,7 +33,9 @@ def _shown(s: EngineSessionInfo) -> SessionInfo:
     return SessionInfo(id=s.session_id, state=s.state, busy=s.busy, pinned=s.pinned, tokens=s.tokens, ttl=s.ttl,
                        ttl_remaining=s.ttl_remaining, turns=s.turns, prompt_tokens=s.prompt_tokens,
                        cached_tokens=s.cached_tokens, prefilled_tokens=s.prefilled_tokens,
-                       has_transcript=s.has_transcript, last_match=last)
+                       has_transcript=s.has_transcript, last_match=last,
+                       history=[SessionTurn(turn=t.turn, end=t.end, has_transcript=t.has_transcript)
+                                for t in s.history])
 
 
 @router.post("/v1/sessions", response_model=SessionInfo, responses=_ERRORS, summary="Create a session")
@@ -45,17 +48,25 @@ async def create_session(request: Request, body: SessionCreateRequest | None = B
 
 
 @router.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, responses=_ERRORS,
-             summary="Fork a session: a new session at its state, sharing its KV (no copy, no prefill)")
+             summary="Fork a session at its end or at turn k: a new session sharing its KV (no copy, no prefill)")
 async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = Body(default=None),
                        owner: str | None = Depends(get_owner)):
     body = body or SessionForkRequest()
     new_id = body.session_id or f"sess_{uuid.uuid4().hex[:24]}"
     try:
-        return _shown(await get_ctx(request).driver.fork_session(session_id, new_id, owner, body.ttl))
+        return _shown(await get_ctx(request).driver.fork_session(session_id, new_id, owner, body.ttl, body.turn))
     except SessionExists as e:
         raise from_engine_error(e, new_id) from e
     except (EngineError, ValueError) as e:
         raise from_engine_error(e, session_id) from e
+
+
+@router.post("/v1/sessions/{session_id}/rollback", response_model=SessionInfo, responses=_ERRORS,
+             summary="Truncate a session to the end of turn k (nothing recomputed; later turns become plain cache)")
+async def rollback_session(session_id: str, body: SessionRollbackRequest, request: Request,
+                           owner: str | None = Depends(get_owner)):
+    with engine_errors(session_id):
+        return _shown(await get_ctx(request).driver.rollback_session(session_id, owner, body.turn))
 
 
 @router.get("/v1/sessions", responses=_ERRORS, summary="List this key's sessions")
