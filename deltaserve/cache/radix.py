@@ -79,6 +79,9 @@ class RadixCache(PrefixCache[RadixNode]):
         # crosses roots; eviction still walks every root, so LRU stays global.
         self._roots: dict[str, RadixNode] = {}
         self.root = self.namespace_root("")
+        # Called with (namespace, prefix tokens, the leaf's tokens, its slots) just before `evict` frees a leaf:
+        # the host tier copies the KV out there (kv_manager). None: evicted KV is dropped.
+        self.on_evict: Callable[[str, list[int], tuple[int, ...], torch.Tensor], None] | None = None
 
     def namespace_root(self, namespace: str) -> RadixNode:
         """The root of `namespace`'s subtree (created empty on first use; roots are never evicted)."""
@@ -196,6 +199,16 @@ class RadixCache(PrefixCache[RadixNode]):
             yield node
             node = node.parent  # type: ignore[assignment]
 
+    def path_tokens(self, node: RadixNode) -> list[int]:
+        """Tokens of the path root→`node`; mutates nothing."""
+        keys = [n.key for n in self._ancestors(node)]
+        return [t for key in reversed(keys) for t in key]
+
+    def _namespace_of(self, node: RadixNode) -> str:
+        while not self._is_root(node):
+            node = node.parent  # type: ignore[assignment]
+        return next(ns for ns, root in self._roots.items() if root is node)
+
     def path_slots(self, node: RadixNode) -> torch.Tensor:
         pieces = []
         while not self._is_root(node):
@@ -249,6 +262,8 @@ class RadixCache(PrefixCache[RadixNode]):
             leaf = heapq.heappop(heap)
             parent = leaf.parent
             assert parent is not None
+            if self.on_evict is not None:
+                self.on_evict(self._namespace_of(parent), self.path_tokens(parent), leaf.key, leaf.value)
             self._remove_leaf(leaf)
             freed += len(leaf)
             if not self._is_root(parent) and not parent.children and parent.ref == 0:

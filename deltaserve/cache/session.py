@@ -45,6 +45,7 @@ class MatchReason(str, Enum):
     EVICTED = "evicted"  # unpinned session state partly evicted by LRU
     EXPIRED = "expired"  # pin TTL passed, then the state was partly evicted
     DEMOTED = "demoted"  # pin dropped under memory pressure, then partly evicted
+    RESTORED = "restored"  # KV copied back from the host tier or the session store instead of prefilled
 
 
 class MatchExplanation(NamedTuple):
@@ -55,6 +56,7 @@ class MatchExplanation(NamedTuple):
     diverged_at: int | None  # token index of the first difference, for DIVERGED
     session_tokens: int  # tokens in the session state before this turn
     detail: str
+    restored_tokens: int = 0  # of cached_tokens, copied back from a tier (host memory or the session store)
 
 
 @dataclass
@@ -107,8 +109,20 @@ class Session:
         return self.history[turn - 1].end
 
 
-def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:
-    """Classify a turn's cache reuse. `num_matched` is the radix match length; `was_pinned` the pin state at match time."""
+def explain_match(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool,
+                  restored: int = 0, restored_from: str = "host memory") -> MatchExplanation:
+    """Classify a turn's cache reuse. `num_matched` is the radix match length (after any restore); `was_pinned` the
+    pin state at match time; `restored` how many of the matched tokens were copied back from a tier
+    (`restored_from` says which): the reason is then RESTORED, unless the prompt diverged from the session."""
+    e = _classify(session, prompt, num_matched, was_pinned)
+    if restored <= 0:
+        return e
+    reason = e.reason if e.reason is MatchReason.DIVERGED else MatchReason.RESTORED
+    return e._replace(reason=reason, restored_tokens=restored,
+                      detail=f"{restored} of the {num_matched} cached tokens restored from {restored_from}; {e.detail}")
+
+
+def _classify(session: Session | None, prompt: Sequence[int], num_matched: int, was_pinned: bool) -> MatchExplanation:
     n = len(prompt)
     base = dict(prompt_tokens=n, cached_tokens=num_matched, prefilled_tokens=n - num_matched)
     if session is None:

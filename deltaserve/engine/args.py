@@ -19,6 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                    help="weights/activations dtype; auto (vLLM's name) = bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float, default=kv_cache_gb, help="KV pool size in GiB")
+    p.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GB",
+                   help="host-memory tier: KV evicted from the pool is copied here (LRU, GB bound) and restored by "
+                        "copy instead of prefill (default 0: evicted KV is dropped)")
     p.add_argument("--cache-mode", choices=[m.value for m in CacheMode], default="stateful",
                    help="stateful: pinned sessions + prefix cache; prefix: LRU prefix cache only; stateless: none")
     p.add_argument("--speculation", choices=("lookup", "off"), default="lookup",
@@ -72,8 +75,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --max-context must be at least 2, got {args.max_context}")
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit(f"error: --max-waiting must be >= 0, got {args.max_waiting}")
+    if args.kv_offload_gb < 0:
+        raise SystemExit(f"error: --kv-offload-gb must be >= 0, got {args.kv_offload_gb}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-    return EngineConfig(max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key,
+    return EngineConfig(kv_offload_bytes=int(args.kv_offload_gb * (1 << 30)), max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key,
                         request_timeout=args.request_timeout, max_pinned_tokens_per_key=args.max_pinned_tokens_per_key,
                         dtype=getattr(torch, dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),

@@ -52,6 +52,7 @@ class EngineConfig:
     request_timeout: float | None = None
     max_pinned_tokens_per_key: int | None = None  # tokens one owner's pinned sessions may hold (None: no cap)
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
+    kv_offload_bytes: int = 0  # host-memory tier for evicted KV (0: evicted KV is dropped)
 
 
 class LLMEngine:
@@ -63,7 +64,8 @@ class LLMEngine:
         self.config = config
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
-        self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction)
+        self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
+                            config.kv_offload_bytes)
         self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
         self.sessions.max_per_owner = config.max_sessions_per_key
@@ -339,6 +341,7 @@ class LLMEngine:
             "kv_bytes_per_token": self.pool.layout.bytes_per_token,
             "evicted_tokens": self.kv.evicted_tokens,
             "demoted_sessions": self.kv.demoted_sessions,
+            **self._tier_stats(),
             "unpinned_over_budget": self.kv.unpinned_over_budget,
             "preemptions": c.preemptions,
             "steps": c.steps,
@@ -350,6 +353,15 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
+
+
+    def _tier_stats(self) -> dict:
+        t = self.kv.host_tier
+        if t is None:
+            return {}
+        return {"tier_bytes": t.nbytes, "tier_budget_bytes": t.budget_bytes, "tier_staged_bytes": t.staged_bytes,
+                "offloaded_tokens": t.offloaded_tokens, "restored_tokens": t.restored_tokens,
+                "tier_dropped_tokens": t.dropped_tokens}
 
 
 def _output(seq: Sequence, new: list[int], finished: bool) -> RequestOutput:

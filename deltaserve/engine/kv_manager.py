@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from deltaserve.cache.base import MatchResult
+from deltaserve.cache.host_tier import HostTier
 from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, advance, explain_match
 from deltaserve.engine.sequence import Sequence
@@ -32,6 +33,12 @@ ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before i
 # prefilled right now waits for that prefill (a step or two) and then reuses its KV, instead of computing the
 # same tokens beside it: agents of one role arrive together with the same system prompt and tools.
 SHARE_MIN_TOKENS = 32
+
+
+class Restored(NamedTuple):
+    match: MatchResult  # the radix match after the restore
+    num_tokens: int  # tokens copied back into the pool
+    from_store: int  # of those, from staged session-store reads
 
 
 class _Admission(NamedTuple):
@@ -50,7 +57,8 @@ class CacheMode(str, Enum):
 
 class KVManager:
     def __init__(self, pool: KVPool, mode: CacheMode = CacheMode.STATEFUL, default_ttl: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic, max_pinned_fraction: float = 0.7):
+                 clock: Callable[[], float] = time.monotonic, max_pinned_fraction: float = 0.7,
+                 offload_bytes: int = 0):
         self.pool = pool
         self.mode = CacheMode(mode)
         self.allocator = pool.allocator
@@ -63,6 +71,17 @@ class KVManager:
         # pinned (+ in-use) KV may hold at most this many slots; the rest is working space
         self.pin_budget = int(max_pinned_fraction * pool.num_slots)
         self._admission: _Admission | None = None  # from the last True can_admit, consumed by admit
+        # The host tier (--kv-offload-gb): evicted leaves' KV is copied there, and restored from there by copy.
+        self.host_tier: HostTier | None = None
+        if offload_bytes > 0 and self.reuse:
+            self.host_tier = HostTier(offload_bytes)
+            self.radix.on_evict = self._offload
+
+    def enable_staging(self) -> HostTier:
+        """The tier staged session-store reads land in (made with a zero budget when there is no offload tier)."""
+        if self.host_tier is None:
+            self.host_tier = HostTier(0)
+        return self.host_tier
 
     @property
     def reuse(self) -> bool:
@@ -86,6 +105,11 @@ class KVManager:
         was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
             m = self.radix.match_prefix(seq.tokens, seq.cache_namespace)
+            if self.host_tier is not None:
+                r = self.restore(seq.tokens, m, seq.cache_namespace)
+                m = r.match
+                seq.stats.restored_tokens += r.num_tokens
+                seq.stats.restored_from_store += r.from_store
         else:
             m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.namespace_root(seq.cache_namespace), 0)
         # At least the last prompt token is computed: its logits give the first output token.
@@ -121,7 +145,48 @@ class KVManager:
         seq.num_computed = seq.num_shared = cached
         seq.stats.cached_tokens = cached
         seq.stats.prefilled_tokens = len(seq.tokens) - cached
-        seq.explanation = explain_match(a.session, seq.tokens, cached, a.was_pinned)
+        restored = min(seq.stats.restored_tokens, cached)
+        seq.explanation = explain_match(a.session, seq.tokens, cached, a.was_pinned, restored,
+                                        "the session store" if seq.stats.restored_from_store else "host memory")
+
+    # ------------------------------------------------------------ tiers
+    def _offload(self, namespace: str, prefix: list[int], run: tuple[int, ...], slots: torch.Tensor) -> None:
+        """Radix eviction hook: copy a leaf's KV to the host tier before its slots are freed."""
+        assert self.host_tier is not None
+        self.host_tier.put(namespace, prefix, run, self.pool.read_rows(slots))
+
+    def restore(self, tokens: list[int], m: MatchResult, namespace: str) -> Restored:
+        """Copy KV continuing the match `m` of `tokens` back from the host tier into the pool, entry after entry,
+        and return the longer match. Never the prompt's last token (its logits are computed anyway).
+
+        Restoring evicts LRU cache for room (never the matched prefix, locked meanwhile; never a pin: a restore
+        that does not fit stops, and the rest is prefilled). Mutates: the pool, the tree, the tier."""
+        tier = self.host_tier
+        assert tier is not None
+        limit, restored, from_store = len(tokens) - 1, 0, 0
+        while m.num_matched < limit:
+            hit = tier.find(namespace, tokens, m.num_matched)
+            if hit is None:
+                break
+            n = min(hit.num_tokens, limit - m.num_matched)
+            if m.num_matched:
+                self.radix.lock(m.node)
+            short = n - self.allocator.num_free
+            if short > 0:
+                self.evicted_tokens += self.radix.evict(short)  # may offload other leaves into the tier
+            if m.num_matched:
+                self.radix.unlock(m.node)
+            if self.allocator.num_free < n:
+                break
+            staged = hit.entry.staged
+            rows = tier.take(hit)[:, :, :n]
+            slots = self.allocator.allocate(n)
+            self.pool.write_rows(slots, rows.contiguous())
+            self.radix.insert(tokens[: m.num_matched + n], torch.cat([m.slots, slots]), namespace)
+            restored += n
+            from_store += n if staged else 0
+            m = self.radix.match_prefix(tokens, namespace)
+        return Restored(m, restored, from_store)
 
     def _prefill_in_flight(self, seq: Sequence, cached: int, running: list[Sequence]) -> bool:
         """True if a running prefill will put at least SHARE_MIN_TOKENS more of `seq`'s prompt in the tree."""
@@ -229,4 +294,6 @@ class KVManager:
     def check_integrity(self, running: list[Sequence]) -> None:
         extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]
         self.radix.check_integrity(torch.cat(extra) if extra else torch.empty(0, dtype=torch.int64))
+        if self.host_tier is not None:
+            self.host_tier.check_integrity()
 

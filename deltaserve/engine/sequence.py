@@ -29,6 +29,8 @@ class SeqStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the cache
     prefilled_tokens: int = 0  # prompt tokens computed by this request
+    restored_tokens: int = 0  # of the cached ones, copied back from the host tier or the session store
+    restored_from_store: int = 0  # of those, read from the session store on disk
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_steps: int = 0

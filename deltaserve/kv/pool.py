@@ -77,3 +77,25 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # ------------------------------------------------------------- transfer
+    def read_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of the K/V of `slots` ([n] int64), `[num_layers, 2, n, kv_heads, head_dim]` on the CPU (K then V):
+        what a tier or the session store keeps. Mutates nothing."""
+        idx = slots.to(self.device)
+        rows = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
+                            for k, v in zip(self.k_cache, self.v_cache)])  # [L, 2, n, H, D]
+        return rows.cpu() if self.device.type != "cpu" else rows
+
+    def write_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Put `rows` (`[num_layers, 2, n, kv_heads, head_dim]`, as `read_rows` gives) into `slots` ([n]).
+        Mutates those slots' K/V in every layer."""
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        if rows.shape != (L, 2, slots.numel(), H, D) or rows.dtype != self.layout.dtype:
+            raise ValueError(f"KV rows {tuple(rows.shape)} {rows.dtype} do not fit this pool's layout "
+                             f"({L}, 2, {slots.numel()}, {H}, {D}) {self.layout.dtype}")
+        idx = slots.to(self.device)
+        rows = rows.to(self.device, non_blocking=True)
+        for layer, (k, v) in enumerate(zip(self.k_cache, self.v_cache)):
+            k.index_copy_(0, idx, rows[layer, 0])
+            v.index_copy_(0, idx, rows[layer, 1])

@@ -174,6 +174,7 @@ class Generation:
             prefilled_tokens=st.prefilled_tokens,
             diverged_at=ex.diverged_at if ex is not None else None,
             detail=ex.detail if ex is not None else None,
+            restored_tokens=ex.restored_tokens if ex is not None else 0,
         )
         timed_out = self.final.finish_reason == "timeout"
         return DeltaserveInfo(session_id=self.session_id, cache=cache, render_mode=self.render_mode,

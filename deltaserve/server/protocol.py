@@ -209,6 +209,7 @@ class CacheInfo(_Resp):
     prefilled_tokens: int = 0
     diverged_at: int | None = None
     detail: str | None = None
+    restored_tokens: int = 0  # of cached_tokens, copied back from the host tier or the session store
 
 
 class DeltaserveInfo(_Resp):

@@ -29,7 +29,7 @@ def _shown(s: EngineSessionInfo) -> SessionInfo:
     m = s.last_match
     last = None if m is None else CacheInfo(reason=m.reason.value, cached_tokens=m.cached_tokens,
                                             prefilled_tokens=m.prefilled_tokens, diverged_at=m.diverged_at,
-                                            detail=m.detail)
+                                            detail=m.detail, restored_tokens=m.restored_tokens)
     return SessionInfo(id=s.session_id, state=s.state, busy=s.busy, pinned=s.pinned, tokens=s.tokens, ttl=s.ttl,
                        ttl_remaining=s.ttl_remaining, turns=s.turns, prompt_tokens=s.prompt_tokens,
                        cached_tokens=s.cached_tokens, prefilled_tokens=s.prefilled_tokens,
