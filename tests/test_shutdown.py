@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -127,19 +128,49 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(start_se
     assert proc.wait(timeout=120) == 0
 
 
-def test_shutdown_timeout_aborts_a_long_request_and_exits_0(start_server):
+def _running(http: httpx.Client) -> float:
+    line = next(x for x in http.get("/metrics").text.splitlines() if x.startswith("deltaserve_running_requests "))
+    return float(line.split()[1])
+
+
+def test_shutdown_timeout_aborts_long_requests_with_a_retryable_503_and_exits_0(start_server):
     proc, url = start_server("--shutdown-timeout", "0.5")
-    max_tokens = 4000  # minutes of decoding here; the abort ends it after 0.5 s
-    with httpx.Client(base_url=url, timeout=120) as http:
+    max_tokens = 4000  # minutes of decoding here; the abort ends them after 0.5 s
+    with httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(http.post, "/v1/chat/completions", json=_chat(max_tokens, False))
+        while _running(http) < 1:  # the non-streaming request is in the engine before the signal
+            time.sleep(0.05)
         with http.stream("POST", "/v1/chat/completions", json=_chat(max_tokens, True)) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
             events = _events(lines)  # ends without a transport error: the stream was closed cleanly
-    chunks = [json.loads(e) for e in events if e != "[DONE]"]
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
-    assert "length" not in finishes and "stop" not in finishes  # cut short, not finished
-    assert "[DONE]" not in events or finishes[-1] == "abort"
+        refused = plain.result()
+    # The stream: cut short, then told why in-band (the openai SDK raises on an `error` event), then [DONE].
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "server_shutting_down"
+    chunks = [json.loads(e) for e in events[:-2]]
     assert len(chunks) < max_tokens
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks if c["choices"])
+    # The non-streaming request: a 503 the client may retry (elsewhere), not a 499 or a 200 with partial text.
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "server_shutting_down"
+    assert refused.headers["retry-after"] == "1"
+    assert proc.wait(timeout=60) == 0
+
+
+def test_a_second_signal_aborts_at_once_and_still_exits_0(start_server):
+    proc, url = start_server("--shutdown-timeout", "600")
+    with httpx.Client(base_url=url, timeout=120) as http:
+        with http.stream("POST", "/v1/chat/completions", json=_chat(4000, True)) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            while http.get("/health").status_code == 200:  # two signals pending at once would count as one
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            events = _events(lines)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "server_shutting_down"
     assert proc.wait(timeout=60) == 0

@@ -6,11 +6,12 @@ The states, in order:
 2. draining (from the first signal): the listening socket stays open, and every new request to /v1/* or
    /health is answered 503 (OpenAI error format; /health says "draining") with `Retry-After` and
    `Connection: close`, so a load balancer takes the replica out and clients retry elsewhere instead of
-   seeing "connection refused". Requests already in flight, streaming or not, run to completion.
+   seeing "connection refused" (`errors.shutting_down`). Requests already in flight, streaming or not, run to
+   completion.
 3. aborting (after `--shutdown-timeout` seconds, or at once on a second signal): every request still in the
    engine is aborted (`AsyncEngine.abort_all`: the KV computed so far stays cached, sessions stay consistent;
-   a stream ends early without `[DONE]`, a non-streaming request gets an error status), and the handlers get
-   ABORT_GRACE_S to send their last bytes.
+   a stream ends with an in-band `server_shutting_down` error then `[DONE]`, a non-streaming request gets that
+   503: `generation.server_aborted`), and the handlers get ABORT_GRACE_S to send their last bytes.
 4. uvicorn's own shutdown: the socket closes, idle keep-alive connections close, the app's lifespan ends, which
    calls `driver.stop()` exactly once -- after the in-flight work has ended, so whatever the engine flushes
    there sees every finished turn. The process then exits 0.
@@ -34,7 +35,7 @@ import uvicorn
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deltaserve.server.errors import APIError
+from deltaserve.server.errors import shutting_down
 
 log = logging.getLogger("deltaserve.server")
 
@@ -43,9 +44,6 @@ __all__ = ["Drain", "DrainMiddleware", "DrainingServer", "serve", "DEFAULT_SHUTD
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 #: Seconds the handlers get, after the abort, to send their last bytes before uvicorn cancels them.
 ABORT_GRACE_S = 5.0
-#: Retry-After of the draining 503: it means "not this replica", and a retry through a load balancer reaches
-#: another one at once (the openai SDK honours Retry-After).
-RETRY_AFTER_S = 1
 
 
 class Drain:
@@ -107,12 +105,6 @@ class Drain:
             await self._wait_idle(lambda: min(end, time.monotonic() + 0.5))
 
 
-def _draining_error() -> APIError:
-    return APIError(503, "The server is shutting down and accepts no new requests; retry (another replica, or "
-                         "this one once restarted)", None, "server_shutting_down",
-                    headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
-
-
 class DrainMiddleware:
     """Counts the HTTP requests in flight; while draining, answers new /v1/* and /health requests 503.
 
@@ -128,11 +120,13 @@ class DrainMiddleware:
             return
         path = scope.get("path", "")
         if self.drain.draining and (path == "/health" or path == "/v1" or path.startswith("/v1/")):
+            error = shutting_down("The server is shutting down and accepts no new requests; retry (another "
+                                  "replica, or this one once restarted)")
             if path == "/health":
                 response = JSONResponse({"status": "draining", "model": self.model_name}, status_code=503,
-                                        headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+                                        headers=error.headers)
             else:
-                response = _draining_error().response()
+                response = error.response()
             await response(scope, receive, send)
             return
         self.drain.in_flight += 1
