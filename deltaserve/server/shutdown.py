@@ -108,7 +108,8 @@ class Drain:
 class DrainMiddleware:
     """Counts the HTTP requests in flight; while draining, answers new /v1/* and /health requests 503.
 
-    Other paths (/metrics, /docs, /openapi.json) are still served while draining: they touch no engine state.
+    Other paths (/metrics, /tokenize, /detokenize, /version, /docs, /openapi.json) are still served while
+    draining: they touch no engine state and end at once.
     """
 
     def __init__(self, app: ASGIApp, drain: Drain, model_name: str):
