@@ -188,6 +188,13 @@ class AsyncEngine:
         finally:
             stream.abort()
 
+    def abort_all(self) -> cf.Future:
+        """Abort every request in flight, as each stream's `abort()` would (KV kept, streams end with
+        finish_reason "abort"); the engine keeps running and accepts new requests. A graceful shutdown's
+        deadline (`server/shutdown.py`) uses it before `stop()`. Thread-safe; the future resolves on the
+        engine thread once the aborts are done (with RuntimeError if the engine is not running)."""
+        return self._submit(lambda engine: [self._abort(stream) for stream, _ in list(self._requests.values())])
+
     # ------------------------------------------------------------ sessions
     async def open_session(self, session_id: str, owner: str | None, ttl: float | None = None) -> SessionInfo:
         """SessionExists if the id is taken."""

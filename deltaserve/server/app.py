@@ -24,6 +24,7 @@ from deltaserve.server.errors import install_error_handlers
 from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 from deltaserve.server.metrics import CONTENT_TYPE, RequestCounterMiddleware
 from deltaserve.server.protocol import ModelCard, ModelList, openapi_responses
+from deltaserve.server.shutdown import DEFAULT_SHUTDOWN_TIMEOUT, Drain, DrainMiddleware
 
 log = logging.getLogger("deltaserve.server")
 
@@ -33,7 +34,8 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
                allowed_origins: list[str] | None = None, stats_interval: float | None = None,
-               tenant_header: str | None = None, log_requests: bool = False) -> FastAPI:
+               tenant_header: str | None = None, log_requests: bool = False,
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
     `api_keys`: if non-empty, /v1 routes need `Authorization: Bearer <key>`.
@@ -42,6 +44,7 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
     `tenant_header`: HTTP header naming the tenant whose radix namespace a request's KV reuse stays in.
     `log_requests`: log each request's prompt and output text (logger `deltaserve.requests`; off: never).
+    `shutdown_timeout`: seconds a drain (`shutdown.py`, `app.state.drain`) waits for requests in flight.
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
     ctx.tenant_header = tenant_header
@@ -70,8 +73,10 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
                               "turns. The extensions are documented in docs/API.md.")
     app.state.ctx = ctx
     app.state.admin_key = admin_key
+    app.state.drain = Drain(shutdown_timeout)
     _openapi_errors_as_sent(app)
     install_error_handlers(app)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, model_name=model_name)  # inside: 503s are counted
     app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     app.include_router(chat_api.router)
@@ -86,7 +91,8 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
 
-    @app.get("/health", summary="Liveness", responses={503: {"description": "the engine thread is not running"}})
+    @app.get("/health", summary="Liveness", responses={503: {"description": "the engine thread is not running, or the "
+                                                                   "server is draining (shutting down)"}})
     async def health(request: Request):
         c = get_ctx(request)
         ok = c.driver.running
@@ -145,6 +151,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log each request's prompt and output text at INFO (default: never logged)")
     p.add_argument("--stats-interval", type=float, default=5.0,
                    help="seconds between throughput/cache INFO lines while there is work (0: none)")
+    p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds requests in flight may take to finish before they are "
+                        "aborted; new requests get 503 meanwhile (default %(default)s)")
 
 
 def resolve_model(args: argparse.Namespace) -> None:
@@ -158,9 +167,7 @@ def resolve_model(args: argparse.Namespace) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """`deltaserve serve`: load the model, then serve until interrupted."""
-    import uvicorn
-
+    """`deltaserve serve`: load the model, then serve until SIGTERM/SIGINT, drain (`shutdown.py`), return 0."""
     from deltaserve.engine.args import build_engine
 
     resolve_model(args)
@@ -172,15 +179,16 @@ def run_server(args: argparse.Namespace) -> int:
     app = create_app(engine, args.served_model_name or args.model, keys or None,
                      max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
                      allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None,
-                     tenant_header=args.tenant_header, log_requests=args.log_requests)
+                     tenant_header=args.tenant_header, log_requests=args.log_requests,
+                     shutdown_timeout=args.shutdown_timeout)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()
+    from deltaserve.server.shutdown import serve
     from deltaserve.server.stats_log import logging_config
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                log_config=logging_config(args.log_level))
-    return 0
+    return serve(app, app.state.drain, app.state.ctx.driver.abort_all, host=args.host, port=args.port,
+                 log_level=args.log_level, timeout_graceful_shutdown=5, log_config=logging_config(args.log_level))
 
 
 def _openapi_errors_as_sent(app: FastAPI) -> None:

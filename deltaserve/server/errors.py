@@ -42,6 +42,13 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def shutting_down(message: str) -> APIError:
+    """503 for a request refused while the server drains, or aborted by its shutdown (`shutdown.py`).
+    Retryable: `Retry-After` (the openai SDK honours it), and `Connection: close` so the retry opens a new
+    connection, which a load balancer sends to another replica."""
+    return APIError(503, message, None, "server_shutting_down", headers={"Retry-After": "1", "Connection": "close"})
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 

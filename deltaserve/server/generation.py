@@ -25,7 +25,7 @@ from deltaserve.engine.api import Constraint, GenerateRequest, RequestOutput, Sa
 from deltaserve.engine.async_engine import RequestStream
 from deltaserve.engine.textstream import TextStream
 from deltaserve.server.context import cache_namespace, ServerContext
-from deltaserve.server.errors import APIError, bad_request, engine_errors
+from deltaserve.server.errors import APIError, bad_request, engine_errors, shutting_down
 from deltaserve.server.protocol import (CacheInfo, CompletionTokensDetails, DeltaserveInfo, PromptTokensDetails,
                                         Usage, SamplingFields)
 
@@ -143,7 +143,8 @@ class Generation:
         return f is not None and f.finish_reason == "abort" and not self.text.stopped
 
     async def collect(self, request: Request | None = None) -> str:
-        """Run to the end (non-streaming); a client disconnect aborts the request (then: APIError 499)."""
+        """Run to the end (non-streaming); a client disconnect aborts the request (then: APIError 499), and so
+        does a server shutdown past its --shutdown-timeout (then: 503, `server_aborted()`)."""
         watcher = asyncio.create_task(_abort_on_disconnect(request, self.stream)) if request is not None else None
         try:
             async for _ in self.deltas():
@@ -152,7 +153,9 @@ class Generation:
             if watcher is not None:
                 watcher.cancel()
         if self.aborted:
-            raise APIError(499, "client closed the request", code="client_closed_request")
+            if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.result():
+                raise APIError(499, "client closed the request", code="client_closed_request")
+            raise server_aborted()
         return self.text.text
 
     # ------------------------------------------------------------ results
@@ -224,16 +227,23 @@ class GenerationResponse(StreamingResponse):
             self._gen.stream.abort()  # no-op once finished
 
 
-async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
-    """Wait for the client to go away, then abort. The body has been read, so the next message is the disconnect."""
+async def _abort_on_disconnect(request: Request, stream: RequestStream) -> bool:
+    """Wait for the client to go away, then abort and return True. The body has been read, so the next message
+    is the disconnect."""
     try:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 stream.abort()
-                return
+                return True
     except (asyncio.CancelledError, RuntimeError):
-        return
+        return False
+
+
+def server_aborted() -> APIError:
+    """The error of a request the server aborted: only a shutdown does (`shutdown.py`); a client disconnect
+    also aborts, but then nobody is left to tell."""
+    return shutting_down("The server is shutting down and aborted this request before it finished; retry it")
 
 
 def engine_failure(e: Exception) -> APIError:
@@ -282,7 +292,9 @@ async def sse_events(gen: Generation, fmt: ChunkFormat, opening: list[str],
         yield sse(engine_failure(e).body())
         yield SSE_DONE
         return
-    if gen.aborted:
+    if gen.aborted:  # by the server: a client disconnect cancels this generator at its `yield` instead
+        yield sse(server_aborted().body())
+        yield SSE_DONE
         return
     usage = gen.usage()
     for c in closing(usage):

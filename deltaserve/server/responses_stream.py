@@ -19,7 +19,7 @@ import json
 from typing import Any, AsyncIterator
 
 from deltaserve.server.chat_api import limit_calls
-from deltaserve.server.generation import Generation, engine_failure
+from deltaserve.server.generation import Generation, engine_failure, server_aborted
 from deltaserve.server.responses_items import call_item, item_id, message_item
 from deltaserve.server.tool_parser import ContentDelta, StreamingToolParser, ToolCallDelta
 
@@ -124,7 +124,9 @@ async def stream_events(turn: Any, gen: Generation) -> AsyncIterator[str]:
         err = engine_failure(e).body()["error"]
         yield w.event("error", code=err.get("code"), message=err.get("message"), param=None)
         return
-    if gen.aborted:
+    if gen.aborted:  # by the server (shutting down): a client disconnect cancels this generator at its `yield`
+        err = server_aborted().body()["error"]
+        yield w.event("error", code=err.get("code"), message=err.get("message"), param=None)
         return
     for c in handle(parser.finish()) if parser is not None else []:
         yield c
