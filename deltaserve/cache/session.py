@@ -89,6 +89,11 @@ class Session:
     # divergence, a rollback drops the later ones. Ends are increasing; the last one is len(tokens).
     history: list[TurnMark] = field(default_factory=list)
     namespace: str | None = None  # the radix namespace its KV lives in (known from its first turn)
+    # Persistence (engine/persistence.py): leading tokens of the state whose KV is in the session store; the
+    # namespace digest a session from disk was saved under; an import's KV segments waiting for the first turn.
+    persisted: int = 0
+    stored_namespace: str | None = None
+    staged: Any = None
 
     @property
     def last_turn(self) -> Any:
@@ -172,6 +177,7 @@ def advance(session: Session, tokens: Sequence[int]) -> None:
     lcp = common_prefix_len(session.tokens, tokens)
     while session.history and session.history[-1].end > lcp:
         session.history.pop()
+    session.persisted = min(session.persisted, lcp)
     session.tokens = tokens
     if not session.history or session.history[-1].end < len(tokens):
         session.history.append(TurnMark(len(tokens)))
@@ -246,6 +252,7 @@ class SessionManager:
         elif end < len(session.tokens):
             session.node = None  # where the unpinned state ended no longer bounds it
         session.tokens = session.tokens[:end]
+        session.persisted = min(session.persisted, end)
         del session.history[turn:]
         session.last_used = self.clock()
 

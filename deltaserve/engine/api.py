@@ -139,7 +139,7 @@ class SessionInfo(NamedTuple):
     """A session as its owner may see it."""
 
     session_id: str
-    state: str  # "new" | "pinned" | "unpinned" | "expired" | "demoted"
+    state: str  # "new" | "pinned" | "unpinned" | "expired" | "demoted" | "stored" (KV on disk or imported)
     busy: bool  # a turn is in progress
     pinned: bool
     tokens: int  # tokens of the session state (their KV is cached)

@@ -22,6 +22,12 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GB",
                    help="host-memory tier: KV evicted from the pool is copied here (LRU, GB bound) and restored by "
                         "copy instead of prefill (default 0: evicted KV is dropped)")
+    p.add_argument("--session-store", default=None, metavar="DIR",
+                   help="save each session's turns (token ids, messages, KV) to DIR behind the engine, and restore "
+                        "the sessions found there on start (default: sessions live in memory only)")
+    p.add_argument("--session-store-gb", type=float, default=None, metavar="GB",
+                   help="bound on the session store; past it the least recently written closed sessions go first "
+                        "(default: unbounded)")
     p.add_argument("--cache-mode", choices=[m.value for m in CacheMode], default="stateful",
                    help="stateful: pinned sessions + prefix cache; prefix: LRU prefix cache only; stateless: none")
     p.add_argument("--speculation", choices=("lookup", "off"), default="lookup",
@@ -75,10 +81,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --max-context must be at least 2, got {args.max_context}")
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit(f"error: --max-waiting must be >= 0, got {args.max_waiting}")
+    if args.session_store_gb is not None and args.session_store_gb <= 0:
+        raise SystemExit(f"error: --session-store-gb must be positive, got {args.session_store_gb}")
+    if args.session_store is not None and args.cache_mode == "stateless":
+        raise SystemExit("error: --session-store needs KV reuse: --cache-mode stateful or prefix")
     if args.kv_offload_gb < 0:
         raise SystemExit(f"error: --kv-offload-gb must be >= 0, got {args.kv_offload_gb}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-    return EngineConfig(kv_offload_bytes=int(args.kv_offload_gb * (1 << 30)), max_waiting=args.max_waiting, max_sessions_per_key=args.max_sessions_per_key,
+    store_gb = args.session_store_gb
+    return EngineConfig(session_store=args.session_store,
+                        session_store_bytes=None if store_gb is None else int(store_gb * (1 << 30)),
+                        kv_offload_bytes=int(args.kv_offload_gb * (1 << 30)), max_waiting=args.max_waiting,
+                        max_sessions_per_key=args.max_sessions_per_key,
                         request_timeout=args.request_timeout, max_pinned_tokens_per_key=args.max_pinned_tokens_per_key,
                         dtype=getattr(torch, dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
@@ -93,6 +107,11 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     """Check the flags, pull a known model on first use, load it."""
     from deltaserve.models.registry import ensure_pulled
 
+    from deltaserve.store.format import StoreError
+
     config = engine_config(args)
     ensure_pulled(args.model)
-    return LLMEngine.from_model(args.model, config)
+    try:
+        return LLMEngine.from_model(args.model, config)
+    except StoreError as e:  # a store made for other KV, or unusable: refused with what differs
+        raise SystemExit(f"error: {e}") from e

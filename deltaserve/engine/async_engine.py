@@ -221,6 +221,15 @@ class AsyncEngine:
         ValueError (no such turn)."""
         return await self._call(lambda e: e.sessions.rollback(session_id, owner, turn))
 
+    async def export_session(self, session_id: str, owner: str | None) -> bytes:
+        """The session's state in the session store's format (GET /v1/sessions/{id}/state)."""
+        return await self._call(lambda e: e.sessions.export(session_id, owner))
+
+    async def import_session(self, session_id: str, owner: str | None, data: bytes,
+                             ttl: float | None = None) -> SessionInfo:
+        """A new session from an export; SessionExists, or StoreError for data this engine cannot use."""
+        return await self._call(lambda e: e.sessions.import_state(session_id, owner, data, ttl))
+
     async def close_session(self, session_id: str, owner: str | None) -> None:
         """SessionBusy while a turn runs; the KV stays as evictable prefix cache."""
         await self._call(lambda e: e.sessions.close(session_id, owner))
@@ -327,6 +336,8 @@ class AsyncEngine:
         for stream, _ in list(self._requests.values()):
             self._abort(stream)
         self._requests.clear()
+        if not self.engine.close():  # the session store's queued writes reach the disk
+            log.warning("session store writes did not finish before shutdown")
         with self._cond:
             pending = list(self._cmds)
             self._cmds.clear()

@@ -8,6 +8,7 @@ thread-safe: `AsyncEngine` drives it from one thread.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -20,6 +21,7 @@ from deltaserve.engine.api import (Constraint, EngineError, EngineInfo, Integrit
                                    RequestOutput, RequestStats, SessionInfo)
 from deltaserve.engine.kv_manager import ADMIT_HEADROOM, CacheMode, KVManager
 from deltaserve.engine.model_runner import ModelRunner, StepLogits
+from deltaserve.engine.persistence import Persistence
 from deltaserve.engine.responses import ResponseStore
 from deltaserve.engine.sampling import SamplingParams, make_generator, sample
 from deltaserve.engine.scheduler import Scheduler, StepPlan
@@ -28,6 +30,10 @@ from deltaserve.engine.sessions import EngineSessions
 from deltaserve.engine.stats import StepStats
 from deltaserve.kv.pool import KVLayout, KVPool
 from deltaserve.models.llama import LlamaModel
+from deltaserve.store.disk import SessionStore
+from deltaserve.store.format import Stamp, weights_sha256
+
+log = logging.getLogger("deltaserve.engine")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class EngineConfig:
     max_pinned_tokens_per_key: int | None = None  # tokens one owner's pinned sessions may hold (None: no cap)
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
     kv_offload_bytes: int = 0  # host-memory tier for evicted KV (0: evicted KV is dropped)
+    session_store: str | None = None  # directory sessions are saved to after each turn and restored from on start
+    session_store_bytes: int | None = None  # bound on the store (None: unbounded)
 
 
 class LLMEngine:
@@ -69,6 +77,8 @@ class LLMEngine:
         self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
         self.sessions.max_per_owner = config.max_sessions_per_key
+        self.persistence = self._persistence(model, layout)
+        self.sessions.persistence = self.persistence
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
         self.runner = ModelRunner(model, self.pool)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
@@ -81,6 +91,32 @@ class LLMEngine:
             self.speculator = Speculator()
         self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value,
                                sampling_defaults)
+
+    def _persistence(self, model: LlamaModel, layout: KVLayout) -> Persistence:
+        """The session store (when configured: opened, checked against this model, its sessions registered) and
+        exports/imports, which need the model's stamp only when used."""
+        def stamp() -> Stamp:
+            dt = str(model.dtype).removeprefix("torch.")
+            return Stamp(weights_sha256(model), dt, str(layout.dtype).removeprefix("torch."), layout.num_layers,
+                         layout.num_kv_heads, layout.head_dim)
+
+        c = self.config
+        if c.session_store is None:
+            return Persistence(None, stamp, self.pool, self.kv.radix, self.kv.sessions)
+        if not self.kv.reuse:
+            raise ValueError("a session store needs KV reuse: cache mode stateful or prefix, not stateless")
+        st = stamp()
+        p = Persistence(SessionStore(c.session_store, st, c.session_store_bytes), st, self.pool, self.kv.radix,
+                        self.kv.sessions)
+        self.kv.on_turn_end = p.after_turn
+        self.kv.enable_staging()
+        n = p.restore_sessions()
+        log.info("session store %s: %d sessions restored (%d bytes on disk)", c.session_store, n, p.store.nbytes)
+        return p
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Flush the session store (shutdown); False if its writes did not finish within `timeout`."""
+        return self.persistence.close(timeout)
 
     @classmethod
     def from_model(cls, model: str, config: EngineConfig = EngineConfig(), **kw) -> "LLMEngine":
@@ -128,11 +164,18 @@ class LLMEngine:
             raise Overloaded(len(self.scheduler.waiting), limit)
         if session_id is not None:
             self.sessions.begin_turn(session_id, owner, open_session, session_ttl)
+        pending = None
+        if session_id is not None and self.kv.reuse:
+            tier = self.kv.host_tier
+            pending = self.persistence.begin_load(
+                self.kv.sessions.get(session_id), prompt, cache_namespace,
+                lambda ns, toks, at: tier is not None and tier.find(ns, toks, at) is not None)
         p = params
         if len(prompt) + p.max_tokens > self.max_context:
             p = SamplingParams(**{**p.__dict__, "max_tokens": self.max_context - len(prompt)})
         seq = Sequence(prompt, p, session_id, owner)
         seq.constraint = constraint
+        seq.pending_load = pending
         seq.cache_namespace = cache_namespace  # radix matches/inserts stay inside it
         seq.generator = None if p.greedy else make_generator(p.seed)
         self.scheduler.add(seq)
@@ -356,10 +399,12 @@ class LLMEngine:
 
 
     def _tier_stats(self) -> dict:
-        t = self.kv.host_tier
+        t, store = self.kv.host_tier, self.persistence.store
+        out = {} if store is None else {"store_bytes": store.nbytes, "store_write_errors": store.write_errors,
+                                        "store_restored_sessions": self.persistence.restored_sessions}
         if t is None:
-            return {}
-        return {"tier_bytes": t.nbytes, "tier_budget_bytes": t.budget_bytes, "tier_staged_bytes": t.staged_bytes,
+            return out
+        return {**out,"tier_bytes": t.nbytes, "tier_budget_bytes": t.budget_bytes, "tier_staged_bytes": t.staged_bytes,
                 "offloaded_tokens": t.offloaded_tokens, "restored_tokens": t.restored_tokens,
                 "tier_dropped_tokens": t.dropped_tokens}
 

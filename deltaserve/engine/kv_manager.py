@@ -13,6 +13,7 @@ cache mode decides which of them take part:
 
 from __future__ import annotations
 
+import logging
 import time
 from enum import Enum
 from typing import Callable, NamedTuple
@@ -27,6 +28,8 @@ from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.pool import KVPool
 from deltaserve.tokens import common_prefix_len
 
+
+log = logging.getLogger("deltaserve.engine")
 
 ADMIT_HEADROOM = 16  # slots beyond the uncached prompt a request needs before it is admitted
 # A waiting request whose prompt shares at least this many tokens beyond its cache match with a prompt being
@@ -73,6 +76,7 @@ class KVManager:
         self._admission: _Admission | None = None  # from the last True can_admit, consumed by admit
         # The host tier (--kv-offload-gb): evicted leaves' KV is copied there, and restored from there by copy.
         self.host_tier: HostTier | None = None
+        self.on_turn_end: Callable[[Session], None] | None = None  # after a session's turn is in the tree (store)
         if offload_bytes > 0 and self.reuse:
             self.host_tier = HostTier(offload_bytes)
             self.radix.on_evict = self._offload
@@ -101,6 +105,8 @@ class KVManager:
         refreshes LRU times and may split a node.
         """
         self.sessions.expire()  # pins whose TTL passed become plain cache before anyone counts memory
+        if seq.pending_load is not None and not self._land(seq, wait=not running):
+            return False  # its saved KV is still being read, and others can run meanwhile
         session = self.sessions.get(seq.session_id) if seq.session_id else None
         was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
@@ -150,6 +156,23 @@ class KVManager:
                                         "the session store" if seq.stats.restored_from_store else "host memory")
 
     # ------------------------------------------------------------ tiers
+    def _land(self, seq: Sequence, wait: bool) -> bool:
+        """Put `seq`'s finished store read into the host tier as staged entries (restored by copy at admission);
+        False while the read runs and `wait` is off. A failed read lands nothing: the prompt is prefilled."""
+        p = seq.pending_load
+        if not wait and not p.future.done():
+            return False
+        seq.pending_load = None
+        try:
+            segments = p.future.result()
+        except Exception:  # an unreadable store file is the store's problem, never the request's
+            log.exception("session store read failed; the turn recomputes that KV")
+            return True
+        tier = self.enable_staging()
+        for g in segments:
+            tier.put(p.namespace, p.prompt[: g.start], g.tokens, g.rows, staged=True)
+        return True
+
     def _offload(self, namespace: str, prefix: list[int], run: tuple[int, ...], slots: torch.Tensor) -> None:
         """Radix eviction hook: copy a leaf's KV to the host tier before its slots are freed."""
         assert self.host_tier is not None
@@ -271,6 +294,8 @@ class KVManager:
         if session is not None and session.pinned and self.max_pinned_tokens_per_owner is not None:
             demoted = self.sessions.enforce_owner_quota(session.owner, self.max_pinned_tokens_per_owner)
             self.demoted_sessions += len(demoted)
+        if session is not None and self.reuse and self.on_turn_end is not None and n > 0:
+            self.on_turn_end(session)  # the state's path is in the tree now (pinned or not)
         seq.slots = torch.empty(0, dtype=torch.int64)
         seq.num_computed = seq.num_shared = 0
 

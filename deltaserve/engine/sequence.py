@@ -70,6 +70,7 @@ class Sequence:
         self.spec_state: Any = None  # drafter index + length controller, owned by the speculator
         self.cancelled = False
         self.constraint: Constraint | None = None  # constrained decoding state (a grammar), if any
+        self.pending_load: Any = None  # persistence.PendingLoad: saved KV being read for this turn
 
     @property
     def num_output(self) -> int:

@@ -13,6 +13,7 @@ three touch: the registry's membership (inserts and deletes happen here, under i
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from deltaserve.cache.session import Session, SessionManager
 from deltaserve.engine.api import (SessionBusy, SessionExists, SessionInfo, SessionNotFound, SessionQuotaExceeded,
@@ -27,6 +28,7 @@ class EngineSessions:
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self.max_per_owner: int | None = None  # open sessions one owner may hold (None: no cap)
+        self.persistence: Any = None  # engine/persistence.Persistence: the session store and exports
 
     def _check_quota(self, owner: str | None) -> None:
         """SessionQuotaExceeded when `owner` already holds max_per_owner sessions (call under the lock)."""
@@ -102,7 +104,10 @@ class EngineSessions:
         if session_id in self._busy:
             raise SessionBusy(f"session {session_id!r} has a turn in progress")
         with self._lock:
+            s = self.manager.get(session_id)
             self.manager.close(session_id)
+        if self.persistence is not None:
+            self.persistence.closed(s)  # a closed session leaves the store too
 
     def begin_turn(self, session_id: str, owner: str | None, open_missing: bool, ttl: float | None) -> None:
         """Claim the session for a turn: opened if missing and `open_missing`; SessionNotFound / SessionBusy."""
@@ -124,7 +129,31 @@ class EngineSessions:
     def forget_idle(self, max_idle: float) -> list[str]:
         """Forget unpinned sessions idle longer than `max_idle` seconds (bounds the registry)."""
         with self._lock:
-            return self.manager.forget_idle(max_idle)
+            by_id = {s.session_id: s for s in self.manager.list()}
+            gone = self.manager.forget_idle(max_idle)
+        if self.persistence is not None:
+            for sid in gone:
+                self.persistence.forgotten(by_id[sid])  # stays on disk, first to go when the store is full
+        return gone
+
+    def export(self, session_id: str, owner: str | None) -> bytes:
+        """The session's state (tokens, turns, KV) in the session store's format; SessionNotFound / SessionBusy."""
+        s = self.owned(session_id, owner)
+        if session_id in self._busy:
+            raise SessionBusy(f"session {session_id!r} has a turn in progress")
+        return b"".join(self.persistence.export(s))
+
+    def import_state(self, session_id: str, owner: str | None, data: bytes, ttl: float | None = None) -> SessionInfo:
+        """A new session of `owner`'s from an export: its turns at once, its KV restored by copy on its first
+        turn. SessionExists / SessionQuotaExceeded / StoreError (bad data, another model's KV: nothing made)."""
+        self.open(session_id, owner, ttl)
+        try:
+            self.persistence.import_state(self.manager.get(session_id), data)
+        except Exception:
+            with self._lock:
+                self.manager.close(session_id)
+            raise
+        return self._info(self.manager.get(session_id))
 
     def _info(self, s: Session) -> SessionInfo:
         now = self.manager.clock()
@@ -133,6 +162,8 @@ class EngineSessions:
             state = "expired" if expired else "pinned"
         elif s.unpin_reason is not None:
             state = s.unpin_reason.value
+        elif s.tokens and s.namespace is None:
+            state = "stored"  # from the session store or an import: its KV comes back on its next turn
         else:
             state = "new" if not s.tokens else "unpinned"
         return SessionInfo(
@@ -161,6 +192,10 @@ class EngineSessions:
             s = self.manager.get(record.session_id)
             if s is not None and s.owner == record.owner:
                 _attach(s, record)
+            else:
+                s = None
+        if s is not None and self.persistence is not None:
+            self.persistence.after_record(s)
 
     def response(self, response_id: str, owner: str | None) -> TurnRecord | None:
         return self.responses.get(response_id, owner)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from deltaserve.engine.api import EngineError, SessionExists
 from deltaserve.engine.api import SessionInfo as EngineSessionInfo
 from deltaserve.server.context import get_ctx, get_owner
-from deltaserve.server.errors import engine_errors, from_engine_error
+from deltaserve.server.errors import APIError, engine_errors, from_engine_error
 from deltaserve.server.protocol import (CacheInfo, DeletedSession, SessionCreateRequest, SessionForkRequest,
                                         SessionInfo, SessionRollbackRequest, SessionTurn, SessionUpdateRequest,
                                         openapi_responses)
@@ -67,6 +67,33 @@ async def rollback_session(session_id: str, body: SessionRollbackRequest, reques
                            owner: str | None = Depends(get_owner)):
     with engine_errors(session_id):
         return _shown(await get_ctx(request).driver.rollback_session(session_id, owner, body.turn))
+
+
+@router.get("/v1/sessions/{session_id}/state", responses={**_ERRORS, 200: {
+    "description": "the session's state (token ids, turns, KV) in the session store's binary format",
+    "content": {"application/octet-stream": {}}}}, response_class=Response,
+            summary="Export a session: token ids, turns as messages, and KV, for PUT on another server")
+async def export_state(session_id: str, request: Request, owner: str | None = Depends(get_owner)):
+    with engine_errors(session_id):
+        data = await get_ctx(request).driver.export_session(session_id, owner)
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.put("/v1/sessions/{session_id}/state", response_model=SessionInfo, responses=openapi_responses(
+    400, 401, 404, 409, 413, 429), openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+            summary="Import a session exported by GET .../state (same model, dtype and KV layout required)")
+async def import_state(session_id: str, request: Request, owner: str | None = Depends(get_owner)):
+    from deltaserve.store.format import StampMismatch, StoreError
+
+    data = await request.body()
+    try:
+        with engine_errors(session_id):
+            return _shown(await get_ctx(request).driver.import_session(session_id, owner, data))
+    except StampMismatch as e:
+        raise APIError(400, str(e), None, "stamp_mismatch") from e
+    except StoreError as e:
+        raise APIError(400, f"not a usable session state: {e}", None, "invalid_session_state") from e
 
 
 @router.get("/v1/sessions", responses=_ERRORS, summary="List this key's sessions")
