@@ -6,11 +6,11 @@ bench's HTTP client (httpx) come with the `[bench]` extra; the subcommands that 
 
 from __future__ import annotations
 
-from deltaserve_bench import agents_bench, engine_bench, spec_bench, turns_bench
+from deltaserve_bench import agents_bench, engine_bench, restore_bench, spec_bench, turns_bench
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (--write: a section in docs/benchmarks/; summary: BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for module in (engine_bench, turns_bench, spec_bench, agents_bench):
+    for module in (engine_bench, turns_bench, spec_bench, agents_bench, restore_bench):
         module.add_parser(bsub)

@@ -279,6 +279,42 @@ def test_fork_at_turn_and_rollback_routes(server, client, http, ref):
     assert http.post("/v1/sessions/nope/rollback", json={"turn": 1}).status_code == 404
 
 
+def test_retried_turn_extends_the_turn_the_client_got(client, ref):
+    """A client whose turn 2 reply never arrived (a crash, a timeout) retries it: the history extends turn 1's
+    recorded messages, so the prompt is still rendered as an exact extension (not in full)."""
+    s = sid()
+    r1 = chat(client, USER, extra_body={"session_id": s})
+    chat(client, _turn2(r1), extra_body={"session_id": s})  # the reply the client "lost"
+    retry = chat(client, _turn2(r1, "And three birds?"), extra_body={"session_id": s})
+    assert ext(retry)["render_mode"] == "extended" and ext(retry)["cache"]["reason"] == "diverged"
+    assert retry.model_extra["prompt_token_ids"][: len(r1.model_extra["prompt_token_ids"])] == \
+        r1.model_extra["prompt_token_ids"]
+    assert retry.choices[0].model_extra["token_ids"] == ref(retry.model_extra["prompt_token_ids"])
+
+
+def test_export_import_state_routes(client, http, ref):
+    s = sid()
+    r1 = chat(client, USER, extra_body={"session_id": s})
+    exported = http.get(f"/v1/sessions/{s}/state")
+    assert exported.status_code == 200 and exported.headers["content-type"] == "application/octet-stream"
+    put = http.put(f"/v1/sessions/{s}-copy/state", content=exported.content,
+                   headers={"Content-Type": "application/octet-stream"})
+    assert put.status_code == 200, put.text
+    info = put.json()
+    assert (info["state"], info["tokens"], len(info["history"])) == ("stored", r1.usage.prompt_tokens +
+                                                                      r1.usage.completion_tokens - 1, 1)
+    r2 = chat(client, _turn2(r1), extra_body={"session_id": s + "-copy"})
+    assert ext(r2)["render_mode"] == "extended"  # the import carried turn 1's messages
+    assert r2.usage.prompt_tokens_details.cached_tokens >= info["tokens"]
+    assert r2.choices[0].model_extra["token_ids"] == ref(r2.model_extra["prompt_token_ids"])
+    again = http.put(f"/v1/sessions/{s}-copy/state", content=exported.content)
+    assert again.status_code == 409
+    bad = http.put(f"/v1/sessions/{s}-bad/state", content=exported.content[:-9])
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_session_state"
+    assert http.get(f"/v1/sessions/{s}-bad").status_code == 404  # a refused import makes nothing
+    assert http.get("/v1/sessions/nope/state").status_code == 404
+
+
 def test_session_routes(http):
     s = sid()
     r = http.post("/v1/sessions", json={"session_id": s, "ttl": 42})

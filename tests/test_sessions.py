@@ -269,7 +269,7 @@ def _session(tokens, unpin_reason=None) -> Session:
 
 def test_explain_no_session_and_new_session():
     e = explain_match(None, [1, 2, 3, 4], 3, False)
-    assert e == (MatchReason.NO_SESSION, 4, 3, 1, None, 0, e.detail) and "3/4" in e.detail
+    assert e == (MatchReason.NO_SESSION, 4, 3, 1, None, 0, e.detail, 0) and "3/4" in e.detail
     e = explain_match(_session([]), [1, 2], 0, False)
     assert (e.reason, e.prefilled_tokens, e.session_tokens) == (MatchReason.NEW_SESSION, 2, 0)
 

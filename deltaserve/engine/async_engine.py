@@ -238,6 +238,10 @@ class AsyncEngine:
         """Any thread, no wait: the session's last finished turn (None before its first); SessionNotFound."""
         return self.engine.sessions.last_turn(session_id, owner)
 
+    def turn_records(self, session_id: str, owner: str | None) -> list[TurnRecord]:
+        """Any thread, no wait: the session's recorded turns, newest first; SessionNotFound."""
+        return self.engine.sessions.turn_records(session_id, owner)
+
     def record_turn(self, record: TurnRecord) -> None:
         """Any thread, no wait: keep a finished turn (under its response id, and as its session's last turn)."""
         self.engine.sessions.record_turn(record)

@@ -78,6 +78,12 @@ def same_message(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+def extends(prior: Transcript, messages: list[dict[str, Any]]) -> bool:
+    """Whether `messages` are `prior`'s messages (our reply included) followed by at least one more."""
+    n = len(prior.messages)
+    return len(messages) > n and all(same_message(a, b) for a, b in zip(prior.messages, messages[:n]))
+
+
 def render_turn(tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 prior: Transcript | None, template_kwargs: dict[str, Any] | None = None) -> Rendered:
     full_text = tok.render_chat(messages, tools, add_generation_prompt=True, template_kwargs=template_kwargs)
@@ -85,7 +91,7 @@ def render_turn(tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict
     # (the prefix cache still reuses whatever KV the tokens share).
     if prior is not None and not template_kwargs and prior.tokens and (prior.tools or None) == (tools or None):
         n = len(prior.messages)
-        if len(messages) > n and all(same_message(a, b) for a, b in zip(prior.messages, messages[:n])):
+        if extends(prior, messages):
             hist_text = tok.render_chat(messages[:n], tools, add_generation_prompt=False)
             end = _end_of_turn(tok, hist_text)
             if full_text.startswith(hist_text) and end is not None:

@@ -183,6 +183,15 @@ class EngineSessions:
                 raise SessionNotFound(f"session {session_id!r} not found")
             return s.last_turn
 
+    def turn_records(self, session_id: str, owner: str | None) -> list[TurnRecord]:
+        """The recorded turns of the session's state, newest first (a client retrying a turn that never reached
+        it extends an older one); SessionNotFound as `last_turn`."""
+        with self._lock:
+            s = self.manager.get(session_id)
+            if s is None or s.owner != owner:
+                raise SessionNotFound(f"session {session_id!r} not found")
+            return [m.record for m in reversed(s.history) if m.record is not None]
+
     def record_turn(self, record: TurnRecord) -> None:
         """Keep a finished turn under its response id and, if its session still exists, as its last turn."""
         self.responses.put(record)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaserve.engine.api import SessionNotFound, TurnRecord
-from deltaserve.engine.chat import Transcript, render_turn
+from deltaserve.engine.chat import Transcript, extends, render_turn
 from deltaserve.server.context import ServerContext
 from deltaserve.server.errors import APIError, bad_request, session_not_found
 from deltaserve.server.limits import check_schema, check_tools
@@ -140,16 +140,19 @@ async def plan_chat(ctx: ServerContext, body: ChatCompletionRequest, owner: str 
         prior, base, inherited_tools, inherit = prev.transcript, prev.transcript.messages, prev.request_tools, True
         if session_id is None and prev.session_id is not None and is_last_turn(ctx, prev, owner):
             session_id = prev.session_id  # the session is still where that response left it
-    elif session_id is not None:
-        try:
-            last = ctx.driver.last_turn(session_id, owner)
-        except SessionNotFound:  # unknown: this turn opens it (another key's: the submission says 404)
-            last = None
-        prior = last.transcript if last is not None else None
 
     new = [template_message(m, i) for i, m in enumerate(body.messages)]
     if not new:
         raise bad_request("messages must contain at least one message", "messages")
+    if session_id is not None and not delta and not body.previous_response_id:
+        try:
+            records = ctx.driver.turn_records(session_id, owner)
+        except SessionNotFound:  # unknown: this turn opens it (another key's: the submission says 404)
+            records = []
+        # the newest turn the history extends: the last one, or an older one when the client retries a turn
+        # whose reply it never got (a crash, a timeout) or edits the latest exchange
+        prior = next((r.transcript for r in records if extends(r.transcript, new)),
+                     records[0].transcript if records else None)
     if body.tools is not None:
         request_tools = [t.model_dump(exclude_none=True) for t in body.tools] or None
     else:
