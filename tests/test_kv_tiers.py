@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from conftest import load_engine
 from deltaserve.cache.host_tier import HostTier
@@ -37,14 +40,14 @@ def test_tier_keys_by_exact_prefix_and_bounds_bytes_lru():
     t.check_integrity()
 
 
-def _manager(slots: int, offload_tokens: int) -> KVManager:
+def _manager(slots: int, offload_tokens: int, mode: CacheMode = CacheMode.PREFIX) -> KVManager:
     pool = KVPool(KVLayout(2, 1, 4, torch.float32), slots)
-    return KVManager(pool, CacheMode.PREFIX, offload_bytes=offload_tokens * pool.layout.bytes_per_token)
+    return KVManager(pool, mode, offload_bytes=offload_tokens * pool.layout.bytes_per_token)
 
 
-def _run(kv: KVManager, prompt: list[int], gen: list[int]) -> Sequence:
+def _run(kv: KVManager, prompt: list[int], gen: list[int], session_id: str | None = None) -> Sequence:
     """Admit, "compute" (write each token's id into its K/V rows), finish: the KV records which token made it."""
-    seq = Sequence(prompt, SamplingParams(max_tokens=len(gen) + 1))
+    seq = Sequence(prompt, SamplingParams(max_tokens=len(gen) + 1), session_id)
     assert kv.can_admit(seq, [], True)
     kv.admit(seq)
     assert kv.reserve(seq, len(prompt) - seq.num_computed)
@@ -122,3 +125,69 @@ def test_offload_tier_under_pressure_equals_recompute(smollm_dir, ref):
     restored = [s[5] for s in tiered[1] if s[5].restored_tokens]
     assert restored and all(e.reason in (MatchReason.RESTORED, MatchReason.DIVERGED) for e in restored)
     assert "restored from host memory" in restored[0].detail
+
+
+# ------------------------------------------------------------------ stateful check
+SIDS = st.sampled_from(["a", "b", "c"])
+NEW = st.lists(st.integers(1, 6), min_size=1, max_size=5)
+
+
+class TierMachine(RuleBasedStateMachine):
+    """Random turns / evictions (into the tier) / demotions / forks / rollbacks / closes over a 48-slot pool and a
+    40-token tier. After every step: pool + tier + radix integrity, and every cached token's K/V row is the one its
+    own token wrote (so a restore never puts rows in the wrong slots or under the wrong prefix)."""
+
+    @initialize()
+    def setup(self):
+        self.kv = _manager(slots=48, offload_tokens=40, mode=CacheMode.STATEFUL)
+
+    @rule(sid=SIDS, new=NEW, gen=NEW, fresh=st.booleans())
+    def turn(self, sid, new, gen, fresh):
+        s = self.kv.sessions.get(sid) or self.kv.sessions.open(sid)
+        prompt = new if fresh or len(s.tokens) + len(new) + len(gen) > 24 else s.tokens + new
+        before = self.kv.host_tier.restored_tokens
+        seq = _run(self.kv, prompt, gen, sid)
+        assert seq.stats.restored_tokens == self.kv.host_tier.restored_tokens - before
+        event(f"turn restored {'some' if seq.stats.restored_tokens else 'nothing'}")
+        assert s.tokens == prompt + gen[:-1]  # pinned, or left unpinned by the pin budget
+
+    @rule(k=st.integers(1, 48))
+    def evict(self, k):
+        self.kv.radix.evict(k)
+
+    @rule()
+    def demote(self):
+        self.kv.sessions.demote_lru(48)
+
+    @rule(sid=SIDS, new=SIDS, turn=st.integers(1, 3))
+    def fork(self, sid, new, turn):
+        src = self.kv.sessions.get(sid)
+        if src is not None and new not in self.kv.sessions and turn <= len(src.history):
+            self.kv.sessions.fork(src, new, turn=turn)
+
+    @rule(sid=SIDS, turn=st.integers(1, 3))
+    def rollback(self, sid, turn):
+        s = self.kv.sessions.get(sid)
+        if s is not None and turn <= len(s.history):
+            self.kv.sessions.rollback(s, turn)
+
+    @rule(sid=SIDS)
+    def close(self, sid):
+        if sid in self.kv.sessions:
+            self.kv.sessions.close(sid)
+
+    @invariant()
+    def consistent(self):
+        self.kv.check_integrity([])
+        k0 = self.kv.pool.k_cache[0]
+        for node in self.kv.radix._iter_nodes():
+            if node.key:
+                assert k0[node.value, 0, 0].tolist() == [float(t) for t in node.key], "a slot holds another token's KV"
+        tier = self.kv.host_tier
+        for e in list(tier._entries.values()) + list(tier._staged.values()):
+            assert e.rows[0, 0, :, 0, 0].tolist() == [float(t) for t in e.run]
+
+
+TierMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+TestTierMachine = TierMachine.TestCase

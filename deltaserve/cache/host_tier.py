@@ -108,11 +108,13 @@ class HostTier:
             self._entries.move_to_end(key)
         return TierHit(e, common_prefix_len(e.run, tuple(tokens[start : start + len(e.run)])))
 
-    def take(self, hit: TierHit) -> torch.Tensor:
-        """Remove the hit's entry and return the rows of its agreeing part `[L, 2, hit.num_tokens, H, D]`."""
+    def take(self, hit: TierHit, num_tokens: int | None = None) -> torch.Tensor:
+        """Remove the hit's entry and return the rows of its first `num_tokens` (default: its agreeing part)
+        `[L, 2, n, H, D]`; the rest of the entry is dropped."""
+        n = hit.num_tokens if num_tokens is None else min(num_tokens, hit.num_tokens)
         self._remove(hit.entry)
-        self.restored_tokens += hit.num_tokens
-        return hit.entry.rows[:, :, : hit.num_tokens]
+        self.restored_tokens += n
+        return hit.entry.rows[:, :, :n]
 
     def _remove(self, e: TierEntry | None) -> None:
         if e is None:

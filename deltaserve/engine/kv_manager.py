@@ -202,7 +202,7 @@ class KVManager:
             if self.allocator.num_free < n:
                 break
             staged = hit.entry.staged
-            rows = tier.take(hit)[:, :, :n]
+            rows = tier.take(hit, n)
             slots = self.allocator.allocate(n)
             self.pool.write_rows(slots, rows.contiguous())
             self.radix.insert(tokens[: m.num_matched + n], torch.cat([m.slots, slots]), namespace)
