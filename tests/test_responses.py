@@ -106,6 +106,14 @@ def test_pinned_chain_is_a_session(clients):
     # continuing from r1 again forks: r1 is no longer the session's last turn
     r3 = a.responses.create(model=MODEL, input="Bye.", temperature=0, max_output_tokens=6, previous_response_id=r1.id)
     assert r3.model_extra["deltaserve"]["session_id"] is None and r3.output_text == r2.output_text
+    # ... and with session_ttl the fork is a new pinned chain made by forking the session at r1's turn
+    r4 = a.responses.create(model=MODEL, input="Bye.", temperature=0, max_output_tokens=6, previous_response_id=r1.id,
+                            extra_body={"session_ttl": 60})
+    fork = r4.model_extra["deltaserve"]
+    assert fork["session_id"] not in (None, sid) and fork["cache"]["reason"] == "extended", fork
+    assert r4.output_text == r2.output_text
+    info = a.get(f"/sessions/{fork['session_id']}", cast_to=object)
+    assert info["pinned"] and [t["turn"] for t in info["history"]] == [1, 2]
 
 
 def test_changed_instructions_rerender(clients):

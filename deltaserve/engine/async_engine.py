@@ -242,6 +242,10 @@ class AsyncEngine:
         """Any thread, no wait: the session's recorded turns, newest first; SessionNotFound."""
         return self.engine.sessions.turn_records(session_id, owner)
 
+    def turn_of_response(self, session_id: str, owner: str | None, response_id: str) -> int | None:
+        """Any thread, no wait: which turn of the session's state that response ended (None: none)."""
+        return self.engine.sessions.turn_of_response(session_id, owner, response_id)
+
     def record_turn(self, record: TurnRecord) -> None:
         """Any thread, no wait: keep a finished turn (under its response id, and as its session's last turn)."""
         self.engine.sessions.record_turn(record)

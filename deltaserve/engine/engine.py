@@ -167,9 +167,12 @@ class LLMEngine:
         pending = None
         if session_id is not None and self.kv.reuse:
             tier = self.kv.host_tier
-            pending = self.persistence.begin_load(
-                self.kv.sessions.get(session_id), prompt, cache_namespace,
-                lambda ns, toks, at: tier is not None and tier.find(ns, toks, at) is not None)
+            try:
+                pending = self.persistence.begin_load(
+                    self.kv.sessions.get(session_id), prompt, cache_namespace,
+                    lambda ns, toks, at: tier is not None and tier.find(ns, toks, at) is not None)
+            except Exception:  # the session is claimed for this turn: a store problem must not strand it
+                log.exception("session store: cannot start reading session %r; its turn recomputes", session_id)
         p = params
         if len(prompt) + p.max_tokens > self.max_context:
             p = SamplingParams(**{**p.__dict__, "max_tokens": self.max_context - len(prompt)})

@@ -192,6 +192,16 @@ class EngineSessions:
                 raise SessionNotFound(f"session {session_id!r} not found")
             return [m.record for m in reversed(s.history) if m.record is not None]
 
+    def turn_of_response(self, session_id: str, owner: str | None, response_id: str) -> int | None:
+        """The turn (1-based) of the session's state that response `response_id` ended, None if it holds none
+        (the state moved past it by an edit or a rollback) or there is no such session of `owner`'s."""
+        with self._lock:
+            s = self.manager.get(session_id)
+            if s is None or s.owner != owner:
+                return None
+            return next((i + 1 for i, m in enumerate(s.history)
+                         if m.record is not None and m.record.response_id == response_id), None)
+
     def record_turn(self, record: TurnRecord) -> None:
         """Keep a finished turn under its response id and, if its session still exists, as its last turn."""
         self.responses.put(record)

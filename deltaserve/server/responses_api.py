@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from deltaserve.engine.api import TurnRecord
+from deltaserve.engine.api import EngineError, TurnRecord
 from deltaserve.engine.chat import Transcript, compact_tokens, reply_message
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.server.chat_api import limit_calls
@@ -131,6 +131,7 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
     prior: Transcript | None = None
     inherited = None
     session_id = None
+    record = None
     if body.previous_response_id:
         record, view = stored(ctx, body.previous_response_id, owner, "previous_response_id")
         base, inherited, prior = view.history, record.request_tools, record.transcript
@@ -139,6 +140,15 @@ async def plan_turn(ctx: ServerContext, body: ResponsesRequest, owner: str | Non
     turn_id = item_id("resp")
     if session_id is None and body.session_ttl is not None:
         session_id = "chain-" + turn_id  # this response starts (or forks) a pinned chain
+        if record is not None and record.session_id is not None:
+            # an older response of a pinned chain: fork the chain at that turn (shared KV, pinned, no prefill),
+            # as POST /v1/sessions/{id}/fork with "turn" does
+            k = ctx.driver.turn_of_response(record.session_id, owner, record.response_id)
+            if k is not None:
+                try:
+                    await ctx.driver.fork_session(record.session_id, session_id, owner, body.session_ttl, k)
+                except EngineError:  # the chain closed meanwhile: the new chain starts from the prefix cache
+                    pass
     history = list(base) + to_messages(items)
     head = [{"role": "system", "content": body.instructions}] if body.instructions else []
     plan = await plan_history(ctx, head + history, prior, tools if body.tools is not None else inherited,

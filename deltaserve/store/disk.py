@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from deltaserve.store.format import (Segment, SegmentCorrupt, Stamp, StoreError, atomic_write, decode_segment,
-                                     encode_segment)
+from deltaserve.store.format import Segment, SegmentCorrupt, Stamp, atomic_write, decode_segment, encode_segment
 
 log = logging.getLogger("deltaserve.store")
 
@@ -182,7 +181,7 @@ class SessionStore:
                     self._meta(*args)
                 elif kind == "delete":
                     self._delete(*args)
-            except (OSError, StoreError, ValueError) as e:  # a failed write loses that session's unsaved tail only
+            except Exception as e:  # a failed write loses that session's unsaved tail only; the writer goes on
                 self.write_errors += 1
                 log.error("session store: %s failed: %s", kind, e)
 
