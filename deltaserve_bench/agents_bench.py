@@ -1,7 +1,8 @@
 """`deltaserve bench agents`: multi-agent tool-calling workflows against deltaserve and peer servers.
 
     deltaserve bench agents --workflow 6|35 --agents A --model M --targets LIST --out DIR
-        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N] [--section KEY] [--write [DIR]]
+        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N [--offload-gb G] [--roomy REPORT]]
+        [--section KEY] [--write [DIR]]
 
 The workload (`agents_workload`) is generated once from the seed. Every target
 (`agents_targets`) is started as a subprocess, health-polled, warmed up, then
@@ -13,7 +14,7 @@ append the next tool result. Targets run one after the other, never together.
 Per target and turn index: latency (request sent -> last byte) median and p90
 across agents, TTFT (first content chunk; ~prefill + queueing), prompt and
 cached tokens (usage.prompt_tokens_details.cached_tokens, or llama.cpp's
-timings.cache_n), speculation acceptance
+timings.cache_n), tokens restored from a host KV tier (deltaserve's cache.restored_tokens), speculation acceptance
 (usage.completion_tokens_details.accepted_prediction_tokens), end-to-end wall
 time. Output: report.json, report.md, PNG plots in --out; with --write the
 section `agents-w{T}[-kv{N}]` (or `--section KEY`) in docs/benchmarks/KEY.md and the plots under docs/img/.

