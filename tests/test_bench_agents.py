@@ -60,6 +60,7 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     assert sf["prefilled_tokens"] < sl["prefilled_tokens"]
     assert sf["per_turn"][-1]["cached_tokens_median"] > 0
     assert "extended" in sf["reasons"]
+    assert sf["restored_tokens"] == 0  # read from each response's cache block (None would mean not parsed)
     sp = rep["speedup_of_stateful"]["deltaserve-stateless"]
     assert len(sp["per_turn"]) == 3 and sp["e2e_ratio"] > 0
     # the profile comes from the server's own counters, over the timed run only (warm-up excluded)
