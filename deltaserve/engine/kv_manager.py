@@ -111,17 +111,14 @@ class KVManager:
         was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
             m = self.radix.match_prefix(seq.tokens, seq.cache_namespace)
-            if self.host_tier is not None:
-                r = self.restore(seq.tokens, m, seq.cache_namespace)
-                m = r.match
-                seq.stats.restored_tokens += r.num_tokens
-                seq.stats.restored_from_store += r.from_store
         else:
             m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.namespace_root(seq.cache_namespace), 0)
         # At least the last prompt token is computed: its logits give the first output token.
         cached = min(m.num_matched, len(seq.tokens) - 1)
         if self.reuse and self._prefill_in_flight(seq, cached, running):
             return False
+        # Restored tokens need slots as prefilled ones do, so memory is counted before any restore: a request
+        # that cannot be admitted yet restores nothing (its copy would be evicted again while it waits).
         need = len(seq.tokens) - cached + ADMIT_HEADROOM
         if cached > 0:
             self.radix.lock(m.node)  # while counting, so our own prefix is not counted as evictable for us
@@ -130,9 +127,15 @@ class KVManager:
         fits = self.allocator.num_free + self.radix.evictable_size >= need
         if cached > 0:
             self.radix.unlock(m.node)  # admit locks it for good
-        if fits:
-            self._admission = _Admission(seq, m, cached, session, was_pinned)
-        return fits
+        if not fits:
+            return False
+        if self.host_tier is not None and self.reuse:
+            r = self.restore(seq.tokens, m, seq.cache_namespace)
+            m, cached = r.match, min(r.match.num_matched, len(seq.tokens) - 1)
+            seq.stats.restored_tokens += r.num_tokens
+            seq.stats.restored_from_store += r.from_store
+        self._admission = _Admission(seq, m, cached, session, was_pinned)
+        return True
 
     def admit(self, seq: Sequence) -> None:
         """Lock `seq`'s cached prefix and give it the cached slots.
