@@ -109,6 +109,7 @@ def run(args) -> int:
         run_store = store / f"run{r}"
         eng = engine(kv_offload_bytes=2 * bpt * args.context, session_store=str(run_store))
         _turn(eng, prompt, "s")
+        assert eng.persistence.store.flush(120)  # its 1st turn's KV is on disk: no write beside the timed turns
         times["pool"].append(_pool_turn(eng, prompt))
         # evict the session to the host tier: unpin it, then evict everything evictable
         eng.kv.sessions.demote_lru(eng.pool.num_slots)
