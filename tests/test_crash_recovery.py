@@ -107,7 +107,7 @@ def test_sigkill_mid_workflow_then_restart_continues_every_session_exactly(smoll
         out = srv.turn(f"agent-{a}", msgs)
         assert out["choices"][0]["message"]["content"] == expected[(a, t)]
         hist[a] = msgs + [{"role": "assistant", "content": expected[(a, t)]}]
-        done.append((a, t))
+        done.append((a, t, out["id"]))
     # the next turn in flight, and SIGKILL a random moment later (the store's writer may be mid-write)
     a, t = order[crash_after + 1]
     threading.Thread(target=lambda: _ignore(srv.turn, f"agent-{a}", _messages(hist[a], a, t)), daemon=True).start()
@@ -133,6 +133,14 @@ def test_sigkill_mid_workflow_then_restart_continues_every_session_exactly(smoll
             assert cache["restored_tokens"] > 0 and cache["reason"] in ("restored", "diverged"), (seed, a, cache)
     # most sessions were saved: every agent had finished a turn well before the kill
     assert len(listed) >= AGENTS - 1, (seed, listed.keys())
+    # a response id from before the crash still names its state (the store keeps each turn's record)
+    a, t, rid = done[0]
+    if f"agent-{a}" in listed:
+        r = srv.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "One more thing."}], "max_tokens": 4,
+            "temperature": 0, "previous_response_id": rid})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     integrity = srv.http.get("/metrics")
     assert integrity.status_code == 200
     srv.stop()

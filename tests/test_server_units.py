@@ -272,6 +272,21 @@ def test_response_store_bounds_and_owner():
     assert st.get("r2", "a") is None and st.get("r3", "a") is None and len(st) == 2
 
 
+def test_response_store_per_key_bound_evicts_only_that_keys_lru():
+    from deltaserve.engine.owners import OwnerDigest, owner_digest
+
+    st = ResponseStore(max_entries=100, max_per_owner=2)
+    st.put(_record("b0", "b", 1))
+    for i in range(4):
+        st.put(_record(f"a{i}", "a", 1))
+    assert [st.get(f"a{i}", "a") is not None for i in range(4)] == [False, False, True, True]
+    assert st.get("b0", "b") is not None and (st.held_by("a"), st.held_by("b")) == (2, 1)
+    # a record restored from disk (owned by a digest) counts against the same key
+    st.put(_record("a9", OwnerDigest(owner_digest("a")), 1))
+    assert st.held_by("a") == 2 and st.get("a2", "a") is None and st.get("a9", "a") is not None
+    assert st.delete("a9", "a") and st.held_by("a") == 1
+
+
 def test_session_owns_its_last_turn():
     sessions = EngineSessions(SessionManager(RadixCache(SlotAllocator(8))), ResponseStore())
     sessions.open("s", "a")

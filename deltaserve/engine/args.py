@@ -50,6 +50,12 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--max-pinned-tokens-per-key", type=int, default=None, metavar="N",
                    help="tokens one API key's pinned sessions may hold; over it, that key's least recently used "
                         "pins are demoted (never another key's; default: no cap)")
+    p.add_argument("--max-responses", type=int, default=1024, metavar="N",
+                   help="finished turns kept by response id for previous_response_id and GET /v1/responses/{id} "
+                        "(least recently used go first)")
+    p.add_argument("--max-responses-per-key", type=int, default=None, metavar="N",
+                   help="of those, one API key's at most; past it that key's own least recently used go, never "
+                        "another key's (default: no cap)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests waiting for admission beyond this are refused (HTTP 429; default: no cap)")
     p.add_argument("--max-num-seqs", "--max-running", dest="max_running", type=int, default=64,
@@ -85,11 +91,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --session-store-gb must be positive, got {args.session_store_gb}")
     if args.session_store is not None and args.cache_mode == "stateless":
         raise SystemExit("error: --session-store needs KV reuse: --cache-mode stateful or prefix")
+    if args.max_responses < 1 or (args.max_responses_per_key is not None and args.max_responses_per_key < 1):
+        raise SystemExit("error: --max-responses and --max-responses-per-key must be at least 1")
     if args.kv_offload_gb < 0:
         raise SystemExit(f"error: --kv-offload-gb must be >= 0, got {args.kv_offload_gb}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     store_gb = args.session_store_gb
-    return EngineConfig(session_store=args.session_store,
+    return EngineConfig(max_responses=args.max_responses, max_responses_per_key=args.max_responses_per_key,
+                        session_store=args.session_store,
                         session_store_bytes=None if store_gb is None else int(store_gb * (1 << 30)),
                         kv_offload_bytes=int(args.kv_offload_gb * (1 << 30)), max_waiting=args.max_waiting,
                         max_sessions_per_key=args.max_sessions_per_key,

@@ -51,6 +51,7 @@ class EngineConfig:
     speculation: bool = True
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
+    max_responses_per_key: int | None = None  # of those, one owner's at most (its own LRU go first; None: no cap)
     check_integrity: bool = False  # after every step (tests)
     max_sessions_per_key: int | None = None  # open sessions per owner (None: no cap)
     max_waiting: int | None = None  # requests not yet admitted beyond this are refused with Overloaded (None: no cap)
@@ -75,7 +76,8 @@ class LLMEngine:
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
                             config.kv_offload_bytes)
         self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
-        self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses))
+        self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses,
+                                                                       max_per_owner=config.max_responses_per_key))
         self.sessions.max_per_owner = config.max_sessions_per_key
         self.persistence = self._persistence(model, layout)
         self.sessions.persistence = self.persistence
@@ -111,6 +113,10 @@ class LLMEngine:
         self.kv.on_turn_end = p.after_turn
         self.kv.enable_staging()
         n = p.restore_sessions()
+        for s in self.kv.sessions.list():  # their turns' response ids work again (previous_response_id, GET)
+            for m in s.history:
+                if m.record is not None:
+                    self.sessions.responses.put(m.record)
         log.info("session store %s: %d sessions restored (%d bytes on disk)", c.session_store, n, p.store.nbytes)
         return p
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import hashlib
 import logging
 from array import array
 from typing import Any, Callable, Iterator, NamedTuple
@@ -25,51 +24,13 @@ from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, TurnMark
 from deltaserve.engine.api import TurnRecord
 from deltaserve.engine.chat import Transcript, compact_tokens
+from deltaserve.engine.owners import OwnerDigest, namespace_digest, owner_digest
 from deltaserve.kv.pool import KVPool
 from deltaserve.store.disk import SessionStore, session_key
 from deltaserve.store.format import Segment, Stamp, StoreError, pack_export, unpack_export
 from deltaserve.tokens import common_prefix_len
 
 log = logging.getLogger("deltaserve.store")
-
-
-def _digest(kind: str, value: str | None) -> str:
-    return hashlib.sha256(f"{kind}\x00{'' if value is None else 'v' + value}".encode()).hexdigest()
-
-
-class OwnerDigest:
-    """The owner of a session that came from disk or an import: only its digest is known. Equal to the raw owner
-    it digests (and to an equal digest), so `s.owner == owner` checks need no change."""
-
-    __slots__ = ("digest",)
-
-    def __init__(self, digest: str):
-        self.digest = digest
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, OwnerDigest):
-            return other.digest == self.digest
-        if other is None or isinstance(other, str):
-            return owner_digest(other) == self.digest
-        return NotImplemented
-
-    def __ne__(self, other: object) -> bool:
-        eq = self.__eq__(other)
-        return eq if eq is NotImplemented else not eq
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
-
-    def __repr__(self) -> str:
-        return f"OwnerDigest({self.digest[:12]}…)"
-
-
-def owner_digest(owner: Any) -> str:
-    return owner.digest if isinstance(owner, OwnerDigest) else _digest("owner", owner)
-
-
-def namespace_digest(namespace: str) -> str:
-    return _digest("namespace", namespace)
 
 
 def _tokens_b64(tokens: list[int]) -> str:
@@ -87,15 +48,16 @@ def record_json(r: TurnRecord, state: list[int]) -> dict[str, Any]:
     """A TurnRecord as JSON; its token ids as "state prefix + tail" when they extend the state's prefix."""
     toks = list(r.transcript.tokens)
     n = common_prefix_len(toks, state[: len(toks)])
+    view = r.view.to_json() if hasattr(r.view, "to_json") else None  # what a front end shows, if it can say
     return {"response_id": r.response_id, "session_id": r.session_id, "messages": r.transcript.messages,
             "tools": r.transcript.tools, "request_tools": r.request_tools, "state_prefix": n,
-            "tail": toks[n:]}
+            "tail": toks[n:], "view": view}
 
 
 def record_from_json(d: dict[str, Any], state: list[int], owner: Any) -> TurnRecord:
     toks = state[: d["state_prefix"]] + list(d["tail"])
     return TurnRecord(d["response_id"], owner, d["session_id"],
-                      Transcript(d["messages"], d["tools"], compact_tokens(toks)), d["request_tools"])
+                      Transcript(d["messages"], d["tools"], compact_tokens(toks)), d["request_tools"], d.get("view"))
 
 
 def session_meta(s: Session) -> dict[str, Any]:

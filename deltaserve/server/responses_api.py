@@ -49,9 +49,10 @@ router = APIRouter()
 def stored(ctx: ServerContext, rid: str, owner: str | None, param: str | None = None) -> tuple[TurnRecord, StoredView]:
     """The stored response `rid` of `owner` (a chat completion's id is not one: it has no view); else 404."""
     record = ctx.driver.response(rid, owner)
-    if record is None or not isinstance(record.view, StoredView):
+    view = None if record is None else StoredView.from_any(record.view)  # a dict after a restart
+    if view is None:
         raise _not_found(rid, param)
-    return record, record.view
+    return record, view
 
 
 def _not_found(rid: str, param: str | None = None) -> APIError:

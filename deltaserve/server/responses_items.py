@@ -124,3 +124,16 @@ class StoredView:
     response: dict[str, Any]  # the Response object as returned
     input_items: list[dict[str, Any]]  # this request's input, normalized
     history: list[dict[str, Any]]  # template messages of the whole conversation incl. the reply, no instructions
+
+    def to_json(self) -> dict[str, Any]:
+        """What the session store keeps of it (a record restored from disk carries this dict as its view)."""
+        return {"stored_view": 1, "response": self.response, "input_items": self.input_items, "history": self.history}
+
+    @classmethod
+    def from_any(cls, view: Any) -> "StoredView | None":
+        """The view of a record: kept as is, or rebuilt from `to_json`'s dict; None for a record without one."""
+        if isinstance(view, cls):
+            return view
+        if isinstance(view, dict) and view.get("stored_view") == 1:
+            return cls(view["response"], view["input_items"], view["history"])
+        return None
