@@ -249,3 +249,28 @@ def test_apply_mask_on_cuda(compiler):
     logits = torch.randn(2, compiler.vocab_size, device="cuda", dtype=torch.float16)
     m.apply_mask(logits)
     assert torch.equal(torch.isinf(logits).cpu(), ~m.allowed_mask().expand(2, -1))
+
+
+def test_strict_tools_under_auto_allow_text_or_schema_valid_calls(compiler, tok):
+    """`strict` tools under tool_choice auto: plain text (then EOS), text then a call, or a call -- and a call's
+    arguments must follow the strict tool's schema; a non-strict tool takes any object."""
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+    eos = compiler.eos_token_ids[0]
+
+    def run(text: str) -> tuple[int, bool]:
+        m = compiler.for_text_or_tool_call(strict)
+        ids = tok.encode(text)
+        n = m.accept_many(ids)
+        return n == len(ids), n == len(ids) and m.accept(eos)
+
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    assert run("It is sunny in Paris.") == (True, True)
+    assert run(good) == (True, True)
+    assert run("Let me check.\n" + good) == (True, True)
+    assert run(good.replace('"unit": "c"', '"unit": "kelvin"'))[0] is False  # strict: the schema's enum holds
+    assert run('{"name": "get_weather", "arguments": {"city": 3}}')[0] is False  # a bare call is constrained too
+    other = TOOLS[1]["function"]["name"]
+    assert run(f'<tool_call>\n{{"name": "{other}", "arguments": {{"anything": [1, 2]}}}}\n</tool_call>') == (True, True)
+    one = compiler.for_text_or_tool_call(strict, parallel=False)
+    ids = tok.encode(good + "\n" + good)
+    assert one.accept_many(ids) < len(ids)  # parallel_tool_calls false: one call

@@ -216,12 +216,20 @@ async def _compile(ctx: ServerContext, param: str, fn: Any, *args: Any) -> Any:
 async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] | None,
                    fmt: ResponseFormat | None, parallel: bool | None) -> Any:
     """The output grammar: a forced tool call; JSON (a schema / any object); with tools offered under
-    tool_choice "auto" and a JSON format, either a tool call or the JSON answer (one grammar for both)."""
+    tool_choice "auto" and a JSON format, either a tool call or the JSON answer (one grammar for both); with
+    `strict` tools under "auto" and no format, text or calls whose arguments follow their schemas."""
+    from deltaserve.server.grammar import GrammarError, has_strict_tools
+
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
     if not forced and (fmt is None or fmt.type == "text"):
+        if choice == "auto" and has_strict_tools(tools):  # text, or calls whose arguments follow the schemas
+            compiler = await ctx.grammar_compiler()
+            try:
+                return await _compile(ctx, "tools", compiler.for_text_or_tool_call, tools, parallel is not False)
+            except GrammarError as e:
+                raise bad_request(f"cannot compile the strict tools' grammar: {e}", "tools", "invalid_grammar") from e
         return None
     compiler = await ctx.grammar_compiler()
-    from deltaserve.server.grammar import GrammarError
 
     try:
         if forced:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -175,6 +176,27 @@ class GrammarCompiler:
         )
         return self._matcher(LLMatcher.grammar_from_lark(lark))
 
+    def for_text_or_tool_call(self, tools: list[dict], parallel: bool = True) -> "GrammarMatcher":
+        """Matcher for ``tool_choice: "auto"`` with ``strict`` tools: free text, optionally followed by Hermes
+        tool call(s), or a bare ``{"name", "arguments"}`` call as the whole output -- every call's arguments valid
+        against its tool's schema (a tool not marked strict takes any JSON object). The text can neither contain
+        the tool-call tag nor start with ``{``: a call is only ever written in the constrained branch."""
+        strict = [_strict_or_loose(t) for t in tools]
+        body = tool_call_schema(strict)
+        repeat = ' ("\\n" tagged)*' if parallel else ""
+        # special-token tags never appear in text matched by a regex; a tag spelled as text is excluded by name
+        no_tag = "" if self._tool_open.startswith("<[") else f" & ~/(?s:.*{re.escape(_TOOL_CALL_OPEN)}.*)/"
+        lark = (
+            "start: calls | TEXT tagged_calls?\n"
+            f"calls: call{repeat if parallel else ''}\n"
+            "call: tagged | body\n"
+            f"tagged_calls: tagged{repeat}\n"
+            f"tagged: {self._tool_open} \"\\n\" body \"\\n\" {self._tool_close}\n"
+            f"body: %json {json.dumps(body)}\n"
+            f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*\\{{.*)/{no_tag}\n"
+        )
+        return self._matcher(LLMatcher.grammar_from_lark(lark))
+
     # -- internals --------------------------------------------------------------
 
     def _marker(self, hf_tokenizer: Any, text: str) -> str:
@@ -210,6 +232,18 @@ def _with_options(schema: dict) -> dict:
     out = dict(schema)
     out["x-guidance"] = {**JSON_OPTIONS, **schema.get("x-guidance", {})}
     return out
+
+
+def _strict_or_loose(tool: dict) -> dict:
+    """A tool as the strict grammar sees it: its own schema when marked ``strict``, else any JSON object."""
+    fn = _function_of(tool)
+    if fn.get("strict"):
+        return fn
+    return {**fn, "parameters": {"type": "object"}}
+
+
+def has_strict_tools(tools: list[dict] | None) -> bool:
+    return any(_function_of(t).get("strict") for t in tools or [])
 
 
 def _function_of(tool: dict) -> dict:
