@@ -503,6 +503,28 @@ def test_tenant_header_isolates_cache(engine, server):
         assert cached({}) > 0
 
 
+def test_shared_prefix_is_shared_across_keys_and_nothing_else(engine, keyed):
+    """--shared-prefix: key B reuses the declared prefix key A computed, and only it (A's own text stays A's)."""
+    from deltaserve.cache.shared_prefix import declared_prefix
+
+    url = keyed.base_url + "/v1"
+    one, two = (openai.OpenAI(base_url=url, api_key=k, max_retries=0) for k in KEYS)
+    system = f"Shared system prompt {sid()}: you are a careful agent with tools search and read.\n" * 3
+    declared = tuple(engine.tokenizer.encode(system))
+    own = "Private notes of tenant A: the launch code is 1234. " * 6
+    assert declared_prefix([declared], engine.tokenizer.encode(system + own)) == len(declared)  # token-exact
+    before = list(engine.kv.shared_prefixes)
+    engine.kv.shared_prefixes = [declared]
+    try:
+        a, out_a = _cached(one, system + own)
+        assert a == 0
+        b, out_b = _cached(two, system + own)
+        assert b == len(declared), "B must reuse exactly the declared prefix, never A's own text"
+        assert out_a == out_b
+    finally:
+        engine.kv.shared_prefixes = before
+
+
 def test_responses_api_cache_is_isolated_between_api_keys(keyed):
     h1, h2 = ({"Authorization": f"Bearer {k}"} for k in KEYS)
     body = {"model": MODEL, "input": f"Responses probe {sid()}: " + "sphinx of black quartz, judge my vow. " * 12,

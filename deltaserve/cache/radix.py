@@ -247,7 +247,8 @@ class RadixCache(PrefixCache[RadixNode]):
 
     # ------------------------------------------------------------------ eviction
     def evict(self, num_tokens: int) -> int:
-        """Remove unreferenced leaves, oldest `last_access` first (ties: older node id first).
+        """Remove unreferenced leaves, oldest `last_access` first (ties: older node id first), until `num_tokens`
+        slots are back on the allocator's free list (a shared slot returns only with its last holder).
 
         A parent left as an unreferenced leaf joins the candidates; its
         last_access is ≥ its child's (every touch of the child touched it), so
@@ -257,7 +258,8 @@ class RadixCache(PrefixCache[RadixNode]):
             return 0
         heap = [n for n in self._iter_nodes() if not n.children and n.ref == 0 and not self._is_root(n)]
         heapq.heapify(heap)
-        freed = 0
+        start = self.allocator.num_free
+        freed = 0  # slots back on the free list: a slot another namespace also holds (shared) is not freed here
         while freed < num_tokens and heap:
             leaf = heapq.heappop(heap)
             parent = leaf.parent
@@ -265,7 +267,7 @@ class RadixCache(PrefixCache[RadixNode]):
             if self.on_evict is not None:
                 self.on_evict(self._namespace_of(parent), self.path_tokens(parent), leaf.key, leaf.value)
             self._remove_leaf(leaf)
-            freed += len(leaf)
+            freed = self.allocator.num_free - start
             if not self._is_root(parent) and not parent.children and parent.ref == 0:
                 heapq.heappush(heap, parent)
         return freed

@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GB",
                    help="host-memory tier: KV evicted from the pool is copied here (LRU, GB bound) and restored by "
                         "copy instead of prefill (default 0: evicted KV is dropped)")
+    p.add_argument("--shared-prefix", default=None, metavar="PATH",
+                   help="JSON list of prefixes (chat messages + tools, text or token ids) that every tenant may "
+                        "share: stored once, and a tenant's prompt starting with one reuses its KV; nothing else "
+                        "is shared across tenants (default: none)")
     p.add_argument("--session-store", default=None, metavar="DIR",
                    help="save each session's turns (token ids, messages, KV) to DIR behind the engine, and restore "
                         "the sessions found there on start (default: sessions live in memory only)")
@@ -97,7 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit(f"error: --kv-offload-gb must be >= 0, got {args.kv_offload_gb}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     store_gb = args.session_store_gb
-    return EngineConfig(max_responses=args.max_responses, max_responses_per_key=args.max_responses_per_key,
+    return EngineConfig(shared_prefix=getattr(args, "shared_prefix", None), max_responses=args.max_responses, max_responses_per_key=args.max_responses_per_key,
                         session_store=args.session_store,
                         session_store_bytes=None if store_gb is None else int(store_gb * (1 << 30)),
                         kv_offload_bytes=int(args.kv_offload_gb * (1 << 30)), max_waiting=args.max_waiting,
@@ -116,11 +120,12 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     """Check the flags, pull a known model on first use, load it."""
     from deltaserve.models.registry import ensure_pulled
 
+    from deltaserve.cache.shared_prefix import SharedPrefixError
     from deltaserve.store.format import StoreError
 
     config = engine_config(args)
     ensure_pulled(args.model)
     try:
         return LLMEngine.from_model(args.model, config)
-    except StoreError as e:  # a store made for other KV, or unusable: refused with what differs
+    except (StoreError, SharedPrefixError) as e:  # a store for other KV, an unusable --shared-prefix file
         raise SystemExit(f"error: {e}") from e

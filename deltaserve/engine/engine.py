@@ -60,6 +60,7 @@ class EngineConfig:
     max_pinned_tokens_per_key: int | None = None  # tokens one owner's pinned sessions may hold (None: no cap)
     generation_config: bool = True  # from_model reads the model's generation_config.json sampling defaults
     kv_offload_bytes: int = 0  # host-memory tier for evicted KV (0: evicted KV is dropped)
+    shared_prefix: str | None = None  # JSON file of prefixes every tenant may share (cache/shared_prefix.py)
     session_store: str | None = None  # directory sessions are saved to after each turn and restored from on start
     session_store_bytes: int | None = None  # bound on the store (None: unbounded)
 
@@ -76,6 +77,12 @@ class LLMEngine:
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
                             config.kv_offload_bytes)
         self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key
+        if config.shared_prefix is not None:
+            from deltaserve.cache.shared_prefix import load_shared_prefixes
+
+            if tokenizer is None:
+                raise ValueError("--shared-prefix needs the model's tokenizer")
+            self.kv.shared_prefixes = load_shared_prefixes(config.shared_prefix, tokenizer)
         self.sessions = EngineSessions(self.kv.sessions, ResponseStore(config.max_responses,
                                                                        max_per_owner=config.max_responses_per_key))
         self.sessions.max_per_owner = config.max_sessions_per_key
@@ -393,6 +400,7 @@ class LLMEngine:
             "kv_bytes_per_token": self.pool.layout.bytes_per_token,
             "evicted_tokens": self.kv.evicted_tokens,
             "demoted_sessions": self.kv.demoted_sessions,
+            "grafted_tokens": self.kv.grafted_tokens,
             **self._tier_stats(),
             "unpinned_over_budget": self.kv.unpinned_over_budget,
             "preemptions": c.preemptions,

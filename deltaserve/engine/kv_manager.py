@@ -24,6 +24,7 @@ from deltaserve.cache.base import MatchResult
 from deltaserve.cache.host_tier import HostTier
 from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, advance, explain_match
+from deltaserve.cache.shared_prefix import SHARED_NAMESPACE, declared_prefix
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.pool import KVPool
 from deltaserve.tokens import common_prefix_len
@@ -77,6 +78,8 @@ class KVManager:
         # The host tier (--kv-offload-gb): evicted leaves' KV is copied there, and restored from there by copy.
         self.host_tier: HostTier | None = None
         self.on_turn_end: Callable[[Session], None] | None = None  # after a session's turn is in the tree (store)
+        self.shared_prefixes: list[tuple[int, ...]] = []  # --shared-prefix: declared, longest first
+        self.grafted_tokens = 0  # tokens a tenant took from the shared namespace instead of computing them
         if offload_bytes > 0 and self.reuse:
             self.host_tier = HostTier(offload_bytes)
             self.radix.on_evict = self._offload
@@ -111,6 +114,8 @@ class KVManager:
         was_pinned = bool(session and session.pinned)  # before any demotion below: what the turn found
         if self.reuse:
             m = self.radix.match_prefix(seq.tokens, seq.cache_namespace)
+            if self.shared_prefixes:
+                m = self._graft(seq.tokens, m, seq.cache_namespace)
         else:
             m = MatchResult(torch.empty(0, dtype=torch.int64), self.radix.namespace_root(seq.cache_namespace), 0)
         # At least the last prompt token is computed: its logits give the first output token.
@@ -157,6 +162,38 @@ class KVManager:
         restored = min(seq.stats.restored_tokens, cached)
         seq.explanation = explain_match(a.session, seq.tokens, cached, a.was_pinned, restored,
                                         "the session store" if seq.stats.restored_from_store else "host memory")
+
+    # ------------------------------------------------------------ shared prefixes
+    def _graft(self, tokens: list[int], m: MatchResult, namespace: str) -> MatchResult:
+        """A tenant prompt that starts with a declared shared prefix gets what the shared namespace holds of it
+        (the same slots, one more holder each) under its own namespace; never more than the declared tokens."""
+        p = declared_prefix(self.shared_prefixes, tokens)
+        if p <= m.num_matched or namespace in ("", SHARED_NAMESPACE):
+            return m
+        g = self.radix.match_prefix(tokens[:p], SHARED_NAMESPACE)
+        if g.num_matched <= m.num_matched:
+            return m
+        extra = g.slots[m.num_matched : g.num_matched]
+        self.allocator.share(extra)
+        self.radix.insert(tokens[: g.num_matched], torch.cat([m.slots, extra]), namespace)
+        self.grafted_tokens += extra.numel()
+        return self.radix.match_prefix(tokens, namespace)
+
+    def _publish(self, tokens: list[int], namespace: str) -> None:
+        """A tenant just cached a declared shared prefix: give its KV to the shared namespace too (shared slots),
+        so the next tenant grafts it instead of computing it."""
+        p = declared_prefix(self.shared_prefixes, tokens)
+        if not p or namespace in ("", SHARED_NAMESPACE):
+            return
+        g = self.radix.match_prefix(tokens[:p], SHARED_NAMESPACE)
+        if g.num_matched >= p:
+            return
+        t = self.radix.match_prefix(tokens[:p], namespace)
+        if t.num_matched < p:
+            return
+        extra = t.slots[g.num_matched : p]
+        self.allocator.share(extra)
+        self.radix.insert(tokens[:p], torch.cat([g.slots, extra]), SHARED_NAMESPACE)
 
     # ------------------------------------------------------------ tiers
     def _land(self, seq: Sequence, wait: bool) -> bool:
@@ -235,6 +272,8 @@ class KVManager:
             return
         res = self.radix.insert_with_node(seq.tokens[:n], seq.slots[:n], seq.cache_namespace)
         self.radix.lock(res.node)  # before unlocking the old prefix, so no shared ancestor turns evictable
+        if self.shared_prefixes:
+            self._publish(seq.tokens, seq.cache_namespace)
         if seq.locked_node is not None:
             self.radix.unlock(seq.locked_node)
         seq.locked_node = res.node

@@ -6,13 +6,16 @@ lets the radix cache share, truncate and roll back at any token boundary
 without copy-on-write, at the price of a gather per attention call.
 
 Invariant: every slot id in [0, num_slots) is either on the free list or owned
-by exactly one holder (a radix node, or a running sequence's private tail);
-`check_integrity(owned)` verifies that with the ids the holders report.
+by its holders (radix nodes, or a running sequence's private tail): one holder,
+except a slot `share`d across cache namespaces (`--shared-prefix`), which has
+exactly as many holders as its reference count and returns to the free list
+when the last one frees it. `check_integrity(owned)` verifies that with the ids
+the holders report.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 import torch
 
@@ -33,6 +36,7 @@ class SlotAllocator:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
         self._free: deque[int] = deque(range(num_slots))
+        self._refs: dict[int, int] = {}  # holders of shared slots (> 1); a slot absent here has one holder
 
     @property
     def num_free(self) -> int:
@@ -53,8 +57,27 @@ class SlotAllocator:
         return torch.tensor(ids, dtype=torch.int64)
 
     def free(self, slots: torch.Tensor) -> None:
-        """Give slot ids `[n]` back to the pool."""
-        self._free.extend(int(s) for s in slots.tolist())
+        """Give slot ids `[n]` back to the pool (a shared slot: drop one holder; the last one frees it)."""
+        if not self._refs:
+            self._free.extend(int(s) for s in slots.tolist())
+            return
+        for s in slots.tolist():
+            r = self._refs.get(s)
+            if r is None:
+                self._free.append(s)
+            elif r == 2:
+                del self._refs[s]
+            else:
+                self._refs[s] = r - 1
+
+    def share(self, slots: torch.Tensor) -> None:
+        """One more holder for each of `slots` `[n]` (owned, not free): the same KV cached under two namespaces."""
+        for s in slots.tolist():
+            self._refs[s] = self._refs.get(s, 1) + 1
+
+    @property
+    def num_shared(self) -> int:
+        return len(self._refs)
 
     def check_integrity(self, owned: torch.Tensor | None = None) -> None:
         """Assert free ∪ owned == all slots, with no id twice.
@@ -69,8 +92,11 @@ class SlotAllocator:
         if owned is None:
             return
         owned_l = owned.tolist()
-        assert len(set(owned_l)) == len(owned_l), "slot owned twice"
-        assert not (set(owned_l) & set(free)), "slot both owned and free"
-        assert len(owned_l) + len(free) == self.num_slots, (
-            f"leak: {self.num_slots - len(owned_l) - len(free)} slots neither free nor owned"
+        held = Counter(owned_l)
+        wrong = [s for s, n in held.items() if n != self._refs.get(s, 1)]
+        assert not wrong, f"slot {wrong[0]} has {held[wrong[0]]} holders, reference count {self._refs.get(wrong[0], 1)}"
+        assert set(self._refs) <= set(held), "a shared slot nobody holds"
+        assert not (set(held) & set(free)), "slot both owned and free"
+        assert len(held) + len(free) == self.num_slots, (
+            f"leak: {self.num_slots - len(held) - len(free)} slots neither free nor owned"
         )
