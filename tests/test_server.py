@@ -95,6 +95,12 @@ def test_models_health_openapi(client, http):
     assert client.models.retrieve(MODEL).id == MODEL
     assert http.get("/health").json()["status"] == "ok"
     paths = http.get("/openapi.json").json()["paths"]
+    doc = http.get("/openapi.json").json()
+    links = doc["paths"]["/v1/responses"]["post"]["responses"]["200"]["links"]
+    ops = {op["operationId"] for path in doc["paths"].values() for op in path.values()}
+    assert len(links) == 3 and all(k in ops and v["parameters"] == {"response_id": "$response.body#/id"}
+                                   for k, v in links.items())
+    assert len(doc["paths"]["/v1/sessions"]["post"]["responses"]["200"]["links"]) == 6
     for p in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/sessions", "/v1/sessions/{session_id}",
               "/v1/sessions/{session_id}/chat/completions", "/v1/sessions/{session_id}/fork", "/health", "/metrics"):
         assert p in paths, p

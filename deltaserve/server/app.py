@@ -206,7 +206,37 @@ def _openapi_errors_as_sent(app: FastAPI) -> None:
                         op["responses"].setdefault("400", error)
             for unused in ("HTTPValidationError", "ValidationError"):
                 doc.get("components", {}).get("schemas", {}).pop(unused, None)
+            _add_links(doc)
             app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = schema  # type: ignore[method-assign]
+
+
+# Where the id a creating route returns leads (OpenAPI links: what a client, or a stateful fuzzer, may call next).
+_LINKS = {
+    ("/v1/responses", "post"): ("response_id", [("/v1/responses/{response_id}", "get"),
+                                                ("/v1/responses/{response_id}/input_items", "get"),
+                                                ("/v1/responses/{response_id}", "delete")]),
+    ("/v1/sessions", "post"): ("session_id", [("/v1/sessions/{session_id}", "get"),
+                                              ("/v1/sessions/{session_id}", "patch"),
+                                              ("/v1/sessions/{session_id}/fork", "post"),
+                                              ("/v1/sessions/{session_id}/rollback", "post"),
+                                              ("/v1/sessions/{session_id}/state", "get"),
+                                              ("/v1/sessions/{session_id}", "delete")]),
+}
+
+
+def _add_links(doc: dict) -> None:
+    """Links from each creating route's 200 to the routes its returned `id` names (mutates `doc`)."""
+    paths = doc.get("paths", {})
+    for (path, method), (param, targets) in _LINKS.items():
+        ok = paths.get(path, {}).get(method, {}).get("responses", {}).get("200")
+        if ok is None:
+            continue
+        links = {}
+        for tpath, tmethod in targets:
+            op = paths.get(tpath, {}).get(tmethod, {}).get("operationId")
+            if op is not None:
+                links[op] = {"operationId": op, "parameters": {param: "$response.body#/id"}}
+        ok["links"] = links
