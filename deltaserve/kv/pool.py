@@ -85,7 +85,10 @@ class KVPool:
         idx = slots.to(self.device)
         rows = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
                             for k, v in zip(self.k_cache, self.v_cache)])  # [L, 2, n, H, D]
-        return rows.cpu() if self.device.type != "cpu" else rows
+        if self.device.type == "cpu":
+            return rows
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)  # page-locked: the copy back is a DMA
+        return host.copy_(rows)
 
     def write_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Put `rows` (`[num_layers, 2, n, kv_heads, head_dim]`, as `read_rows` gives) into `slots` ([n]).
