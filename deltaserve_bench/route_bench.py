@@ -170,7 +170,8 @@ def run(args) -> int:
                      f"{r['makespan_s']:,.0f}", f"{100 * r['busy']:.0f} / {100 * _max_busy(r):.0f}",
                      "/".join(str(d[k]) for k in ("affine", "prefix", "least_loaded", "fallback")) if d else "-"])
     table = md_table(["replicas", "agents", "policy", "cache hit %", "recomputed prompt tok", "p50 turn s",
-                      "p99 turn s", "makespan s", "busy % mean / max", "affine/prefix/least-loaded/fallback"], rows)
+                      "p99 turn s", "wall (makespan) s", "busy % mean / max",
+                      "affine/prefix/least-loaded/fallback"], rows)
     goal_lines, _ = goals(results)
     c = base
     curve = (f"a flat {c.prefill_rate:,.0f} tok/s" if c.prefill_rate else
@@ -191,8 +192,9 @@ def run(args) -> int:
         + f"Cost model: prefill {curve}; decode {c.decode_rate:g} tok/s single-stream, a batch of B costing "
         f"(1 + {c.decode_batch_slope:g} (B - 1)) steps. "
         + ("The prefill rates and the decode rate are `deltaserve bench engine` on this machine, SmolLM2-135M "
-           "bf16 (prefill 3,509 / 1,677 / 922 tok/s at 512 / 2,048 / 6,144 tokens, decode ~52 tok/s); the "
-           "batch slope is an assumption, not a measurement. " if measured else
+           "bf16 (prefill 3,509 / 1,677 / 922 tok/s at 512 / 2,048 / 6,144 tokens, decode ~52 tok/s, rounded "
+           "down to 50; `--prefill-rate 1700` gives a flat prefill model instead); the batch slope is an "
+           "assumption, not a measurement. " if measured else
            "These rates were set on the command line. ")
         + "Recomputed = prompt tokens not found in the replica's cache when the prefill starts; latency = the "
         "request reaching the router to its last token; makespan = the simulated time until the last agent is "

@@ -12,7 +12,7 @@ import pytest
 from deltaserve.cluster.routing import (ReplicaState, RequestInfo, RouteDecision, Router, RouterConfig, block_hashes,
                                         matched_blocks, prefix_summary)
 from deltaserve_bench import route_bench
-from deltaserve_bench.route_sim import POLICIES, SimConfig, make_workload, simulate
+from deltaserve_bench.route_sim import POLICIES, SimConfig, make_workload, prefill_time_fn, simulate
 
 CFG = RouterConfig(block_tokens=4, summary_blocks=8)
 SYSTEM = list(range(100, 112))  # three full blocks of 4 tokens
@@ -146,6 +146,15 @@ def test_record_moves_forgets_replaces_and_bounds_the_table():
 
 
 # ------------------------------------------------------------------ simulation
+def test_prefill_time_interpolates_the_measured_rates():
+    T = prefill_time_fn(SimConfig())  # 512: 3,509, 2,048: 1,677, 6,144: 922 tok/s
+    assert T(0) == 0 and T(2048) == pytest.approx(2048 / 1677) and T(6144) == pytest.approx(6144 / 922)
+    assert T(1280) == pytest.approx((512 / 3509 + 2048 / 1677) / 2)
+    slope = (6144 / 922 - 2048 / 1677) / 4096  # beyond the last point, the last segment's slope
+    assert T(8192) - T(6144) == pytest.approx(2048 * slope)
+    assert prefill_time_fn(SimConfig(prefill_rate=1700.0))(3400) == pytest.approx(2.0)
+
+
 def test_one_agent_turn_costs_follow_the_cost_model():
     c = SimConfig(replicas=1, agents=1, turns=2, roles=1, prefill_rate=1000.0, decode_rate=50.0, think_s=0.0)
     w = make_workload(c)
