@@ -91,7 +91,9 @@ def measure(args) -> dict[str, Any]:
            "--log-level", "warning", "--stats-interval", "0"]
     if args.kv_cache_gb is not None:
         cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
-    server = Target("deltaserve", cmd, env={"OMP_NUM_THREADS": str(args.threads)}, port=port, model_id=args.model)
+    # no API key (an empty $DELTASERVE_API_KEY counts as unset): sessions are per key, and one owner must see all
+    env = {"OMP_NUM_THREADS": str(args.threads), "DELTASERVE_API_KEY": ""}
+    server = Target("deltaserve", cmd, env=env, port=port, model_id=args.model)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="deltaserve-load-"))
     print(f"[load] starting the server (log {log_dir / 'deltaserve.log'})", file=sys.stderr, flush=True)
     server.start(log_dir, timeout=300)

@@ -80,3 +80,69 @@ def test_quick_run_against_the_served_model(tmp_path, smollm_dir, monkeypatch):
     for c in CLASSES:
         assert f"| {c} |" in md
     assert "integrity of pool, tiers and radix after the run: **met**" in md
+
+
+class _Tok:
+    """A stand-in tokenizer: one token a word."""
+
+    def encode(self, text):
+        return argparse.Namespace(ids=text.split())
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+def test_client_counts_retries_races_and_errors_against_a_fake_server():
+    """The client's accounting, on a scripted transport: the first one-shot answers are 429 + Retry-After (retried),
+    a second turn on a busy session is 409 session_busy, one agent turn is a 500 (an undocumented status)."""
+    import asyncio
+
+    import httpx
+
+    from deltaserve_bench.load_client import Load
+
+    busy: set[str] = set()
+    seen = {"one-shot": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sid = body.get("session_id")
+        if body.get("stream"):
+            async def chunks():
+                for _ in range(40):
+                    yield b'data: {"choices": []}\n\n'
+
+            return httpx.Response(200, content=chunks(), headers={"content-type": "text/event-stream"})
+        if sid is None:
+            seen["one-shot"] += 1
+            if seen["one-shot"] <= 3:
+                return httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {"code": "server_overloaded"}})
+        else:
+            if sid in busy:
+                return httpx.Response(409, json={"error": {"code": "session_busy"}})
+            if sid == "agent-2" and len(body["messages"]) == 4:  # its 2nd turn
+                return httpx.Response(500, json={"error": {"code": "server_error"}})
+            busy.add(sid)
+            await asyncio.sleep(0.01)
+            busy.discard(sid)
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "ok"}}],
+                                         "usage": {"prompt_tokens": 50, "completion_tokens": 3}})
+
+    args = _args("--quick", "--agents", "3", "--turns", "4", "--races", "2", "--session-ttl", "0",
+                 "--bursts", "1", "--burst-size", "5", "--disconnects", "2")
+    load = Load(args, "http://fake", 8192, _Tok())
+    load.races = {(0, 1), (1, 3)}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            await asyncio.gather(*[load.agent(http, i) for i in range(3)], load.burst(http, 0),
+                                 *[load.disconnect(http, k) for k in range(2)])
+
+    asyncio.run(main())
+    st = load.stats
+    assert st.codes["one-shot"] == {"429": 3, "200": 5} and st.ok["one-shot"] == 5
+    assert st.codes["disconnect"] == {"200": 2}
+    assert load.race_outcomes == {"one 409": 2} and st.codes["race"] == {"200": 2, "409": 2}
+    assert st.undocumented() == {"agent": {"500": 1}}
+    # agent 2 stopped at its 2nd turn; its 2 turns left were released, so the burst's gate (6 of 12) opened
+    assert st.requests["agent"] == 3 * 4 - 2 - 2 and load.done == load.total
