@@ -168,7 +168,7 @@ def render(args, res: dict[str, Any]) -> str:
         f"- only documented statuses (200, 409 session_busy in races, 429 with Retry-After): "
         f"**{_verdict(not res['undocumented'])}**" + (f" ({res['undocumented']})" if res["undocumented"] else ""),
         f"- races: {sum(race.values())}: {race.get('one 409', 0)} answered 409 session_busy, "
-        f"{race.get('both 200', 0)} served twice (the first had finished), {race.get('neither', 0)} neither",
+        f"{race.get('both 200', 0)} served twice (the first had finished), {race.get('failed', 0)} failed",
         f"- integrity of pool, tiers and radix after the run: **{_verdict(integ.get('ok') is True)}**"
         + (f" ({integ.get('error')})" if not integ.get("ok") else "")
         + f"; running {integ.get('running')}, waiting {integ.get('waiting')}",

@@ -86,8 +86,9 @@ class Load:
         self.race_outcomes: Counter = Counter()
 
     # ---------------------------------------------------------------- requests
-    async def post(self, http, cls: str, body: dict) -> dict | None:
-        """POST a chat completion; 429: wait its Retry-After and retry. The JSON of a 200, else None."""
+    async def post(self, http, cls: str, body: dict, final: list | None = None) -> dict | None:
+        """POST a chat completion; 429: wait its Retry-After and retry. The JSON of a 200, else None; the last
+        status (or error name) is appended to `final` when given."""
         t0 = time.perf_counter()
         self.stats.requests[cls] += 1
         while True:
@@ -96,6 +97,8 @@ class Load:
             except Exception as e:  # noqa: BLE001 - a transport error is an error of the run, not of the client
                 self.stats.error(cls, type(e).__name__, str(e))
                 return None
+            if final is not None:
+                final.append(r.status_code)
             if r.status_code == 429:
                 wait = self.retry_after(cls, r, t0)
                 if wait is None:
@@ -178,6 +181,8 @@ class Load:
                     reply["tool_calls"] = msg["tool_calls"]
                     self.stats.tool_calls += 1
                 messages.append(reply)
+                if t == a.turns - 1:
+                    break  # the workflow is done: no tool result to add
                 # the tool result: 70-180 tokens, fewer where the rest of the workflow would not fit the context
                 left = a.turns - t - 1
                 room = (self.context - out["usage"]["prompt_tokens"] - 64) // max(left, 1) - MAX_TOKENS - 24
@@ -194,9 +199,11 @@ class Load:
 
     async def race(self, http, body: dict) -> dict | None:
         """The same turn twice at once on one session; the agent goes on with a 200 answer."""
-        outs = await asyncio.gather(self.post(http, "race", body), self.post(http, "race", body))
+        final: list[int] = []
+        outs = await asyncio.gather(self.post(http, "race", body, final), self.post(http, "race", body, final))
         served = [o for o in outs if o is not None]
-        self.race_outcomes["both 200" if len(served) == 2 else "one 409" if len(served) == 1 else "neither"] += 1
+        self.race_outcomes["both 200" if len(served) == 2 else "one 409" if len(served) == 1 and 409 in final
+                           else "failed"] += 1
         return served[0] if served else None
 
     async def burst(self, http, k: int) -> None:
