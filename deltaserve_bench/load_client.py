@@ -278,9 +278,11 @@ class Load:
 
 
 async def warm_up(http, url: str, model: str) -> None:
-    """Two requests (a tool-carrying one and a stream) so lazy initialisation is not counted as load."""
+    """Two requests (a forced tool call and a stream) so lazy initialisation (the grammar compiler among it) is
+    not counted as load."""
     r = await http.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 4, "tools": TOOLS,
-                        "messages": [{"role": "user", "content": "Warm-up: say hello."}]})
+                        "tool_choice": "required",
+                        "messages": [{"role": "user", "content": "Warm-up: read the README."}]})
     r.raise_for_status()
     body = {"model": model, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hello."}]}
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as s:
