@@ -32,7 +32,7 @@ from typing import Any
 
 from deltaserve_bench.agents_targets import Target, free_port, hf_dir
 from deltaserve_bench.common import invoked_command, load_note, md_table, report_head, require
-from deltaserve_bench.load_client import CLASSES, MAX_TOKENS, Load, after_ttl, pct, rss_mib, warm_up
+from deltaserve_bench.load_client import CLASSES, Load, after_ttl, pct, rss_mib, warm_up
 from deltaserve_bench.sections import add_write_argument, publish
 
 # the full configuration; --quick's is small enough for a test (about a minute on 2 cores)
@@ -56,6 +56,7 @@ def add_parser(sub) -> None:
         key = name.replace("-", "_")
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"{what} (default {FULL[key] or 'agents x (turns // 7)'}, --quick {QUICK[key]})")
+    p.add_argument("--max-tokens", type=int, default=24, help="output tokens of an agent turn")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="the server's pool (default: the server's)")
     p.add_argument("--kv-offload-gb", type=float, default=0.0, help="the server's host-memory KV tier")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
@@ -114,7 +115,7 @@ def measure(args) -> dict[str, Any]:
                 print(f"[load] load done in {res['wall_s']:.1f} s; waiting out the TTL ({args.session_ttl:g} s + 2)",
                       file=sys.stderr, flush=True)
                 await asyncio.sleep(args.session_ttl + 2)
-                after = await after_ttl(http, url, admin)
+                after = await after_ttl(http, url, admin, args.model)
                 res.update(after, context=context, rss_before_mib=before, rss_after_mib=rss_mib(pid))
                 return res, load
 
@@ -131,6 +132,10 @@ def measure(args) -> dict[str, Any]:
                output_tokens=st.tokens, tool_call_turns=st.tool_calls, errors=st.errors,
                undocumented=st.undocumented(), races=dict(load.race_outcomes))
     return res
+
+
+def _unpinned(res: dict[str, Any]) -> bool:
+    return res["pinned"] == 0 and res["busy"] == 0 and res["pinned_gauge"] == 0 and res["step_status"] == 200
 
 
 def _verdict(ok: bool) -> str:
@@ -152,7 +157,7 @@ def render(args, res: dict[str, Any]) -> str:
     body += (f"Server: `--session-ttl {args.session_ttl:g} --max-waiting {args.max_waiting}"
              f"{f' --kv-cache-gb {args.kv_cache_gb:g}' if args.kv_cache_gb is not None else ''}"
              f" --kv-offload-gb {args.kv_offload_gb:g}`, OMP_NUM_THREADS={args.threads}, context {res['context']}. "
-             f"Concurrently: {args.agents} agents x {args.turns} turns (3 tools, max_tokens {MAX_TOKENS}, "
+             f"Concurrently: {args.agents} agents x {args.turns} turns (3 tools, max_tokens {args.max_tokens}, "
              f"{args.agents // 4} sleeping past the TTL once; {res['tool_call_turns']} turns answered with a tool "
              f"call), {args.bursts} bursts of {args.burst_size} one-shot requests, {args.disconnects} streams "
              f"dropped mid-stream, {args.races} raced turns. Latency: sent to answered, 429 waits and retries "
@@ -172,9 +177,10 @@ def render(args, res: dict[str, Any]) -> str:
         f"- integrity of pool, tiers and radix after the run: **{_verdict(integ.get('ok') is True)}**"
         + (f" ({integ.get('error')})" if not integ.get("ok") else "")
         + f"; running {integ.get('running')}, waiting {integ.get('waiting')}",
-        f"- no session pinned or busy after the TTLs: **{_verdict(res['pinned'] == 0 and res['busy'] == 0)}** "
-        f"({res['pinned']} pinned, {res['busy']} busy of {res['sessions']} sessions; "
-        f"deltaserve_pinned_sessions {res['pinned_gauge']})",
+        f"- no session pinned or busy after the TTLs: **{_verdict(_unpinned(res))}** "
+        f"({res['pinned']} pinned, {res['busy']} busy of {res['sessions']} sessions in GET /v1/sessions; "
+        f"deltaserve_pinned_sessions {res['pinned_gauge_idle']:g} while idle, {res['pinned_gauge']:g} after one "
+        f"more step: pins expire lazily, at the engine's next step)",
         f"- RSS after within 10% of before: **{_verdict(after <= 1.1 * before)}** "
         f"({(after / before - 1) * 100:+.1f}%)"]
     body += "\n".join(checks) + "\n"
@@ -190,6 +196,5 @@ def run(args) -> int:
     publish(args.write, "load", render(args, res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-    passed = not res["undocumented"] and res["integrity"].get("ok") is True and res["pinned"] == 0 \
-        and res["busy"] == 0
+    passed = not res["undocumented"] and res["integrity"].get("ok") is True and _unpinned(res)
     return 0 if passed else 1

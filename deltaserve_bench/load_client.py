@@ -11,11 +11,12 @@ from collections import Counter
 from typing import Any
 
 CLASSES = ("agent", "one-shot", "disconnect", "race")
-MAX_TOKENS, ONE_SHOT_TOKENS, STREAM_TOKENS = 24, 16, 64
+ONE_SHOT_TOKENS, STREAM_TOKENS = 16, 64
 _WORDS = ("file path line value status ok error warning result item id name total count date user order ticket "
           "report query index table row column commit branch test passed failed latency bytes request response "
           "cache session token module service queue worker replica metric alert deploy build schema").split()
-# 3 function tools with short schemas, so a forced call fits the 24 output tokens of a turn
+# 3 function tools with short schemas (SmolLM2 still rambles in a forced call's string arguments: 24 tokens
+# cut most calls short, and they come back as text)
 TOOLS = [{"type": "function", "function": {"name": name, "description": desc, "parameters": {
     "type": "object", "properties": props, "required": list(props)}}} for name, desc, props in (
     ("read_file", "Read a file of the repository", {"path": {"type": "string"}}),
@@ -164,7 +165,7 @@ class Load:
         try:
             for t in range(a.turns):
                 body = {"model": a.model, "messages": messages, "tools": TOOLS, "session_id": sid,
-                        "max_tokens": MAX_TOKENS, "temperature": 0}
+                        "max_tokens": a.max_tokens, "temperature": 0}
                 if t % 3 == 2:
                     body["tool_choice"] = "required"
                 if (i, t) in self.races:
@@ -185,7 +186,7 @@ class Load:
                     break  # the workflow is done: no tool result to add
                 # the tool result: 70-180 tokens, fewer where the rest of the workflow would not fit the context
                 left = a.turns - t - 1
-                room = (self.context - out["usage"]["prompt_tokens"] - 64) // max(left, 1) - MAX_TOKENS - 24
+                room = (self.context - out["usage"]["prompt_tokens"] - 64) // max(left, 1) - a.max_tokens - 24
                 n = max(8, min(rng.randint(70, 180), room))
                 for j, call in enumerate(reply.get("tool_calls") or []):
                     messages.append({"role": "tool", "tool_call_id": call.get("id") or f"call_{j}",
@@ -291,13 +292,23 @@ async def warm_up(http, url: str, model: str) -> None:
             pass
 
 
-async def after_ttl(http, url: str, admin: str) -> dict[str, Any]:
-    """The server's state once the TTLs have passed: sessions, pinned-sessions gauge, integrity report."""
-    sessions = (await http.get(url + "/v1/sessions")).json()["data"]
-    gauge = None
+async def _pinned_gauge(http, url: str) -> float | None:
     for line in (await http.get(url + "/metrics")).text.splitlines():
         if line.startswith("deltaserve_pinned_sessions "):
-            gauge = float(line.split()[1])
+            return float(line.split()[1])
+    return None
+
+
+async def after_ttl(http, url: str, admin: str, model: str) -> dict[str, Any]:
+    """The server's state once the TTLs have passed: sessions, the pinned-sessions gauge (idle, and after one more
+    engine step: pins expire lazily, when a step runs, while the session list hides expired pins at once), the
+    integrity report."""
+    sessions = (await http.get(url + "/v1/sessions")).json()["data"]
+    idle = await _pinned_gauge(http, url)
+    r = await http.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 1,
+                                                           "messages": [{"role": "user", "content": "One step."}]})
+    stepped = await _pinned_gauge(http, url)
     integrity = (await http.get(url + "/v1/debug/integrity", headers={"Authorization": f"Bearer {admin}"})).json()
     return {"sessions": len(sessions), "pinned": sum(s["pinned"] for s in sessions),
-            "busy": sum(s["busy"] for s in sessions), "pinned_gauge": gauge, "integrity": integrity}
+            "busy": sum(s["busy"] for s in sessions), "pinned_gauge_idle": idle, "pinned_gauge": stepped,
+            "step_status": r.status_code, "integrity": integrity}

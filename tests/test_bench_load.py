@@ -43,7 +43,8 @@ def _result(**kw):
            "latency_ms": {c: {"p50": 100.0, "p99": 300.0} for c in CLASSES},
            "rss_before_mib": 1000.0, "rss_peak_mib": 1500.0, "rss_after_mib": 1050.0,
            "integrity": {"ok": True, "error": None, "running": 0, "waiting": 0},
-           "sessions": 9, "pinned": 0, "busy": 0, "pinned_gauge": 0.0, "undocumented": {},
+           "sessions": 9, "pinned": 0, "busy": 0, "pinned_gauge_idle": 3.0, "pinned_gauge": 0.0, "step_status": 200,
+           "undocumented": {},
            "races": {"one 409": 1}, "errors": []}
     res.update(kw)
     return res
@@ -71,7 +72,7 @@ def test_quick_run_against_the_served_model(tmp_path, smollm_dir, monkeypatch):
     res = json.loads((tmp_path / "load.json").read_text())
     assert res["undocumented"] == {} and res["errors"] == [], res["errors"]
     assert res["integrity"]["ok"] is True, res["integrity"]
-    assert res["pinned"] == 0 and res["busy"] == 0 and res["pinned_gauge"] == 0
+    assert res["pinned"] == 0 and res["busy"] == 0 and res["pinned_gauge"] == 0 and res["step_status"] == 200
     assert res["requests"] == {"agent": 4 * 3 - 1, "race": 2, "one-shot": 10, "disconnect": 6}
     assert sum(res["ok"].values()) >= sum(res["requests"].values()) - 1  # at most the race's loser is not 200
     assert sum(res["races"].values()) == 1 and res["output_tokens"] > 0
