@@ -379,6 +379,9 @@ class LLMEngine:
                 self.abort(seq)
 
     def stats(self) -> dict:
+        # Pins whose TTL passed are released at the next admission; an idle engine has none, so the gauges below
+        # would show them pinned forever. Apply the TTLs now (idempotent: the same expiry a step would do).
+        self.kv.sessions.expire()
         c = self.step_stats.counters
         alloc = self.pool.allocator
         return {
