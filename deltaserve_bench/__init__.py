@@ -1,8 +1,4 @@
-<<<<<<< HEAD
-"""`deltaserve bench …`: engine, turns, spec, agents, restore and route benchmarks.
-=======
-"""`deltaserve bench …`: engine, turns, spec, agents, restore and load benchmarks.
->>>>>>> bench-load
+"""`deltaserve bench …`: engine, turns, spec, agents, restore, route and load benchmarks.
 
 A top-level package beside `deltaserve`, so the runtime never imports it. Plots (matplotlib) and the agents
 bench's HTTP client (httpx) come with the `[bench]` extra; the subcommands that need them say so when they run.
@@ -10,19 +6,12 @@ bench's HTTP client (httpx) come with the `[bench]` extra; the subcommands that 
 
 from __future__ import annotations
 
-<<<<<<< HEAD
-from deltaserve_bench import agents_bench, engine_bench, restore_bench, route_bench, spec_bench, turns_bench
-=======
-from deltaserve_bench import agents_bench, engine_bench, load_bench, restore_bench, spec_bench, turns_bench
->>>>>>> bench-load
+from deltaserve_bench import (agents_bench, engine_bench, load_bench, restore_bench, route_bench, spec_bench,
+                              turns_bench)
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (--write: a section in docs/benchmarks/; summary: BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench", required=True)
-<<<<<<< HEAD
-    for module in (engine_bench, turns_bench, spec_bench, agents_bench, restore_bench, route_bench):
-=======
-    for module in (engine_bench, turns_bench, spec_bench, agents_bench, restore_bench, load_bench):
->>>>>>> bench-load
+    for module in (engine_bench, turns_bench, spec_bench, agents_bench, restore_bench, route_bench, load_bench):
         module.add_parser(bsub)
