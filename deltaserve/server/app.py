@@ -34,7 +34,7 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
                allowed_origins: list[str] | None = None, stats_interval: float | None = None,
-               tenant_header: str | None = None, log_requests: bool = False,
+               tenant_header: str | None = None, log_requests: bool = False, enforce_strict_tools: bool = False,
                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
@@ -49,6 +49,7 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
     ctx.tenant_header = tenant_header
     ctx.log_requests = log_requests
+    ctx.enforce_strict_tools = enforce_strict_tools
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -147,6 +148,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
     p.add_argument("--admin-key", default=None, help="enables GET /v1/debug/integrity for this bearer key")
+    p.add_argument("--enforce-strict-tools", action="store_true",
+                   help="grammar-enforce `strict` function tools under tool_choice auto (text, or calls whose "
+                        "arguments follow the schemas); default: strict tools are parsed, not enforced")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's prompt and output text at INFO (default: never logged)")
     p.add_argument("--stats-interval", type=float, default=5.0,
@@ -180,6 +184,7 @@ def run_server(args: argparse.Namespace) -> int:
                      max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
                      allowed_origins=args.allowed_origins, stats_interval=args.stats_interval or None,
                      tenant_header=args.tenant_header, log_requests=args.log_requests,
+                     enforce_strict_tools=args.enforce_strict_tools,
                      shutdown_timeout=args.shutdown_timeout)
     # The model, tokenizer and server objects live as long as the process: move them out of the collector's
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.

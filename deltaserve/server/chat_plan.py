@@ -222,7 +222,7 @@ async def _grammar(ctx: ServerContext, choice: Any, tools: list[dict[str, Any]] 
 
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
     if not forced and (fmt is None or fmt.type == "text"):
-        if choice == "auto" and has_strict_tools(tools):  # text, or calls whose arguments follow the schemas
+        if choice == "auto" and ctx.enforce_strict_tools and has_strict_tools(tools):  # text, or valid calls
             compiler = await ctx.grammar_compiler()
             try:
                 return await _compile(ctx, "tools", compiler.for_text_or_tool_call, tools, parallel is not False)

@@ -183,16 +183,17 @@ class GrammarCompiler:
         the tool-call tag nor start with ``{``: a call is only ever written in the constrained branch."""
         strict = [_strict_or_loose(t) for t in tools]
         body = tool_call_schema(strict)
-        repeat = ' ("\\n" tagged)*' if parallel else ""
         # special-token tags never appear in text matched by a regex; a tag spelled as text is excluded by name
         no_tag = "" if self._tool_open.startswith("<[") else f" & ~/(?s:.*{re.escape(_TOOL_CALL_OPEN)}.*)/"
+        sep = " (WS call)*" if parallel else ""
         lark = (
-            "start: calls | TEXT tagged_calls?\n"
-            f"calls: call{repeat if parallel else ''}\n"
+            "start: calls WS? | TEXT tagged_calls? WS?\n"  # trailing whitespace before EOS, as unconstrained
+            f"calls: call{sep}\n"
             "call: tagged | body\n"
-            f"tagged_calls: tagged{repeat}\n"
+            f"tagged_calls: tagged{' (WS tagged)*' if parallel else ''}\n"
             f"tagged: {self._tool_open} \"\\n\" body \"\\n\" {self._tool_close}\n"
             f"body: %json {json.dumps(body)}\n"
+            "WS: /[ \\t\\n]+/\n"
             f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*\\{{.*)/{no_tag}\n"
         )
         return self._matcher(LLMatcher.grammar_from_lark(lark))
