@@ -100,11 +100,10 @@ class EngineSessions:
 
     def close(self, session_id: str, owner: str | None) -> None:
         """Unpin and forget; the KV stays as evictable prefix cache. SessionBusy while a turn runs."""
-        self.owned(session_id, owner)
+        s = self.owned(session_id, owner)
         if session_id in self._busy:
             raise SessionBusy(f"session {session_id!r} has a turn in progress")
         with self._lock:
-            s = self.manager.get(session_id)
             self.manager.close(session_id)
         if self.persistence is not None:
             self.persistence.closed(s)  # a closed session leaves the store too
@@ -178,18 +177,14 @@ class EngineSessions:
         """The session's last finished turn, None if it has none yet; SessionNotFound if there is no such session
         of `owner`'s (a front end about to open it on its first turn treats that as "no prior turn")."""
         with self._lock:
-            s = self.manager.get(session_id)
-            if s is None or s.owner != owner:
-                raise SessionNotFound(f"session {session_id!r} not found")
+            s = self.owned(session_id, owner)
             return s.last_turn
 
     def turn_records(self, session_id: str, owner: str | None) -> list[TurnRecord]:
         """The recorded turns of the session's state, newest first (a client retrying a turn that never reached
         it extends an older one); SessionNotFound as `last_turn`."""
         with self._lock:
-            s = self.manager.get(session_id)
-            if s is None or s.owner != owner:
-                raise SessionNotFound(f"session {session_id!r} not found")
+            s = self.owned(session_id, owner)
             return [m.record for m in reversed(s.history) if m.record is not None]
 
     def turn_of_response(self, session_id: str, owner: str | None, response_id: str) -> int | None:
