@@ -217,3 +217,63 @@ def test_paper_claims_use_the_fastest_peer_per_metric():
     assert rows[("per-turn speedup (median over turns)", "`vllm-ngram` (fastest external)")] == "2.00x"
     assert rows[("end-to-end wall time ratio", "`llamacpp`")] == "0.50x"
     assert len(rows) == 6  # the wall claim is not repeated: its winner is already external
+
+
+CPUINFO_ZEN4 = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512f avx512_bf16 sse4_2\n\n"
+CPUINFO_SPR = "processor\t: 0\nmodel name\t: Intel Xeon 8480+\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n\n"
+
+
+def test_sglang_target_and_amx_refusal(smollm_dir, monkeypatch, tmp_path):
+    """sglang runs SGLang's CPU server with its prefix cache on (nothing disables it) and cache reports; without
+    .peers/sglang it is skipped with the reason, which on a CPU without AMX is the missing AMX."""
+    from deltaserve_bench import agents_targets as tg
+
+    zen4, spr = tmp_path / "zen4", tmp_path / "spr"
+    zen4.write_text(CPUINFO_ZEN4)
+    spr.write_text(CPUINFO_SPR)
+    assert tg.amx_refusal(zen4) == ("this CPU (AMD EPYC 9R14) has no AMX (flags lack amx_tile amx_bf16); SGLang's "
+                                    "CPU backend (sgl-kernel's CPU extension) needs an Intel Xeon with AMX, "
+                                    "4th generation or newer")
+    assert tg.amx_refusal(spr) is None
+    t = tg.build("sglang", "smollm2-135m", 4, 3000, 2, max_batch_tokens=512)
+    arg = lambda flag: t.cmd[t.cmd.index(flag) + 1]  # noqa: E731
+    assert t.cmd[1:3] == ["-m", "sglang.launch_server"] and arg("--model-path") == str(smollm_dir)
+    assert arg("--device") == "cpu" and arg("--dtype") == "bfloat16" and arg("--served-model-name") == "smollm2-135m"
+    assert arg("--max-total-tokens") == "3000" and arg("--context-length") == "3000"  # the budget caps both
+    assert arg("--max-running-requests") == "4" and arg("--chunked-prefill-size") == "512"
+    assert "--enable-cache-report" in t.cmd and "--disable-radix-cache" not in t.cmd
+    assert t.env["SGLANG_USE_CPU_ENGINE"] == "1" and t.env["SGLANG_CPU_OMP_THREADS_BIND"] == "0-1"
+    roomy = tg.build("sglang", "smollm2-135m", 4, None, 2)
+    assert int(roomy.cmd[roomy.cmd.index("--max-total-tokens") + 1]) == 2 * 2**30 // tg.kv_bytes_per_token(
+        "smollm2-135m")  # 2 GiB of KV, as vLLM and deltaserve get
+    assert "sglang" in tg.ALL_TARGETS and "sglang" in tg.REPORT_ORDER
+    monkeypatch.setattr(tg, "SGLANG_BIN", tmp_path / "absent" / "python")
+    why = ["this CPU (X) has no AMX"]
+    monkeypatch.setattr(tg, "amx_refusal", lambda: why[0])
+    assert tg.missing_reason("sglang", "smollm2-135m") == "sglang: this CPU (X) has no AMX"
+    why[0] = None
+    assert "absent/python not found; run `scripts/setup_peers.sh sglang`" in tg.missing_reason("sglang", "smollm2-135m")
+    monkeypatch.setattr(tg, "SGLANG_BIN", smollm_dir / "config.json")  # any existing file: "installed"
+    assert tg.missing_reason("sglang", "smollm2-135m") is None
+
+
+def test_setup_peers_sglang_refuses_without_amx(tmp_path):
+    """`setup_peers.sh sglang` on a CPU without AMX: exit 3 and one line saying why, nothing installed; with AMX
+    it goes on to the build (stopped here at the clone, which SGLANG_SRC pointing nowhere makes fail)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "setup_peers.sh"
+    zen4, spr = tmp_path / "zen4", tmp_path / "spr"
+    zen4.write_text(CPUINFO_ZEN4)
+    spr.write_text(CPUINFO_SPR)
+    env = {"PATH": "/usr/bin:/bin", "DELTASERVE_PEERS": str(tmp_path / "peers"), "CPUINFO": str(zen4)}
+    r = subprocess.run(["bash", str(script), "sglang"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.splitlines() == ["sglang: not set up: this CPU (AMD EPYC 9R14) has no AMX (flags lack amx_tile "
+                                     "amx_bf16); SGLang's CPU backend (sgl-kernel's CPU extension) needs an Intel "
+                                     "Xeon with AMX, 4th generation or newer"]
+    assert not (tmp_path / "peers" / "sglang").exists()
+    env.update(CPUINFO=str(spr), SGLANG_SRC=str(tmp_path / "no-checkout"))
+    r = subprocess.run(["bash", str(script), "sglang"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "no AMX" not in r.stderr and "no-checkout" in r.stderr
