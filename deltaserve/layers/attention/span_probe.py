@@ -39,6 +39,8 @@ def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, re
     from deltaserve.kernels import paged_attention as native
     from deltaserve.layers.attention import span_matmul
 
+    if not native.tiled_available():  # also binds the library
+        raise RuntimeError("span probe: the tiled kernel is not built here")
     g = torch.Generator().manual_seed(0)
     n, L = PROBE_Q, PROBE_HISTORY + PROBE_Q
     S = 2 * L
