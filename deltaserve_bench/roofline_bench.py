@@ -13,7 +13,8 @@ both ways where both exist (the tiled kernel and `layers/attention/span_matmul.p
 the other for each context, whatever the span probe chose.
 
 The model runs below the engine (no scheduler, no sampling): the pool's history is left at zeros, which costs
-the kernels what any values cost. SmolLM2-135M takes about a minute on 2 cores.
+the kernels what any values cost. Contexts are capped to the model's positions (SmolLM2: 8,192 in all, so its
+"8k" rows are 8,191 tokens of history for decode and 8,064 before a 128-token span).
 """
 
 from __future__ import annotations
@@ -139,12 +140,14 @@ def run(args) -> int:
 
     try:
         for ctx in contexts:
+            ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
             for B in batches:
                 spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
                 ms = step(spans, base)
                 add("decode", f"{B} seq x ctx {ctx}", "selected", ms, B, B * (ctx + 1), B * (ctx + 1), B)
         n = args.span
         for ctx in contexts:
+            ctx = min(ctx, cfg.max_position - n)
             span = [SeqSpan(0, n, torch.arange(0, ctx + n))]
             pairs = n * ctx + n * (n + 1) // 2  # every history key, then causal within the span
             for name, attn in paths:
