@@ -67,6 +67,7 @@ def attend_block(
 ) -> None:
     """Causal attention of one block of a span's queries over its context (K/V already in the pool)."""
     n, L = q_len, kv_slots.shape[0]
+    assert n <= CHUNK, "a block's own keys are one chunk of the gather buffer (Q_BLOCK <= CHUNK)"
     H, D = q.shape[1], q.shape[2]
     Hkv = k_cache.shape[1]
     G = H // Hkv
