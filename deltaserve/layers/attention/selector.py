@@ -18,9 +18,9 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     fp32; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
 
     Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
-    cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads on
-    first use of a head shape, more for wider ones); building the kernels' libraries on first use too. short=False / tiled=False leave that kernel out
-    (tests, comparisons).
+    cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
+    on first use of a head shape, more for wider ones); building the kernels' libraries on first use too.
+    short=False / tiled=False leave that kernel out (tests, comparisons).
     """
     device = torch.device(device)
     has_short = short and native.supports(device, kv_dtype)
