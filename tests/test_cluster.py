@@ -60,7 +60,7 @@ def tiny_model_dir(smollm_dir, out):
 
 
 SERVE_FLAGS = ["--dtype", "float32", "--kv-cache-gb", "0.03125", "--speculation", "off", "--stats-interval", "0",
-               "--max-context", "2048", "--log-level", "warning", "--session-ttl", "600"]
+               "--max-context", "2048", "--log-level", "warning", "--session-ttl", "600", "--served-model-name", "m"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def single(model):
     add_serve_arguments(p)
     args = p.parse_args(["--model", str(model), *SERVE_FLAGS])
     engine = AsyncEngine.build(lambda: build_engine(args))
-    with ServerThread(create_app(engine, str(model))) as s:
+    with ServerThread(create_app(engine, "m")) as s:
         yield s.base_url
 
 

@@ -21,8 +21,6 @@ Routes of its own: `GET /health`, `GET /metrics` (routing counters, `Placement.m
 `POST /admin/replicas/{id}/undrain`, `GET /admin/replicas/{id}/metrics` (that replica's own /metrics).
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import json
@@ -40,7 +38,7 @@ from deltaserve.server.errors import APIError, install_error_handlers
 log = logging.getLogger("deltaserve.cluster")
 
 _ATTEMPTS = 3  # placements tried for one request when replicas fail before answering
-_DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+_DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 
 class Ingress:
     """The deployment class (wrapped by `serve.deployment` + `serve.ingress(app)` in `app.py`).

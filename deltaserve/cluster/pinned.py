@@ -9,28 +9,38 @@ which replica served it.
 
 It also publishes the live replica ids (`live_replicas()`): the router runs in the ingress's process (handle
 side), so that is how the ingress learns which replicas exist without polling the controller. Module-level
-state, written by the router's loop and read by the ingress: one frozenset replaced whole (atomic under the GIL).
+state (`_registry()`), written by the router's loop and read by the ingress: one frozenset replaced whole
+(atomic under the GIL).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-_live: frozenset[str] = frozenset()
+
+
+class _Registry:
+    live: frozenset[str] = frozenset()
+
+
+def _registry() -> _Registry:
+    # Looked up in sys.modules, not through this module's globals: Serve may run a copy of this class (unpickled
+    # by value) whose globals are not the ones the ingress imported; sys.modules is the one table per process.
+    return sys.modules.setdefault("deltaserve.cluster._pinned_registry", _Registry())  # type: ignore[return-value]
 
 
 def live_replicas() -> frozenset[str]:
     """Ids of the engine replicas the handle currently routes to (empty until the handle's first call)."""
-    return _live
+    return _registry().live
 
 
 class PinnedRequestRouter(RequestRouter):
     def update_replicas(self, replicas: List[RunningReplica]):
-        global _live
         super().update_replicas(replicas)
-        _live = frozenset(r.replica_id.unique_id for r in replicas)
+        _registry().live = frozenset(r.replica_id.unique_id for r in replicas)
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
