@@ -244,5 +244,5 @@ def test_drain_moves_sessions_with_their_kv(cluster):
         messages.append({"role": "user", "content": "one more step"})
         out = chat(cluster, messages, sid)
         assert _home(cluster, sid) != victim
-        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1, out["usage"]["deltaserve"]
     httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers=hdr, timeout=30)

@@ -102,6 +102,8 @@ class Ingress:
             if served != d.replica:  # the chosen replica had left; the request router sent it elsewhere
                 self.placement.end(d.replica)
                 self.placement.begin(served)
+                self.placement.drop(d.replica)
+                self.placement.recovering(keys)
             return await self._answer(method, keys, hashes, lower.get("authorization"), head, gen, served)
         self.placement.sync(live_replicas())
         why = type(last_error).__name__ if last_error else "none running"

@@ -132,12 +132,17 @@ class Placement:
         d = self.router.route(RequestInfo(replicas, session_id=keys.session_id,
                                           previous_response_id=keys.previous_response_id, block_hashes=hashes))
         if d.kind != "affine":
-            for key in (keys.session_id, keys.previous_response_id):
-                if key is not None and key in self.lost:
-                    self.lost.discard(key)
-                    self.counts["recovered"] += 1
-                    break
+            self.recovering(keys)
         return d
+
+    def recovering(self, keys: Keys) -> None:
+        """The request is being placed away from the replica its session lived on, which died or left: count it
+        (once per lost key)."""
+        for key in (keys.session_id, keys.previous_response_id):
+            if key is not None and key in self.lost:
+                self.lost.discard(key)
+                self.counts["recovered"] += 1
+                break
 
     def begin(self, replica: str) -> None:
         self.inflight[replica] = self.inflight.get(replica, 0) + 1
