@@ -175,9 +175,31 @@ def test_session_turns_stay_on_their_replica(cluster):
     assert after["affine"] - before["affine"] == n * (turns - 1)
     homed = sessions_by_replica(cluster)
     assert sum(homed.values()) >= n and min(homed.values()) >= 1, homed
-    hdr = {"Authorization": f"Bearer {ADMIN}"}
-    listed = httpx.get(cluster + "/v1/sessions", headers=hdr, timeout=30).json()["data"]
+    listed = httpx.get(cluster + "/v1/sessions", timeout=30).json()["data"]  # merged from both replicas
     assert {f"aff-{s}" for s in range(n)} <= {x["id"] for x in listed}
+
+
+def test_response_chains_stay_on_their_replica(cluster):
+    """Responses API chains (`previous_response_id`, streamed and not): each continuation is affine, and every
+    turn is answered by the replica that holds the chain."""
+    before = counters(cluster)
+    for c in range(4):
+        prev, homes = None, set()
+        for t in range(3):
+            body = {"model": "m", "input": f"chain {c} turn {t}: go on", "max_output_tokens": MAX_TOKENS,
+                    "temperature": 0, **({"previous_response_id": prev} if prev else {})}
+            if t == 1:  # the stream's first event carries the id the ingress records
+                with httpx.stream("POST", cluster + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+                    assert r.status_code == 200
+                    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                prev = events[-1]["response"]["id"]
+            else:
+                r = httpx.post(cluster + "/v1/responses", json=body, timeout=120)
+                assert r.status_code == 200, r.text
+                prev = r.json()["id"]
+            homes.add(r.headers["x-deltaserve-replica"])
+        assert len(homes) == 1
+    assert counters(cluster)["affine"] - before["affine"] == 4 * 2
 
 
 def test_new_sessions_follow_a_cached_prefix(cluster):
