@@ -60,7 +60,8 @@ def tiny_model_dir(smollm_dir, out):
 
 
 SERVE_FLAGS = ["--dtype", "float32", "--kv-cache-gb", "0.03125", "--speculation", "off", "--stats-interval", "0",
-               "--max-context", "2048", "--log-level", "warning", "--session-ttl", "600", "--served-model-name", "m"]
+               "--max-context", "2048", "--log-level", "warning", "--session-ttl", "600", "--served-model-name", "m",
+               "--max-request-bytes", "16384"]  # below a session's export: a drain's import must not be bounded
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,18 @@ def test_response_chains_stay_on_their_replica(cluster):
             homes.add(r.headers["x-deltaserve-replica"])
         assert len(homes) == 1
     assert counters(cluster)["affine"] - before["affine"] == 4 * 2
+
+
+def test_errors_are_the_servers(cluster):
+    """The replica's own errors pass through unchanged; the body bound is the ingress's (OpenAI format)."""
+    r = httpx.post(cluster + "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",
+                   "content": "x"}]}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(cluster + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
+                   "content": "x" * 20000}]}, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+    r = httpx.post(cluster + "/admin/replicas/x/drain", timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_new_sessions_follow_a_cached_prefix(cluster):

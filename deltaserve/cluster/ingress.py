@@ -34,6 +34,7 @@ from ray import serve
 from deltaserve.cluster.pinned import live_replicas
 from deltaserve.cluster.placement import Placement, prompt_hashes, request_keys
 from deltaserve.server.errors import APIError, install_error_handlers
+from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 
 log = logging.getLogger("deltaserve.cluster")
 
@@ -268,11 +269,12 @@ def _sse_id(buf: bytes) -> str | None:
     return None
 
 
-def make_ingress(allowed_origins: list[str] | None = None):
+def make_ingress(allowed_origins: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """A new FastAPI app and the Ingress class serving it (`serve.ingress` needs the routes on the class)."""
     app = FastAPI(title="deltaserve cluster", version="0.1.0",
                   description="OpenAI-compatible ingress of `deltaserve cluster`; see docs/API.md.")
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)  # the replicas take any size
     if allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

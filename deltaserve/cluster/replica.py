@@ -46,7 +46,9 @@ class EngineReplica:
             keys.append(env.api_key())
         engine = AsyncEngine.build(lambda: build_engine(args))
         app = create_app(engine, args.served_model_name or args.model, keys or None,
-                         max_request_bytes=args.max_request_bytes, admin_key=args.admin_key,
+                         # The ingress bounds client bodies (--max-request-bytes); a drain's import of a whole
+                         # session's KV (23 KB a token for SmolLM2 bf16) comes from the ingress itself.
+                         max_request_bytes=0, admin_key=args.admin_key,
                          allowed_origins=None,  # CORS is the ingress's business; the port is loopback only
                          stats_interval=args.stats_interval or None, tenant_header=args.tenant_header,
                          log_requests=args.log_requests, enforce_strict_tools=args.enforce_strict_tools,
