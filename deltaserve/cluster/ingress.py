@@ -12,7 +12,7 @@ router does not see; the ingress sees both, and one ingress replica keeps one ta
 
 Failure: a call that fails before the replica answered (its actor died) marks that replica dead and is placed
 again (at most `_ATTEMPTS` times), so a session whose replica died is answered by another one, recomputing its
-context from the request's full messages (or restoring it from a shared `--session-store`). A stream cut after
+context from the request's full messages (chat completions carry the whole history). A stream cut after
 its first byte cannot be replayed and ends early.
 
 Routes of its own: `GET /health`, `GET /metrics` (routing counters, `Placement.metrics`), `GET /v1/sessions`

@@ -78,8 +78,12 @@ class EngineReplica:
     async def whoami(self, replica: str | None = None) -> str:
         return self.id
 
-    async def die(self, replica: str | None = None) -> None:
-        """Test hook: end this replica's process at once, as a crash would (no drain, no session export)."""
+    async def die(self, replica: str | None = None) -> str:
+        """Test hook: end this replica's process at once, as a crash would (no drain, no session export).
+        Only when `replica` names this one: a call the request router re-sent elsewhere (its target was gone,
+        or Serve retried it after the target died) must not take a second replica down."""
+        if replica != self.id:
+            return self.id
         os._exit(1)
 
     async def check_health(self) -> None:
