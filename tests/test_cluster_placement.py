@@ -50,12 +50,16 @@ def test_table_learns_from_answers_and_a_dead_replica_counts_recovered():
 
 
 def test_dead_and_draining_replicas_are_not_chosen():
-    p = Placement()
+    now = [0.0]
+    p = Placement(clock=lambda: now[0])
     p.sync(LIVE)
     p.drop("a")
     assert p.candidates(LIVE) == ["b"]
     p.sync(LIVE)
     assert p.candidates(LIVE) == ["b"]  # still listed by Serve, still dead here
+    now[0] = 61.0
+    p.sync(LIVE)
+    assert p.candidates(LIVE) == ["a", "b"]  # a failure long ago, still listed: tried again
     p.sync(frozenset({"b", "c"}))
     p.draining.add("b")
     assert p.candidates(frozenset({"b", "c"})) == ["c"]

@@ -100,11 +100,11 @@ class Ingress:
                 last_error = e
                 continue
             served = head["replica"]
-            if served != d.replica:  # the chosen replica had left; the request router sent it elsewhere
-                self.placement.end(d.replica)
-                self.placement.begin(served)
-                self.placement.drop(d.replica)
-                self.placement.recovering(keys)
+            if served != d.replica:  # the request router did not have the chosen replica (gone, or not yet
+                self.placement.end(d.replica)  # listed) and sent the request elsewhere; its answer re-homes the
+                self.placement.begin(served)  # session below; the chosen one leaves at `sync` if it is gone
+                if d.kind == "affine":
+                    self.placement.counts["recovered"] += 1
             return await self._answer(method, keys, hashes, lower.get("authorization"), head, gen, served)
         self.placement.sync(live_replicas())
         why = type(last_error).__name__ if last_error else "none running"
@@ -194,10 +194,13 @@ class Ingress:
             raise APIError(404, f"no replica {replica!r}", None, "not_found")
         async with self._lock:
             p = self.placement
-            p.draining.add(replica)
             others = [r for r in p.candidates(live) if r != replica]
+            if not others:
+                raise APIError(409, "no other serving replica to move this replica's sessions to", None,
+                               "no_other_replica")
+            p.draining.add(replica)
             moved, failed = [], []
-            for sid in p.homed_sessions(replica) if others else []:
+            for sid in p.homed_sessions(replica):
                 auth = p.sessions.get(sid)
                 hdrs = [("authorization", auth)] if auth else []
                 try:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from deltaserve.cluster.routing import RequestInfo, ReplicaState, RouteDecision, Router, RouterConfig, block_hashes
 
@@ -32,6 +34,7 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # The cluster's router defaults: blocks are bytes of canonical JSON here, ~4 bytes a token, so 256 bytes is
 # about the 64 tokens a block of routing.RouterConfig's default; 32 blocks cover an ~8 KB system prompt + tools.
 DEFAULT_CONFIG = RouterConfig(block_tokens=256, summary_blocks=32)
+DEAD_SECONDS = 60.0
 
 
 @dataclass
@@ -92,14 +95,18 @@ def _str(v) -> str | None:
 
 
 class Placement:
-    def __init__(self, config: RouterConfig = DEFAULT_CONFIG, max_summary: int = 200_000):
+    def __init__(self, config: RouterConfig = DEFAULT_CONFIG, max_summary: int = 200_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.router = Router(config)
         self.config = config
         self.max_summary = max_summary
         self.inflight: dict[str, int] = {}
         self.summaries: dict[str, OrderedDict[int, None]] = {}
         self.draining: set[str] = set()
-        self.dead: set[str] = set()  # seen failing, still listed as live until Serve notices: never chosen
+        # Replica -> when a call to it failed: not chosen for DEAD_SECONDS while Serve still lists it (it notices
+        # a dead actor within seconds); after that it is tried again, so one transient failure costs little.
+        self.dead: dict[str, float] = {}
+        self.clock = clock
         self.sessions: dict[str, str | None] = {}  # session id -> Authorization header it was last used with
         self.lost: set[str] = set()  # keys whose replica died or left: their next request counts as recovered
         self.known: set[str] = set()  # replicas seen live
@@ -110,7 +117,8 @@ class Placement:
         """Forget replicas that are no longer live (died, scaled down); their keys become `lost`."""
         for r in list(self.known - live):
             self.drop(r)
-        self.dead &= live
+        now = self.clock()
+        self.dead = {r: t for r, t in self.dead.items() if r in live and now - t < DEAD_SECONDS}
         self.known |= live
 
     def drop(self, replica: str) -> None:
@@ -118,7 +126,7 @@ class Placement:
         self.lost.update(self.router.remove_replica(replica))
         self.summaries.pop(replica, None)
         self.draining.discard(replica)
-        self.dead.add(replica)
+        self.dead[replica] = self.clock()
         self.known.discard(replica)
 
     def candidates(self, live: frozenset[str]) -> list[str]:
