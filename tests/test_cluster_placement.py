@@ -78,3 +78,14 @@ def test_deleted_session_is_forgotten_and_moved_counts():
     p.placed("b", "DELETE", k, [], None, None)
     assert p.router.replica_of("s") is None and "s" not in p.sessions
     assert 'deltaserve_cluster_sessions_migrated_total 1' in p.metrics(LIVE)
+
+
+def test_ray_stays_optional():
+    """The CLI, `deltaserve serve` and the cluster's Ray-free modules import without Ray (`[cluster]` extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deltaserve.cli, deltaserve.server.app, deltaserve.cluster, deltaserve.cluster.app, "
+            "deltaserve.cluster.placement, deltaserve.cluster.routing; "
+            "sys.exit('ray imported' if 'ray' in sys.modules else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
