@@ -89,3 +89,16 @@ def test_ray_stays_optional():
             "deltaserve.cluster.placement, deltaserve.cluster.routing; "
             "sys.exit('ray imported' if 'ray' in sys.modules else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_autoscaling_flags_become_serves_config():
+    from deltaserve.cluster.app import _autoscaling, parse_cluster_args
+
+    assert _autoscaling(parse_cluster_args(["--replicas", "3"])) is None
+    cfg = _autoscaling(parse_cluster_args(["--min-replicas", "1", "--max-replicas", "4", "--replicas", "2",
+                                           "--target-ongoing-requests", "2"]))
+    assert cfg == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2, "target_ongoing_requests": 2.0}
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _autoscaling(parse_cluster_args(["--min-replicas", "0", "--max-replicas", "2"]))

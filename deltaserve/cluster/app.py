@@ -42,8 +42,8 @@ def _autoscaling(args: argparse.Namespace) -> dict | None:
         return None
     lo = 1 if lo is None else lo
     hi = max(lo, args.replicas) if hi is None else hi
-    if not 0 <= lo <= hi or hi < 1:
-        raise SystemExit(f"error: need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {lo}, {hi}")
+    if not 1 <= lo <= hi:  # no scale to zero: the ingress places a request on a running replica or answers 503
+        raise SystemExit(f"error: need 1 <= --min-replicas <= --max-replicas, got {lo}, {hi}")
     return {"min_replicas": lo, "max_replicas": hi, "initial_replicas": min(max(args.replicas, lo), hi),
             "target_ongoing_requests": args.target_ongoing_requests}
 
