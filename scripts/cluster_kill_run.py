@@ -62,7 +62,7 @@ from ray import serve
 ray.init(address="auto", log_to_driver=False)
 h = serve.get_deployment_handle("EngineReplica", app_name="deltaserve")
 t_kill = time.perf_counter()
-try:
+try:  # raises (the actor died under the call) or returns (Serve re-sent it elsewhere, which declines)
     h.die.remote(replica=victim).result(timeout_s=60)
 except Exception as e:
     print("kill:", type(e).__name__)

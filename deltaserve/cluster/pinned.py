@@ -15,11 +15,15 @@ state (`_registry()`), written by the router's loop and read by the ingress: one
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+
+
+log = logging.getLogger("ray.serve")
 
 
 class _Registry:
@@ -49,4 +53,7 @@ class PinnedRequestRouter(RequestRouter):
             for r in candidate_replicas:
                 if r.replica_id.unique_id == target:
                     return [[r]]
+        if target is not None:
+            log.warning("replica %s is not among the %d this router knows (%s); routing to any", target,
+                        len(candidate_replicas), ", ".join(r.replica_id.unique_id for r in candidate_replicas))
         return [sorted(candidate_replicas, key=lambda r: self.replica_queue_len_cache.get(r.replica_id) or 0)]
