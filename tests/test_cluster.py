@@ -239,11 +239,7 @@ def test_replica_kill_is_transparent(cluster, single):
     # The test hook ends that replica's process (os._exit), as a crash would. The call may raise (the actor
     # died under it) or return (Serve re-sent it to the other replica, which declines): either way `home` died,
     # which the recovered count below checks.
-    handle = serve.get_deployment_handle("EngineReplica", app_name="deltaserve")
-    try:
-        assert handle.die.remote(replica=home).result(timeout_s=60) != home
-    except ray.exceptions.RayError:
-        pass
+    _kill(home)
     for t in range(2, 4):
         messages.append({"role": "user", "content": f"step {t} of task 7: list the files"})
         r = chat(cluster, messages, sid)
@@ -253,11 +249,70 @@ def test_replica_kill_is_transparent(cluster, single):
         messages.append({"role": "assistant", "content": got})
     after = counters(cluster)
     assert after["recovered"] - before["recovered"] == 1
-    # Serve replaces the dead replica; the cluster gets back to two.
+    _wait_replaced(cluster, home)
+
+
+def _kill(home):
+    handle = serve.get_deployment_handle("EngineReplica", app_name="deltaserve")
+    try:
+        assert handle.die.remote(replica=home).result(timeout_s=60) != home
+    except ray.exceptions.RayError:
+        pass
+
+
+def _wait_replaced(url, home):
+    """Serve replaces the dead replica; the cluster gets back to two."""
     deadline = time.monotonic() + 300
-    while len(ids := {r["id"] for r in replicas(cluster)}) < 2 or home in ids:
+    while len(ids := {r["id"] for r in replicas(url)}) < 2 or home in ids:
         assert time.monotonic() < deadline
         time.sleep(1)
+
+
+def respond(url, **body):
+    r = httpx.post(url + "/v1/responses", json={"model": "m", "max_output_tokens": MAX_TOKENS, "temperature": 0,
+                                                 **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _text(response: dict) -> str:
+    return "".join(p["text"] for it in response["output"] if it["type"] == "message" for p in it["content"])
+
+
+def test_response_chain_outlives_its_replica(cluster, single):
+    """A 3-turn `previous_response_id` chain (one turn streamed), then its replica dies: the next turn is still
+    a 200, answered by the other replica from the ingress's transcript, equal to a single server's greedy reply
+    for that transcript; the chain then goes on from the new response id, affine."""
+    prev, items, home = None, [], None
+    for t in range(3):
+        inp = f"lost chain turn {t}: go on"
+        body = {"input": inp, **({"instructions": "Answer briefly."} if t == 0 else {}),
+                **({"previous_response_id": prev} if prev else {})}
+        if t == 1:
+            with httpx.stream("POST", cluster + "/v1/responses", json={"model": "m", "max_output_tokens": MAX_TOKENS,
+                              "temperature": 0, "stream": True, **body}, timeout=120) as r:
+                assert r.status_code == 200
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            out = events[-1]["response"]
+        else:
+            r = respond(cluster, **body)
+            out = r.json()
+        items += [{"role": "user", "content": inp}, *out["output"]]
+        prev = out["id"]
+        assert home in (None, r.headers["x-deltaserve-replica"])
+        home = r.headers["x-deltaserve-replica"]
+    before = counters(cluster)
+    _kill(home)
+    r = respond(cluster, previous_response_id=prev, input="lost chain turn 3: go on", instructions="Be brief.")
+    assert r.headers["x-deltaserve-replica"] != home
+    want = respond(single, input=[*items, {"role": "user", "content": "lost chain turn 3: go on"}],
+                   instructions="Be brief.").json()
+    assert _text(r.json()) == _text(want) and r.json()["usage"]["input_tokens"] == want["usage"]["input_tokens"]
+    assert counters(cluster)["recovered"] - before["recovered"] == 1
+    r2 = respond(cluster, previous_response_id=r.json()["id"], input="lost chain turn 4: go on")
+    assert r2.headers["x-deltaserve-replica"] == r.headers["x-deltaserve-replica"]
+    assert counters(cluster)["affine"] - before["affine"] == 1
+    _wait_replaced(cluster, home)
 
 
 def _home(url, sid) -> str | None:
@@ -285,3 +340,28 @@ def test_drain_moves_sessions_with_their_kv(cluster):
         assert _home(cluster, sid) != victim
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1, out["usage"]["deltaserve"]
     httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers=hdr, timeout=30)
+
+
+def test_stopping_replica_hands_its_sessions_off(cluster):
+    """The hook Serve runs when it stops a replica (`EngineReplica.__del__` -> `hand_off`), called directly on a
+    running replica: each session homed there is exported by it and imported on the other through the ingress;
+    the next turn is answered there from the moved KV."""
+    sids = [f"stop-{i}" for i in range(4)]
+    convs = {sid: conversation(cluster, sid, 2, seed=300 + i) for i, sid in enumerate(sids)}
+    homes = {sid: _home(cluster, sid) for sid in sids}
+    victim = max(set(homes.values()), key=lambda r: sum(h == r for h in homes.values()))
+    before = counters(cluster)
+    handle = serve.get_deployment_handle("EngineReplica", app_name="deltaserve")
+    out = handle.hand_off.remote(replica=victim).result(timeout_s=120)
+    moved = {m["id"] for m in out["migrated"]}
+    assert moved == {sid for sid in sids if homes[sid] == victim} and not out["failed"], out
+    assert counters(cluster)["migrated"] - before["migrated"] == len(moved)
+    for sid in moved:
+        _, _, messages = convs[sid]
+        session_tokens = httpx.get(f"{cluster}/v1/sessions/{sid}", timeout=30).json()["tokens"]
+        messages.append({"role": "user", "content": "one more step"})
+        r = chat(cluster, messages, sid)
+        assert _home(cluster, sid) != victim
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1
+    httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers={"Authorization": f"Bearer {ADMIN}"},
+               timeout=30)

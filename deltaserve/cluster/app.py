@@ -63,7 +63,7 @@ def build_app(args: argparse.Namespace | dict | None = None):
 
     from deltaserve.cluster.ingress import make_ingress
     from deltaserve.cluster.pinned import PinnedRequestRouter
-    from deltaserve.cluster.replica import EngineReplica
+    from deltaserve.cluster.replica import INGRESS, EngineReplica
     from deltaserve.server.app import resolve_model
 
     if args is None or isinstance(args, dict):
@@ -91,7 +91,7 @@ def build_app(args: argparse.Namespace | dict | None = None):
     else:
         options["autoscaling_config"] = auto
     engine = serve.deployment(EngineReplica, name="EngineReplica", **options).bind(args)
-    ingress = serve.deployment(make_ingress(args.allowed_origins, args.max_request_bytes), name="Ingress", num_replicas=1,
+    ingress = serve.deployment(make_ingress(args.allowed_origins, args.max_request_bytes), name=INGRESS, num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return ingress.bind(engine, args.admin_key)
 

@@ -22,6 +22,7 @@ Routes of its own: `GET /health`, `GET /metrics` (routing counters, `Placement.m
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from ray import serve
 
 from deltaserve.cluster.pinned import live_replicas
 from deltaserve.cluster.placement import Placement, prompt_hashes, request_keys
+from deltaserve.cluster.transcripts import TranscriptStore, final_response
 from deltaserve.server.errors import APIError, install_error_handlers
 from deltaserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 
@@ -50,6 +52,7 @@ class Ingress:
         self.engine = engine  # DeploymentHandle of EngineReplica
         self.admin_key = admin_key
         self.placement = Placement()
+        self.transcripts = TranscriptStore()  # Responses chains, to answer them when their replica is gone
         self._lock = asyncio.Lock()  # a drain runs alone
 
     async def _live(self) -> frozenset[str]:
@@ -76,6 +79,7 @@ class Ingress:
         body = await request.body()
         headers = list(request.headers.items())
         lower = {k.lower(): v for k, v in headers}
+        auth = lower.get("authorization")
         parsed = None
         if body and method in ("POST", "PUT", "PATCH") and "json" in lower.get("content-type", ""):
             try:
@@ -84,6 +88,10 @@ class Ingress:
                 parsed = None  # the replica answers the 400
         keys = request_keys(method, path, lower, parsed)
         hashes = prompt_hashes(parsed) if keys.generation else []
+        # A Responses request: its answer's transcript is kept (`transcripts.py`); `chain` is what it continues.
+        chain = Chain(parsed) if method == "POST" and path == "/v1/responses" and isinstance(parsed, dict) else None
+        if chain and keys.previous_response_id and not self._holds(keys.previous_response_id):
+            body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes)  # its replica is gone
         last_error: Exception | None = None
         for _ in range(_ATTEMPTS):
             live = await self._live()
@@ -105,13 +113,43 @@ class Ingress:
                 self.placement.begin(served)  # session below; the chosen one leaves at `sync` if it is gone
                 if d.kind == "affine":
                     self.placement.counts["recovered"] += 1
-            return await self._answer(method, keys, hashes, lower.get("authorization"), head, gen, served)
+            if chain and keys.previous_response_id and head["status"] == 404 \
+                    and self.transcripts.get(auth, keys.previous_response_id) is not None:
+                # The replica lost a response this ingress saw (evicted, restarted, or the table pointed at the
+                # wrong replica): answer from the transcript rather than pass the 404 on.
+                try:
+                    data = b"".join([c async for c in gen])
+                finally:
+                    self.placement.end(served)
+                if _error_code(data) == "response_not_found":
+                    self.placement.router.forget(keys.previous_response_id)
+                    body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes)
+                    continue
+                return Response(data, status_code=404, headers=dict(_merge(head["headers"])))
+            return await self._answer(method, keys, hashes, auth, head, gen, served, chain)
         self.placement.sync(live_replicas())
         why = type(last_error).__name__ if last_error else "none running"
         raise APIError(503, f"no engine replica could take the request ({why})", None, "no_replica",
                        headers={"Retry-After": "1"})
 
-    async def _answer(self, method, keys, hashes, auth, head, gen, replica) -> Response:
+    def _holds(self, response_id: str) -> bool:
+        """Whether the session table places `response_id` on a replica that can still take requests."""
+        r = self.placement.router.replica_of(response_id)
+        return r is not None and r in self.placement.candidates(live_replicas())
+
+    def _rebuilt(self, chain: "Chain", auth, body: bytes, keys, hashes):
+        """The request with the chain's transcript as `input` (no previous_response_id), counted `recovered`;
+        unchanged when this ingress does not know the chain (the replica's answer, a 404, stands)."""
+        new = self.transcripts.rebuild(auth, chain.body)
+        if new is None:
+            return body, keys, hashes
+        chain.prior = self.transcripts.get(auth, chain.body.get("previous_response_id"))
+        self.placement.lost.discard(keys.previous_response_id)
+        self.placement.counts["recovered"] += 1
+        keys = dataclasses.replace(keys, previous_response_id=None)
+        return json.dumps(new).encode(), keys, prompt_hashes(new)
+
+    async def _answer(self, method, keys, hashes, auth, head, gen, replica, chain=None) -> Response:
         status = head["status"]
         out_headers = [(k, v) for k, v in head["headers"] if k.lower() not in _DROP_RESPONSE]
         out_headers.append(("x-deltaserve-replica", replica))  # which replica answered (logs, tests)
@@ -124,12 +162,15 @@ class Ingress:
                 self.placement.end(replica)
             if ok:
                 self.placement.placed(replica, method, keys, hashes, auth, _json_id(data))
+                if chain is not None:
+                    self._keep(auth, chain, _json(data))
             return Response(data, status_code=status, headers=dict(_merge(out_headers)))
         if ok:  # record the session before any byte is sent: the client may send its next turn at once
             self.placement.placed(replica, method, keys, [], auth, None)
 
         async def stream():
             buf, found = b"", not keys.generation
+            tail = b"" if ok and chain is not None else None  # the current event, while looking for the last
             try:
                 async for chunk in gen:
                     if not found:  # the first event carries the response id (chat chunk `id`, `response.id`)
@@ -137,6 +178,13 @@ class Ingress:
                         if b"\n\n" in buf:
                             found = True
                             self.placement.placed(replica, method, keys, hashes, auth, _sse_id(buf))
+                    if tail is not None:  # only the event being read is held, not the stream
+                        tail += chunk
+                        *events, tail = tail.split(b"\n\n")
+                        for ev in events:
+                            final = final_response(ev)
+                            if final is not None:
+                                self._keep(auth, chain, final)
                     yield chunk
             finally:
                 gen.cancel()  # the client went away (or we are done): abort the generation on the replica
@@ -144,6 +192,9 @@ class Ingress:
 
         return StreamingResponse(stream(), status_code=status, headers=dict(_merge(out_headers)),
                                  media_type=ctype)
+
+    def _keep(self, auth, chain: "Chain", response) -> None:
+        self.transcripts.record(auth, chain.body, response, chain.prior)
 
     # ------------------------------------------------------------------ routes of the ingress
     async def health(self) -> Response:
@@ -193,37 +244,84 @@ class Ingress:
         if replica not in live:
             raise APIError(404, f"no replica {replica!r}", None, "not_found")
         async with self._lock:
-            p = self.placement
-            others = [r for r in p.candidates(live) if r != replica]
+            others = self._others(replica, live)
             if not others:
                 raise APIError(409, "no other serving replica to move this replica's sessions to", None,
                                "no_other_replica")
-            p.draining.add(replica)
+            self.placement.draining.add(replica)
             moved, failed = [], []
-            for sid in p.homed_sessions(replica):
-                auth = p.sessions.get(sid)
-                hdrs = [("authorization", auth)] if auth else []
+            for sid in self.placement.homed_sessions(replica):
+                hdrs = self._owner_headers(sid)
                 try:
                     head, gen = await self._open("GET", f"/v1/sessions/{sid}/state", "", hdrs, b"", replica)
                     state = b"".join([c async for c in gen])
                     if head["status"] != 200:
                         failed.append({"id": sid, "status": head["status"]})
                         continue
-                    target = min(others, key=lambda r: (p.inflight.get(r, 0), p.router.homed(r), r))
-                    head, gen = await self._open("PUT", f"/v1/sessions/{sid}/state", "",
-                                                 hdrs + [("content-type", "application/octet-stream")], state, target)
-                    answer = b"".join([c async for c in gen])
-                    if head["status"] != 200:
-                        failed.append({"id": sid, "status": head["status"], "error": answer[:200].decode(errors="replace")})
-                        continue
-                    p.moved(sid, head["replica"])
-                    # The old copy is closed (its KV becomes plain cache there), so one replica holds the pin.
-                    head, gen = await self._open("DELETE", f"/v1/sessions/{sid}", "", hdrs, b"", replica)
-                    b"".join([c async for c in gen])
-                    moved.append({"id": sid, "to": target})
+                    if await self._import(sid, state, others, moved, failed):
+                        # The old copy is closed (its KV becomes plain cache there), so one replica holds the pin.
+                        head, gen = await self._open("DELETE", f"/v1/sessions/{sid}", "", hdrs, b"", replica)
+                        b"".join([c async for c in gen])
                 except ray.exceptions.RayError as e:
                     failed.append({"id": sid, "error": type(e).__name__})
         return {"id": replica, "state": "draining", "migrated": moved, "failed": failed}
+
+    def _others(self, replica: str, live: frozenset[str]) -> list[str]:
+        return [r for r in self.placement.candidates(live) if r != replica]
+
+    def _owner_headers(self, sid: str) -> list[tuple[str, str]]:
+        auth = self.placement.sessions.get(sid)  # export and import under the session owner's key
+        return [("authorization", auth)] if auth else []
+
+    async def _import(self, sid: str, state: bytes, others: list[str], moved: list, failed: list) -> bool:
+        """Import one exported session on the least busy of `others` and home it there (the table and the
+        `migrated` count change only when the import succeeded). Appends to `moved` or `failed`."""
+        p = self.placement
+        target = min(others, key=lambda r: (p.inflight.get(r, 0), p.router.homed(r), r))
+        head, gen = await self._open("PUT", f"/v1/sessions/{sid}/state", "",
+                                     self._owner_headers(sid) + [("content-type", "application/octet-stream")],
+                                     state, target)
+        answer = b"".join([c async for c in gen])
+        if head["status"] != 200:
+            failed.append({"id": sid, "status": head["status"], "error": answer[:200].decode(errors="replace")})
+            return False
+        p.moved(sid, head["replica"])
+        moved.append({"id": sid, "to": head["replica"]})
+        return True
+
+    # ------------------------------------------------------------------ a replica stopping (replica.__del__)
+    async def handoff_plan(self, replica: str) -> list[tuple[str, str | None]]:
+        """`replica` is stopping (Serve scales it down, redeploys or shuts down): stop placing sessions there and
+        return the sessions it should export, with their owners' Authorization headers. The stopping replica
+        exports them itself (Serve no longer routes calls to it, so the ingress cannot) and hands the states to
+        `adopt`. Empty when no other replica can take them: they recompute on their next turn instead."""
+        live = await self._live()
+        if not self._others(replica, live):
+            return []
+        p = self.placement
+        if replica in live:
+            p.draining.add(replica)
+        # Sessions already placed anew elsewhere (their next turn came first) stay where they are now.
+        left = [s for s in p.left.pop(replica, []) if p.router.replica_of(s) is None]
+        sids = dict.fromkeys(p.homed_sessions(replica) + left)
+        return [(sid, p.sessions.get(sid)) for sid in sids if sid in p.sessions]
+
+    async def adopt(self, replica: str, states: list[tuple[str, bytes]]) -> dict:
+        """Import sessions exported by the stopping `replica` on the others: the admin drain's import path."""
+        live = await self._live()
+        async with self._lock:
+            others = self._others(replica, live)
+            moved, failed = [], []
+            for sid, state in states:
+                if not others:
+                    failed.append({"id": sid, "error": "no_other_replica"})
+                    continue
+                try:
+                    await self._import(sid, state, others, moved, failed)
+                except ray.exceptions.RayError as e:
+                    failed.append({"id": sid, "error": type(e).__name__})
+        log.info("replica %s stopping: %d session(s) moved, %d failed", replica, len(moved), len(failed))
+        return {"id": replica, "migrated": moved, "failed": failed}
 
     async def undrain(self, replica: str) -> dict:
         self.placement.draining.discard(replica)
@@ -248,10 +346,31 @@ def _merge(headers):
     return out.items()
 
 
-def _json_id(data: bytes) -> str | None:
+class Chain:
+    """A `/v1/responses` request being proxied: its body as the client sent it, and the transcript it continues
+    once the ingress rebuilt it (None while it still names its `previous_response_id`)."""
+
+    def __init__(self, body: dict):
+        self.body = body
+        self.prior = None
+
+
+def _json(data: bytes):
     try:
-        v = json.loads(data)
+        return json.loads(data)
     except ValueError:
+        return None
+
+
+def _error_code(data: bytes) -> str | None:
+    v = _json(data)
+    e = v.get("error") if isinstance(v, dict) else None
+    return e.get("code") if isinstance(e, dict) else None
+
+
+def _json_id(data: bytes) -> str | None:
+    v = _json(data)
+    if v is None:
         return None
     return v.get("id") if isinstance(v, dict) and isinstance(v.get("id"), str) else None
 

@@ -12,7 +12,7 @@ what the replica has seen; what the replica has since evicted is not removed (a 
 never a wrong answer), and a summary is bounded (`max_summary`, oldest placements forgotten first).
 
 `Placement` mutates: the `Router`'s session table (through `placed`, `drop`, `moved`), the per-replica counts of
-requests in flight (`begin`/`end`), the summaries, the draining / dead sets, the `Authorization` header each
+requests in flight (`begin`/`end`), the summaries, the draining / dead sets, the sessions of replicas that left, the `Authorization` header each
 session was last used with (a drain must export and import under the session owner's key), and the counters.
 """
 
@@ -110,6 +110,7 @@ class Placement:
         self.sessions: dict[str, str | None] = {}  # session id -> Authorization header it was last used with
         self.lost: set[str] = set()  # keys whose replica died or left: their next request counts as recovered
         self.known: set[str] = set()  # replicas seen live
+        self.left: dict[str, list[str]] = {}  # replica dropped -> session ids homed there then (insertion order)
         self.counts = {"migrated": 0, "recovered": 0}
 
     # ------------------------------------------------------------------ replicas
@@ -123,7 +124,13 @@ class Placement:
 
     def drop(self, replica: str) -> None:
         """`replica` failed or left: its session table entries and summary go; it is not chosen again."""
-        self.lost.update(self.router.remove_replica(replica))
+        keys = self.router.remove_replica(replica)
+        self.lost.update(keys)
+        # Its sessions, for a replica that is stopping rather than dead: its hand-off (`Ingress.handoff_plan`)
+        # may come after the handle stopped listing it. The last few replicas only.
+        self.left[replica] = [k for k in keys if k in self.sessions]
+        while len(self.left) > 16:
+            self.left.pop(next(iter(self.left)))
         self.summaries.pop(replica, None)
         self.draining.discard(replica)
         self.dead[replica] = self.clock()
@@ -189,8 +196,9 @@ class Placement:
         return [s for s in self.sessions if self.router.replica_of(s) == replica]
 
     def moved(self, session_id: str, replica: str) -> None:
-        """A drain imported `session_id` on `replica`."""
+        """A drain (or a stopping replica's hand-off) imported `session_id` on `replica`."""
         self.router.record(session_id, replica)
+        self.lost.discard(session_id)  # it did not need recomputing
         self.counts["migrated"] += 1
 
     def metrics(self, live: frozenset[str]) -> str:

@@ -7,12 +7,16 @@ handle: `forward` replays one HTTP request against the local port and streams th
 (first item: status, headers and this replica's id; then body chunks). Going through the handle, not straight to
 the port, is what lets Serve count each replica's ongoing requests for autoscaling and notice dead replicas.
 
+Stopping: when Serve stops a replica gracefully (scale-down, redeploy, shutdown), its `__del__` hands its sessions
+to the other replicas through the ingress (`hand_off`) before the server stops, as an admin drain would.
+
 Mutable state: the engine (sessions, caches) and the uvicorn thread, both owned here for the actor's life.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from typing import AsyncIterator
@@ -23,6 +27,7 @@ from ray import serve
 log = logging.getLogger("deltaserve.cluster")
 
 # Hop-by-hop or recomputed headers: the loopback client sets its own.
+INGRESS = "Ingress"  # the ingress deployment's name (app.py)
 _DROP_REQUEST = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
 
 
@@ -54,6 +59,8 @@ class EngineReplica:
                          log_requests=args.log_requests, enforce_strict_tools=args.enforce_strict_tools,
                          shutdown_timeout=args.shutdown_timeout)
         self.id = replica_id()
+        # Serve kills the actor graceful_shutdown_timeout_s (= --shutdown-timeout) after asking it to stop.
+        self.handoff_timeout = max(1.0, 0.8 * args.shutdown_timeout)
         self.server = ServerThread(app, log_level="warning").start(timeout=600)
         # No timeout on reads: a long generation may go minutes between chunks only if the engine is stalled,
         # and the client's own timeout (at the ingress) is the one that should decide.
@@ -91,8 +98,41 @@ class EngineReplica:
         if not self.server._thread.is_alive():
             raise RuntimeError("the replica's HTTP server thread exited")
 
-    def __del__(self):
+    async def hand_off(self, replica: str | None = None) -> dict:
+        """Move this replica's sessions to the others before it stops: ask the ingress which sessions live here
+        (`Ingress.handoff_plan`, which also stops placing new ones here), export each from the local app under
+        its owner's key, and give the states to the ingress to import elsewhere (`Ingress.adopt`, the admin
+        drain's import path). Called by `__del__`; `replica` (the request router's pin) lets a test call it.
+        Returns the ingress's summary; {} when there was nothing to move or no ingress to ask."""
+        ingress = serve.get_deployment_handle(INGRESS, app_name=serve.get_replica_context().app_name)
+        plan = await ingress.handoff_plan.remote(self.id)
+        states = []
+        for sid, auth in plan:
+            r = await self.client.get(f"/v1/sessions/{sid}/state", headers={"authorization": auth} if auth else {})
+            if r.status_code == 200:  # gone meanwhile (closed, expired): nothing to move
+                states.append((sid, r.content))
+        if not states:
+            return {}
+        out = await ingress.adopt.remote(self.id, states)
+        auths = dict(plan)
+        for m in out["migrated"]:  # one replica holds each session (matters when this replica keeps running)
+            auth = auths.get(m["id"])
+            await self.client.delete(f"/v1/sessions/{m['id']}", headers={"authorization": auth} if auth else {})
+        return out
+
+    async def __del__(self):
+        """Serve's graceful stop (scale-down, redeploy, shutdown), once requests in flight are done: hand the
+        sessions off, within the time Serve gives (`graceful_shutdown_timeout_s`), then stop the server. On a
+        shutdown of the whole application the ingress may be gone first; the sessions then simply end here."""
         try:
+            out = await asyncio.wait_for(self.hand_off(), timeout=self.handoff_timeout)
+            if out:
+                log.info("replica %s handed off %d session(s) (%d failed)", self.id, len(out["migrated"]),
+                         len(out["failed"]))
+        except Exception as e:  # noqa: BLE001 - stopping anyway; unmoved sessions recompute on their next turn
+            log.warning("replica %s: session hand-off failed (%s)", self.id, type(e).__name__)
+        try:
+            await self.client.aclose()
             self.server.stop(timeout=5)
         except Exception:  # noqa: BLE001 - interpreter shutdown; nothing to save
             pass
