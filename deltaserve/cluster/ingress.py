@@ -91,13 +91,16 @@ class Ingress:
         # A Responses request: its answer's transcript is kept (`transcripts.py`); `chain` is what it continues.
         chain = Chain(parsed) if method == "POST" and path == "/v1/responses" and isinstance(parsed, dict) else None
         if chain and keys.previous_response_id and not self._holds(keys.previous_response_id):
-            body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes)  # its replica is gone
+            body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes, True)  # its replica is gone
         last_error: Exception | None = None
+        counted = False  # this request was counted `recovered` (once a request, whichever way it recovered)
         for _ in range(_ATTEMPTS):
             live = await self._live()
             if not self.placement.candidates(live):
                 break
+            was_lost = keys.previous_response_id in self.placement.lost or keys.session_id in self.placement.lost
             d = self.placement.choose(keys, hashes, live)
+            counted = counted or (was_lost and d.kind != "affine")  # `Placement.recovering` counted it
             self.placement.begin(d.replica)
             try:
                 head, gen = await self._open(method, path, query, headers, body, d.replica)
@@ -111,10 +114,11 @@ class Ingress:
             if served != d.replica:  # the request router did not have the chosen replica (gone, or not yet
                 self.placement.end(d.replica)  # listed) and sent the request elsewhere; its answer re-homes the
                 self.placement.begin(served)  # session below; the chosen one leaves at `sync` if it is gone
-                if d.kind == "affine":
+                if d.kind == "affine" and not counted:
                     self.placement.counts["recovered"] += 1
+                    counted = True
             if chain and keys.previous_response_id and head["status"] == 404 \
-                    and self.transcripts.get(auth, keys.previous_response_id) is not None:
+                    and self.transcripts.rebuild(auth, chain.body) is not None:
                 # The replica lost a response this ingress saw (evicted, restarted, or the table pointed at the
                 # wrong replica): answer from the transcript rather than pass the 404 on.
                 try:
@@ -123,7 +127,8 @@ class Ingress:
                     self.placement.end(served)
                 if _error_code(data) == "response_not_found":
                     self.placement.router.forget(keys.previous_response_id)
-                    body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes)
+                    body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes, not counted)
+                    counted = True
                     continue
                 return Response(data, status_code=404, headers=dict(_merge(head["headers"])))
             return await self._answer(method, keys, hashes, auth, head, gen, served, chain)
@@ -137,7 +142,7 @@ class Ingress:
         r = self.placement.router.replica_of(response_id)
         return r is not None and r in self.placement.candidates(live_replicas())
 
-    def _rebuilt(self, chain: "Chain", auth, body: bytes, keys, hashes):
+    def _rebuilt(self, chain: "Chain", auth, body: bytes, keys, hashes, count: bool):
         """The request with the chain's transcript as `input` (no previous_response_id), counted `recovered`;
         unchanged when this ingress does not know the chain (the replica's answer, a 404, stands)."""
         new = self.transcripts.rebuild(auth, chain.body)
@@ -145,7 +150,8 @@ class Ingress:
             return body, keys, hashes
         chain.prior = self.transcripts.get(auth, chain.body.get("previous_response_id"))
         self.placement.lost.discard(keys.previous_response_id)
-        self.placement.counts["recovered"] += 1
+        if count:
+            self.placement.counts["recovered"] += 1
         keys = dataclasses.replace(keys, previous_response_id=None)
         return json.dumps(new).encode(), keys, prompt_hashes(new)
 
