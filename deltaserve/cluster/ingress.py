@@ -12,13 +12,15 @@ router does not see; the ingress sees both, and one ingress replica keeps one ta
 
 Failure: a call that fails before the replica answered (its actor died) marks that replica dead and is placed
 again (at most `_ATTEMPTS` times), so a session whose replica died is answered by another one, recomputing its
-context from the request's full messages (chat completions carry the whole history). A stream cut after
-its first byte cannot be replayed and ends early.
+context from the request's full messages (chat completions carry the whole history). A Responses request whose
+`previous_response_id` lived on a replica that is gone is re-sent with the chain's transcript as its input
+(`transcripts.py`). A stream cut after its first byte cannot be replayed and ends early.
 
 Routes of its own: `GET /health`, `GET /metrics` (routing counters, `Placement.metrics`), `GET /v1/sessions`
 (merged from every replica), and, with `--admin-key`, `GET /admin/replicas`, `POST /admin/replicas/{id}/drain`
 (export each session homed there, import it on another replica, and stop placing new sessions there),
-`POST /admin/replicas/{id}/undrain`, `GET /admin/replicas/{id}/metrics` (that replica's own /metrics).
+`POST /admin/replicas/{id}/undrain`, `GET /admin/replicas/{id}/metrics` (that replica's own /metrics). Drains and
+a stopping replica's hand-off are `migration.py`'s.
 """
 
 import asyncio
@@ -32,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from deltaserve.cluster.migration import Migration
 from deltaserve.cluster.pinned import live_replicas
 from deltaserve.cluster.placement import Placement, prompt_hashes, request_keys
 from deltaserve.cluster.transcripts import TranscriptStore, final_response
@@ -43,7 +46,7 @@ log = logging.getLogger("deltaserve.cluster")
 _ATTEMPTS = 3  # placements tried for one request when replicas fail before answering
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 
-class Ingress:
+class Ingress(Migration):
     """The deployment class (wrapped by `serve.deployment` + `serve.ingress(app)` in `app.py`).
 
     Mutable state: `self.placement` (session table, loads, summaries, counters), updated on each response."""
@@ -242,96 +245,6 @@ class Ingress:
         return {"object": "list", "data": [
             {"id": r, "state": "dead" if r in p.dead else "draining" if r in p.draining else "serving",
              "in_flight": p.inflight.get(r, 0), "sessions": len(p.homed_sessions(r))} for r in sorted(live)]}
-
-    async def drain(self, replica: str) -> dict:
-        """Stop placing new sessions on `replica` and move each session homed there to another replica
-        (export, import, table updated). A session that fails to move stays where it is (listed in `failed`)."""
-        live = await self._live()
-        if replica not in live:
-            raise APIError(404, f"no replica {replica!r}", None, "not_found")
-        async with self._lock:
-            others = self._others(replica, live)
-            if not others:
-                raise APIError(409, "no other serving replica to move this replica's sessions to", None,
-                               "no_other_replica")
-            self.placement.draining.add(replica)
-            moved, failed = [], []
-            for sid in self.placement.homed_sessions(replica):
-                hdrs = self._owner_headers(sid)
-                try:
-                    head, gen = await self._open("GET", f"/v1/sessions/{sid}/state", "", hdrs, b"", replica)
-                    state = b"".join([c async for c in gen])
-                    if head["status"] != 200:
-                        failed.append({"id": sid, "status": head["status"]})
-                        continue
-                    if await self._import(sid, state, others, moved, failed):
-                        # The old copy is closed (its KV becomes plain cache there), so one replica holds the pin.
-                        head, gen = await self._open("DELETE", f"/v1/sessions/{sid}", "", hdrs, b"", replica)
-                        b"".join([c async for c in gen])
-                except ray.exceptions.RayError as e:
-                    failed.append({"id": sid, "error": type(e).__name__})
-        return {"id": replica, "state": "draining", "migrated": moved, "failed": failed}
-
-    def _others(self, replica: str, live: frozenset[str]) -> list[str]:
-        return [r for r in self.placement.candidates(live) if r != replica]
-
-    def _owner_headers(self, sid: str) -> list[tuple[str, str]]:
-        auth = self.placement.sessions.get(sid)  # export and import under the session owner's key
-        return [("authorization", auth)] if auth else []
-
-    async def _import(self, sid: str, state: bytes, others: list[str], moved: list, failed: list) -> bool:
-        """Import one exported session on the least busy of `others` and home it there (the table and the
-        `migrated` count change only when the import succeeded). Appends to `moved` or `failed`."""
-        p = self.placement
-        target = min(others, key=lambda r: (p.inflight.get(r, 0), p.router.homed(r), r))
-        head, gen = await self._open("PUT", f"/v1/sessions/{sid}/state", "",
-                                     self._owner_headers(sid) + [("content-type", "application/octet-stream")],
-                                     state, target)
-        answer = b"".join([c async for c in gen])
-        if head["status"] != 200:
-            failed.append({"id": sid, "status": head["status"], "error": answer[:200].decode(errors="replace")})
-            return False
-        p.moved(sid, head["replica"])
-        moved.append({"id": sid, "to": head["replica"]})
-        return True
-
-    # ------------------------------------------------------------------ a replica stopping (replica.__del__)
-    async def handoff_plan(self, replica: str) -> list[tuple[str, str | None]]:
-        """`replica` is stopping (Serve scales it down, redeploys or shuts down): stop placing sessions there and
-        return the sessions it should export, with their owners' Authorization headers. The stopping replica
-        exports them itself (Serve no longer routes calls to it, so the ingress cannot) and hands the states to
-        `adopt`. Empty when no other replica can take them: they recompute on their next turn instead."""
-        live = await self._live()
-        if not self._others(replica, live):
-            return []
-        p = self.placement
-        if replica in live:
-            p.draining.add(replica)
-        # Sessions already placed anew elsewhere (their next turn came first) stay where they are now.
-        left = [s for s in p.left.pop(replica, []) if p.router.replica_of(s) is None]
-        sids = dict.fromkeys(p.homed_sessions(replica) + left)
-        return [(sid, p.sessions.get(sid)) for sid in sids if sid in p.sessions]
-
-    async def adopt(self, replica: str, states: list[tuple[str, bytes]]) -> dict:
-        """Import sessions exported by the stopping `replica` on the others: the admin drain's import path."""
-        live = await self._live()
-        async with self._lock:
-            others = self._others(replica, live)
-            moved, failed = [], []
-            for sid, state in states:
-                if not others:
-                    failed.append({"id": sid, "error": "no_other_replica"})
-                    continue
-                try:
-                    await self._import(sid, state, others, moved, failed)
-                except ray.exceptions.RayError as e:
-                    failed.append({"id": sid, "error": type(e).__name__})
-        log.info("replica %s stopping: %d session(s) moved, %d failed", replica, len(moved), len(failed))
-        return {"id": replica, "migrated": moved, "failed": failed}
-
-    async def undrain(self, replica: str) -> dict:
-        self.placement.draining.discard(replica)
-        return {"id": replica, "state": "serving"}
 
     async def replica_metrics(self, replica: str) -> Response:
         live = await self._live()
