@@ -131,8 +131,9 @@ class Ingress(Migration):
                 if _error_code(data) == "response_not_found":
                     self.placement.router.forget(keys.previous_response_id)
                     body, keys, hashes = self._rebuilt(chain, auth, body, keys, hashes, not counted)
-                    counted = True
-                    continue
+                    if keys.previous_response_id is None:  # rebuilt; else the 404 stands
+                        counted = True
+                        continue
                 return Response(data, status_code=404, headers=dict(_merge(head["headers"])))
             return await self._answer(method, keys, hashes, auth, head, gen, served, chain)
         self.placement.sync(live_replicas())
