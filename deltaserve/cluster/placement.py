@@ -12,8 +12,9 @@ what the replica has seen; what the replica has since evicted is not removed (a 
 never a wrong answer), and a summary is bounded (`max_summary`, oldest placements forgotten first).
 
 `Placement` mutates: the `Router`'s session table (through `placed`, `drop`, `moved`), the per-replica counts of
-requests in flight (`begin`/`end`), the summaries, the draining / dead sets, the sessions of replicas that left, the `Authorization` header each
-session was last used with (a drain must export and import under the session owner's key), and the counters.
+requests in flight (`begin`/`end`), the summaries, the draining / dead sets, the sessions of replicas that left
+(`left`, for a stopping replica's hand-off), the `Authorization` header each session was last used with (a drain
+must export and import under the session owner's key), and the counters.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from ray import serve
 
 log = logging.getLogger("deltaserve.cluster")
 
-# Hop-by-hop or recomputed headers: the loopback client sets its own.
 INGRESS = "Ingress"  # the ingress deployment's name (app.py)
+# Hop-by-hop or recomputed headers: the loopback client sets its own.
 _DROP_REQUEST = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
 
 
