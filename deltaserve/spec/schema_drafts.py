@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from deltaserve.tokens import common_prefix_len
+
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 BARE_HEAD = '{"name": "'
@@ -37,6 +39,7 @@ _UNTAGGED = (("```json\n", "\n```"), ("```\n", "\n```"), ("", ""))
 _MAX_CONTEXT_TOKENS = 8192  # values are copied from the recent context; bounds the one-off decode
 _MAX_VALUE_CHARS = 256  # a copied value longer than this is not a value (unterminated quote, prose)
 _MAX_MATCHES = 64  # occurrences of a value prefix examined (latest first)
+_PROBES = ("x", "0")  # text that may follow a prediction (a name, key or value goes on): its tokens must not change
 _MAX_CONT_CHARS = 256  # a draft is <= k_max tokens; longer predictions are wasted tokenizer work
 
 
@@ -235,7 +238,9 @@ class _Predictor:
 
     def _after_open(self, tool: ToolShape) -> str:
         p = _next_param(tool, [])
-        return self.st.open2 + '"' + self._key(tool, p, [], "") if p is not None else "}" + self.st.close1 + "}" + self.closer
+        if p is None:
+            return "}" + self.st.close1 + "}" + self.closer
+        return self.st.open2 + '"' + self._key(tool, p, [], "")
 
     def _key(self, tool: ToolShape, p: ParamShape, seen: list[str], written: str) -> str:
         """From inside `"<written>` of key p: the rest of the key, `": ` and the value as far as known."""
@@ -422,4 +427,11 @@ class SchemaDrafter:
         # tail's tokenization is not what the model would continue with.
         if ids[:len(call)] != call:
             return []
-        return ids[len(call):len(call) + k]
+        # The prediction's last tokens may merge with whatever text follows it (a name prefix `get_` is
+        # `get`,`_` alone but `get`,`_weather` in full): keep only the tokens that stay the same whatever
+        # follows (probed with a letter and a digit).
+        m = len(call)
+        end = min(len(ids), m + k)
+        for probe in _PROBES:
+            end = m + common_prefix_len(ids[m:end], self.tok.encode(text + cont + probe)[m:end])
+        return ids[m:end]
