@@ -263,20 +263,23 @@ class _ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("latin-1")
 
 
-def test_tiny_random_model_identity_with_schema_drafts(monkeypatch):
+def _tiny():
+    import transformers
+
     from deltaserve.config import ModelConfig
     from deltaserve.models.llama import LlamaModel
 
     cfg = ModelConfig(arch="qwen2", vocab_size=257, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6, max_position=512,
                       tie_word_embeddings=False, qkv_bias=True)
-    import transformers
-
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf()),
                                                        dtype=torch.float32)
-    model = LlamaModel.from_state_dict(cfg, hf.state_dict(), torch.float32)
-    tok = _ByteTokenizer()
+    return LlamaModel.from_state_dict(cfg, hf.state_dict(), torch.float32), _ByteTokenizer()
+
+
+def test_tiny_random_model_identity_with_schema_drafts(monkeypatch):
+    model, tok = _tiny()
     # A random model writes no call: treat its whole output as one and predict a call's frame at every
     # step, so the drafter proposes throughout and the random target rejects (nearly) all of it.
     monkeypatch.setattr(SchemaDrafter, "_find_call", lambda self, out: (0, "", "") if out else None)
@@ -296,7 +299,38 @@ def test_tiny_random_model_identity_with_schema_drafts(monkeypatch):
     assert [len(o) for o in outs[1]] == [7, 40]
 
 
+def test_drafter_failure_falls_back_to_plain_speculation(monkeypatch):
+    """A bug in the drafter costs its drafts, never the request."""
+    calls = []
+
+    def boom(self, output, k):
+        calls.append(k)
+        raise RuntimeError("drafter bug")
+
+    monkeypatch.setattr(SchemaDrafter, "propose", boom)
+    model, tok = _tiny()
+    prompt = tok.encode("Record: x")
+    outs = []
+    for spec in (False, True):
+        eng = LLMEngine(model, tok, EngineConfig(dtype=torch.float32, kv_cache_bytes=16 << 20, speculation=spec,
+                                                 cache_mode=CacheMode.STATELESS))
+        seq = eng.add_request(prompt, SamplingParams(max_tokens=12, ignore_eos=True, tool_drafts=ToolDrafts.from_tools(TOOLS)))
+        eng.run_until_done([seq])
+        outs.append(seq.output_ids)
+    assert outs[0] == outs[1] and len(outs[1]) == 12
+    assert len(calls) == 1  # tried once, then that request drafts from its history only
+
+
 def test_module_constants_agree_with_the_parser():
     from deltaserve.server import tool_parser
 
     assert schema_drafts.CALL_OPEN == tool_parser.TOOL_CALL_OPEN and schema_drafts.CALL_CLOSE == tool_parser.TOOL_CALL_CLOSE
+
+
+def test_chat_plan_passes_the_tools_shown_to_the_model():
+    from deltaserve.server.chat_plan import ChatPlan
+
+    plan = ChatPlan([], [1], "full", None, False, TOOLS, TOOLS, {"get_weather", "get_time"})
+    assert plan.tool_drafts() == ToolDrafts.from_tools(TOOLS)
+    # tool_choice "none": the tools are not shown, so no call is drafted either
+    assert ChatPlan([], [1], "full", None, False, TOOLS, None, None).tool_drafts() is None

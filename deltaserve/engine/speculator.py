@@ -15,6 +15,8 @@ without starving the other.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from deltaserve.engine.sampling import processed_probs
@@ -23,6 +25,8 @@ from deltaserve.spec.adaptive import DraftLengthController
 from deltaserve.spec.lookup import LookupIndex
 from deltaserve.spec.schema_drafts import SchemaDrafter
 from deltaserve.spec.verify import verify_greedy, verify_sampling
+
+log = logging.getLogger("deltaserve.engine")
 
 
 class _SpecState:
@@ -72,7 +76,11 @@ class Speculator:
                 return forced
         if st.schema is not None:
             ks = min(st.schema_ctl.next_k(), room)
-            draft = st.schema.propose(seq.output_ids, ks) if ks > 0 else []
+            try:
+                draft = st.schema.propose(seq.output_ids, ks) if ks > 0 else []
+            except Exception:  # a drafter bug must not fail the request: drafts are only ever a guess
+                log.exception("schema drafts failed; request %d continues without them", seq.seq_id)
+                st.schema, draft = None, []
             if draft:
                 longer = st.index.propose(ks).tokens
                 if len(longer) > len(draft) and longer[: len(draft)] == draft:
