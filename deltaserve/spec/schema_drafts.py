@@ -3,8 +3,9 @@
 History lookup (`lookup.py`) needs the call to have been seen before; a conversation's first call has no
 such history, yet most of it is predictable from the request alone:
 
-* the frame `<tool_call>\\n{"name": "`, `", "arguments": {` and `}}\\n</tool_call>` (Hermes/Qwen form, with
-  the `", "` / `": "` separators the parser normalises to and these models emit);
+* the frame `<tool_call>\\n{"name": "`, `", "arguments": {` and `}}\\n</tool_call>` (Hermes/Qwen form; also a
+  fenced or bare call object at the start of the output, which the parser accepts too), in the whitespace
+  style the model chose at its first `{` (compact `", "` separators, or pretty-printed with its indent);
 * the function name, once what was generated so far prefix-matches one tool (their common prefix before);
 * the property names in schema order (a key prefix picks among the keys not yet written);
 * enum values (prefix-matched), and values copied from the context: a value starting at `"` copies the
@@ -15,7 +16,8 @@ such history, yet most of it is predictable from the request alone:
 
 The prediction is text; it becomes tokens by tokenizing the whole call (generated text + prediction) and
 keeping the tail only when its head re-tokenizes to exactly the generated tokens, so a BPE merge across
-the boundary yields no draft instead of a wrong one. Drafts stop at the first value that cannot be
+the boundary yields no draft instead of a wrong one; likewise the tail's last tokens are dropped when text
+following the prediction would merge with them (probed). Drafts stop at the first value that cannot be
 predicted. Verification stays the engine's (lossless); this module only proposes.
 
 `ToolDrafts` is the immutable, typed description the server puts in `SamplingParams.tool_drafts`;
