@@ -1,4 +1,4 @@
-"""Schema drafts (spec/schema_drafts.py): what they predict, the exact tokens they propose, and that
+"""Schema drafts (spec/schema_drafts.py, spec/call_text.py): what they predict, the exact tokens they propose, and that
 speculation with them stays lossless.
 
 * `ToolDrafts.from_tools` and the text predictor on hand-written partial calls (compact, pretty, fenced,
@@ -21,7 +21,8 @@ from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.engine.textstream import TextStream
 from deltaserve.spec import schema_drafts
-from deltaserve.spec.schema_drafts import ParamShape, SchemaDrafter, ToolDrafts, ToolShape, _Context, _Predictor
+from deltaserve.spec.call_text import CallContext, CallPredictor, ParamShape, ToolShape
+from deltaserve.spec.schema_drafts import SchemaDrafter, ToolDrafts
 
 S = {"type": "string"}
 TOOLS = [
@@ -65,7 +66,7 @@ def test_from_tools_shapes():
     (T + '{"name": "get_time", "arguments": {"zone": {"', ""),  # nested value
 ])
 def test_predictor_tagged_compact(text, expected):
-    assert _Predictor(ToolDrafts.from_tools(TOOLS), _Context(CONTEXT)).continuation(text) == expected
+    assert CallPredictor(ToolDrafts.from_tools(TOOLS), CallContext(CONTEXT)).continuation(text) == expected
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -76,18 +77,18 @@ def test_predictor_tagged_compact(text, expected):
     ("```json\n{\n ", ""),  # the indent is not known until it ends
 ])
 def test_predictor_pretty_fenced(text, expected):
-    p = _Predictor(ToolDrafts.from_tools(TOOLS), _Context(CONTEXT))
+    p = CallPredictor(ToolDrafts.from_tools(TOOLS), CallContext(CONTEXT))
     assert p.continuation(text, "```json\n", "\n```") == expected
 
 
 def test_predictor_bare_and_context_values():
-    p = _Predictor(ToolDrafts.from_tools(TOOLS), _Context(CONTEXT))
+    p = CallPredictor(ToolDrafts.from_tools(TOOLS), CallContext(CONTEXT))
     assert p.continuation('{"name": "get_time"', "", "") == ', "arguments": {"zone": "'
     assert p.continuation('{"name": "get_time", "arguments": {"zone": "x"}', "", "") == "}"
     # A schema's `"city": {"type": ...` is no value; the record's later/earlier scalar is.
-    ctx = _Context('{"city": "Oslo"} tools: {"city": {"type": "string"}}')
+    ctx = CallContext('{"city": "Oslo"} tools: {"city": {"type": "string"}}')
     assert ctx.value_of("city") == ("Oslo", True)
-    assert _Context('"days": 12, "x": 1').value_of("days") == ("12", False)
+    assert CallContext('"days": 12, "x": 1').value_of("days") == ("12", False)
 
 
 # ------------------------------------------------------------- token drafts
@@ -210,7 +211,7 @@ def test_schema_drafts_rejected_at_every_position(qwen, plain, monkeypatch, case
     ref, _ = plain[case]
     # Every prediction is text no call contains: drafted, never accepted (the first 40 tokens: the frame,
     # the name and the first values, where real drafts would be accepted).
-    monkeypatch.setattr(_Predictor, "continuation", lambda self, text, *a: "~~~~~~~~ zzzz qqqq ~~~~")
+    monkeypatch.setattr(CallPredictor, "continuation", lambda self, text, *a: "~~~~~~~~ zzzz qqqq ~~~~")
     eng = _engine(qwen, True)
     seq = _run(eng, _request(qwen[1], case), 40)
     assert seq.output_ids == ref[:40] and seq.finish_reason == "length"
@@ -283,7 +284,7 @@ def test_tiny_random_model_identity_with_schema_drafts(monkeypatch):
     # A random model writes no call: treat its whole output as one and predict a call's frame at every
     # step, so the drafter proposes throughout and the random target rejects (nearly) all of it.
     monkeypatch.setattr(SchemaDrafter, "_find_call", lambda self, out: (0, "", "") if out else None)
-    monkeypatch.setattr(_Predictor, "continuation", lambda self, text, *a: '", "arguments": {"city": "Paris"}}')
+    monkeypatch.setattr(CallPredictor, "continuation", lambda self, text, *a: '", "arguments": {"city": "Paris"}}')
     prompt = tok.encode('Record: {"city": "Paris"} Call get_weather.')
     outs = []
     for spec in (False, True):
