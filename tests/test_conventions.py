@@ -50,6 +50,11 @@ def test_positional_and_flag_model_must_agree():
     assert _parse([]).model == "smollm2-135m"  # the default
 
 
+def test_strict_tools_are_enforced_unless_turned_off():
+    assert _parse([]).enforce_strict_tools is True
+    assert _parse(["--no-enforce-strict-tools"]).enforce_strict_tools is False
+
+
 def test_max_num_seqs_must_be_positive():
     with pytest.raises(SystemExit, match="max-num-seqs"):
         engine_config(_parse(["--max-num-seqs", "0"]))

@@ -28,6 +28,8 @@ def test_defaults_and_auto(monkeypatch):
     assert env.bf16_dot() is None and env.large_batch_linear() is None
     monkeypatch.setenv("DELTASERVE_LARGE_BATCH_LINEAR", "FP32")
     assert env.large_batch_linear() == "fp32"
+    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "Matmul")
+    assert env.span_attn() == "matmul"
     monkeypatch.setenv("DELTASERVE_CACHE", "~/x")
     assert env.cache_dir() is not None and "~" not in str(env.cache_dir())
 

@@ -35,7 +35,8 @@ class City(BaseModel):
 @pytest.fixture(scope="module")
 def base_url(qwen_dir):
     engine = LLMEngine.from_model(str(qwen_dir), EngineConfig(dtype=torch.float32, kv_cache_bytes=256 << 20))
-    with ServerThread(create_app(engine, MODEL)) as srv:
+    # the Agents SDK marks every function tool strict: these runs go through the strict-tools grammar
+    with ServerThread(create_app(engine, MODEL, enforce_strict_tools=True)) as srv:
         yield srv.base_url + "/v1"
 
 

@@ -251,10 +251,16 @@ def test_apply_mask_on_cuda(compiler):
     assert torch.equal(torch.isinf(logits).cpu(), ~m.allowed_mask().expand(2, -1))
 
 
+def _strict_tools() -> list[dict]:
+    """get_weather and now marked strict, search not (its arguments: any object)."""
+    return [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1],
+            {"type": "function", "function": {**TOOLS[2]["function"], "strict": True}}]
+
+
 def test_strict_tools_under_auto_allow_text_or_schema_valid_calls(compiler, tok):
-    """`strict` tools under tool_choice auto: plain text (then EOS), text then a call, or a call -- and a call's
-    arguments must follow the strict tool's schema; a non-strict tool takes any object."""
-    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+    """`strict` tools under tool_choice auto: text and calls in any order, and a call's arguments must follow the
+    strict tool's schema; a non-strict tool takes any object."""
+    strict = _strict_tools()
     eos = compiler.eos_token_ids[0]
 
     def run(text: str) -> tuple[int, bool]:
@@ -274,3 +280,84 @@ def test_strict_tools_under_auto_allow_text_or_schema_valid_calls(compiler, tok)
     one = compiler.for_text_or_tool_call(strict, parallel=False)
     ids = tok.encode(good + "\n" + good)
     assert one.accept_many(ids) < len(ids)  # parallel_tool_calls false: one call
+
+
+def test_strict_tools_allow_text_that_holds_no_call(compiler, tok):
+    """What Qwen2.5-Coder writes unconstrained in the OpenAI Agents SDK's loops -- its calls, then JSON that
+    names no tool (the schema's title) -- is allowed as written, as is any text around calls; text naming a tool
+    as a JSON value (`: "get_weather"`, escapes included) outside a call's constrained head is not."""
+    strict = _strict_tools()
+    eos = compiler.eos_token_ids[0]
+
+    def ok(text: str, parallel: bool = True) -> bool:
+        m = compiler.for_text_or_tool_call(strict, parallel)
+        ids = tok.encode(text)
+        return m.accept_many(ids) == len(ids) and m.accept(eos)
+
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+    junk = '{"name": "get_weather_args", "type": "object", "additionalProperties": false}, {"strict": true}}'
+    assert ok(call + "\n" + junk)  # the Agents turns (tests/test_frameworks.py), once a loop-forcing grammar
+    assert ok(junk)
+    assert ok(call + "\n" + call + "\n" + junk + "\n\n")
+    assert ok("Sure: " + call + " -- done.")
+    assert ok("```js\nif (x) {\n  f({a: 1});\n}\n```\nI used \"get_weather\" for that.")
+    assert ok('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>')  # no tool named: content
+    assert ok("") and ok("\n")
+    assert ok(call + " and more text", parallel=False)
+    assert not ok(call + "\n" + call, parallel=False)
+    for bad in ('{"arguments": {"city": "Paris", "unit": "c"}, "name": "get_weather"}',  # heads are canonical
+                '{"name": "get\\u005Fweather", "arguments": {"city": 3}}', '{"name":"get_weather"}',
+                'call it: {"function": {"name": "get_weather", "arguments": {}}}', 'x: "now"'):
+        assert not ok(bad), bad
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_strict_grammar_accepts_only_outputs_whose_calls_are_valid(compiler, tok, seed):
+    """Fuzz: concatenations of calls (valid and not), tags, fences, braces and text; whatever the grammar accepts
+    (EOS included), the tool-call parser reads only calls whose arguments follow their strict schemas."""
+    strict = _strict_tools()
+    names = {t["function"]["name"] for t in TOOLS}
+    eos = compiler.eos_token_ids[0]
+    w = '"arguments": {"city": "Rome", "unit": "f"}'
+    fragments = [
+        '{"name": "get_weather", ' + w + '}', '{"name": "get_weather", "arguments": {"city": "Rome"}}',
+        '{"name": "get_weather", "arguments": {"city": 7, "unit": "c"}}', '{' + w + ', "name": "get_weather"}',
+        '{"name": "get_weather", "arguments": "{\\"city\\": 1}"}', '{"name": "now", "arguments": {}}',
+        '{"name": "now", "arguments": {"x": 1}}', '{"name": "now"}', '{"name": "get_weath\\u0065r", ' + w + '}',
+        '{"name": "search", "arguments": {"any": [1]}}', '[{"name": "now", "arguments": {"y": 2}}]',
+        '{"type": "function", "function": {"name": "now", "arguments": {"z": 0}}}',
+        '{"name": "get_weather_args", "type": "object"}', '<tool_call>\n', '\n</tool_call>', '```json\n', '\n```',
+        "{", "}", "[", "]", ", ", "\n", " ", "Hello", '"name": ', '"now"', ': "now"', '"get_weather"', "x = {",
+    ]
+    rng = random.Random(seed)
+    accepted = rejected = 0
+    for _ in range(120):
+        text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 6)))
+        m = compiler.for_text_or_tool_call(strict)
+        ids = tok.encode(text)
+        if not (m.accept_many(ids) == len(ids) and m.accept(eos)):
+            rejected += 1
+            continue
+        accepted += 1
+        for c in parse_tool_calls(text, names).tool_calls:
+            if c.name != "search":
+                jsonschema.validate(json.loads(c.arguments), PARAMS[c.name])
+    assert accepted >= 20 and rejected >= 20, (accepted, rejected)
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\\b", "a{b", "ünï", "x😀y", "a/b"])
+def test_strict_tool_names_that_need_escaping(compiler, tok, name):
+    """A call's head spells the name as json.dumps(ensure_ascii=False) does; the name can appear in text only
+    where it is not a JSON value, in any escaped spelling."""
+    params = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": name, "parameters": params, "strict": True}}]
+
+    def ok(text: str) -> bool:
+        m = compiler.for_text_or_tool_call(tools)
+        ids = tok.encode(text)
+        return m.accept_many(ids) == len(ids) and m.accept(compiler.eos_token_ids[0])
+
+    assert ok(json.dumps({"name": name, "arguments": {"n": 1}}, ensure_ascii=False))
+    for ascii_only in (True, False):
+        bad = json.dumps({"name": name, "arguments": {"n": "x"}}, ensure_ascii=ascii_only)
+        assert parse_tool_calls(bad, {name}).tool_calls and not ok(bad) and not ok("Sure: " + bad)

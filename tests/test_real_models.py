@@ -45,12 +45,14 @@ def test_logits_allclose(pair):
     with torch.inference_mode():
         want = ref(torch.tensor([ids])).logits[0].float()
     selected, cfg = eng.model.attn, eng.model.cfg
-    for attn in (SdpaBackend("cpu", cfg.num_heads, cfg.num_kv_heads), selected):
+    dev = eng.model.device
+    for attn in (SdpaBackend(dev, cfg.num_heads, cfg.num_kv_heads), selected):
         slots = eng.pool.allocator.allocate(len(ids))
         try:
             eng.model.attn = attn
             meta = attn.prepare([SeqSpan(0, len(ids), slots)], slots)
-            got = eng.model.logits(eng.model(torch.tensor(ids), torch.arange(len(ids)), eng.pool, meta))
+            got = eng.model.logits(eng.model(torch.tensor(ids, device=dev), torch.arange(len(ids), device=dev),
+                                             eng.pool, meta)).cpu()
         finally:
             eng.model.attn = selected
             eng.pool.allocator.free(slots)

@@ -116,6 +116,32 @@ def test_generate_streams_tokens_on_the_engine_thread(driver):
     assert driver.engine.threads == {"deltaserve-engine"}
 
 
+def test_heap_is_trimmed_once_each_time_the_engine_goes_idle(driver, monkeypatch):
+    import deltaserve.engine.async_engine as ae
+
+    calls = []
+    monkeypatch.setattr(ae, "_MALLOC_TRIM", lambda: calls.append(threading.current_thread().name))
+
+    async def burst():
+        await _drain(driver.generate(_req([1, 2], 4)))  # one request: one busy period, whatever the timing
+        await driver.stats()  # a command, not a step: no trim of its own
+        for _ in range(200):  # the engine thread trims just after the last step's outputs went out
+            if driver.idle_trims >= 1:
+                break
+            await asyncio.sleep(0.005)
+
+    asyncio.run(burst())
+    assert driver.idle_trims == 1 and calls == ["deltaserve-engine"]
+    asyncio.run(burst())  # a second busy period, a second trim
+    assert driver.idle_trims == 2 and len(calls) == 2
+    if ae._glibc_malloc_trim() is not None:  # the real one runs on this libc
+        assert ae._glibc_malloc_trim()() in (0, 1)
+
+
+async def _drain(stream):
+    return [o async for o in stream]
+
+
 def test_build_makes_the_engine_on_the_thread_that_later_steps_it():
     # one OS thread does all torch work of `deltaserve serve` (its OpenMP team is the only one)
     made_on = []

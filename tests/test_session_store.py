@@ -193,3 +193,24 @@ def test_export_import_moves_a_session_exactly(smollm_dir, ref):
     with pytest.raises(StoreError):
         b.sessions.import_state("bad", "k", data[:-10])
     assert b.get_session("bad") is None  # a refused import makes nothing
+
+
+def test_import_onto_an_engine_caching_a_shared_prefix(smollm_dir, ref):
+    """An imported session whose first tokens (the chat template) the importer already caches still has the rest
+    of its KV restored, not prefilled: a cluster drain moves sessions onto replicas that are serving others."""
+    a = load_engine(smollm_dir, speculation=False)
+    b = load_engine(smollm_dir, speculation=False)
+    tok = a.tokenizer
+    other = tok.apply_chat([{"role": "user", "content": "Unrelated question about the weather."}])
+    b.run_until_done([b.add_request(other, GREEDY)])
+    history = tok.apply_chat([{"role": "user", "content": "Summarise the incident report."}])
+    seq = a.add_request(history, GREEDY, session_id="mv", open_session=True, owner="k")
+    a.run_until_done([seq])
+    history = seq.tokens + tok.encode(" and the next item")
+    info = b.sessions.import_state("mv", "k", a.sessions.export("mv", "k"))
+    shared = common_prefix_len(other, history)
+    assert shared > 0
+    seq = b.add_request(history, GREEDY, session_id="mv", owner="k")
+    b.run_until_done([seq])
+    assert seq.output_ids == ref.generate([history], GREEDY)[0]
+    assert seq.stats.cached_tokens == info.tokens and seq.stats.restored_tokens == info.tokens - shared

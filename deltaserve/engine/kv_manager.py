@@ -209,8 +209,15 @@ class KVManager:
             log.exception("session store read failed; the turn recomputes that KV")
             return True
         tier = self.enable_staging()
+        # Restore continues the pool's match, and the tier finds entries by the exact prefix they continue: a
+        # segment overlapping what the pool already holds (an imported session sharing a chat template or system
+        # prompt with cached KV) is staged from the end of that match, or it would never be found.
+        have = self.radix.match_prefix(p.prompt, p.namespace).num_matched
         for g in segments:
-            tier.put(p.namespace, p.prompt[: g.start], g.tokens, g.rows, staged=True)
+            cut = max(0, have - g.start)
+            if cut >= len(g.tokens):
+                continue
+            tier.put(p.namespace, p.prompt[: g.start + cut], g.tokens[cut:], g.rows[:, :, cut:], staged=True)
         return True
 
     def _offload(self, namespace: str, prefix: list[int], run: tuple[int, ...], slots: torch.Tensor) -> None:

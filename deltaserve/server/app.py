@@ -34,7 +34,7 @@ __all__ = ["create_app", "add_serve_arguments", "run_server"]
 def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, admin_key: str | None = None,
                allowed_origins: list[str] | None = None, stats_interval: float | None = None,
-               tenant_header: str | None = None, log_requests: bool = False, enforce_strict_tools: bool = False,
+               tenant_header: str | None = None, log_requests: bool = False, enforce_strict_tools: bool = True,
                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs while the app's lifespan does.
 
@@ -44,6 +44,7 @@ def create_app(engine: LLMEngine, model_name: str, api_keys: list[str] | None = 
     `allowed_origins`: browser origins allowed cross-site (CORS); None: no CORS headers (browsers block).
     `tenant_header`: HTTP header naming the tenant whose radix namespace a request's KV reuse stays in.
     `log_requests`: log each request's prompt and output text (logger `deltaserve.requests`; off: never).
+    `enforce_strict_tools`: `strict` function tools under tool_choice auto are grammar-enforced (grammar.py).
     `shutdown_timeout`: seconds a drain (`shutdown.py`, `app.state.drain`) waits for requests in flight.
     """
     ctx = ServerContext(AsyncEngine.of(engine), model_name, api_keys)
@@ -148,9 +149,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="request bodies larger than this get HTTP 413 (0: unbounded; default %(default)s)")
     p.add_argument("--admin-key", default=None, help="enables GET /v1/debug/integrity for this bearer key")
-    p.add_argument("--enforce-strict-tools", action="store_true",
-                   help="grammar-enforce `strict` function tools under tool_choice auto (text, or calls whose "
-                        "arguments follow the schemas); default: strict tools are parsed, not enforced")
+    p.add_argument("--enforce-strict-tools", action=argparse.BooleanOptionalAction, default=True,
+                   help="grammar-enforce `strict` function tools under tool_choice auto: any text, and every "
+                        "call's arguments follow its schema (default: on; --no-enforce-strict-tools: strict "
+                        "tools are parsed, not enforced)")
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's prompt and output text at INFO (default: never logged)")
     p.add_argument("--stats-interval", type=float, default=5.0,

@@ -49,9 +49,9 @@ class ServerContext:
         self._keys = [k for k in (api_keys or []) if k]
         self.tenant_header: str | None = None  # create_app sets it from --tenant-header
         self.log_requests = False  # create_app sets it from --log-requests: prompts and outputs in the log
-        # --enforce-strict-tools: `strict` tools under tool_choice auto get the text-or-calls grammar (opt-in: it
-        # changes what Qwen2.5-Coder does in the OpenAI Agents SDK's loops, whose tools are all strict)
-        self.enforce_strict_tools = False
+        # --[no-]enforce-strict-tools: `strict` tools under tool_choice auto get the text-or-calls grammar, which
+        # leaves an output alone unless it would hold a call with invalid arguments (create_app: on by default)
+        self.enforce_strict_tools = True
         self.grammar_timeout = 10.0  # seconds a request's output grammar may take to compile (else 400)
         self.metrics = Metrics()
         self._grammar: Any = None

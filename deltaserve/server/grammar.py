@@ -177,24 +177,53 @@ class GrammarCompiler:
         return self._matcher(LLMatcher.grammar_from_lark(lark))
 
     def for_text_or_tool_call(self, tools: list[dict], parallel: bool = True) -> "GrammarMatcher":
-        """Matcher for ``tool_choice: "auto"`` with ``strict`` tools: free text, optionally followed by Hermes
-        tool call(s), or a bare ``{"name", "arguments"}`` call as the whole output -- every call's arguments valid
-        against its tool's schema (a tool not marked strict takes any JSON object). The text can neither contain
-        the tool-call tag nor start with ``{``: a call is only ever written in the constrained branch."""
-        strict = [_strict_or_loose(t) for t in tools]
-        body = tool_call_schema(strict)
-        # special-token tags never appear in text matched by a regex; a tag spelled as text is excluded by name
-        no_tag = "" if self._tool_open.startswith("<[") else f" & ~/(?s:.*{re.escape(_TOOL_CALL_OPEN)}.*)/"
-        sep = " (WS call)*" if parallel else ""
+        """Matcher for ``tool_choice: "auto"`` with ``strict`` tools: any output in which every tool call -- bare
+        ``{"name": N, "arguments": A}`` or inside ``<tool_call>`` tags, anywhere among free text -- has ``A``
+        valid against ``N``'s schema (a tool not marked strict takes any JSON object); at most one call unless
+        ``parallel``.
+
+        The text between calls is free except that it cannot name a tool as a JSON value (``: "N"``): everything
+        the tool-call parser could read as a call names its tool that way, so every call goes through the
+        constrained ``head args "}"`` branch, while text the parser keeps as content -- JSON naming no tool,
+        braces, stray tags -- is allowed as the model writes it. That is what makes enforcement invisible when
+        the model's own output is already valid: every prefix of such an output is allowed, so greedy decoding
+        picks the same tokens with or without the grammar (a narrower grammar, which forbade text after calls
+        or starting with ``{``, turned Qwen2.5-Coder's trailing non-call JSON into extra calls).
+
+        Lexing (llguidance lexes greedily, without backtracking): a call's head ``{"name": "N", "arguments": ``
+        is one lexeme, which outlives the text lexeme (that dies at ``: "N"``). Text is split into lexemes only
+        at ``{`` (``TEXT`` starts with anything else, ``BRACE`` with ``{``; ``TEXT`` only first in a run), so no
+        ``: "N"`` can straddle two text lexemes."""
+        fns = [_strict_or_loose(t) for t in tools]
+        if not fns:
+            raise GrammarError("tool call grammar needs at least one tool")
+        heads, seen = [], []
+        for i, fn in enumerate(fns):
+            if fn["name"] in seen:
+                continue
+            seen.append(fn["name"])
+            params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+            if not isinstance(params, dict):
+                raise GrammarError(f"parameters of {fn['name']!r} must be a JSON schema object")
+            head = '{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": '  # as models write it
+            heads.append(f"call_{i}: {json.dumps(head, ensure_ascii=False)} args_{i} \"}}\"\n"
+                         f"args_{i}: %json {json.dumps(_with_options(params))}\n")
+        calls = " | ".join(h.split(":", 1)[0] for h in heads)
+        # Qwen's tags are special tokens: items of their own (no text lexeme can hold one); tags spelled as
+        # text are just text, and a call between them is still a head lexeme
+        special = self._tool_open.startswith("<[") and self._tool_close.startswith("<[")
+        tag = f"tag: {self._tool_open} | {self._tool_close}\n" if special else ""
+        after = "(tag texts)*" if special else ""
+        names = "|".join(_json_string_regex(n) for n in seen).replace("/", "\\/")  # lark's regex delimiter
+        named = f'~/(?s:.*:[ \\t\\n\\r]*"(?:{names})".*)/'
+        start = (f"start: texts {after} (call texts {after})*\n" if parallel
+                 else f"start: texts {after} (call texts {after})?\n")
         lark = (
-            "start: calls WS? | TEXT tagged_calls? WS?\n"  # trailing whitespace before EOS, as unconstrained
-            f"calls: call{sep}\n"
-            "call: tagged | body\n"
-            f"tagged_calls: tagged{' (WS tagged)*' if parallel else ''}\n"
-            f"tagged: {self._tool_open} \"\\n\" body \"\\n\" {self._tool_close}\n"
-            f"body: %json {json.dumps(body)}\n"
-            "WS: /[ \\t\\n]+/\n"
-            f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*\\{{.*)/{no_tag}\n"
+            start + tag
+            + f"call: {calls}\n" + "".join(heads)
+            + "texts: TEXT? BRACE*\n"
+            + f"TEXT: /[^{{]+/ & {named}\n"
+            + f"BRACE: /\\{{[^{{]*/ & {named}\n"
         )
         return self._matcher(LLMatcher.grammar_from_lark(lark))
 
@@ -233,6 +262,22 @@ def _with_options(schema: dict) -> dict:
     out = dict(schema)
     out["x-guidance"] = {**JSON_OPTIONS, **schema.get("x-guidance", {})}
     return out
+
+
+def _json_string_regex(text: str) -> str:
+    """Regex for the body of a JSON string literal that decodes to ``text``: each character literal or
+    ``\\u``-escaped (hex digits in either case; surrogate pairs outside the BMP), or its short escape."""
+    short = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+             "\t": "\\t"}
+    out = []
+    for ch in text:
+        units = ch.encode("utf-16-be")
+        esc = "".join("\\\\u" + "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d
+                                       for d in f"{int.from_bytes(units[k:k + 2], 'big'):04x}")
+                      for k in range(0, len(units), 2))
+        alts = [re.escape(ch) if ch not in '"\\' else None, esc, re.escape(short[ch]) if ch in short else None]
+        out.append("(?:" + "|".join(a for a in alts if a) + ")")
+    return "".join(out)
 
 
 def _strict_or_loose(tool: dict) -> dict:

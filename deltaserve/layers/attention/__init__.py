@@ -7,13 +7,16 @@ through `kv_slots` (a `SeqSpan`).
 - `base.py`: `SeqSpan` and the `AttentionBackend` interface (prepare once a step, forward once a layer);
 - `selector.py`: `select_backend`, the one place that picks a backend, its kernels and the CPU probe's answers;
 - `native.py`: the native CPU kernels (short-query + tiled, or short-query + SDPA for long spans);
+- `span_matmul.py`: long spans as bf16 matrix products over chunked K/V gathers (where `span_probe.py` measured
+  them faster than the tiled kernel: AMX Xeons);
 - `sdpa.py`: PyTorch SDPA (CUDA, no compiler, `DELTASERVE_NATIVE=off`).
 """
 
+from deltaserve.layers.attention import span_matmul, span_probe
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
 from deltaserve.layers.attention.native import NativeCpuBackend, NativeMetadata
 from deltaserve.layers.attention.sdpa import SdpaBackend, SdpaMetadata
 from deltaserve.layers.attention.selector import select_backend
 
 __all__ = ["AttentionBackend", "NativeCpuBackend", "NativeMetadata", "SdpaBackend", "SdpaMetadata", "SeqSpan",
-           "select_backend"]
+           "select_backend", "span_matmul", "span_probe"]

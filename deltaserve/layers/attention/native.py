@@ -4,7 +4,9 @@ Spans with few query rows (q_len x GQA group: decode, short speculative verify) 
 kernel, all others (longer verify, prefill chunks, whole prompts) to the tiled flash-attention kernel. Where the
 tiled kernel is not built (head_dim % 4 != 0, no AVX2 + FMA), spans up to SHORT_QUERY tokens take the short
 kernel and longer ones run SDPA one sequence at a time (`sdpa.attend_long`); where the short one is not,
-every span takes the tiled one.
+every span takes the tiled one. Where the span probe found bf16 matrix products faster (`span_probe.py`: AMX
+Xeons, not Zen 4), spans of SPAN_MATMUL_MIN_Q tokens or more that would take the tiled kernel run them instead
+(`span_matmul.py`; bf16 caches only: an fp32 model keeps fp32 products).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
+from deltaserve.layers.attention import span_matmul
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
 from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long, prepare_long
 
@@ -34,6 +37,10 @@ from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long,
 # `--ab min-rows`, two runs: verify 4 x 5 @4k 89 vs 103 and 116 vs 126 ms, 1 x 5 39 vs 42 and 45 vs 45 ms).
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
+# Spans shorter than this keep the tiled kernel even where the matmul path won the probe: each key chunk costs the
+# matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
+# an AMX Xeon (none at hand); the probe's span is 128 tokens.
+SPAN_MATMUL_MIN_Q = 32
 
 
 def tiled_min_rows(kv_fp32: bool) -> int:
@@ -54,6 +61,7 @@ class NativeMetadata(NamedTuple):
     short: KernelSpans | None  # spans of the short-query kernel, if any
     tiled: KernelSpans | None  # spans of the tiled kernel, if any
     long: tuple[LongSpan, ...]  # spans run by SDPA one at a time (only without the tiled kernel)
+    matmul: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (q_start, q_len, kv_slots) of `span_matmul`'s spans
 
 
 def kernel_spans(spans: list[SeqSpan]) -> KernelSpans:
@@ -76,6 +84,8 @@ class NativeCpuBackend(AttentionBackend):
     pairs: the short kernel's bf16 pair mode; p_bf16: the tiled kernel's P.V in bf16 pairs (both: a bf16 cache —
     a bf16 model rounds its attention output to bf16 anyway). bf16_dot: the tiled kernel's Q.K (and P.V) as bf16
     pair products (the probe's answer: on some Xeons they are slower than fp32 FMA, `kernels/cpu_probe.py`).
+    span_matmul: spans of SPAN_MATMUL_MIN_Q tokens or more that would take the tiled kernel run as bf16 matrix
+    products (`span_probe.py`'s answer; a bf16 cache and the tiled kernel only).
     """
 
     num_heads: int
@@ -86,9 +96,11 @@ class NativeCpuBackend(AttentionBackend):
     pairs: bool
     p_bf16: bool
     bf16_dot: bool
+    span_matmul: bool = False
 
     def __post_init__(self):
         assert self.short or self.tiled, "no native kernel: use SdpaBackend"
+        assert self.tiled or not self.span_matmul, "the matmul span path replaces the tiled kernel's long spans"
         assert self.num_heads % self.num_kv_heads == 0
 
     @property
@@ -112,15 +124,18 @@ class NativeCpuBackend(AttentionBackend):
         short = [s for s in spans if s.q_len <= n]
         rest = [s for s in spans if s.q_len > n]
         if self.tiled:
+            mm = [s for s in rest if s.q_len >= SPAN_MATMUL_MIN_Q] if self.span_matmul else []
+            rest = [s for s in rest if s.q_len < SPAN_MATMUL_MIN_Q] if mm else rest
             return NativeMetadata(slot_mapping, kernel_spans(short) if short else None,
-                                  kernel_spans(rest) if rest else None, ())
+                                  kernel_spans(rest) if rest else None, (),
+                                  tuple((s.q_start, s.q_len, s.kv_slots.to(torch.int64)) for s in mm))
         return NativeMetadata(slot_mapping, kernel_spans(short) if short else None, None,
                               prepare_long(rest, slot_mapping.device))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        if meta.short is None and meta.tiled is None:  # SDPA spans only: no fp32 buffer to fill
+        if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
             out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
         else:
             # fp32 in and out of the kernels; each writes the rows of its own spans only
@@ -132,6 +147,8 @@ class NativeCpuBackend(AttentionBackend):
             if meta.tiled is not None:
                 native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled.slots, meta.tiled.seqs, scale, out32,
                                              p_bf16=self.p_bf16, bf16_dot=self.bf16_dot)
+            if meta.matmul:
+                span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
             out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out)

@@ -85,7 +85,7 @@ def prepare_long(spans: list[SeqSpan], device: torch.device) -> tuple[LongSpan, 
         else:
             qpos = torch.arange(s.q_len) + (L - s.q_len)  # [q_len] context positions of the queries
             mask = (torch.arange(L)[None, :] <= qpos[:, None]).to(device)  # [q_len, L]
-        out.append(LongSpan(s.q_start, s.q_len, s.kv_slots, mask))
+        out.append(LongSpan(s.q_start, s.q_len, s.kv_slots.to(device), mask))
     return tuple(out)
 
 
@@ -142,7 +142,8 @@ class SdpaBackend(AttentionBackend):
     def prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> SdpaMetadata:
         short = [s for s in spans if s.q_len <= SHORT_QUERY]
         long = [s for s in spans if s.q_len > SHORT_QUERY]
-        return SdpaMetadata(slot_mapping, prepare_padded(short, self.device) if short else None,
+        # spans' slot ids are built on the CPU (the allocator's); the gathers run where the pool is
+        return SdpaMetadata(slot_mapping.to(self.device), prepare_padded(short, self.device) if short else None,
                             prepare_long(long, self.device))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
+from deltaserve.layers.attention import span_matmul, span_probe
 from deltaserve.layers.attention.base import AttentionBackend
 from deltaserve.layers.attention.native import NativeCpuBackend, tiled_min_rows
 from deltaserve.layers.attention.sdpa import SdpaBackend
@@ -16,8 +17,10 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     """The attention backend for a model: the native CPU kernels where they build and take this cache (CPU, bf16 or
     fp32; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
 
-    Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form); building the
-    kernels' libraries on first use too. short=False / tiled=False leave that kernel out (tests, comparisons).
+    Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
+    cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
+    on first use of a head shape, more for wider ones); building the kernels' libraries on first use too.
+    short=False / tiled=False leave that kernel out (tests, comparisons).
     """
     device = torch.device(device)
     has_short = short and native.supports(device, kv_dtype)
@@ -25,9 +28,12 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     if not (has_short or has_tiled):
         return SdpaBackend(device, num_heads, num_kv_heads)
     kv_bf16 = kv_dtype == torch.bfloat16
+    bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled else False
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
         # without the short kernel every span takes the tiled one: from 0 rows
         tiled_min_rows=tiled_min_rows(kv_dtype == torch.float32) if has_short and has_tiled else 0,
         pairs=kv_bf16, p_bf16=kv_bf16,
-        bf16_dot=cpu_probe.bf16_dot_fast() if has_tiled else False)
+        bf16_dot=bf16_dot,
+        span_matmul=(has_tiled and kv_bf16 and span_matmul.available()
+                     and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim, bf16_dot)))

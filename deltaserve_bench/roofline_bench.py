@@ -1,0 +1,169 @@
+"""`deltaserve bench roofline`: measured step times beside this CPU's floors for the same work.
+
+One forward step of the model (all layers, the logits it needs) for decode batches at 1k/4k/8k context and 1/4/8
+sequences, and for 128-token spans (a prefill chunk or long verify) over 1k/4k/8k of history. Beside each:
+
+- the memory floor: bytes the step must read (every weight once, plus each sequence's K/V) / the copy bandwidth;
+- the compute floor: its FLOPs (2 per weight per token, 4 x heads x head_dim per query-key pair) / the bf16
+  matmul rate;
+
+both floors measured here with torch before the steps (a 256 MiB copy, read + write bytes counted as STREAM does;
+a 2048^3 bf16 matmul). The step's floor is the larger one; `x floor` says how far the step is from it. Spans run
+both ways where both exist (the tiled kernel and `layers/attention/span_matmul.py`), on the same pool, one after
+the other for each context, whatever the span probe chose.
+
+The model runs below the engine (no scheduler, no sampling): the pool's history is left at zeros, which costs
+the kernels what any values cost. Contexts are capped to the model's positions (SmolLM2: 8,192 in all, so its
+"8k" rows are 8,191 tokens of history for decode and 8,064 before a 128-token span).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from deltaserve_bench.common import load_note, machine, md_table, report_head
+from deltaserve_bench.sections import add_write_argument, publish
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("roofline", help="step times vs this CPU's memory and bf16-matmul floors")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--contexts", default="1024,4096,8192", help="context lengths (tokens of history)")
+    p.add_argument("--batches", default="1,4,8", help="decode batch sizes")
+    p.add_argument("--span", type=int, default=128, help="query tokens of the span cases")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (the fastest is reported)")
+    add_write_argument(p, "roofline-MODEL")
+    p.set_defaults(func=run)
+
+
+def _best_ms(f, reps: int) -> float:
+    """The fastest of `reps` calls after a warm-up: on a shared machine the least disturbed one, the closest to what
+    the step costs (a floor is a best case too)."""
+    f()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s of a large tensor copy, read + write counted (STREAM's convention); best of `reps`."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = _best_ms(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / (best / 1e3)
+
+
+def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n^3 bf16 matmul (oneDNN: AMX where the CPU has it); best of `reps`."""
+    a = torch.randn(n, n).to(torch.bfloat16)
+    b = torch.randn(n, n).to(torch.bfloat16)
+    best = _best_ms(lambda: a @ b, reps)
+    return 2 * n**3 / (best / 1e3)
+
+
+class Work:
+    """What a step must do at least: bytes read and FLOPs, from the model's shapes."""
+
+    def __init__(self, model):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.elt = torch.finfo(model.dtype).bits // 8
+        self.layer_weights = sum(p.numel() for layer in model.layers for p in layer.parameters() if p.dim() == 2)
+        self.head_weights = model.lm_head.numel()
+        self.kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.elt  # bytes
+
+    def of(self, tokens: int, logit_rows: int, keys_read: int, pairs: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of a step with `tokens` query tokens, `logit_rows` logits, `keys_read` context tokens
+        whose K/V it reads (each once) and `pairs` query-key pairs attended."""
+        cfg = self.cfg
+        nbytes = (self.layer_weights + self.head_weights) * self.elt + keys_read * self.kv_per_token
+        flops = (2 * self.layer_weights * tokens + 2 * self.head_weights * logit_rows
+                 + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs)
+        return nbytes, flops
+
+
+def run(args) -> int:
+    from deltaserve.kv.pool import KVLayout, KVPool
+    from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
+    from deltaserve.models.llama import LlamaModel
+    from deltaserve.models.loader import load_config, load_state_dict, model_dir
+
+    dtype = getattr(torch, args.dtype)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    d = model_dir(args.model)
+    model = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), dtype)
+    cfg, work = model.cfg, Work(model)
+    bw, rate = copy_bandwidth(), bf16_matmul_rate()
+    print(f"{machine()}\ncopy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.0f} GFLOP/s")
+    max_ctx = max(contexts) + args.span
+    pool = KVPool(KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype), max(batches) * max_ctx)
+
+    base = model.attn
+    paths = [("selected", base)]
+    if isinstance(base, NativeCpuBackend) and base.tiled and dtype == torch.bfloat16:
+        paths = [("tiled kernel", dataclasses.replace(base, span_matmul=False)),
+                 ("span_matmul", dataclasses.replace(base, span_matmul=True))]
+        paths = [(n + (" (probe's choice)" if b.span_matmul == base.span_matmul else ""), b) for n, b in paths]
+
+    def step(spans: list[SeqSpan], attn) -> float:
+        """Best ms of one forward step over `spans` (each sequence's history at slots b * max_ctx ...)."""
+        ids = torch.randint(100, 1000, (sum(s.q_len for s in spans),))
+        pos = torch.cat([torch.arange(len(s.kv_slots) - s.q_len, len(s.kv_slots)) for s in spans])
+        write = torch.cat([s.kv_slots[len(s.kv_slots) - s.q_len :] for s in spans])
+        last = torch.tensor([s.q_start + s.q_len - 1 for s in spans])  # one logit row per sequence
+        model.attn = attn
+        meta = attn.prepare(spans, write)
+
+        def f():
+            model.logits(model(ids, pos, pool, meta)[last])
+
+        return _best_ms(f, args.reps)
+
+    rows = []
+
+    def add(kind: str, label: str, path: str, ms: float, tokens: int, keys: int, pairs: int, logit_rows: int):
+        nbytes, flops = work.of(tokens, logit_rows, keys, pairs)
+        mem_ms, fl_ms = nbytes / bw * 1e3, flops / rate * 1e3
+        floor = max(mem_ms, fl_ms)
+        rows.append([kind, label, path, ms, nbytes / 1e6, flops / 1e9, mem_ms, fl_ms, f"{ms / floor:.1f}x"])
+        print(f"{kind:7s} {label:22s} {path:28s} {ms:8.2f} ms  floors: memory {mem_ms:6.2f} ms, "
+              f"compute {fl_ms:6.2f} ms  -> {ms / floor:5.1f}x", flush=True)
+
+    try:
+        for ctx in contexts:
+            ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
+            for B in batches:
+                spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
+                ms = step(spans, base)
+                add("decode", f"{B} seq x ctx {ctx}", "selected", ms, B, B * (ctx + 1), B * (ctx + 1), B)
+        n = args.span
+        for ctx in contexts:
+            ctx = min(ctx, cfg.max_position - n)
+            span = [SeqSpan(0, n, torch.arange(0, ctx + n))]
+            pairs = n * ctx + n * (n + 1) // 2  # every history key, then causal within the span
+            for name, attn in paths:
+                add("span", f"{n} tok over ctx {ctx}", name, step(span, attn), n, ctx + n, pairs, 1)
+    finally:
+        model.attn = base
+    table = md_table(["step", "case", "attention", "measured ms", "MB read", "GFLOP", "memory floor ms",
+                      "compute floor ms", "x floor"], rows)
+    body = (
+        report_head(f"Roofline: step times vs floors ({args.model}, {args.dtype})",
+                    f"deltaserve bench roofline --model {args.model} --dtype {args.dtype} --contexts {args.contexts}"
+                    f" --batches {args.batches} --span {args.span}")
+        + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), bf16 matmul "
+        f"{rate / 1e9:.0f} GFLOP/s (2048^3). Memory floor: every weight once plus each sequence's K/V once; "
+        "compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus 4 x heads x head_dim "
+        f"per query-key pair. Fastest of {args.reps} steps.\n\n" + table + "\n\n" + load_note() + "\n"
+    )
+    publish(args.write, f"roofline-{args.model}", body)
+    return 0
