@@ -55,6 +55,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--k", type=int, default=8, help="HF prompt_lookup_num_tokens (deltaserve drafts up to 8, adaptive)")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--workload", choices=("agents", "first-call"), default="agents",
+                   help="agents: multi-turn agent loops (below); first-call: single-turn requests whose first tool "
+                        "call copies a JSON record, off vs history lookup vs + schema drafts (spec_first_call.py)")
+    p.add_argument("--reps", type=int, default=2, help="first-call: repetitions of the interleaved requests")
     add_write_argument(p, "spec-MODEL")
     p.set_defaults(func=run)
 
@@ -180,6 +184,10 @@ def _hf(args, prompts: list[list[int]], new_tokens: list[int]):
 
 
 def run(args) -> int:
+    if args.workload == "first-call":
+        from deltaserve_bench.spec_first_call import run_first_call
+
+        return run_first_call(args)
     off = _ours(args, speculation=False)
     on = _ours(args, speculation=True)
     same = all(a["output"] == b["output"] and a["prompt"] == b["prompt"] for a, b in zip(off, on)) and len(off) == len(on)

@@ -97,7 +97,7 @@ class LLMEngine:
         if config.speculation:
             from deltaserve.engine.speculator import Speculator
 
-            self.speculator = Speculator()
+            self.speculator = Speculator(tokenizer=tokenizer)
         self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value,
                                sampling_defaults)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from deltaserve.spec.schema_drafts import ToolDrafts
 
 
 @dataclass
@@ -17,6 +21,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output text)
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's own
     ignore_eos: bool = False  # keep generating through the model's stop tokens (benchmarks)
+    # the request's tools, for speculative drafts of its tool calls (None: history drafts only); never
+    # changes what is generated, only how fast
+    tool_drafts: ToolDrafts | None = None
 
     def validate(self) -> None:
         if self.max_tokens < 1:

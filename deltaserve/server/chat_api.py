@@ -58,6 +58,7 @@ async def session_chat_completions(session_id: str, body: DeltaChatRequest, requ
 async def run_chat(ctx: ServerContext, request: Request, body: ChatCompletionRequest, plan: ChatPlan,
                    owner: str | None, route: str):
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, ctx)
+    params.tool_drafts = plan.tool_drafts()
     gen = await Generation.start(ctx, route, plan.prompt, params, owner=owner, session_id=plan.session_id,
                                  cache_salt=body.cache_salt,
                                  session_ttl=body.session_ttl, open_session=not plan.delta,

@@ -36,6 +36,7 @@ from deltaserve.server.errors import APIError, bad_request, session_not_found
 from deltaserve.server.limits import check_schema, check_tools
 from deltaserve.server.protocol import (AssistantMessage, ChatCompletionRequest, NamedToolChoice, ResponseFormat,
                                         ToolMessage)
+from deltaserve.spec.schema_drafts import ToolDrafts
 
 
 @dataclass
@@ -50,6 +51,10 @@ class ChatPlan:
     tool_names: set[str] | None  # parse tool calls out of the output when not None
     grammar: Any = None
     max_calls: int | None = None  # parallel_tool_calls false: at most one call is returned
+
+    def tool_drafts(self) -> ToolDrafts | None:
+        """The tools shown to the model as `SamplingParams.tool_drafts`: speculative drafts of its calls."""
+        return ToolDrafts.from_tools(self.template_tools)
 
 
 def _text(content: Any, where: str) -> str:

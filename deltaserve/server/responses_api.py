@@ -166,7 +166,8 @@ async def create_response(body: ResponsesRequest, request: Request, owner: str |
     turn = await plan_turn(ctx, body, owner)
     params = SamplingParams(max_tokens=body.max_output_tokens or ctx.max_context,
                             temperature=1.0 if body.temperature is None else body.temperature,
-                            top_p=1.0 if body.top_p is None else body.top_p)
+                            top_p=1.0 if body.top_p is None else body.top_p,
+                            tool_drafts=turn.plan.tool_drafts())
     gen = await Generation.start(ctx, "/v1/responses", turn.plan.prompt, params, owner=owner,
                                  session_id=turn.plan.session_id, session_ttl=body.session_ttl,
                                  constraint=turn.plan.grammar, render_mode=turn.plan.mode)
