@@ -20,7 +20,6 @@ the kernels what any values cost. Contexts are capped to the model's positions (
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
@@ -43,13 +42,10 @@ def add_parser(sub) -> None:
 def _best_ms(f, reps: int) -> float:
     """The fastest of `reps` calls after a warm-up: on a shared machine the least disturbed one, the closest to what
     the step costs (a floor is a best case too)."""
+    from deltaserve.layers.attention.span_probe import best_ms
+
     f()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_ms(f, reps)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:

@@ -333,13 +333,7 @@ def test_drain_moves_sessions_with_their_kv(cluster):
     assert r.status_code == 200, r.text
     moved = {m["id"] for m in r.json()["migrated"]}
     assert moved == {sid for sid in sids if homes[sid] == victim} and not r.json()["failed"], r.json()
-    for sid in moved:
-        _, _, messages = convs[sid]
-        session_tokens = httpx.get(f"{cluster}/v1/sessions/{sid}", timeout=30).json()["tokens"]
-        messages.append({"role": "user", "content": "one more step"})
-        out = chat(cluster, messages, sid)
-        assert _home(cluster, sid) != victim
-        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1, out["usage"]["deltaserve"]
+    _next_turns_use_moved_kv(cluster, convs, moved, victim)
     httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers=hdr, timeout=30)
 
 
@@ -357,12 +351,17 @@ def test_stopping_replica_hands_its_sessions_off(cluster):
     moved = {m["id"] for m in out["migrated"]}
     assert moved == {sid for sid in sids if homes[sid] == victim} and not out["failed"], out
     assert counters(cluster)["migrated"] - before["migrated"] == len(moved)
+    _next_turns_use_moved_kv(cluster, convs, moved, victim)
+    httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers={"Authorization": f"Bearer {ADMIN}"},
+               timeout=30)
+
+
+def _next_turns_use_moved_kv(cluster, convs, moved, victim) -> None:
+    """Each moved session's next turn is answered off `victim`, from its moved KV (cached covers the session)."""
     for sid in moved:
         _, _, messages = convs[sid]
         session_tokens = httpx.get(f"{cluster}/v1/sessions/{sid}", timeout=30).json()["tokens"]
         messages.append({"role": "user", "content": "one more step"})
-        r = chat(cluster, messages, sid)
+        out = chat(cluster, messages, sid)
         assert _home(cluster, sid) != victim
-        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1
-    httpx.post(f"{cluster}/admin/replicas/{victim}/undrain", headers={"Authorization": f"Bearer {ADMIN}"},
-               timeout=30)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= session_tokens - 1, out["usage"]["deltaserve"]

@@ -24,7 +24,8 @@ MARGIN = 0.9  # the matmul path must be 10% faster: a tie keeps the kernel (exac
 _CHOICE: dict[tuple, bool] = {}
 
 
-def _best_ms(f, reps: int) -> float:
+def best_ms(f, reps: int) -> float:
+    """The fastest of `reps` calls of f, in ms: on a shared machine the least disturbed one (the benches use it too)."""
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -61,8 +62,8 @@ def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, re
     kernel(), matmul()  # warm-up: first-call costs (oneDNN's kernel generation, page faults)
     k_ms = m_ms = float("inf")
     for _ in range(reps):
-        k_ms = min(k_ms, _best_ms(kernel, 1))
-        m_ms = min(m_ms, _best_ms(matmul, 1))
+        k_ms = min(k_ms, best_ms(kernel, 1))
+        m_ms = min(m_ms, best_ms(matmul, 1))
     return k_ms, m_ms
 
 
