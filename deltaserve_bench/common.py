@@ -85,3 +85,26 @@ def invoked_command(bench: str, fallback: str) -> str:
 def report_head(title: str, command: str) -> str:
     """The first lines every generated report starts with: title, machine, commit, the command that reproduces it."""
     return f"## {title}\n\nMachine: {machine()}. Commit {git_rev()}.\nCommand: `{command}`\n\n"
+
+
+_WORDS = (
+    "agent tool call result search file read write list weather city price stock order user account invoice "
+    "report summary table query database index error retry timeout budget plan step next previous value key "
+    "name status open closed pending shipped delivered refund policy customer support ticket priority high low "
+    "the a of to and in is was for on with as by at from that this it be are or an have not"
+).split()
+
+
+def chat_prompt_of_tokens(tok, n_tokens: int, seed: int) -> list[int]:
+    """A chat prompt of about `n_tokens` tokens of varied English-like text (deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    words = []
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        words.extend(rng.choice(_WORDS) for _ in range(40))
+        body = " ".join(words)
+        ids = tok.apply_chat([{"role": "system", "content": "You are a careful assistant."},
+                              {"role": "user", "content": f"Summarise these notes: {body}"}])
+    return ids

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -58,25 +57,8 @@ def smollm_model(smollm_dir):
             Tokenizer(smollm_dir))
 
 
-_WORDS = (
-    "agent tool call result search file read write list weather city price stock order user account invoice "
-    "report summary table query database index error retry timeout budget plan step next previous value key "
-    "name status open closed pending shipped delivered refund policy customer support ticket priority high low "
-    "the a of to and in is was for on with as by at from that this it be are or an have not"
-).split()
-
-
-def text_of_tokens(tok, n_tokens: int, seed: int) -> list[int]:
-    """A chat prompt of about `n_tokens` tokens of varied English-like text (deterministic)."""
-    rng = random.Random(seed)
-    words = []
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        words.extend(rng.choice(_WORDS) for _ in range(40))
-        body = " ".join(words)
-        ids = tok.apply_chat([{"role": "system", "content": "You are a careful assistant."},
-                              {"role": "user", "content": f"Summarise these notes: {body}"}])
-    return ids
+# prompts of varied English-like text, shared with the benchmarks that measure on the suites' prompts
+from deltaserve_bench.common import chat_prompt_of_tokens as text_of_tokens  # noqa: E402,F401
 
 
 def hf_greedy(ref, prompt: list[int], max_new: int) -> list[int]:

@@ -6,6 +6,7 @@ import argparse
 
 from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
+from deltaserve.kv.quant import KV_CACHE_DTYPES
 from deltaserve.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -19,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                    help="weights/activations dtype; auto (vLLM's name) = bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float, default=kv_cache_gb, help="KV pool size in GiB")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="how the pool stores K/V: auto = the model dtype; int8 / fp8 (e4m3) halve a bf16 cache's "
+                        "bytes a token (one scale per token and kv head; quality cost in BENCHMARKS.md)")
     p.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GB",
                    help="host-memory tier: KV evicted from the pool is copied here (LRU, GB bound) and restored by "
                         "copy instead of prefill (default 0: evicted KV is dropped)")
@@ -108,7 +112,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_sessions_per_key=args.max_sessions_per_key,
                         request_timeout=args.request_timeout, max_pinned_tokens_per_key=args.max_pinned_tokens_per_key,
                         dtype=getattr(torch, dtype), device=args.device,
-                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), cache_mode=CacheMode(args.cache_mode),
+                        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
                         max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode,

@@ -41,6 +41,7 @@ class EngineConfig:
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
     kv_cache_bytes: int = 2 << 30
+    kv_cache_dtype: str = "auto"  # how the pool stores K/V (`kv/quant.py`: auto = the model dtype, int8, fp8, ...)
     max_batch_tokens: int = 512
     max_prefill_with_decode: int | None = None  # prefill tokens a step that also decodes may carry (None: no cap)
     max_running: int = 64
@@ -72,7 +73,9 @@ class LLMEngine:
         self.cfg: ModelConfig = model.cfg
         self.tokenizer = tokenizer
         self.config = config
-        layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype)
+        layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype,
+                          config.kv_cache_dtype)
+        model.use_kv_format(layout.fmt)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
                             config.kv_offload_bytes)
@@ -106,7 +109,7 @@ class LLMEngine:
         exports/imports, which need the model's stamp only when used."""
         def stamp() -> Stamp:
             dt = str(model.dtype).removeprefix("torch.")
-            return Stamp(weights_sha256(model), dt, str(layout.dtype).removeprefix("torch."), layout.num_layers,
+            return Stamp(weights_sha256(model), dt, layout.fmt.name, layout.num_layers,
                          layout.num_kv_heads, layout.head_dim)
 
         c = self.config

@@ -46,7 +46,9 @@ class ModelRunner:
                 logit_index.extend(range(q0 + n - 1, q0 + len(feed)))
             else:
                 rows.append((len(logit_index), 0))
-        # the model's attention backend (chosen at its build) lays out the step once for all layers
+        # the model's attention backend (chosen at its build) lays out the step once for all layers; a model shared
+        # by engines whose pools store K/V differently (tests) takes the backend for this pool's format first
+        self.model.use_kv_format(self.kv.layout.fmt)
         meta = self.model.attn.prepare(spans, torch.cat(write).to(self.device))
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),

@@ -11,6 +11,7 @@ from torch import nn
 
 from deltaserve.config import ModelConfig
 from deltaserve.kv.pool import KVPool
+from deltaserve.kv.quant import KVFormat, resolve
 from deltaserve.layers.attention import AttentionBackend, select_backend
 from deltaserve.layers.elementwise import RopeStep, Rotary, rms_norm, silu_mul
 from deltaserve.layers.linear import Linear
@@ -70,6 +71,14 @@ class LlamaModel(nn.Module):
         # the KV pool holds K/V in the model dtype (`engine.LLMEngine`): the backend is fixed by the model.
         # Assign another backend (`select_backend(..., tiled=False)`, `SdpaBackend`) before preparing a step for it.
         self.attn: AttentionBackend = _attention(cfg, dtype, self.device)
+        self.kv_format: KVFormat = resolve("auto", dtype)  # the cache format `attn` was chosen for
+
+    def use_kv_format(self, fmt: KVFormat) -> None:
+        """Attend over a pool of this format from now on (`kv/quant.py`): re-selects the attention backend when the
+        format is not the one it has. Mutates `attn`; call before preparing a step over such a pool."""
+        if fmt != self.kv_format:
+            self.attn = _attention(self.cfg, self.dtype, self.device, fmt)
+            self.kv_format = fmt
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
@@ -124,8 +133,10 @@ def _build(cls, cfg, dtype, device):
     m.device = torch.device(device)
     m.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, m.device)
     m.attn = _attention(cfg, dtype, m.device)
+    m.kv_format = resolve("auto", dtype)
     return m
 
 
-def _attention(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> AttentionBackend:
-    return select_backend(device, dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)
+def _attention(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               fmt: KVFormat | None = None) -> AttentionBackend:
+    return select_backend(device, dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, kv_format=fmt)

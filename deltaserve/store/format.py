@@ -31,8 +31,10 @@ LAYOUT_VERSION = 1  # bump when the segment or metadata layout changes: old stor
 _SEG_MAGIC = b"DSKVSEG1"
 _EXPORT_MAGIC = b"DSKVEXP1"
 _U32 = struct.Struct("<I")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+# numpy has no bf16: rows travel as same-width integers (uint8 rows: int8/fp8 KV with their scales, as they are)
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+             torch.uint8: torch.uint8}
 
 
 class StoreError(Exception):
@@ -53,7 +55,7 @@ class Stamp:
 
     weights_sha256: str
     dtype: str  # the model's compute dtype
-    kv_dtype: str
+    kv_dtype: str  # the pool's KV format (`kv/quant.py`: bfloat16, float32, int8, fp8_e4m3)
     num_layers: int
     num_kv_heads: int
     head_dim: int

@@ -18,6 +18,7 @@ import torch
 
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
+from deltaserve.kv.quant import KVFormat, store_rows
 from deltaserve.layers.attention import span_matmul
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
 from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long, prepare_long
@@ -97,6 +98,7 @@ class NativeCpuBackend(AttentionBackend):
     p_bf16: bool
     bf16_dot: bool
     span_matmul: bool = False
+    kv_format: KVFormat | None = None  # how the pool stores K/V (None: as computed); quantized: fp32 products only
 
     def __post_init__(self):
         assert self.short or self.tiled, "no native kernel: use SdpaBackend"
@@ -133,8 +135,9 @@ class NativeCpuBackend(AttentionBackend):
                               prepare_long(rest, slot_mapping.device))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        fmt = self.kv_format if self.kv_format is not None and self.kv_format.quantized else None
+        k_cache.index_copy_(0, meta.slot_mapping, k if fmt is None else store_rows(k, fmt))  # [T, Hkv, row_width]
+        v_cache.index_copy_(0, meta.slot_mapping, v if fmt is None else store_rows(v, fmt))
         if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
             out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
         else:
@@ -151,5 +154,5 @@ class NativeCpuBackend(AttentionBackend):
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
             out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
         if meta.long:
-            attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out)
+            attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)
         return out

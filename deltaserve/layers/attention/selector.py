@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.kernels import cpu_probe
+from deltaserve.kv.quant import KVFormat, resolve
 from deltaserve.kernels import paged_attention as native
 from deltaserve.layers.attention import span_matmul, span_probe
 from deltaserve.layers.attention.base import AttentionBackend
@@ -13,9 +14,12 @@ from deltaserve.layers.attention.sdpa import SdpaBackend
 
 
 def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: int, num_heads: int,
-                   num_kv_heads: int, *, short: bool = True, tiled: bool = True) -> AttentionBackend:
-    """The attention backend for a model: the native CPU kernels where they build and take this cache (CPU, bf16 or
-    fp32; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
+                   num_kv_heads: int, *, short: bool = True, tiled: bool = True,
+                   kv_format: KVFormat | None = None) -> AttentionBackend:
+    """The attention backend for a model: the native CPU kernels where they build and take this cache (CPU, bf16,
+    fp32, int8 or fp8 rows; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
+    kv_dtype: the model's dtype (K/V as computed); kv_format: how the pool stores them (None: as computed).
+    Quantized rows take the kernels' fp32-product paths (dequantized a chunk at a time as they are read).
 
     Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
     cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
@@ -23,17 +27,18 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     short=False / tiled=False leave that kernel out (tests, comparisons).
     """
     device = torch.device(device)
-    has_short = short and native.supports(device, kv_dtype)
-    has_tiled = tiled and native.supports_tiled(device, kv_dtype, head_dim)
+    fmt = kv_format or resolve("auto", kv_dtype)
+    has_short = short and native.supports(device, fmt.storage)
+    has_tiled = tiled and native.supports_tiled(device, fmt.storage, head_dim)
     if not (has_short or has_tiled):
-        return SdpaBackend(device, num_heads, num_kv_heads)
-    kv_bf16 = kv_dtype == torch.bfloat16
-    bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled else False
+        return SdpaBackend(device, num_heads, num_kv_heads, fmt)
+    kv_bf16 = fmt.storage == torch.bfloat16
+    bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled and kv_bf16 else False
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
-        # without the short kernel every span takes the tiled one: from 0 rows
-        tiled_min_rows=tiled_min_rows(kv_dtype == torch.float32) if has_short and has_tiled else 0,
+        # without the short kernel every span takes the tiled one: from 0 rows. Quantized rows take fp32 products.
+        tiled_min_rows=tiled_min_rows(not kv_bf16) if has_short and has_tiled else 0,
         pairs=kv_bf16, p_bf16=kv_bf16,
-        bf16_dot=bf16_dot,
+        bf16_dot=bf16_dot, kv_format=fmt,
         span_matmul=(has_tiled and kv_bf16 and span_matmul.available()
                      and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim, bf16_dot)))
