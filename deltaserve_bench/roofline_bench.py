@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--contexts", default="1024,4096,8192", help="context lengths (tokens of history)")
     p.add_argument("--batches", default="1,4,8", help="decode batch sizes")
     p.add_argument("--span", type=int, default=128, help="query tokens of the span cases")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="cache dtypes the decode cases run with, e.g. auto,int8,fp8 (spans: the first one)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (the fastest is reported)")
     add_write_argument(p, "roofline-MODEL")
     p.set_defaults(func=run)
@@ -68,13 +70,13 @@ def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
 class Work:
     """What a step must do at least: bytes read and FLOPs, from the model's shapes."""
 
-    def __init__(self, model):
+    def __init__(self, model, kv_bytes_per_token: int):
         cfg = model.cfg
         self.cfg = cfg
         self.elt = torch.finfo(model.dtype).bits // 8
         self.layer_weights = sum(p.numel() for layer in model.layers for p in layer.parameters() if p.dim() == 2)
         self.head_weights = model.lm_head.numel()
-        self.kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.elt  # bytes
+        self.kv_per_token = kv_bytes_per_token  # the pool's layout: scales of quantized rows included
 
     def of(self, tokens: int, logit_rows: int, keys_read: int, pairs: int) -> tuple[float, float]:
         """(bytes, FLOPs) of a step with `tokens` query tokens, `logit_rows` logits, `keys_read` context tokens
@@ -97,13 +99,24 @@ def run(args) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     d = model_dir(args.model)
     model = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), dtype)
-    cfg, work = model.cfg, Work(model)
+    cfg = model.cfg
     bw, rate = copy_bandwidth(), bf16_matmul_rate()
     print(f"{machine()}\ncopy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.0f} GFLOP/s")
     max_ctx = max(contexts) + args.span
-    pool = KVPool(KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype), max(batches) * max_ctx)
+    kv_dtypes = args.kv_cache_dtypes.split(",")
+    layouts = {k: KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, k) for k in kv_dtypes}
+    pool = None
 
-    base = model.attn
+    def use(kv_dtype: str):
+        """The pool and backend for `kv_dtype` (one pool alive at a time: the 8-sequence pools are ~1.5 GB)."""
+        nonlocal pool
+        layout = layouts[kv_dtype]
+        pool = None
+        pool = KVPool(layout, max(batches) * max_ctx)
+        model.use_kv_format(layout.fmt)
+        return Work(model, layout.bytes_per_token), model.attn
+
+    work, base = use(kv_dtypes[0])
     paths = [("selected", base)]
     if isinstance(base, NativeCpuBackend) and base.tiled and dtype == torch.bfloat16:
         paths = [("tiled kernel", dataclasses.replace(base, span_matmul=False)),
@@ -134,13 +147,18 @@ def run(args) -> int:
         print(f"{kind:7s} {label:22s} {path:28s} {ms:8.2f} ms  floors: memory {mem_ms:6.2f} ms, "
               f"compute {fl_ms:6.2f} ms  -> {ms / floor:5.1f}x", flush=True)
 
+    decode_ms: dict[tuple[str, int, int], float] = {}
     try:
-        for ctx in contexts:
-            ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
-            for B in batches:
-                spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
-                ms = step(spans, base)
-                add("decode", f"{B} seq x ctx {ctx}", "selected", ms, B, B * (ctx + 1), B * (ctx + 1), B)
+        for kv_dtype in kv_dtypes:
+            work, attn = use(kv_dtype)
+            path = "selected" if len(kv_dtypes) == 1 else f"KV {layouts[kv_dtype].fmt.name}"
+            for ctx in contexts:
+                ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
+                for B in batches:
+                    spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
+                    ms = decode_ms[kv_dtype, ctx, B] = step(spans, attn)
+                    add("decode", f"{B} seq x ctx {ctx}", path, ms, B, B * (ctx + 1), B * (ctx + 1), B)
+        work, base = use(kv_dtypes[0])
         n = args.span
         for ctx in contexts:
             ctx = min(ctx, cfg.max_position - n)
@@ -150,16 +168,24 @@ def run(args) -> int:
                 add("span", f"{n} tok over ctx {ctx}", name, step(span, attn), n, ctx + n, pairs, 1)
     finally:
         model.attn = base
+    speedups = ""
+    if len(kv_dtypes) > 1:
+        first = kv_dtypes[0]
+        lines = [f"- KV {layouts[k].fmt.name}: " + ", ".join(
+            f"{B} seq x ctx {c} {decode_ms[first, c, B] / decode_ms[k, c, B]:.2f}x"
+            for (k2, c, B) in decode_ms if k2 == k) for k in kv_dtypes[1:]]
+        speedups = (f"Decode steps, speed-up against KV {layouts[first].fmt.name}:\n\n" + "\n".join(lines) + "\n\n")
+        print(speedups)
     table = md_table(["step", "case", "attention", "measured ms", "MB read", "GFLOP", "memory floor ms",
                       "compute floor ms", "x floor"], rows)
     body = (
         report_head(f"Roofline: step times vs floors ({args.model}, {args.dtype})",
                     f"deltaserve bench roofline --model {args.model} --dtype {args.dtype} --contexts {args.contexts}"
-                    f" --batches {args.batches} --span {args.span}")
+                    f" --batches {args.batches} --span {args.span} --kv-cache-dtypes {args.kv_cache_dtypes}")
         + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), bf16 matmul "
         f"{rate / 1e9:.0f} GFLOP/s (2048^3). Memory floor: every weight once plus each sequence's K/V once; "
         "compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus 4 x heads x head_dim "
-        f"per query-key pair. Fastest of {args.reps} steps.\n\n" + table + "\n\n" + load_note() + "\n"
+        f"per query-key pair. Fastest of {args.reps} steps.\n\n" + table + "\n\n" + speedups + load_note() + "\n"
     )
     publish(args.write, f"roofline-{args.model}", body)
     return 0

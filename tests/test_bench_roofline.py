@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.config import ModelConfig
+from deltaserve.kv.pool import KVLayout
 from deltaserve.models.llama import LlamaModel
 from deltaserve_bench.roofline_bench import Work
 
@@ -14,10 +15,12 @@ def test_work_counts_weights_kv_and_pairs():
                       num_kv_heads=2, head_dim=8, rope_theta=1e4, rms_norm_eps=1e-6, max_position=64,
                       tie_word_embeddings=True, qkv_bias=False)
     model = LlamaModel(cfg, torch.bfloat16)
-    w = Work(model)
+    w = Work(model, KVLayout(2, 2, 8, torch.bfloat16).bytes_per_token)
     per_layer = (32 + 2 * 16) * 32 + 32 * 32 + 2 * 48 * 32 + 32 * 48  # qkv, o, gate_up, down
     assert w.layer_weights == 2 * per_layer and w.head_weights == 100 * 32
     assert w.kv_per_token == 2 * 2 * 2 * 8 * 2  # layers x (K, V) x kv heads x head_dim x bf16 bytes
     nbytes, flops = w.of(tokens=3, logit_rows=1, keys_read=10, pairs=20)
     assert nbytes == (2 * per_layer + 3200) * 2 + 10 * w.kv_per_token
     assert flops == 2 * 2 * per_layer * 3 + 2 * 3200 + 4 * 2 * 4 * 8 * 20
+    # an int8 cache: 8 bytes + a 4-byte scale a row
+    assert Work(model, KVLayout(2, 2, 8, torch.bfloat16, "int8").bytes_per_token).kv_per_token == 2 * 2 * 2 * 12
