@@ -76,9 +76,9 @@ class LLMEngine:
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype,
                           config.kv_cache_dtype)
         model.use_kv_format(layout.fmt)
+        self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         log.info("KV pool: %d token slots of %s KV (%d bytes a token), attention %s", self.pool.num_slots,
                  layout.fmt.name, layout.bytes_per_token, type(model.attn).__name__)
-        self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
                             config.kv_offload_bytes)
         self.kv.max_pinned_tokens_per_owner = config.max_pinned_tokens_per_key

@@ -31,7 +31,7 @@ _INT8_MAX = 127.0  # symmetric: -128 is never produced
 
 @dataclass(frozen=True)
 class KVFormat:
-    """One cache format. kind: the native kernels' code for it (0 fp32, 1 bf16, 2 int8, 3 fp8 e4m3)."""
+    """One cache format. kind: the native kernels' code for it (0 fp32, 1 bf16, 2 int8, 3 fp8 e4m3; -1 none)."""
 
     name: str  # "float32" | "bfloat16" | "int8" | "fp8_e4m3"
     storage: torch.dtype  # element dtype of the pool's tensors
@@ -54,6 +54,7 @@ FORMATS = {
     "bfloat16": KVFormat("bfloat16", torch.bfloat16, 1),
     "int8": KVFormat("int8", torch.uint8, 2),
     "fp8_e4m3": KVFormat("fp8_e4m3", torch.uint8, 3),
+    "float16": KVFormat("float16", torch.float16, -1),  # a float16 model's own cache (no native kernel takes it)
 }
 
 

@@ -33,7 +33,7 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     if not (has_short or has_tiled):
         return SdpaBackend(device, num_heads, num_kv_heads, fmt)
     kv_bf16 = fmt.storage == torch.bfloat16
-    bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled and kv_bf16 else False
+    bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled else False
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
         # without the short kernel every span takes the tiled one: from 0 rows. Quantized rows take fp32 products.
