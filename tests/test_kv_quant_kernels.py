@@ -104,6 +104,16 @@ def test_matches_reference(build, kernel, fmt, H, Hkv, D):
         ref = _reference(q, kd, vd, seqs, slots, scale)
         assert torch.isnan(out[T:]).all()
         assert torch.allclose(out[:T], ref[:T], atol=2e-6, rtol=1e-5), (shape, (out[:T] - ref[:T]).abs().max())
+        if kernel == "short" and max(ql for _, ql in shape) <= 64:
+            # bf16 pair products (AVX512-BF16, D a multiple of 32): K/V as their exact bf16 values, q and
+            # P * v_scale rounded to bf16, at the tolerance of the bf16 cache's pair mode. Elsewhere: the fp32 path.
+            qb = q.to(torch.bfloat16).float()  # a bf16 model's queries
+            out2 = torch.full((T + 2, H, D), float("nan"))
+            native.paged_attention_short(qb, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out2, pairs=True,
+                                         kind=FMTS[fmt].kind)
+            ref2 = _reference(qb, kd, vd, seqs, slots, scale)
+            assert torch.isnan(out2[T:]).all()
+            assert torch.allclose(out2[:T], ref2[:T], atol=5e-3, rtol=1e-2), (shape, (out2[:T] - ref2[:T]).abs().max())
 
 
 def _every_byte_rows(fmt_name: str, D: int, Hkv: int):
@@ -125,7 +135,8 @@ def _every_byte_rows(fmt_name: str, D: int, Hkv: int):
 @pytest.mark.parametrize("D", [64, 36, 20])
 def test_one_token_context_is_the_v_row(build, kernel, fmt, D):
     """With one key the softmax weight is exactly 1, so the output is the dequantized V row, bit for bit: every
-    byte value through the SIMD loads and (D = 36, 20) the scalar tails."""
+    byte value through the SIMD loads and (D = 36, 20) the scalar tails. In the short kernel's pair mode the weight
+    is v_scale rounded to bf16, so the row comes out within bf16 rounding (and exactly where the scale is a bf16)."""
     Hkv, G = 2, 3
     vc, vd = _every_byte_rows(fmt, D, Hkv)
     n = vc.shape[0]
@@ -136,6 +147,11 @@ def test_one_token_context_is_the_v_row(build, kernel, fmt, D):
     _run(kernel, build, q, kc, vc, torch.arange(n).flip(0), seqs, D**-0.5, out, kind=FMTS[fmt].kind)
     want = vd.flip(0).repeat_interleave(G, dim=1)  # [n, H, D]: sequence i reads slot n - 1 - i
     assert torch.equal(out, want), (out - want).abs().max()
+    if kernel == "short":
+        out2 = torch.full(q.shape, float("nan"))
+        native.paged_attention_short(q, kc, vc, torch.arange(n).flip(0), seqs, D**-0.5, out2, pairs=True,
+                                     kind=FMTS[fmt].kind)
+        assert torch.allclose(out2, want, atol=0, rtol=2**-8), (out2 - want).abs().max()
 
 
 def test_kind_is_checked():

@@ -59,6 +59,24 @@ static inline __m256 fp8x8_load_div256(const uint8_t *p) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* Row `row` of an int8 / fp8 cache as bf16 bits dst[0..D) (D a multiple of 16), value = dst * the returned factor.
+ * Exact: int8 values are integers below 2^8 and e4m3 ones have 4 significant bits, both bf16 values (fp8 is read as
+ * value / 256, hence scale * 256); the fp32 -> bf16 step only drops zero bits. For the bf16 pair products. */
+static inline __attribute__((always_inline)) float kv_row_bf16(const void *base, int kind, int64_t row, int D,
+                                                               uint16_t *restrict dst) {
+    const uint8_t *r = (const uint8_t *)base + row * ((int64_t)D + 4);
+    for (int d = 0; d < D; d += 16) {
+        const __m512 x = kind == KV_INT8
+                             ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + d))))
+                             : fp8x16_load_div256(r + d);
+        _mm256_storeu_si256((__m256i *)(dst + d), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
+    }
+    const float sc = kv_row_scale(r, D);
+    return kind == KV_INT8 ? sc : sc * 256.f;
+}
+#endif
+
 /* dst[0..D) <- row `row` (= slot * Hkv + g) of a cache of `kind`, as fp32. Always inlined so callers with a constant
  * D get straight-line conversions. */
 static inline __attribute__((always_inline)) void kv_load_row(const void *base, int kind, int64_t row, int D,

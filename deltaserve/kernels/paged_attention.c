@@ -16,10 +16,10 @@
  *   seqs     [n_seqs, 4] int64: q_start, q_len, kv_offset (into slots), kv_len
  *   out      [num_q_tokens, H, D] float32 (rows of queries not in any sequence are untouched)
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
- * mode bit 0 (pairs), with a bf16 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16 pair dot
- * products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a K or V row is used as loaded, in bf16:
- * q and the softmax numerators are rounded to bf16 (q is bf16 in a bf16 model; P rounded as the tiled kernel's
- * p_bf16 mode does). Otherwise K/V rows are converted (int8 / fp8: dequantized) to fp32 a chunk at a time and both
+ * mode bit 0 (pairs), with a bf16, int8 or fp8 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16
+ * pair dot products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a bf16 K or V row is used as loaded
+ * (int8 / fp8 rows: as their exact bf16 values, the scales applied to scores and P): q and the softmax numerators
+ * are rounded to bf16 (q is bf16 in a bf16 model; P rounded as the tiled kernel's p_bf16 mode does). Otherwise K/V rows are converted (int8 / fp8: dequantized) to fp32 a chunk at a time and both
  * products run in fp32.
  */
 #include <math.h>
@@ -275,8 +275,8 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                           int mode) {
     const int G = H / Hkv;
-    /* pair products read bf16 rows as stored: a bf16 cache only (the quantized kinds take the fp32 path) */
-    const int pairs = HAVE_PAIRS && (mode & 1) && kv_kind == KV_BF16 && D % 32 == 0 && D <= 128;
+    /* pair products: bf16 rows as stored, int8 / fp8 rows as their bf16 values and scales */
+    const int pairs = HAVE_PAIRS && (mode & 1) && kv_kind != KV_FP32 && D % 32 == 0 && D <= 128;
     /* work items: (seq, chunk of keys), each over every kv head in turn, so it reads whole slot rows
      * ([Hkv, D] contiguous) rather than one head's slice of each. Partial (item w, head g) sits at w * Hkv + g. */
     int64_t n_items = 0, max_q = 1;
@@ -306,8 +306,10 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #pragma omp parallel
     {
         float *scores = scratch(5, sizeof(float) * nq_max * CHUNK);
-        /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D] */
-        float *row = scratch(6, sizeof(float) * (pairs ? nq_max * CHUNK / 2 + CHUNK / 2 * D : CHUNK * D));
+        /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D], then for
+         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each */
+        const int64_t pp_n = nq_max * CHUNK / 2, vp_n = CHUNK / 2 * D;
+        float *row = scratch(6, sizeof(float) * (pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK : CHUNK * D));
         if (!scores || !row) {
 #pragma omp atomic write
             failed = 1;
@@ -326,9 +328,16 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                                 DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
                                 scores, row)
 #if HAVE_PAIRS
-#define PAIRS(ND) chunk_attend_pairs(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, \
-                                     scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
-                                     scores, (uint32_t *)row, (uint32_t *)row + nq_max * CHUNK / 2)
+#define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
+                                           H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \
+                                           acc_buf + pw * nq_max * D, scores, (uint32_t *)row,                      \
+                                           (uint32_t *)row + pp_n, (uint16_t *)(row + pp_n + vp_n),                 \
+                                           row + pp_n + vp_n + CHUNK * D / 2, row + pp_n + vp_n + CHUNK * D / 2 + CHUNK)
+#define PAIRS(ND)                                   \
+    do {                                            \
+        if (kv_kind == KV_BF16) PAIRS_Q(ND, 0);     \
+        else PAIRS_Q(ND, 1);                        \
+    } while (0)
                 if (pairs) {
                     if (D == 64) PAIRS(2);
                     else if (D == 128) PAIRS(4);
@@ -336,6 +345,7 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                     else PAIRS(3);
                     continue;
                 }
+#undef PAIRS_Q
 #undef PAIRS
 #endif
                 if (D == 64)

@@ -190,8 +190,8 @@ def _bench(reps: int = 10) -> None:
 
 
 def _bench_kv(reps: int = 20) -> None:
-    """Decode at 8k context, kernel alone, by cache format (SmolLM2 heads): bf16 (fp32 products and pair
-    products) against int8 and fp8 e4m3 rows, which are dequantized as read. Slots in runs of 16 (pages) in
+    """Decode at 8k context, kernel alone, by cache format (SmolLM2 heads): bf16 against int8 and fp8 e4m3 rows,
+    each with fp32 products (rows converted / dequantized to fp32) and with bf16 pair products. Slots in runs of 16 (pages) in
     scattered order, as a long-running pool gives them: python -m deltaserve.kernels.paged_attention kv"""
     from deltaserve.kv.quant import FORMATS, quantize_rows
 
@@ -214,10 +214,10 @@ def _bench_kv(reps: int = 20) -> None:
         out = torch.empty_like(q)
         cells = []
         for name, (kc, vc, kind) in caches.items():
-            cells.append(f"{name} {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, kind=kind)):6.3f}")
-            if name == "bf16":
-                cells.append(f"bf16 pairs {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, True)):6.3f}")
-        print(f"decode {B} seqs x {L} keys, short kernel ms: " + " | ".join(cells))
+            fp32 = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, kind=kind))
+            pairs = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, True, kind=kind))
+            cells.append(f"{name} {fp32:6.3f} / {pairs:6.3f}")
+        print(f"decode {B} seqs x {L} keys, short kernel ms (fp32 products / pairs): " + " | ".join(cells))
 
 
 if __name__ == "__main__":
