@@ -167,3 +167,40 @@ def test_kind_is_checked():
     native.paged_attention_short(*args, kind=3)
     assert torch.equal(out, torch.zeros(1, 1, 16))  # all-zero rows (scale 0) read back as zeros
     assert native.supports(torch.device("cpu"), torch.uint8)
+
+
+@pytest.mark.skipif(not native.tiled_available(), reason="tiled kernel needs AVX2 + FMA or AVX-512")
+@pytest.mark.parametrize("fmt", list(FMTS))
+@pytest.mark.parametrize("kernels", ["short+tiled", "short+sdpa", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_on_a_quantized_pool_agrees_with_sdpa(fmt, kernels, dtype):
+    """The native backend `select_backend` builds for a quantized pool names the format to both kernels: its steps
+    (decode, verify and prefill spans; the step's rows quantized as written) agree with the SDPA backend's, which
+    dequantizes what it gathers."""
+    from deltaserve.layers.attention import NativeCpuBackend, SdpaBackend, SeqSpan, select_backend
+
+    H, Hkv, D, S = 9, 3, 64, 2000
+    f = FMTS[fmt]
+    g = torch.Generator().manual_seed(len(kernels) + f.kind)
+    kc = quantize_rows(torch.randn(S, Hkv, D, generator=g), f)  # [S, Hkv, D + 4] uint8
+    vc = quantize_rows(torch.randn(S, Hkv, D, generator=g), f)
+    perm, spans, write, q0, off = torch.randperm(S, generator=g), [], [], 0, 0
+    for L, n in [(100, 1), (37, 1), (64, 5), (80, 16), (50, 17), (300, 90), (200, 40), (1, 1)]:
+        sl = perm[off : off + L]
+        spans.append(SeqSpan(q0, n, sl))
+        write.append(sl[L - n :])
+        q0, off = q0 + n, off + L
+    sm = torch.cat(write)
+    q = torch.randn(q0, H, D, generator=g).to(dtype)
+    k = torch.randn(q0, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(q0, Hkv, D, generator=g).to(dtype)
+    b = select_backend("cpu", dtype, D, H, Hkv, short=kernels != "tiled", tiled=kernels != "short+sdpa", kv_format=f)
+    assert isinstance(b, NativeCpuBackend)
+    outs = []
+    for be in (b, SdpaBackend("cpu", H, Hkv, f)):
+        kk, vv = kc.clone(), vc.clone()
+        outs.append(be.forward(q.float() if be.fp32_q else q, k, v, kk, vv, be.prepare(spans, sm), D**-0.5).float())
+        assert torch.equal(kk[sm], quantize_rows(k, f)) and torch.equal(vv[sm], quantize_rows(v, f))
+    out, ref = outs
+    atol, rtol = (2e-6, 1e-5) if dtype == torch.float32 else (5e-3, 1e-2)  # bf16: outputs rounded to bf16
+    assert torch.allclose(out, ref, atol=atol, rtol=rtol), (out - ref).abs().max()
