@@ -36,9 +36,11 @@
 #endif
 
 #define CHUNK 256
+#define PF_AHEAD 16 /* keys ahead whose rows the fp32 path prefetches */
 
 #include "bf16.h"
 #include "kv_rows.h" /* kv_load_row: a cache row of any kind as fp32 */
+#include "prefetch.h"
 
 /* exp(x) as 2^n * 2^f, |f| <= 1/2, with a degree-7 Taylor polynomial (relative error ~1e-7);
  * written without libm so the loops that call it vectorise. Inputs here are <= 0. */
@@ -201,8 +203,17 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
                          float *restrict scores, float *restrict rows) {
     const int G = H / Hkv;
     const int nk = j1 - j0;
-    /* K rows of the chunk, converted (dequantized) to fp32 once and shared by every query of the group */
-    for (int jj = 0; jj < nk; jj++) kv_load_row(k, kind, slots[j0 + jj] * Hkv + g, D, rows + jj * D);
+    /* K rows of the chunk, converted (dequantized) to fp32 once and shared by every query of the group. Rows sit
+     * wherever their slots put them: head 0 prefetches the whole slot rows ahead (every head's, contiguous; V's into
+     * L2), the later heads find them in L2. */
+    const int64_t rb = kv_row_bytes(kind, D);
+    for (int jj = 0; jj < nk; jj++) {
+        if (g == 0 && jj + PF_AHEAD < nk) {
+            prefetch_bytes((const char *)k + slots[j0 + jj + PF_AHEAD] * Hkv * rb, (int)(Hkv * rb), 0);
+            prefetch_bytes((const char *)v + slots[j0 + jj + PF_AHEAD] * Hkv * rb, (int)(Hkv * rb), 1);
+        }
+        kv_load_row(k, kind, slots[j0 + jj] * Hkv + g, D, rows + jj * D);
+    }
     int nvis_of[64];
     for (int i = 0; i < q_len; i++) {
         /* keys j0 .. j0 + nvis - 1 are visible to query i (a prefix of the chunk; causal) */
