@@ -10,15 +10,17 @@
  *
  * Layouts (row-major):
  *   q        [num_q_tokens, H, D] float32
- *   k, v     [num_slots, Hkv, D]  bfloat16 (kv_bf16 = 1) or float32
+ *   k, v     [num_slots, Hkv, D] float32 (kv_kind 0) or bfloat16 (1), or [num_slots, Hkv, D + 4] bytes of int8 (2)
+ *            or fp8 e4m3 (3) rows with their fp32 scale (kv_rows.h, deltaserve/kv/quant.py)
  *   slots    [sum of kv_len] int64, the sequences' slot lists concatenated
  *   seqs     [n_seqs, 4] int64: q_start, q_len, kv_offset (into slots), kv_len
  *   out      [num_q_tokens, H, D] float32 (rows of queries not in any sequence are untouched)
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
- * mode bit 0 (pairs), with a bf16 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16 pair dot
- * products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a K or V row is used as loaded, in bf16:
- * q and the softmax numerators are rounded to bf16 (q is bf16 in a bf16 model; P rounded as the tiled kernel's
- * p_bf16 mode does). Otherwise K/V rows are converted to fp32 and both products run in fp32.
+ * mode bit 0 (pairs), with a bf16, int8 or fp8 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16
+ * pair dot products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a bf16 K or V row is used as loaded
+ * (int8 / fp8 rows: as their exact bf16 values, the scales applied to scores and P): q and the softmax numerators
+ * are rounded to bf16 (q is bf16 in a bf16 model; P rounded as the tiled kernel's p_bf16 mode does). Otherwise K/V rows are converted (int8 / fp8: dequantized) to fp32 a chunk at a time and both
+ * products run in fp32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,8 +36,11 @@
 #endif
 
 #define CHUNK 256
+#define PF_AHEAD 16 /* keys ahead whose rows the fp32 path prefetches */
 
 #include "bf16.h"
+#include "kv_rows.h" /* kv_load_row: a cache row of any kind as fp32 */
+#include "prefetch.h"
 
 /* exp(x) as 2^n * 2^f, |f| <= 1/2, with a degree-7 Taylor polynomial (relative error ~1e-7);
  * written without libm so the loops that call it vectorise. Inputs here are <= 0. */
@@ -176,20 +181,6 @@ static inline __attribute__((always_inline)) int scores8(const float *restrict q
 }
 #endif
 
-static inline __attribute__((always_inline)) void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
-    if (bf16) {
-        const uint16_t *s = (const uint16_t *)base + off;
-        int d0 = 0;
-#if HAVE_AVX2_ONLY
-        for (; d0 + 8 <= D; d0 += 8) _mm256_storeu_ps(dst + d0, bf16x8_load(s + d0));
-#endif
-#pragma omp simd
-        for (int d = d0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
-    } else {
-        memcpy(dst, (const float *)base + off, sizeof(float) * D);
-    }
-}
-
 /* a[0..D) = sum_jj s[jj] * rows[jj][0..D) over the nvis visible keys, the D / W accumulators held in registers
  * (VT: a vector of W fp32 lanes, PFX: its intrinsics' prefix); D / W <= 8. */
 #define PV_REGS(VT, W, PFX)                                                                          \
@@ -206,14 +197,23 @@ static inline __attribute__((always_inline)) void load_row(const void *base, int
 
 /* One work item: queries of (seq, kv head g) against keys [j0, j1). Always inlined into
  * callers with a constant D so the per-row loops unroll into a few vector instructions. */
-static inline __attribute__((always_inline)) void chunk_attend(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
+static inline __attribute__((always_inline)) void chunk_attend(const float *q, const void *k, const void *v, int kind, const int64_t *slots,
                          int64_t q_start, int q_len, int64_t kv_len, int j0, int j1, int g, int H, int Hkv,
                          int D, float scale, float *restrict m_out, float *restrict l_out, float *restrict acc_out,
                          float *restrict scores, float *restrict rows) {
     const int G = H / Hkv;
     const int nk = j1 - j0;
-    /* K rows of the chunk, converted to fp32 once and shared by every query of the group */
-    for (int jj = 0; jj < nk; jj++) load_row(k, bf16, (slots[j0 + jj] * Hkv + g) * D, D, rows + jj * D);
+    /* K rows of the chunk, converted (dequantized) to fp32 once and shared by every query of the group. Rows sit
+     * wherever their slots put them: head 0 prefetches the whole slot rows ahead (every head's, contiguous; V's into
+     * L2), the later heads find them in L2. */
+    const int64_t rb = kv_row_bytes(kind, D);
+    for (int jj = 0; jj < nk; jj++) {
+        if (g == 0 && jj + PF_AHEAD < nk) {
+            prefetch_bytes((const char *)k + slots[j0 + jj + PF_AHEAD] * Hkv * rb, (int)(Hkv * rb), 0);
+            prefetch_bytes((const char *)v + slots[j0 + jj + PF_AHEAD] * Hkv * rb, (int)(Hkv * rb), 1);
+        }
+        kv_load_row(k, kind, slots[j0 + jj] * Hkv + g, D, rows + jj * D);
+    }
     int nvis_of[64];
     for (int i = 0; i < q_len; i++) {
         /* keys j0 .. j0 + nvis - 1 are visible to query i (a prefix of the chunk; causal) */
@@ -236,7 +236,7 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
         }
     }
     /* V rows, then acc[qi] = sum_j p[qi][j] * V[j] with the accumulator held in registers */
-    for (int jj = 0; jj < nk; jj++) load_row(v, bf16, (slots[j0 + jj] * Hkv + g) * D, D, rows + jj * D);
+    for (int jj = 0; jj < nk; jj++) kv_load_row(v, kind, slots[j0 + jj] * Hkv + g, D, rows + jj * D);
     for (int i = 0; i < q_len; i++) {
         const int nvis = nvis_of[i];
         for (int h = 0; h < G; h++) {
@@ -282,11 +282,12 @@ static void *scratch(int which, size_t bytes) {
     return buf[which];
 }
 
-int paged_attention_short(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+int paged_attention_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                           int mode) {
     const int G = H / Hkv;
-    const int pairs = HAVE_PAIRS && (mode & 1) && kv_bf16 && D % 32 == 0 && D <= 128;
+    /* pair products: bf16 rows as stored, int8 / fp8 rows as their bf16 values and scales */
+    const int pairs = HAVE_PAIRS && (mode & 1) && kv_kind != KV_FP32 && D % 32 == 0 && D <= 128;
     /* work items: (seq, chunk of keys), each over every kv head in turn, so it reads whole slot rows
      * ([Hkv, D] contiguous) rather than one head's slice of each. Partial (item w, head g) sits at w * Hkv + g. */
     int64_t n_items = 0, max_q = 1;
@@ -316,8 +317,10 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_b
 #pragma omp parallel
     {
         float *scores = scratch(5, sizeof(float) * nq_max * CHUNK);
-        /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D] */
-        float *row = scratch(6, sizeof(float) * (pairs ? nq_max * CHUNK / 2 + CHUNK / 2 * D : CHUNK * D));
+        /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D], then for
+         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each */
+        const int64_t pp_n = nq_max * CHUNK / 2, vp_n = CHUNK / 2 * D;
+        float *row = scratch(6, sizeof(float) * (pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK : CHUNK * D));
         if (!scores || !row) {
 #pragma omp atomic write
             failed = 1;
@@ -332,13 +335,20 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_b
             const int j1 = (int)((c + 1) * CHUNK < kv_len ? (c + 1) * CHUNK : kv_len);
             for (int g = 0; g < Hkv; g++) {
                 const int64_t pw = w * Hkv + g;
-#define ATTEND(DD) chunk_attend(q, k, v, kv_bf16, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
+#define ATTEND(DD) chunk_attend(q, k, v, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
                                 DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
                                 scores, row)
 #if HAVE_PAIRS
-#define PAIRS(ND) chunk_attend_pairs(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, \
-                                     scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
-                                     scores, (uint32_t *)row, (uint32_t *)row + nq_max * CHUNK / 2)
+#define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
+                                           H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \
+                                           acc_buf + pw * nq_max * D, scores, (uint32_t *)row,                      \
+                                           (uint32_t *)row + pp_n, (uint16_t *)(row + pp_n + vp_n),                 \
+                                           row + pp_n + vp_n + CHUNK * D / 2, row + pp_n + vp_n + CHUNK * D / 2 + CHUNK)
+#define PAIRS(ND)                                   \
+    do {                                            \
+        if (kv_kind == KV_BF16) PAIRS_Q(ND, 0);     \
+        else PAIRS_Q(ND, 1);                        \
+    } while (0)
                 if (pairs) {
                     if (D == 64) PAIRS(2);
                     else if (D == 128) PAIRS(4);
@@ -346,6 +356,7 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_b
                     else PAIRS(3);
                     continue;
                 }
+#undef PAIRS_Q
 #undef PAIRS
 #endif
                 if (D == 64)

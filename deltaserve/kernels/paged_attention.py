@@ -2,6 +2,9 @@
 
 - `paged_attention.c`: short queries (decode, speculative verify), split-K over key chunks;
 - `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention.
+
+Both read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3 rows of D bytes and
+their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time (`kernels/kv_rows.h`).
 """
 
 from __future__ import annotations
@@ -44,8 +47,13 @@ def _lib_argtypes() -> list:
         ctypes.c_float, ctypes.c_void_p]
 
 
+# the kernels' kind codes (kv.quant.KVFormat.kind) a cache dtype implies; a uint8 cache (int8 or fp8 rows) names its own
+_KIND_OF_DTYPE = {torch.float32: 0, torch.bfloat16: 1}
+_QUANT_KINDS = (2, 3)
+
+
 def _cpu_cache(device: torch.device, kv_dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and kv_dtype in (torch.bfloat16, torch.float32)
+    return device.type == "cpu" and kv_dtype in (torch.bfloat16, torch.float32, torch.uint8)
 
 
 def supports_tiled(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
@@ -58,32 +66,51 @@ def supports(device: torch.device, kv_dtype: torch.dtype) -> bool:
     return _cpu_cache(device, kv_dtype) and available()
 
 
-def _args(q, k_cache, v_cache, slots, seqs, scale, out) -> tuple:
+def _kind(k_cache: torch.Tensor, kind: int | None) -> int:
+    """The cache's kind code: what its dtype says (fp32 0, bf16 1); a uint8 cache must name 2 (int8) or 3 (fp8)."""
+    if k_cache.dtype == torch.uint8:
+        assert kind in _QUANT_KINDS, f"a uint8 KV cache needs kind 2 (int8) or 3 (fp8 e4m3), got {kind}"
+        return kind
+    assert k_cache.dtype in _KIND_OF_DTYPE, k_cache.dtype
+    assert kind is None or kind == _KIND_OF_DTYPE[k_cache.dtype], (k_cache.dtype, kind)
+    return _KIND_OF_DTYPE[k_cache.dtype]
+
+
+def _args(q, k_cache, v_cache, slots, seqs, scale, out, kind) -> tuple:
     """Check the shared contract of both kernels; their common C arguments, in order."""
     T, H, D = q.shape
     Hkv = k_cache.shape[1]
+    kind = _kind(k_cache, kind)
     assert q.dtype == torch.float32 and out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == seqs.dtype == torch.int64
-    assert H % Hkv == 0 and k_cache.shape[2] == D
-    return (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+    assert v_cache.dtype == k_cache.dtype and v_cache.shape[1:] == k_cache.shape[1:]
+    # a quantized row is D value bytes and the 4 bytes of its fp32 scale
+    assert H % Hkv == 0 and k_cache.shape[2] == (D + 4 if kind in _QUANT_KINDS else D), (k_cache.shape, D, kind)
+    return (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kind,
             slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr())
 
 
 def paged_attention_short(
     q: torch.Tensor,  # [T, H, D] float32, contiguous
-    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, or [num_slots, Hkv, D + 4] uint8; contiguous
     v_cache: torch.Tensor,
     slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
     seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
     pairs: bool = False,
+    kind: int | None = None,
 ) -> None:
     """pairs: with a bf16 cache (and AVX512-BF16, D a multiple of 32), both products as bf16 pair dot products
     with keys on lanes: q and the softmax numerators rounded to bf16, as the tiled kernel's p_bf16 mode
-    (~2^-9 relative error); K/V rows are used as stored instead of being converted to fp32 first."""
+    (~2^-9 relative error); K/V rows are used as stored instead of being converted to fp32 first.
+    kind: the cache's `kv.quant` kind code; None: its dtype's (fp32 0, bf16 1). A uint8 cache holds int8 (2) or
+    fp8 e4m3 (3) rows, dequantized as read for fp32 products; with pairs, read as their exact bf16 values (the K
+    scale applied to the scores, the V scale to P before its bf16 rounding): decode at 8k context, kernel alone,
+    1 thread, 4 / 8 sequences: int8 pairs 1.84 / 4.75 ms against bf16 pairs 2.25 / 5.39 ms and int8 fp32 products
+    2.58 / 6.96 ms (`python -m deltaserve.kernels.paged_attention kv`). pairs rounds q to bf16: for bf16 models."""
     assert seqs.shape[0] == 0 or int(seqs[:, 1].max()) <= 64, "at most 64 queries a sequence"
-    rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out),
+    rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind),
                                                          int(pairs))
     if rc != 0:
         raise MemoryError("paged_attention_short: out of memory for its work buffers")
@@ -91,7 +118,7 @@ def paged_attention_short(
 
 def paged_attention_tiled(
     q: torch.Tensor,  # [T, H, D] float32, contiguous
-    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, or [num_slots, Hkv, D + 4] uint8; contiguous
     v_cache: torch.Tensor,
     slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
     seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
@@ -99,13 +126,15 @@ def paged_attention_tiled(
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
     p_bf16: bool = False,
     bf16_dot: bool = True,
+    kind: int | None = None,
 ) -> None:
     """Same contract as `paged_attention_short`, for query spans of any length (tiled flash attention).
 
     With a bf16 cache, Q.K runs as bf16 pair products (q rounded to bf16: exact when q came from a bf16
     model); p_bf16 rounds the softmax numerators to bf16 for P.V too (twice as fast, ~2^-9 relative error).
-    bf16_dot=False forces fp32 products, as on a CPU without AVX512-BF16 (for tests)."""
-    rc = _LIBS["tiled_attention"].paged_attention_tiled(*_args(q, k_cache, v_cache, slots, seqs, scale, out),
+    bf16_dot=False forces fp32 products, as on a CPU without AVX512-BF16 (for tests). kind: as for the short
+    kernel; int8 / fp8 caches take the fp32 products (p_bf16 and bf16_dot are ignored for them)."""
+    rc = _LIBS["tiled_attention"].paged_attention_tiled(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind),
                                                          int(p_bf16) | (0 if bf16_dot else 2))
     if rc == 1:
         raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
@@ -113,22 +142,27 @@ def paged_attention_tiled(
         raise RuntimeError(f"paged_attention_tiled: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
 
 
+def _ms(f, reps: int) -> float:
+    """ms per call of f, after one warm-up call."""
+    import time
+
+    f()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def _bench(reps: int = 10) -> None:
     """Print ms per call of the short and tiled kernels and of SDPA on gathered K/V (SmolLM2 heads, bf16 KV),
     to re-measure `layers.attention.native.TILED_MIN_ROWS` on a new machine:
     python -m deltaserve.kernels.paged_attention"""
-    import time
-
     import torch.nn.functional as F
 
     H, Hkv, D = 9, 3, 64
 
     def ms(f) -> float:
-        f()
-        t = time.perf_counter()
-        for _ in range(reps):
-            f()
-        return (time.perf_counter() - t) / reps * 1e3
+        return _ms(f, reps)
 
     for B, n, L in [(1, 1, 5000), (4, 1, 5000), (4, 5, 5000), (1, 100, 5000), (1, 500, 5000), (1, 2048, 2048)]:
         kc = torch.randn(B * L, Hkv, D).to(torch.bfloat16)
@@ -158,5 +192,39 @@ def _bench(reps: int = 10) -> None:
         print(f"{B} seqs x {n:4d} queries x {L} keys ({n * H // Hkv} rows a kv head), ms: " + " | ".join(cells))
 
 
+def _bench_kv(reps: int = 20) -> None:
+    """Decode at 8k context, kernel alone, by cache format (SmolLM2 heads): bf16 against int8 and fp8 e4m3 rows,
+    each with fp32 products (rows converted / dequantized to fp32) and with bf16 pair products. Slots in runs of 16 (pages) in
+    scattered order, as a long-running pool gives them: python -m deltaserve.kernels.paged_attention kv"""
+    from deltaserve.kv.quant import FORMATS, quantize_rows
+
+    H, Hkv, D, L = 9, 3, 64, 8192
+    assert available(), "the short kernel is not built here"
+
+    def ms(f) -> float:
+        return min(_ms(f, reps) for _ in range(3))
+
+    for B in (1, 4, 8):
+        g = torch.Generator().manual_seed(B)
+        S = B * L
+        kf, vf = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
+        caches = {"bf16": (kf.to(torch.bfloat16), vf.to(torch.bfloat16), None)}
+        for name, fmt in (("int8", FORMATS["int8"]), ("fp8", FORMATS["fp8_e4m3"])):
+            caches[name] = (quantize_rows(kf, fmt), quantize_rows(vf, fmt), fmt.kind)
+        pages = torch.randperm(S // 16, generator=g)
+        slots = (pages[:, None] * 16 + torch.arange(16)[None, :]).reshape(-1)  # [S]: B contexts of L slots
+        seqs = torch.tensor([[b, 1, b * L, L] for b in range(B)])
+        q = torch.randn(B, H, D, generator=g).to(torch.bfloat16).float()
+        out = torch.empty_like(q)
+        cells = []
+        for name, (kc, vc, kind) in caches.items():
+            fp32 = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, kind=kind))
+            pairs = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, True, kind=kind))
+            cells.append(f"{name} {fp32:6.3f} / {pairs:6.3f}")
+        print(f"decode {B} seqs x {L} keys, short kernel ms (fp32 products / pairs): " + " | ".join(cells))
+
+
 if __name__ == "__main__":
-    _bench()
+    import sys
+
+    _bench_kv() if sys.argv[1:] == ["kv"] else _bench()

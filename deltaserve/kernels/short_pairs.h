@@ -1,5 +1,7 @@
-/* The short-query kernel's bf16 pair-product path (paged_attention.c, mode bit 0): keys on lanes, so K and V rows
- * are used as stored. Included by paged_attention.c after CHUNK, bf16.h and simd_exp.h; defines HAVE_PAIRS. */
+/* The short-query kernel's bf16 pair-product path (paged_attention.c, mode bit 0): keys on lanes, so bf16 K and V rows
+ * are used as stored. int8 / fp8 rows are bf16 values times their row's scale (kv_row_bf16, exact): a chunk's K rows
+ * are converted once for every query row, with the K scale applied to the scores, the V scale to P before it is
+ * rounded to bf16. Included by paged_attention.c after CHUNK, bf16.h, kv_rows.h and simd_exp.h; defines HAVE_PAIRS. */
 #include "prefetch.h"
 #ifndef DELTASERVE_SHORT_PAIRS_H
 #define DELTASERVE_SHORT_PAIRS_H
@@ -28,16 +30,34 @@ static inline __attribute__((always_inline)) __m512 reduce16(__m512 v[16]) {
  * Q.K: per query row and 16 keys, 16 pair-product vectors reduced by reduce16, so scores come out with keys on
  * lanes. P.V: V rows of a key pair interleaved with unpacklo/hi_epi16 (lane i of the lo half holds dims
  * 8(i/4) + i%4 of its 32, the hi half those + 4), times the broadcast P pair; dims are put back in order once
- * per row at the end. Scratch: scores [nq][CHUNK] fp32, pp [nq][CHUNK/2] P pairs, vp [CHUNK/2][D] V pairs. */
+ * per row at the end. Scratch: scores [nq][CHUNK] fp32, pp [nq][CHUNK/2] P pairs, vp [CHUNK/2][D] V pairs; quantized
+ * rows (quant = 1, kind 2 or 3) also kq [CHUNK][D] bf16 K rows and ks, vs [CHUNK] their K and V scales. */
 static inline __attribute__((always_inline)) void chunk_attend_pairs(
-    const float *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t q_start, int q_len,
-    int64_t kv_len, int j0, int j1, int g, int H, int Hkv, const int ND, float scale, float *restrict m_out,
-    float *restrict l_out, float *restrict acc_out, float *restrict scores, uint32_t *restrict pp,
-    uint32_t *restrict vp) {
+    const float *q, const void *kc, const void *vc, const int quant, int kind, const int64_t *slots, int64_t q_start,
+    int q_len, int64_t kv_len, int j0, int j1, int g, int H, int Hkv, const int ND, float scale,
+    float *restrict m_out, float *restrict l_out, float *restrict acc_out, float *restrict scores,
+    uint32_t *restrict pp, uint32_t *restrict vp, uint16_t *restrict kq, float *restrict ks, float *restrict vs) {
     const int G = H / Hkv, D = 32 * ND;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* scores padded with zeros to whole 32-key P vectors */
     const __m512 sc = _mm512_set1_ps(scale);
+    const uint16_t *k = (const uint16_t *)kc, *v = (const uint16_t *)vc; /* bf16 rows (quant = 0) */
+    if (quant) {
+        const int64_t rb = (int64_t)D + 4;
+        const float vmul = kind == KV_INT8 ? 1.f : 256.f; /* kv_row_bf16 reads fp8 as value / 256 */
+        for (int jj = 0; jj < nk; jj++) {
+            /* head 0 fetches the whole slot rows (every head's, contiguous) ahead; the later heads find them in L2 */
+            if (g == 0 && jj + 16 < nk) {
+                prefetch_bytes((const uint8_t *)kc + slots[j0 + jj + 16] * Hkv * rb, (int)(Hkv * rb), 0);
+                prefetch_bytes((const uint8_t *)vc + slots[j0 + jj + 16] * Hkv * rb, (int)(Hkv * rb), 1);
+            }
+            const int64_t row = slots[j0 + jj] * Hkv + g;
+            ks[jj] = kv_row_bf16(kc, kind, row, D, kq + (int64_t)jj * D);
+            vs[jj] = kv_row_scale((const uint8_t *)vc + row * rb, D) * vmul;
+        }
+        /* past the chunk's keys: P is 0 there and must stay so (0 * a garbage scale may be NaN) */
+        for (int jj = nk; jj < nk32; jj++) ks[jj] = vs[jj] = 0.f;
+    }
     int nvis_max = 0;
     for (int i = 0; i < q_len; i++) {
         const int64_t nv = kv_len - q_len + i - j0 + 1;
@@ -54,7 +74,8 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
              * head's, contiguous, so memory is read in order), the later heads' rows then come from L2. */
             const int first = qi == 0;
             for (int jb = 0; jb < nvis; jb += 16) {
-                if (first && g == 0) {
+                if (quant) { /* K from kq, converted above */
+                } else if (first && g == 0) {
                     for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 0);
                     for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_bytes(v + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 1);
                 } else if (first) {
@@ -64,7 +85,7 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
                 if (jb + 16 <= nvis) {
 #pragma GCC unroll 16
                     for (int t = 0; t < 16; t++) {
-                        const uint16_t *kr = k + (slots[j0 + jb + t] * Hkv + g) * D;
+                        const uint16_t *kr = quant ? kq + (int64_t)(jb + t) * D : k + (slots[j0 + jb + t] * Hkv + g) * D;
                         part[t] = _mm512_setzero_ps();
 #pragma GCC unroll 4
                         for (int c = 0; c < ND; c++)
@@ -75,13 +96,15 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
                     for (int t = 0; t < 16; t++) {
                         part[t] = _mm512_setzero_ps();
                         if (jb + t >= nvis) continue;
-                        const uint16_t *kr = k + (slots[j0 + jb + t] * Hkv + g) * D;
+                        const uint16_t *kr = quant ? kq + (int64_t)(jb + t) * D : k + (slots[j0 + jb + t] * Hkv + g) * D;
                         for (int c = 0; c < ND; c++)
                             part[t] = _mm512_dpbf16_ps(part[t], (__m512bh)_mm512_loadu_si512((const void *)(kr + 32 * c)),
                                                        qb[c]);
                     }
                 }
-                _mm512_storeu_ps(s + jb, _mm512_mul_ps(reduce16(part), sc));
+                __m512 sv = _mm512_mul_ps(reduce16(part), sc);
+                if (quant) sv = _mm512_mul_ps(sv, _mm512_loadu_ps(ks + jb)); /* q . (k * k_scale) */
+                _mm512_storeu_ps(s + jb, sv);
             }
             /* softmax numerators over the visible keys; zeros after them, to nk32 */
             __m512 mv = _mm512_set1_ps(-3.0e38f);
@@ -100,17 +123,31 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
             }
             m_out[qi] = nvis > 0 ? m : -3.0e38f;
             l_out[qi] = nvis > 0 ? _mm512_reduce_add_ps(lv) : 0.f; /* 0: the merge skips this chunk */
-            /* P pairs (p[2i], p[2i+1]) rounded to bf16, in key order */
-            for (j = 0; j < nk32; j += 32)
-                _mm512_storeu_si512((void *)(pp + qi * (CHUNK / 2) + j / 2),
-                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + j)));
+            /* P pairs (p[2i], p[2i+1]) rounded to bf16, in key order (quantized V: P * v_scale, so that the pairs
+             * multiply V's bf16 values) */
+            for (j = 0; j < nk32; j += 32) {
+                __m512 pa = _mm512_loadu_ps(s + j), pb = _mm512_loadu_ps(s + j + 16);
+                if (quant) {
+                    pa = _mm512_mul_ps(pa, _mm512_loadu_ps(vs + j));
+                    pb = _mm512_mul_ps(pb, _mm512_loadu_ps(vs + j + 16));
+                }
+                _mm512_storeu_si512((void *)(pp + qi * (CHUNK / 2) + j / 2), (__m512i)_mm512_cvtne2ps_pbh(pb, pa));
+            }
         }
     }
     /* V pairs of the visible keys (a missing partner key is a zero row: its P is 0, and 0 * garbage may be NaN) */
     const int njp = (nvis_max + 1) / 2;
+    uint16_t ta[128], tb[128]; /* a quantized pair's rows as bf16 */
     for (int jp = 0; jp < njp; jp++) {
-        const uint16_t *va = v + (slots[j0 + 2 * jp] * Hkv + g) * D;
-        const uint16_t *vb = 2 * jp + 1 < nk ? v + (slots[j0 + 2 * jp + 1] * Hkv + g) * D : NULL;
+        const uint16_t *va, *vb;
+        if (quant) {
+            kv_row_bf16(vc, kind, slots[j0 + 2 * jp] * Hkv + g, D, ta);
+            va = ta;
+            vb = 2 * jp + 1 < nk ? (kv_row_bf16(vc, kind, slots[j0 + 2 * jp + 1] * Hkv + g, D, tb), tb) : NULL;
+        } else {
+            va = v + (slots[j0 + 2 * jp] * Hkv + g) * D;
+            vb = 2 * jp + 1 < nk ? v + (slots[j0 + 2 * jp + 1] * Hkv + g) * D : NULL;
+        }
         for (int c = 0; c < ND; c++) {
             const __m512i a = _mm512_loadu_si512((const void *)(va + 32 * c));
             const __m512i b = vb ? _mm512_loadu_si512((const void *)(vb + 32 * c)) : _mm512_setzero_si512();

@@ -16,7 +16,9 @@
  *   takes its row maxima from the score tiles' registers (no pass over S^T for them).
  *
  * Layouts (row-major), as in paged_attention.c:
- *   q     [num_q_tokens, H, D] float32        k, v  [num_slots, Hkv, D] bfloat16 or float32
+ *   q     [num_q_tokens, H, D] float32        k, v  [num_slots, Hkv, D] float32 (kv_kind 0) or bfloat16 (1), or
+ *                                              [num_slots, Hkv, D + 4] bytes: int8 (2) / fp8 e4m3 (3) rows and
+ *                                              their fp32 scale (kv_rows.h), dequantized a key chunk at a time
  *   slots [sum of kv_len] int64                seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
  *   out   [num_q_tokens, H, D] float32 (rows of queries not in any listed sequence are untouched)
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
@@ -26,6 +28,7 @@
  * numerators are rounded to bf16 for P.V as well (what GPU flash attention does; V pairs packed per
  * chunk); without it P.V stays in fp32. mode bit 1: fp32 products even so (what a CPU without
  * AVX512-BF16 runs, or one where its pair products are slower than fp32 FMA; tests cover that path here with it).
+ * The quantized kinds always take the fp32 product path (dequantized rows, no pairs; mode bits ignored).
  * What runs where: with AVX-512 every path, VL = 16; with only AVX2 + FMA (AMD Zen 3, client chips) the fp32
  * product path, VL = 8 and tiles of at most 12 accumulators for the 16 ymm registers (bf16 K/V widened to fp32).
  * Returns 0, 1 when out of memory, 2 when built without AVX-512 or AVX2 + FMA (the caller falls back).
@@ -38,10 +41,10 @@ int paged_attention_tiled_available(void);
 
 #if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
 int paged_attention_tiled_available(void) { return 0; }
-int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                           int mode) {
-    (void)q; (void)k; (void)v; (void)kv_bf16; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
+    (void)q; (void)k; (void)v; (void)kv_kind; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
     (void)D; (void)scale; (void)out; (void)mode;
     return 2;
 }
@@ -55,6 +58,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
 int paged_attention_tiled_available(void) { return 1; }
 
 #include "bf16.h"
+#include "kv_rows.h" /* kv_load_row, kv_row_bytes: a cache row of any kind */
 #include "simd_exp.h"
 #include "prefetch.h"
 
@@ -97,18 +101,6 @@ static inline vfloat vmax_masked(vfloat mx, vmask keep, vfloat s) { return _mm25
 static inline vfloat vkeep(vmask keep, vfloat p) { return _mm256_and_ps(keep, p); }
 static inline int vall_equal(vfloat a, vfloat b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ)) == 0; }
 #endif
-
-/* dst[0..D) <- row `off` of a bf16 or fp32 cache, as fp32 (D a multiple of VL or handled by the tail). */
-static inline void load_row(const void *base, int bf16, int64_t off, int D, float *restrict dst) {
-    if (!bf16) {
-        memcpy(dst, (const float *)base + off, sizeof(float) * D);
-        return;
-    }
-    const uint16_t *s = (const uint16_t *)base + off;
-    int d = 0;
-    for (; d + VL <= D; d += VL) V(storeu_ps)(dst + d, vload_bf16(s + d));
-    for (; d < D; d++) dst[d] = bf16_to_f32(s[d]);
-}
 
 /* S^T[j..j+KA)[r0..r0+VL*NV) = K[j..j+KA) . QT[:, r0..]: KA x NV accumulators held in registers.
  * KA x NV is kept near 16 (12 or 8 on AVX2, whose 16 ymm registers also hold the NV row vectors and the broadcast)
@@ -416,7 +408,7 @@ static void buffers_free(Buffers *b) {
 }
 
 /* One work item: query positions [i0, i0 + ni) of a sequence, kv head g. */
-static void attend_block(const float *q, const void *k, const void *v, int bf16, const int64_t *slots,
+static void attend_block(const float *q, const void *k, const void *v, int kind, const int64_t *slots,
                          int64_t q_start, int64_t q_len, int64_t kv_len, int64_t i0, int ni, int g, int H, int Hkv,
                          int D, float scale, float *out, Buffers *B, int dp, int pbf) {
     const int G = H / Hkv;
@@ -457,21 +449,21 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
          * steps, verify 4 x 9 @6k: 361 -> 301 ms; the same for a 2048-token prefill, whose K/V sit in L2: 27.7 ->
          * 29.9 ms, hence only for short spans). */
         const int64_t nnext = nkeys - j0 - KB < KB ? nkeys - j0 - KB : KB;
-        const int es = bf16 ? 2 : 4; /* bytes an element */
+        const int64_t rb = kv_row_bytes(kind, D); /* bytes a (slot, kv head) row, scale included */
         Prefetch pfs, *pf = NULL;
         if (pbf || RP > 32) {
-            for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * D * es, D * es, 0);
-            for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * D * es, D * es, 0);
+            for (int jj = 0; jj < nnext; jj++) prefetch_bytes((const char *)k + (slots[j0 + KB + jj] * Hkv + g) * rb, (int)rb, 0);
+            for (int jj = 0; jj < nk; jj++) prefetch_bytes((const char *)v + (slots[j0 + jj] * Hkv + g) * rb, (int)rb, 0);
         } else {
             pfs = (Prefetch){(const char *)k, (const char *)v, slots + j0 + KB, nnext > 0 ? nnext : 0, 0,
-                             (int64_t)Hkv * D * es, (int64_t)g * D * es, D * es};
+                             (int64_t)Hkv * rb, (int64_t)g * rb, (int)rb};
             pf = &pfs;
         }
         for (int jj = 0; jj < nk; jj++) {
-            const int64_t off = (slots[j0 + jj] * Hkv + g) * D;
-            if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + off, sizeof(uint16_t) * D);
-            else load_row(k, bf16, off, D, kf + (int64_t)jj * D);
-            if (!pbf) load_row(v, bf16, off, D, vf + (int64_t)jj * D);
+            const int64_t row = slots[j0 + jj] * Hkv + g;
+            if (dp) memcpy(B->KP + (int64_t)jj * (D / 2), (const uint16_t *)k + row * D, sizeof(uint16_t) * D);
+            else kv_load_row(k, kind, row, D, kf + (int64_t)jj * D);
+            if (!pbf) kv_load_row(v, kind, row, D, vf + (int64_t)jj * D);
         }
         if (dp)
             memset(B->KP + (int64_t)nk * (D / 2), 0, sizeof(uint16_t) * D * (nka - nk));
@@ -572,12 +564,12 @@ static void attend_block(const float *q, const void *k, const void *v, int bf16,
     }
 }
 
-int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_bf16, const int64_t *slots,
+int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                           int mode) {
     const int G = H / Hkv;
     if (G > MAX_ROWS || (D & 3) != 0) return 2;
-    const int dp = HAVE_DP && kv_bf16 && !(mode & 2); /* bf16 pair products for Q.K */
+    const int dp = HAVE_DP && kv_kind == KV_BF16 && !(mode & 2); /* bf16 pair products for Q.K */
     const int pbf = dp && (mode & 1);                  /* ... and for P.V */
     const int QB = MAX_ROWS / G; /* query positions per work item */
     int64_t n_items = 0;
@@ -610,7 +602,7 @@ int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_b
             const int64_t *sq = seqs + 4 * items[3 * w];
             const int64_t i0 = items[3 * w + 2] * QB;
             const int ni = (int)(sq[1] - i0 < QB ? sq[1] - i0 : QB);
-            attend_block(q, k, v, kv_bf16, slots + sq[2], sq[0], sq[1], sq[3], i0, ni, (int)items[3 * w + 1], H,
+            attend_block(q, k, v, kv_kind, slots + sq[2], sq[0], sq[1], sq[3], i0, ni, (int)items[3 * w + 1], H,
                          Hkv, D, scale, out, &B, dp, pbf);
         }
         buffers_free(&B);

@@ -87,6 +87,8 @@ class NativeCpuBackend(AttentionBackend):
     pair products (the probe's answer: on some Xeons they are slower than fp32 FMA, `kernels/cpu_probe.py`).
     span_matmul: spans of SPAN_MATMUL_MIN_Q tokens or more that would take the tiled kernel run as bf16 matrix
     products (`span_probe.py`'s answer; a bf16 cache and the tiled kernel only).
+    kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
+    goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     """
 
     num_heads: int
@@ -144,12 +146,14 @@ class NativeCpuBackend(AttentionBackend):
             # fp32 in and out of the kernels; each writes the rows of its own spans only
             q32 = q.float().contiguous()  # [T, H, D]; no copy when q came in fp32 (fp32_q)
             out32 = torch.empty(q.shape, dtype=torch.float32)
+            # a uint8 cache's rows say nothing of their format: name it (fp32 / bf16 caches: the kernels read the dtype)
+            kind = {"kind": fmt.kind} if fmt is not None else {}
             if meta.short is not None:
                 native.paged_attention_short(q32, k_cache, v_cache, meta.short.slots, meta.short.seqs, scale, out32,
-                                             pairs=self.pairs)
+                                             pairs=self.pairs, **kind)
             if meta.tiled is not None:
                 native.paged_attention_tiled(q32, k_cache, v_cache, meta.tiled.slots, meta.tiled.seqs, scale, out32,
-                                             p_bf16=self.p_bf16, bf16_dot=self.bf16_dot)
+                                             p_bf16=self.p_bf16, bf16_dot=self.bf16_dot, **kind)
             if meta.matmul:
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
             out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
