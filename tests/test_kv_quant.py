@@ -87,11 +87,49 @@ def test_store_segments_keep_quantized_rows_and_the_stamp_names_the_format():
 
 
 # ------------------------------------------------------------------ real weights
+def _last_rows(model, ids: list[int], splits: list[int], fmt_name: str):
+    """Forward `ids` in spans ending at `splits` (then at len(ids)) over a fresh pool of `fmt_name`: the last
+    position's logits and every stored K row of layer 0 and the last layer (bytes)."""
+    from deltaserve.layers.attention import SeqSpan
+
+    cfg = model.cfg
+    pool = KVPool(KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, fmt_name), len(ids) + 1)
+    model.use_kv_format(pool.layout.fmt)
+    slots, tokens = torch.arange(len(ids)), torch.tensor(ids)
+    with torch.inference_mode():
+        for s, e in zip([0] + splits, splits + [len(ids)]):
+            meta = model.attn.prepare([SeqSpan(0, e - s, slots[:e])], slots[s:e])
+            logits = model.logits(model(tokens[s:e], torch.arange(s, e), pool, meta))[-1]
+    return logits, pool.k_cache[0][: len(ids)].clone(), pool.k_cache[-1][: len(ids)].clone()
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_batch_invariant_mode_stores_the_bits_a_recompute_would(smollm_model, name):
+    """A 300-token context computed in one span, or as 290 + 7 + 1 + 1 + 1 (a prefix, a delta, decode steps):
+    with batch-invariant mode the same logits and the same stored bytes, bit for bit. (Without it, on the Zen 4
+    this was written on, the K/V differ in the last bits — fp32 GEMMs of a few rows take other MKL kernels, decode
+    spans another attention kernel — which int8/fp8 rounding can turn into a whole quantization step: the 35-turn
+    test below then diverged at turn 18.)"""
+    from conftest import text_of_tokens
+
+    model, tok = smollm_model
+    ids = text_of_tokens(tok, 300, seed=3)[:300]
+    splits = [290, 297, 298, 299]
+    try:
+        model.set_batch_invariant(True)
+        one = _last_rows(model, ids, [], name)
+        many = _last_rows(model, ids, splits, name)
+        assert all(torch.equal(a, b) for a, b in zip(one, many))
+    finally:
+        model.set_batch_invariant(False)
+        model.use_kv_format(resolve("auto", model.dtype))
+
+
 @pytest.fixture(scope="module", params=QUANT)
 def quant_engines(request, smollm_dir):
     name = request.param
-    return name, {m: load_engine(smollm_dir, cache_mode=m, speculation=False, kv_cache_dtype=name)
-                  for m in CacheMode}
+    return name, {m: load_engine(smollm_dir, cache_mode=m, speculation=False, kv_cache_dtype=name,
+                                 batch_invariant=True) for m in CacheMode}
 
 
 def test_35_turns_identical_across_cache_modes_at_a_quantized_cache_dtype(quant_engines):
@@ -130,14 +168,14 @@ def test_int8_restores_from_tier_and_store_equal_recompute(smollm_dir, tmp_path)
     restart from the session store, continues exactly as a stateless int8 run."""
     from test_engine_sessions import run_conversations
 
-    ref = load_engine(smollm_dir, cache_mode=CacheMode.STATELESS, speculation=False, kv_cache_dtype="int8")
+    q = dict(speculation=False, kv_cache_dtype="int8", batch_invariant=True)
+    ref = load_engine(smollm_dir, cache_mode=CacheMode.STATELESS, **q)
     bpt = KVLayout(30, 3, 64, torch.float32, "int8").bytes_per_token
-    tiered = load_engine(smollm_dir, speculation=False, kv_cache_dtype="int8", kv_cache_bytes=bpt * 400,
-                         kv_offload_bytes=64 << 20)
+    tiered = load_engine(smollm_dir, kv_cache_bytes=bpt * 400, kv_offload_bytes=64 << 20, **q)
     (outs, _), expected = run_conversations(tiered, turns=5, sessions=6, seed=9), run_conversations(ref, 5, 6, 9)[0]
     assert outs == expected and tiered.stats()["restored_tokens"] > 0
 
-    a = load_engine(smollm_dir, speculation=False, kv_cache_dtype="int8", session_store=str(tmp_path))
+    a = load_engine(smollm_dir, session_store=str(tmp_path), **q)
     tok = a.tokenizer
     history = tok.apply_chat([{"role": "user", "content": "List the open tickets, then close the oldest."}])
     for i in range(3):
@@ -148,7 +186,7 @@ def test_int8_restores_from_tier_and_store_equal_recompute(smollm_dir, tmp_path)
     assert a.close(30)
     with pytest.raises(StampMismatch, match="kv_dtype"):
         load_engine(smollm_dir, speculation=False, session_store=str(tmp_path))  # a float32-KV server refuses it
-    b = load_engine(smollm_dir, speculation=False, kv_cache_dtype="int8", session_store=str(tmp_path))
+    b = load_engine(smollm_dir, session_store=str(tmp_path), **q)
     seq = b.add_request(history, GREEDY, session_id="q")
     b.run_until_done([seq])
     assert seq.stats.restored_tokens == saved and seq.output_ids == ref.generate([history], GREEDY)[0]

@@ -23,6 +23,11 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="how the pool stores K/V: auto = the model dtype; int8 / fp8 (e4m3) halve a bf16 cache's "
                         "bytes a token (one scale per token and kv head; quality cost in BENCHMARKS.md)")
+    p.add_argument("--batch-invariant", "--enable-deterministic-inference", dest="batch_invariant",
+                   action="store_true",
+                   help="a token's output never depends on what it was batched with (one GEMM form, the tiled "
+                        "attention kernel for every span; slower decode): with --kv-cache-dtype int8/fp8, session "
+                        "turns then equal a recompute exactly, as they do with a float cache")
     p.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GB",
                    help="host-memory tier: KV evicted from the pool is copied here (LRU, GB bound) and restored by "
                         "copy instead of prefill (default 0: evicted KV is dropped)")
@@ -113,7 +118,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         request_timeout=args.request_timeout, max_pinned_tokens_per_key=args.max_pinned_tokens_per_key,
                         dtype=getattr(torch, dtype), device=args.device,
                         kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
-                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), cache_mode=CacheMode(args.cache_mode),
+                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                        batch_invariant=getattr(args, "batch_invariant", False), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
                         max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode,

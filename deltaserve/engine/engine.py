@@ -42,6 +42,8 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_bytes: int = 2 << 30
     kv_cache_dtype: str = "auto"  # how the pool stores K/V (`kv/quant.py`: auto = the model dtype, int8, fp8, ...)
+    # a token's bits independent of its batch (`LlamaModel.set_batch_invariant`): exact sessions with int8/fp8 KV
+    batch_invariant: bool = False
     max_batch_tokens: int = 512
     max_prefill_with_decode: int | None = None  # prefill tokens a step that also decodes may carry (None: no cap)
     max_running: int = 64
@@ -75,6 +77,7 @@ class LLMEngine:
         self.config = config
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype,
                           config.kv_cache_dtype)
+        model.set_batch_invariant(config.batch_invariant)
         model.use_kv_format(layout.fmt)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
         log.info("KV pool: %d token slots of %s KV (%d bytes a token), attention %s", self.pool.num_slots,
@@ -94,7 +97,7 @@ class LLMEngine:
         self.persistence = self._persistence(model, layout)
         self.sessions.persistence = self.persistence
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, config.batch_invariant)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
         self.stop_ids = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
         self.step_stats = StepStats(env.step_trace())

@@ -18,9 +18,10 @@ class StepLogits(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVPool):
+    def __init__(self, model: LlamaModel, kv: KVPool, batch_invariant: bool = False):
         self.model = model
         self.kv = kv
+        self.batch_invariant = batch_invariant
         self.device = model.device
 
     def run(self, plan: StepPlan) -> StepLogits:
@@ -47,7 +48,8 @@ class ModelRunner:
             else:
                 rows.append((len(logit_index), 0))
         # the model's attention backend (chosen at its build) lays out the step once for all layers; a model shared
-        # by engines whose pools store K/V differently (tests) takes the backend for this pool's format first
+        # by engines whose pools store K/V differently (tests) takes this engine's modes first (no-ops when set)
+        self.model.set_batch_invariant(self.batch_invariant)
         self.model.use_kv_format(self.kv.layout.fmt)
         meta = self.model.attn.prepare(spans, torch.cat(write).to(self.device))
         hidden = self.model(

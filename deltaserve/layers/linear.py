@@ -53,6 +53,10 @@ SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover m
 # CPUs whose AVX512-BF16 is slow (module docstring) use the same bound, not re-measured there; on that Xeon
 # small_gemm beat oneDNN's packed bf16 at every size from 1 to 32 rows.
 SMALL_BATCH_ROWS_UNPACKED = 24
+# Batch-invariant mode pads smaller batches to this many rows: MKL's sgemm gives a row the same bits whatever the
+# other rows from 12 rows on, but not below (a row alone, or among 2, 3, 5-7, 9-11: [rows, 576] x [576, 1536] on
+# 2 threads, ~1e-6 relative differences), where it takes other kernels.
+INVARIANT_MIN_ROWS = 16
 
 
 def _mkldnn_linear_works(dtype: torch.dtype, bias: bool) -> bool:
@@ -152,8 +156,12 @@ def _measure_large_batch_form(rows: int = 256, shape: tuple[int, int] = (1536, 5
 class Linear:
     """y = x @ weight.T (+ bias). weight: [out, in]; x: [rows, in] -> [rows, out] in x's dtype.
 
-    Built once at load; holds no mutable state, so one instance serves every step.
+    Built once at load; holds no mutable state, so one instance serves every step. `batch_invariant` (set by
+    `LlamaModel.set_batch_invariant`) makes a row's output independent of the batch it runs in: one GEMM (the weight
+    as loaded) for every batch size, small batches padded to INVARIANT_MIN_ROWS rows.
     """
+
+    batch_invariant = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fast_cpu: bool = True,
                  large_batch_fp32: bool | None = None):
@@ -186,6 +194,12 @@ class Linear:
                     self.w32_packed = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            n = x.shape[0]
+            if n >= INVARIANT_MIN_ROWS:
+                return F.linear(x, self.weight, self.bias)
+            padded = torch.cat([x, x.new_zeros(INVARIANT_MIN_ROWS - n, x.shape[1])])  # [INVARIANT_MIN_ROWS, in]
+            return F.linear(padded, self.weight, self.bias)[:n]
         small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
         if self.w32 is not None and x.shape[0] > small:
             if self.w32_packed:

@@ -72,13 +72,31 @@ class LlamaModel(nn.Module):
         # Assign another backend (`select_backend(..., tiled=False)`, `SdpaBackend`) before preparing a step for it.
         self.attn: AttentionBackend = _attention(cfg, dtype, self.device)
         self.kv_format: KVFormat = resolve("auto", dtype)  # the cache format `attn` was chosen for
+        self.batch_invariant = False
 
     def use_kv_format(self, fmt: KVFormat) -> None:
         """Attend over a pool of this format from now on (`kv/quant.py`): re-selects the attention backend when the
         format is not the one it has. Mutates `attn`; call before preparing a step over such a pool."""
         if fmt != self.kv_format:
-            self.attn = _attention(self.cfg, self.dtype, self.device, fmt)
+            self.attn = _attention(self.cfg, self.dtype, self.device, fmt, self.batch_invariant)
             self.kv_format = fmt
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Make every token's hidden states, K/V and logits independent of the batch it is computed in (its chunk,
+        the other sequences of the step), as in a recompute: the Linear kernels' one-GEMM mode and the tiled
+        attention kernel for every span. Sessions then store the bits a recompute would, which a quantized cache
+        needs for stateful == stateless (its rounding turns 1e-7 differences into whole steps). Slower decode.
+        Mutates every Linear's mode and `attn`."""
+        if on == self.batch_invariant:
+            return
+        self.batch_invariant = on
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if lin is not None:
+                    lin.batch_invariant = on
+        if getattr(self, "lm_head_kernel", None) is not None:
+            self.lm_head_kernel.batch_invariant = on
+        self.attn = _attention(self.cfg, self.dtype, self.device, self.kv_format, on)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
@@ -134,9 +152,11 @@ def _build(cls, cfg, dtype, device):
     m.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, m.device)
     m.attn = _attention(cfg, dtype, m.device)
     m.kv_format = resolve("auto", dtype)
+    m.batch_invariant = False
     return m
 
 
 def _attention(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               fmt: KVFormat | None = None) -> AttentionBackend:
-    return select_backend(device, dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, kv_format=fmt)
+               fmt: KVFormat | None = None, batch_invariant: bool = False) -> AttentionBackend:
+    return select_backend(device, dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, kv_format=fmt,
+                          batch_invariant=batch_invariant)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from deltaserve.kernels import cpu_probe
@@ -12,10 +14,12 @@ from deltaserve.layers.attention.base import AttentionBackend
 from deltaserve.layers.attention.native import NativeCpuBackend, tiled_min_rows
 from deltaserve.layers.attention.sdpa import SdpaBackend
 
+log = logging.getLogger(__name__)
+
 
 def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: int, num_heads: int,
                    num_kv_heads: int, *, short: bool = True, tiled: bool = True,
-                   kv_format: KVFormat | None = None) -> AttentionBackend:
+                   kv_format: KVFormat | None = None, batch_invariant: bool = False) -> AttentionBackend:
     """The attention backend for a model: the native CPU kernels where they build and take this cache (CPU, bf16,
     fp32, int8 or fp8 rows; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
     kv_dtype: the model's dtype (K/V as computed); kv_format: how the pool stores them (None: as computed).
@@ -24,10 +28,19 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
     cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
     on first use of a head shape, more for wider ones); building the kernels' libraries on first use too.
-    short=False / tiled=False leave that kernel out (tests, comparisons).
+    short=False / tiled=False leave that kernel out (tests, comparisons). batch_invariant: every span in the tiled
+    kernel, which gives a query row the same bits whatever else it runs with (each row on its own lane, keys in
+    fixed blocks from the first); the short kernel splits keys per call and the matmul path chunks per span, so
+    both stay out. Without the tiled kernel there is no such backend: the usual one, with a warning.
     """
     device = torch.device(device)
     fmt = kv_format or resolve("auto", kv_dtype)
+    if batch_invariant:
+        if native.supports_tiled(device, fmt.storage, head_dim) and tiled:
+            short = False
+        else:
+            log.warning("batch-invariant attention needs the tiled kernel (CPU, AVX2 + FMA, head_dim %% 4 == 0): "
+                        "outputs may depend on the batch")
     has_short = short and native.supports(device, fmt.storage)
     has_tiled = tiled and native.supports_tiled(device, fmt.storage, head_dim)
     if not (has_short or has_tiled):
@@ -38,7 +51,9 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
         # without the short kernel every span takes the tiled one: from 0 rows. Quantized rows take fp32 products.
         tiled_min_rows=tiled_min_rows(not kv_bf16) if has_short and has_tiled else 0,
-        pairs=kv_bf16, p_bf16=kv_bf16,
+        # the short kernel's bf16 pair products: a bf16 cache, or int8/fp8 rows (exact in bf16) of a bf16 model,
+        # whose q is bf16 already (kernel alone, 8 x 8k decode, 1 thread, Zen 4: int8 pairs 4.75 ms, fp32 6.96 ms)
+        pairs=kv_bf16 or (fmt.quantized and kv_dtype == torch.bfloat16), p_bf16=kv_bf16,
         bf16_dot=bf16_dot, kv_format=fmt,
-        span_matmul=(has_tiled and kv_bf16 and span_matmul.available()
+        span_matmul=(has_tiled and kv_bf16 and not batch_invariant and span_matmul.available()
                      and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim, bf16_dot)))
