@@ -12,7 +12,12 @@ such history, yet most of it is predictable from the request alone:
   context's value under the same key (`"key": "..."`), a value with a prefix copies the completion of the
   context's strings that start with that prefix (their common prefix when they disagree). The match is
   anchored at the opening quote, i.e. its length adapts to the value so far; the n-gram lookup's fixed
-  trailing keys are what mislead it inside values.
+  trailing keys are what mislead it inside values;
+* inside nested objects and arrays (shapes kept to a bounded depth): an object's `{"`, its keys in schema
+  order with their values as above and its `}` after its last key; an array's `[` and its first item's
+  start. An array's `, ` / `]` after an item is not certain from the schema: only a whole object or array
+  the context holds under the same key (of the same shape, the written text a prefix of it, re-rendered in
+  the call's whitespace style) is copied to its end.
 
 The prediction is text; it becomes tokens by tokenizing the whole call (generated text + prediction) and
 keeping the tail only when its head re-tokenizes to exactly the generated tokens, so a BPE merge across
@@ -20,8 +25,8 @@ the boundary yields no draft instead of a wrong one; likewise the tail's last to
 following the prediction would merge with them (probed). Drafts stop at the first value that cannot be
 predicted. Verification stays the engine's (lossless); this module only proposes.
 
-The text prediction is `call_text.py`'s (with `ToolDrafts`, the immutable description the server puts in
-`SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request drafter the engine's
+The text prediction is `call_text.py`'s, from `call_shapes.py`'s `ToolDrafts` (the immutable description
+the server puts in `SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request drafter the engine's
 speculator builds from it (it holds the request's decoded context and where its current call starts;
 nothing else mutates).
 """
