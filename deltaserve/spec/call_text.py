@@ -179,11 +179,14 @@ class CallPredictor:
         self.ctx = context
         self.st = CallStyle("{")  # of the call being predicted; `continuation` sets it and `closer`
         self.closer = ""
+        # Whether the last continuation stopped after a complete item of an array (or of an object of
+        # unknown shape), where `,` / `]` / whitespace follows unpredicted: they may merge with its end.
+        self.ends_after_item = False
 
     # ---- structure ----------------------------------------------------
     def continuation(self, text: str, opener: str = CALL_OPEN + "\n", closer: str = "\n" + CALL_CLOSE) -> str:
         """Predicted text after `text`, a partial call that starts with `opener` and ends with `closer`."""
-        self.closer = closer
+        self.closer, self.ends_after_item = closer, False
         if not text.startswith(opener):
             self.st = CallStyle("{")
             return opener[len(text):] + BARE_HEAD + self._name("") if opener.startswith(text) else ""
@@ -227,15 +230,17 @@ class CallPredictor:
         """After a complete item of f: its next keys (schema order) and values while certain, and its `}`.
         -> (text, whether it reaches f's close). An array's next item or close is not certain."""
         out = ""
-        while f.obj and f.shape is not None and f.shape.props is not None:
+        if not f.obj or f.shape is None or f.shape.props is None:
+            self.ends_after_item = True
+            return out, False
+        while True:
             p = next_param(f.shape.props, f.seen)
             if p is None:
                 return out + self.st.close(f.depth) + "}", True
             text, done = self._key(f, p, "")
             out += self.st.sep(f.depth) + '"' + text
             if not done:
-                break
-        return out, False
+                return out, False
 
     def _key(self, f: _Frame, p: ParamShape, written: str) -> tuple[str, bool]:
         """From inside `"<written>` of key p in object f: the rest of the key, `": ` and the value as far

@@ -45,6 +45,7 @@ __all__ = ["SchemaDrafter", "ToolDrafts"]
 _UNTAGGED = (("```json\n", "\n```"), ("```\n", "\n```"), ("", ""))
 _MAX_CONTEXT_TOKENS = 8192  # values are copied from the recent context; bounds the one-off decode
 _PROBES = ("x", "0")  # text that may follow a prediction (a name, key or value goes on): its tokens must not change
+_ITEM_PROBES = (",", "]", "}", "\n")  # ... and what may follow an array item (`2}` + `],` is `2`,`}],`)
 _MAX_CONT_CHARS = 256  # a draft is <= k_max tokens; longer predictions are wasted tokenizer work
 
 
@@ -116,9 +117,10 @@ class SchemaDrafter:
             return []
         # The prediction's last tokens may merge with whatever text follows it (a name prefix `get_` is
         # `get`,`_` alone but `get`,`_weather` in full): keep only the tokens that stay the same whatever
-        # follows (probed with a letter and a digit).
+        # follows (probed with a letter and a digit; after an array item, where the predictor stops,
+        # with the `,` `]` `}` or newline that comes next too).
         m = len(call)
         end = min(len(ids), m + k)
-        for probe in _PROBES:
+        for probe in _PROBES + (_ITEM_PROBES if self._pred is not None and self._pred.ends_after_item else ()):
             end = m + common_prefix_len(ids[m:end], self.tok.encode(text + cont + probe)[m:end])
         return ids[m:end]
