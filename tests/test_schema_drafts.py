@@ -1,13 +1,15 @@
-"""Schema drafts (spec/schema_drafts.py, spec/call_text.py): what they predict, the exact tokens they propose, and that
+"""Schema drafts (spec/schema_drafts.py, spec/call_text.py, spec/call_shapes.py): what they predict, the exact tokens they propose, and that
 speculation with them stays lossless.
 
 * `ToolDrafts.from_tools` and the text predictor on hand-written partial calls (compact, pretty, fenced,
-  bare), including the cases where nothing may be predicted;
+  bare), including the cases where nothing may be predicted; nested objects and arrays (shapes, depth cap,
+  every cut of a compact and a pretty call, text that leaves the prediction inside a nested value);
 * `SchemaDrafter.propose` with the Qwen2.5 tokenizer: the exact ids for a generated suffix, none when the
   generated tokens are not how the text tokenizes, none past a BPE merge the prediction cannot know;
-* the engine on Qwen2.5-Coder-0.5B (fp32): a first tool call copying a record decodes to the same tokens
-  with schema drafts as without speculation (acceptance reported and high), and also when every schema
-  draft is wrong, when drafts run past stop tokens / into max_tokens, and when a stop string cuts the text;
+* the engine on Qwen2.5-Coder-0.5B (fp32): a first tool call copying a record (also one with nested
+  arguments) decodes to the same tokens with schema drafts as without speculation (acceptance reported and
+  high), and also when every schema draft is wrong, when drafts run past stop tokens / into max_tokens, and
+  when a stop string cuts the text;
 * a tiny random model (fast): identity while every draft position is rejected.
 """
 
