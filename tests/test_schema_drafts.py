@@ -1,5 +1,5 @@
-"""Schema drafts (spec/schema_drafts.py, spec/call_text.py, spec/call_shapes.py): what they predict, the exact tokens they propose, and that
-speculation with them stays lossless.
+"""Schema drafts (spec/schema_drafts.py, spec/call_text.py, spec/call_shapes.py): what they predict, the exact
+tokens they propose, and that speculation with them stays lossless.
 
 * `ToolDrafts.from_tools` and the text predictor on hand-written partial calls (compact, pretty, fenced,
   bare), including the cases where nothing may be predicted; nested objects and arrays (shapes, depth cap,
