@@ -9,8 +9,8 @@ they are not. Decode time of a request = finish - first token (prefill
 excluded). Each request carries its tools as `SamplingParams.tool_drafts`,
 as the server sets them for every request with tools, so speculation is
 history lookup + schema drafts, what a served request gets
-(`--no-tool-drafts`: history lookup only, to compare). HF transformers runs the same prompts with plain `generate` and
-with `generate(prompt_lookup_num_tokens=K)`; its decode time is the
+(`--no-tool-drafts`: history lookup only, to compare). HF transformers runs
+the same prompts with plain `generate` and with `generate(prompt_lookup_num_tokens=K)`; its decode time is the
 generate time minus a 1-token generate of the same prompt.
 """
 

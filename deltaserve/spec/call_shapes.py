@@ -104,7 +104,8 @@ def conforms(value: Any, shape: ParamShape | None) -> bool:
         return isinstance(value, str) and (not shape.enum or value in shape.enum)
     if shape.props is not None:
         names = {p.name for p in shape.props}
-        return isinstance(value, dict) and all(k in names and conforms(v, param(shape.props, k)) for k, v in value.items())
+        return isinstance(value, dict) and all(k in names and conforms(v, param(shape.props, k))
+                                               for k, v in value.items())
     if shape.items is not None:
         return isinstance(value, list) and all(conforms(v, shape.items) for v in value)
     return not isinstance(value, str)
@@ -138,4 +139,5 @@ class CallStyle:
         value, ascii_only = json.loads(raw), "\\u" in raw  # keep the context's choice of escapes
         if self.unit is None:
             return json.dumps(value, ensure_ascii=ascii_only)
-        return json.dumps(value, indent=self.unit, ensure_ascii=ascii_only).replace("\n", "\n" + self.unit * (depth + 1))
+        text = json.dumps(value, indent=self.unit, ensure_ascii=ascii_only)
+        return text.replace("\n", "\n" + self.unit * (depth + 1))  # json.dumps indents from column 0

@@ -26,9 +26,9 @@ following the prediction would merge with them (probed). Drafts stop at the firs
 predicted. Verification stays the engine's (lossless); this module only proposes.
 
 The text prediction is `call_text.py`'s, from `call_shapes.py`'s `ToolDrafts` (the immutable description
-the server puts in `SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request drafter the engine's
-speculator builds from it (it holds the request's decoded context and where its current call starts;
-nothing else mutates).
+the server puts in `SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request
+drafter the engine's speculator builds from it (it holds the request's decoded context and where its
+current call starts; nothing else mutates).
 """
 
 from __future__ import annotations
