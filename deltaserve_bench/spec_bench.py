@@ -10,8 +10,9 @@ excluded). Each request carries its tools as `SamplingParams.tool_drafts`,
 as the server sets them for every request with tools, so speculation is
 history lookup + schema drafts, what a served request gets
 (`--no-tool-drafts`: history lookup only, to compare). HF transformers runs
-the same prompts with plain `generate` and with `generate(prompt_lookup_num_tokens=K)`; its decode time is the
-generate time minus a 1-token generate of the same prompt.
+the same prompts with plain `generate` and with
+`generate(prompt_lookup_num_tokens=K)`; its decode time is the generate
+time minus a 1-token generate of the same prompt.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, default=8, help="HF prompt_lookup_num_tokens (deltaserve drafts up to 8, adaptive)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-tool-drafts", action="store_true",
-                   help="agents: requests without SamplingParams.tool_drafts (history lookup only, no schema drafts)")
+                   help="agents: requests without SamplingParams.tool_drafts (history lookup only, no schema drafts; "
+                        "--write puts it in section spec-MODEL-no-tool-drafts)")
     p.add_argument("--workload", choices=("agents", "first-call"), default="agents",
                    help="agents: multi-turn agent loops (below); first-call: single-turn requests whose first tool "
                         "call copies a JSON record, off vs history lookup vs + schema drafts (spec_first_call.py)")
