@@ -89,7 +89,8 @@ REQUESTS = [
      {"order": "ORD-2024-131207", "name": "Margarethe Lindqvist", "phone": "+46 8 555 019 24",
       "street": "Storgatan 12", "city": "Uppsala", "postcode": "753 20", "country": "SE", "sku": "KB-7731-NORD",
       "quantity": 2},
-     "Ship this order by express to this customer, one parcel with the ordered item."),
+     "Create an express shipment for this order: the recipient and address from the record, one parcel with the "
+     "ordered item."),
 ]
 
 

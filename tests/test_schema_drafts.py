@@ -433,10 +433,10 @@ def test_nested_first_call_identical(qwen):
     """A first call with nested arguments: the same tokens with schema drafts as without speculation, and
     drafts inside the nested values were proposed and accepted."""
     tok = qwen[1]
-    ref = _run(_engine(qwen, False), _request(tok, NESTED), 160)
+    ref = _run(_engine(qwen, False), _request(tok, NESTED), 240)
     assert ref.finish_reason == "stop" and '"address": {' in tok.decode(ref.output_ids), tok.decode(ref.output_ids)
     eng = _engine(qwen, True)
-    seq = _run(eng, _request(tok, NESTED), 160)
+    seq = _run(eng, _request(tok, NESTED), 240)
     assert seq.output_ids == ref.output_ids and seq.finish_reason == ref.finish_reason
     sp = eng.speculator
     assert sp.schema_drafted > 0 and sp.schema_accepted / sp.schema_drafted > 0.5, (sp.schema_accepted, sp.schema_drafted)
