@@ -1,4 +1,4 @@
-"""`deltaserve bench spec`: prompt-lookup speculation on tool-calling agent loops, on vs off, and vs HF.
+"""`deltaserve bench spec`: speculation on tool-calling agent loops, on vs off, and vs HF prompt lookup.
 
 Each agent runs a loop with the model's own chat template and tools
 (`tokenizer.render_chat(messages, tools)`, turns extended by `render_turn`):
@@ -6,9 +6,13 @@ generate, parse the reply with `parse_tool_calls`, append a synthetic tool
 result, continue. The loop runs first with speculation off, then with it on
 (greedy, same prompts); the outputs must be identical and the run fails if
 they are not. Decode time of a request = finish - first token (prefill
-excluded). HF transformers runs the same prompts with plain `generate` and
-with `generate(prompt_lookup_num_tokens=K)`; its decode time is the
-generate time minus a 1-token generate of the same prompt.
+excluded). Each request carries its tools as `SamplingParams.tool_drafts`,
+as the server sets them for every request with tools, so speculation is
+history lookup + schema drafts, what a served request gets
+(`--no-tool-drafts`: history lookup only, to compare). HF transformers runs
+the same prompts with plain `generate` and with
+`generate(prompt_lookup_num_tokens=K)`; its decode time is the generate
+time minus a 1-token generate of the same prompt.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--k", type=int, default=8, help="HF prompt_lookup_num_tokens (deltaserve drafts up to 8, adaptive)")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-tool-drafts", action="store_true",
+                   help="agents: requests without SamplingParams.tool_drafts (history lookup only, no schema drafts; "
+                        "--write puts it in section spec-MODEL-no-tool-drafts)")
     p.add_argument("--workload", choices=("agents", "first-call"), default="agents",
                    help="agents: multi-turn agent loops (below); first-call: single-turn requests whose first tool "
                         "call copies a JSON record, off vs history lookup vs + schema drafts (spec_first_call.py)")
@@ -76,11 +83,16 @@ def _tool_result(name: str, args: str, n: int) -> str:
     return json.dumps({"path": a.get("path", ""), "written": True})
 
 
-def _agent_loop(eng, agent: int, turns: int, max_tokens: int, tool_counter: list[int]):
-    """-> list of per-turn dicts: prompt, output, decode_s, decode_tokens, drafted, accepted, steps."""
+def _agent_loop(eng, agent: int, turns: int, max_tokens: int, tool_counter: list[int], tool_drafts: bool = True):
+    """-> list of per-turn dicts: prompt, output, decode_s, decode_tokens, drafted, accepted, steps.
+
+    `tool_drafts`: each request carries the tools as `SamplingParams.tool_drafts`, as the server's do."""
     from deltaserve.engine.chat import Transcript, render_turn, reply_message
     from deltaserve.engine.sampling import SamplingParams
     from deltaserve.server.tool_parser import parse_tool_calls
+    from deltaserve.spec.schema_drafts import ToolDrafts
+
+    drafts = ToolDrafts.from_tools(TOOLS) if tool_drafts else None
 
     tok = eng.tokenizer
     sid = f"agent{agent}"
@@ -91,7 +103,7 @@ def _agent_loop(eng, agent: int, turns: int, max_tokens: int, tool_counter: list
     res = []
     for turn in range(turns):
         prompt = render_turn(tok, messages, TOOLS, prior).tokens
-        seq = eng.add_request(prompt, SamplingParams(max_tokens=max_tokens), session_id=sid)
+        seq = eng.add_request(prompt, SamplingParams(max_tokens=max_tokens, tool_drafts=drafts), session_id=sid)
         eng.run_until_done([seq])
         out = seq.output_ids
         s = seq.stats
@@ -112,7 +124,8 @@ def _agent_loop(eng, agent: int, turns: int, max_tokens: int, tool_counter: list
     return res
 
 
-def _ours(args, speculation: bool):
+def _ours(args, speculation: bool) -> tuple[list[dict], tuple[int, int]]:
+    """-> (per-turn results of all agents, (schema drafted, schema accepted) tokens)."""
     from deltaserve.engine.engine import EngineConfig, LLMEngine
     from deltaserve.engine.sampling import SamplingParams
 
@@ -120,10 +133,13 @@ def _ours(args, speculation: bool):
                                                          kv_cache_bytes=1 << 30, max_batch_tokens=2048))
     eng.generate([list(range(1000, 1032))], SamplingParams(max_tokens=4))  # warm-up
     counter = [0]
-    runs = [_agent_loop(eng, a, args.turns, args.max_tokens, counter) for a in range(args.agents)]
+    runs = [_agent_loop(eng, a, args.turns, args.max_tokens, counter, not args.no_tool_drafts)
+            for a in range(args.agents)]
+    sp = eng.speculator
+    schema = (sp.schema_drafted, sp.schema_accepted) if sp is not None else (0, 0)
     del eng
     gc.collect()
-    return [r for agent in runs for r in agent]
+    return [r for agent in runs for r in agent], schema
 
 
 FREE_TEXT = ["Write a short poem about autumn rain in a small harbour town.",
@@ -188,8 +204,8 @@ def run(args) -> int:
         from deltaserve_bench.spec_first_call import run_first_call
 
         return run_first_call(args)
-    off = _ours(args, speculation=False)
-    on = _ours(args, speculation=True)
+    off, _ = _ours(args, speculation=False)
+    on, (schema_drafted, schema_accepted) = _ours(args, speculation=True)
     same = all(a["output"] == b["output"] and a["prompt"] == b["prompt"] for a, b in zip(off, on)) and len(off) == len(on)
     if not same:
         print("ERROR: speculative outputs differ from the non-speculative ones", file=sys.stderr)
@@ -204,8 +220,9 @@ def run(args) -> int:
     dec_tokens = sum(r["decode_tokens"] for r in on)
     calls = sum(r["calls"] for r in on)
     tps_off, tps_on = tps(off), tps(on)
+    mode = "history lookup (--no-tool-drafts)" if args.no_tool_drafts else "history lookup + schema drafts"
     rows = [["deltaserve", "speculation off", tps_off, "1.00x"],
-            ["deltaserve", "prompt-lookup speculation", tps_on, f"{tps_on / tps_off:.2f}x"]]
+            ["deltaserve", f"speculation: {mode}", tps_on, f"{tps_on / tps_off:.2f}x"]]
     hf_note = ""
     if not args.no_hf:
         hf = _hf(args, [r["prompt"] for r in off], [len(r["output"]) for r in off])
@@ -219,15 +236,19 @@ def run(args) -> int:
     free_ratio = free_on / free_off
     table = md_table(["engine", "mode", "decode tok/s", "vs deltaserve off"], rows)
     speedup = tps_on / tps_off
-    cmd = invoked_command("spec", f"deltaserve bench spec --model {args.model}")
+    cmd = invoked_command("spec", f"deltaserve bench spec --model {args.model}"
+                                  f"{' --no-tool-drafts' if args.no_tool_drafts else ''}")
     body = (
-        report_head(f"Speculation: prompt lookup on tool-calling agent loops ({args.model}, {args.dtype})", cmd) +
+        report_head(f"Speculation: {mode} on tool-calling agent loops ({args.model}, {args.dtype})", cmd) +
         f"{args.agents} agents x {args.turns} turns, tools rendered by the model's chat template, replies parsed with "
         f"`parse_tool_calls` ({calls} tool calls in {len(on)} replies), synthetic tool results appended; greedy, "
         f"max_tokens {args.max_tokens}, sessions (stateful). Same prompts with speculation off and on: "
         f"**outputs identical: {'yes' if same else 'NO'}** ({len(on)} replies, {dec_tokens} decode tokens).\n\n"
         + table + "\n\n"
-        f"- acceptance rate: **{accepted / drafted if drafted else 0:.0%}** ({accepted} of {drafted} drafted tokens)\n"
+        f"- acceptance rate: **{accepted / drafted if drafted else 0:.0%}** ({accepted} of {drafted} drafted tokens; "
+        f"schema drafts: {schema_accepted} of {schema_drafted}"
+        f"{' = ' + format(schema_accepted / schema_drafted, '.0%') if schema_drafted else ''}"
+        f"{', off: --no-tool-drafts' if args.no_tool_drafts else ''})\n"
         f"- accepted tokens per verify step: **{accepted / steps if steps else 0:.2f}** ({steps} verify steps; "
         f"tokens per decode step incl. the bonus token: {dec_tokens / max(1, dec_tokens - accepted):.2f})\n"
         f"- decode speedup from speculation: **{speedup:.2f}x** (target ≥ 2x: **{'met' if speedup >= 2 else 'NOT met'}**)\n"
@@ -238,5 +259,6 @@ def run(args) -> int:
         "Decode time = finish - first token of each request (prefill excluded), summed over requests. "
         + load_note() + "\n"
     )
-    publish(args.write, f"spec-{args.model}", body)
+    # A history-only run is a comparison: its own section, never the default one's.
+    publish(args.write, f"spec-{args.model}" + ("-no-tool-drafts" if args.no_tool_drafts else ""), body)
     return 0

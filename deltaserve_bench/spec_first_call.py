@@ -3,7 +3,8 @@
 Single-turn requests: a system prompt, the request's tools (rendered by the model's chat template) and a
 user message holding a JSON record whose ids, names, dates and amounts the call must copy. Nothing earlier
 in the conversation holds the call, so history lookup alone has little to copy; schema drafts
-(`deltaserve/spec/schema_drafts.py`) draft from the tools and the record.
+(`deltaserve/spec/schema_drafts.py`) draft from the tools and the record. The last request's arguments
+nest (two objects and an array of objects).
 
 Three modes on the same weights, greedy: speculation off; history lookup only (speculation on, no
 `tool_drafts`: what a request got before schema drafts); history + schema drafts. The modes are interleaved
@@ -74,6 +75,22 @@ REQUESTS = [
      {"booking": "QX7P2M", "passenger": "Anneliese Vandermeer", "current_flight": "LH 1123",
       "alternative": "LH 1127", "travel_date": "2024-12-21"},
      "Move this passenger to the alternative flight on the same date."),
+    # Nested arguments: objects (drafted key by key, closed after their last key) and an array of objects.
+    ([_fn("create_shipment", "Create a shipment for an order.", {
+        "order_id": S,
+        "recipient": {"type": "object", "properties": {"name": S, "phone": S}, "required": ["name", "phone"]},
+        "address": {"type": "object", "properties": {"street": S, "city": S, "postcode": S, "country": S},
+                    "required": ["street", "city", "postcode", "country"]},
+        "parcels": {"type": "array", "items": {"type": "object", "properties": {
+            "sku": S, "quantity": {"type": "integer"}}, "required": ["sku", "quantity"]}},
+        "service": {"type": "string", "enum": ["standard", "express"]}},
+          ["order_id", "recipient", "address", "parcels", "service"]),
+      _fn("track_shipment", "Track a shipment.", {"tracking_id": S}, ["tracking_id"])],
+     {"order": "ORD-2024-131207", "name": "Margarethe Lindqvist", "phone": "+46 8 555 019 24",
+      "street": "Storgatan 12", "city": "Uppsala", "postcode": "753 20", "country": "SE", "sku": "KB-7731-NORD",
+      "quantity": 2},
+     "Create an express shipment for this order: the recipient and address from the record, one parcel with the "
+     "ordered item."),
 ]
 
 

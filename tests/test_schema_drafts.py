@@ -1,17 +1,21 @@
-"""Schema drafts (spec/schema_drafts.py, spec/call_text.py): what they predict, the exact tokens they propose, and that
-speculation with them stays lossless.
+"""Schema drafts (spec/schema_drafts.py, spec/call_text.py, spec/call_shapes.py): what they predict, the exact
+tokens they propose, and that speculation with them stays lossless.
 
 * `ToolDrafts.from_tools` and the text predictor on hand-written partial calls (compact, pretty, fenced,
-  bare), including the cases where nothing may be predicted;
+  bare), including the cases where nothing may be predicted; nested objects and arrays (shapes, depth cap,
+  every cut of a compact and a pretty call, text that leaves the prediction inside a nested value);
 * `SchemaDrafter.propose` with the Qwen2.5 tokenizer: the exact ids for a generated suffix, none when the
   generated tokens are not how the text tokenizes, none past a BPE merge the prediction cannot know;
-* the engine on Qwen2.5-Coder-0.5B (fp32): a first tool call copying a record decodes to the same tokens
-  with schema drafts as without speculation (acceptance reported and high), and also when every schema
-  draft is wrong, when drafts run past stop tokens / into max_tokens, and when a stop string cuts the text;
+* the engine on Qwen2.5-Coder-0.5B (fp32): a first tool call copying a record (also one with nested
+  arguments) decodes to the same tokens with schema drafts as without speculation (acceptance reported and
+  high), and also when every schema draft is wrong, when drafts run past stop tokens / into max_tokens, and
+  when a stop string cuts the text;
 * a tiny random model (fast): identity while every draft position is rejected.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.engine.sampling import SamplingParams
 from deltaserve.engine.textstream import TextStream
 from deltaserve.spec import schema_drafts
+from deltaserve.spec.call_shapes import MAX_DEPTH
 from deltaserve.spec.call_text import CallContext, CallPredictor, ParamShape, ToolShape
 from deltaserve.spec.schema_drafts import SchemaDrafter, ToolDrafts
 
@@ -91,6 +96,145 @@ def test_predictor_bare_and_context_values():
     assert CallContext('"days": 12, "x": 1').value_of("days") == ("12", False)
 
 
+# ----------------------------------------------------------- nested values
+I = {"type": "integer"}
+SHIP = [{"type": "function", "function": {"name": "create_shipment", "parameters": {"type": "object", "properties": {
+    "order_id": S,
+    "address": {"type": "object", "properties": {"street": S, "city": S, "geo": {
+        "type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}}}},
+    "items": {"type": "array", "items": {"type": "object", "properties": {"sku": S, "qty": I}}},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["fragile", "express"]}},
+    "notes": {"type": "array", "items": S},
+    "priority": {"type": "string", "enum": ["low", "high"]}}}}}]
+# The prompt holds the tool's schema too: `"address": {"type": "object", ...` must not be copied as a value.
+SHIP_CONTEXT = ('tools: {"address": {"type": "object", "properties": {"street": {"type": "string"}}}}\nRecord: '
+                '{"order_id": "ORD-77", "street": "1 Main St", "city": "Lyon", "lat": 45.7, "lon": 4.8, '
+                '"notes": ["ring twice", "back door"], "sku": "A-1", "qty": 2}')
+SHIP_CALL = {"name": "create_shipment", "arguments": {
+    "order_id": "ORD-77", "address": {"street": "1 Main St", "city": "Lyon", "geo": {"lat": 45.7, "lon": 4.8}},
+    "items": [{"sku": "A-1", "qty": 2}], "tags": ["fragile"], "notes": ["ring twice", "back door"],
+    "priority": "high"}}
+A = T + '{"name": "create_shipment", "arguments": {'
+ADDR = A + '"order_id": "X", "address": {"street": "1 Main St", "city": "Lyon", "geo": {"lat": 45.7, "lon": 4.8}}'
+
+
+def _ship() -> CallPredictor:
+    return CallPredictor(ToolDrafts.from_tools(SHIP), CallContext(SHIP_CONTEXT))
+
+
+def test_from_tools_nested_shapes():
+    d = ToolDrafts.from_tools(SHIP)
+    addr = d.tools[0].params[1]
+    assert addr.name == "address" and addr.string is False and addr.items is None
+    assert [p.name for p in addr.props] == ["street", "city", "geo"]  # schema order
+    assert addr.props[2].props == (ParamShape("lat", False), ParamShape("lon", False))
+    items = d.tools[0].params[2]
+    assert items.props is None and items.items.name == "" and [p.name for p in items.items.props] == ["sku", "qty"]
+    assert d.tools[0].params[3].items == ParamShape("", True, ("fragile", "express"))
+    hash(d)
+    # No properties / no items: unknown inside. Nesting deeper than MAX_DEPTH: kept, but unknown inside.
+    deep: dict = {"type": "string"}
+    for _ in range(6):
+        deep = {"type": "object", "properties": {"k": deep}}
+    d = ToolDrafts.from_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"o": {"type": "object"}, "a": {"type": "array"}, "deep": deep}}}}])
+    o, a, shape = d.tools[0].params
+    assert o == ParamShape("o", False) and a == ParamShape("a", False)
+    levels = 0
+    while shape.props is not None:
+        shape, levels = shape.props[0], levels + 1
+    assert levels == MAX_DEPTH and shape == ParamShape("k", False)  # the object at the cut: no props
+
+
+@pytest.mark.parametrize("text,expected", [
+    # The whole call from the start: the key-matched scalars inside the object, its close after its last key,
+    # the array's `[` and its first item (an object, closed after its last key); then nothing (`, ` or `]`?).
+    (A, '"order_id": "ORD-77", "address": {"street": "1 Main St", "city": "Lyon", "geo": {"lat": 45.7, "lon": 4.8}}, '
+        '"items": [{"sku": "A-1", "qty": 2}'),
+    (A + '"order_id": "X", "address": {"ci', 'ty": "Lyon", "geo": {"lat": 45.7, "lon": 4.8}}, "items": [{"sku": "A-1", '
+                                             '"qty": 2}'),  # a key prefix picks the key inside the object
+    (ADDR[:-2], "}}, " + '"items": [{"sku": "A-1", "qty": 2}'),  # inside a number: the context's value
+    (ADDR[:-1], '}, "items": [{"sku": "A-1", "qty": 2}'),
+    (ADDR + ', "items": [{"sku": "A-1", "qty": 2}', ""),  # an array's close is not certain after an item
+    (ADDR + ', "items": [{"sku": "A-1", "qty": 2}]', ', "tags": ["'),  # two enum values: only the quote
+    (ADDR + ', "items": [], "tags": ["f', 'ragile"'),
+    (ADDR + ', "items": [], "tags": ["fragile", "', ""),  # either enum value could follow
+    (ADDR + ', "items": [], "tags": ["fragile", "e', 'xpress"'),
+    # The context holds `"notes": [...]` (a list of strings, as the schema says): copied to its end, the
+    # separators and the `]` with it, and on past the array.
+    (ADDR + ', "items": [], "tags": [], "notes": ', '["ring twice", "back door"], "priority": "'),
+    (ADDR + ', "items": [], "tags": [], "notes": ["ring', ' twice", "back door"], "priority": "'),
+    (ADDR + ', "items": [], "tags": [], "notes": ["x"', ""),  # off the context's array: not certain
+    (ADDR + ', "items": [], "tags": [], "notes": ["x"], "priority": "h', 'igh"}}\n</tool_call>'),
+    (ADDR + ', "items": [], "tags": [], "notes": [], "priority": "low"}', "}\n</tool_call>"),
+])
+def test_predictor_nested_compact(text, expected):
+    assert _ship().continuation(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    A + '"order_id": "X", "address": {"street": "2 ',  # off the context's value inside the object
+    A + '"order_id": "X", "address": {"street": "1 Main St", "city": "Lyon", "geo": {"lat": 12',  # a number
+    A + '"order_id": "X", "address": {"zip',  # no such key in the nested schema
+    A + '"order_id": "X", "address": {"street": "1 Main St", "city": "Lyon", "geo": {"lat": 45.7, "alt',
+    A + '"order_id": "X", "address": ["',  # an array where the schema says object
+    A + '"order_id": "X", "address": {"street": {"',  # an object where the schema says string
+    ADDR + ', "items": [{"sku": "A-1", "qty": 2}, {"sku": "A-1", "qty": 2}',  # after any item
+    ADDR + ', "items": [{"sku": "A-1", "qty": 2} ',  # whitespace after an item: `]` or `,`, unknown
+    A + '"order_id": "X", "address": {"street": "1 Main St"}, "items": [{"sku": "B-',  # no such string
+])
+def test_predictor_nested_divergence_predicts_nothing(text):
+    assert _ship().continuation(text) == ""
+
+
+def test_predictor_nested_divergence_no_wrong_text():
+    """The model leaves the prediction inside nested values (its own street, an sku the context lacks): the
+    guess at each value's start is the only text off what it writes; inside the diverged value nothing is
+    predicted, and after it the certain rest (keys, copied values, closes) is right again."""
+    truth = A + ('"order_id": "ORD-77", "address": {"street": "2 Rue Neuve", "city": "Lyon", "geo": {"lat": 45.7, '
+                 '"lon": 4.8}}, "items": [{"sku": "B-9", "qty": 2}], "tags": ["fragile"], '
+                 '"notes": ["ring twice", "back door"], "priority": "high"}}\n</tool_call>')
+    p = _ship()
+    misses = set()  # where in the truth a prediction's first wrong character lands
+    for cut in range(len(A), len(truth)):
+        c = p.continuation(truth[:cut])
+        k = next((j for j, (x, y) in enumerate(zip(c, truth[cut:])) if x != y), len(c))
+        if k < len(c):
+            misses.add(cut + k)
+        if truth.index("2 Rue") < cut < truth.index('", "city"') or truth.index("B-9") < cut < truth.index("B-9") + 3:
+            assert c == "", truth[:cut]  # inside a value off the context: nothing
+    assert misses == {truth.index("2 Rue"), truth.index("B-9")}  # the two values' starts: the copies guessed
+
+
+def test_predictor_nested_pretty_every_cut():
+    """A pretty-printed call (json.dumps indent=2, fenced), whole values copied re-rendered in that style:
+    at every cut after the style is known, the prediction is a prefix of the rest and the cut's end follows
+    certainly where it should."""
+    body = json.dumps(SHIP_CALL, indent=2)
+    p = _ship()
+    for cut in range(4, len(body)):
+        c = p.continuation("```json\n" + body[:cut], "```json\n", "\n```")
+        assert (body[cut:] + "\n```").startswith(c), (body[:cut][-30:], c)
+    at = body.index('"address"')
+    assert p.continuation("```json\n" + body[:at], "```json\n", "\n```") == (
+        '"address": {\n      "street": "1 Main St",\n      "city": "Lyon",\n      "geo": {\n        "lat": 45.7,\n'
+        '        "lon": 4.8\n      }\n    },\n    "items": [\n      {\n        "sku": "A-1",\n        "qty": 2\n      }')
+    at = body.index('"ring') + 2
+    assert p.continuation("```json\n" + body[:at], "```json\n", "\n```") == (
+        'ing twice",\n      "back door"\n    ],\n    "priority": "')
+
+
+def test_context_nested_value_of_conforms():
+    ctx = CallContext(SHIP_CONTEXT + ' "address": {"street": "9 Quai", "zip": "1"} "address": {"street": "8 Quai"}')
+    addr, notes = ToolDrafts.from_tools(SHIP).tools[0].params[1], ToolDrafts.from_tools(SHIP).tools[0].params[4]
+    # the latest one whose keys are all the schema's (`zip` is not; the schema text's `type` is not)
+    assert ctx.nested_value_of(addr) == '{"street": "8 Quai"}'
+    assert CallContext(SHIP_CONTEXT).nested_value_of(addr) is None
+    assert CallContext(SHIP_CONTEXT).nested_value_of(notes) == '["ring twice", "back door"]'
+    assert CallContext('"notes": [1, 2]').nested_value_of(notes) is None  # items must be strings
+    assert CallContext('"notes": ["a",\n "b"]').nested_value_of(notes) is None  # one line only
+
+
 # ------------------------------------------------------------- token drafts
 @pytest.fixture(scope="module")
 def qwen_tok(qwen_dir):
@@ -144,6 +288,38 @@ def test_propose_bare_call_from_output_start(qwen_tok):
     d = SchemaDrafter(ToolDrafts.from_tools(TOOLS), tok, tok.encode(CONTEXT))
     out = tok.encode('{"name": "get_time", "arguments": {"zone": "ORD-223')
     assert tok.decode(d.propose(out, 8)) == '1"}}'  # a bare call ends at its closing braces
+
+
+def test_propose_nested_exact_ids_and_divergence(qwen_tok):
+    tok = qwen_tok
+    full = tok.encode(T + json.dumps(SHIP_CALL) + "\n</tool_call>")
+
+    def drafter():
+        return SchemaDrafter(ToolDrafts.from_tools(SHIP), tok, tok.encode(SHIP_CONTEXT))
+
+    def cut_after(s: str) -> int:  # tokens of the call up to the token that ends at the end of `s`
+        n = next(i for i in range(len(full)) if tok.decode(full[:i]).endswith(s))
+        assert tok.decode(full[:n]).endswith(s)
+        return n
+
+    d = drafter()
+    # Inside the address object: the rest of its keys and the record's values, exactly the call's tokens.
+    at = cut_after('"address": {"')
+    assert d.propose(full[:at], 8) == full[at:at + 8]
+    assert tok.decode(full[at:at + 8]) == 'street": "1 Main St", "'
+    # Inside the array's first item: to its `}` and no further (`}],` is one token: the `}` is not drafted,
+    # as it would merge with the `],` that the model writes and the schema cannot know).
+    at = cut_after('"qty": ')
+    assert tok.decode(full[at:at + 2]) == "2}],"
+    assert d.propose(full[:at], 8) == full[at:at + 1]
+    # The model's own street: off the record's value inside the nested object, nothing is drafted.
+    head = T + '{"name": "create_shipment", "arguments": {"order_id": "ORD-77", "address": {"street": "'
+    off = tok.encode(head + "2 Ru")
+    d = drafter()
+    assert tok.decode(off).endswith('"2 Ru') and d.propose(off, 8) == []
+    # and back on the schema after it: the next key and its value from the record.
+    on = tok.encode(head + '2 Rue Neuve", "')
+    assert tok.decode(d.propose(on, 8)) == 'city": "Lyon", "geo'
 
 
 # ------------------------------------------------------------ engine: Qwen
@@ -248,6 +424,22 @@ def test_schema_drafts_with_stop_string(qwen, plain):
     assert stop in tok.decode(ref)
     seq = _run(_engine(qwen, True), _request(tok, 1), 128)
     assert text(seq.output_ids) == text(ref) and stop not in text(ref) and len(text(ref)) > 40
+
+
+NESTED = 6  # the bench's request whose arguments nest (objects, an array of objects)
+
+
+def test_nested_first_call_identical(qwen):
+    """A first call with nested arguments: the same tokens with schema drafts as without speculation, and
+    drafts inside the nested values were proposed and accepted."""
+    tok = qwen[1]
+    ref = _run(_engine(qwen, False), _request(tok, NESTED), 240)
+    assert ref.finish_reason == "stop" and '"address": {' in tok.decode(ref.output_ids), tok.decode(ref.output_ids)
+    eng = _engine(qwen, True)
+    seq = _run(eng, _request(tok, NESTED), 240)
+    assert seq.output_ids == ref.output_ids and seq.finish_reason == ref.finish_reason
+    sp = eng.speculator
+    assert sp.schema_drafted > 0 and sp.schema_accepted / sp.schema_drafted > 0.5, (sp.schema_accepted, sp.schema_drafted)
 
 
 # ------------------------------------------------------- engine: tiny model

@@ -77,8 +77,11 @@ def _tool_result(name: str, args: str, turn: int) -> str:
     return json.dumps({"path": a.get("path", "main.py"), "content": "def main():\n    return get_weather('Paris')\n"})
 
 
-def run_tool_conversation(engine: LLMEngine, session_id: str, max_tokens=MAX_TOKENS, temperature=0.0, seed=None):
-    """Agent loop: generate, parse tool calls, append synthetic results, next turn. -> (outputs, finish reasons)."""
+def run_tool_conversation(engine: LLMEngine, session_id: str, max_tokens=MAX_TOKENS, temperature=0.0, seed=None,
+                          tool_drafts=None):
+    """Agent loop: generate, parse tool calls, append synthetic results, next turn. -> (outputs, finish reasons).
+
+    `tool_drafts`: set on every turn's request, as the server does for a request with tools."""
     tok = engine.tokenizer
     engine.open_session(session_id)
     messages = [
@@ -89,7 +92,7 @@ def run_tool_conversation(engine: LLMEngine, session_id: str, max_tokens=MAX_TOK
     outs, reasons = [], []
     for turn, mt in enumerate(max_tokens):
         prompt = render_turn(tok, messages, TOOLS, prior).tokens
-        params = SamplingParams(max_tokens=mt, temperature=temperature, seed=seed)
+        params = SamplingParams(max_tokens=mt, temperature=temperature, seed=seed, tool_drafts=tool_drafts)
         seq = engine.add_request(prompt, params, session_id=session_id)
         engine.run_until_done([seq])
         out = seq.output_ids
@@ -134,6 +137,20 @@ def test_greedy_identical_with_speculation_multi_turn_tools(qwen, plain_run):
     st = eng.stats()
     assert st["drafted_tokens"] > 0, "tool-call output should give the prompt-lookup drafter something to propose"
     assert st["accepted_tokens"] <= st["drafted_tokens"]
+
+
+def test_greedy_identical_multi_turn_with_tool_drafts(qwen, plain_run):
+    """Every turn carries the tools as schema drafts (what a served request with tools gets): same outputs
+    and session state as without speculation, and the schema drafts took part."""
+    from deltaserve.spec.schema_drafts import ToolDrafts
+
+    ref_outs, ref_reasons, ref_state = plain_run
+    eng = _engine(qwen, speculation=True)
+    outs, reasons = run_tool_conversation(eng, "s", tool_drafts=ToolDrafts.from_tools(TOOLS))
+    assert outs == ref_outs and reasons == ref_reasons
+    assert _session_tokens(eng, "s") == ref_state
+    assert eng.speculator.schema_drafted > 0
+    assert eng.speculator.schema_accepted <= eng.speculator.schema_drafted
 
 
 def _patch_propose(monkeypatch, eng: LLMEngine, draft_fn):

@@ -12,7 +12,12 @@ such history, yet most of it is predictable from the request alone:
   context's value under the same key (`"key": "..."`), a value with a prefix copies the completion of the
   context's strings that start with that prefix (their common prefix when they disagree). The match is
   anchored at the opening quote, i.e. its length adapts to the value so far; the n-gram lookup's fixed
-  trailing keys are what mislead it inside values.
+  trailing keys are what mislead it inside values;
+* inside nested objects and arrays (shapes kept to a bounded depth): an object's `{"`, its keys in schema
+  order with their values as above and its `}` after its last key; an array's `[` and its first item's
+  start. An array's `, ` / `]` after an item is not certain from the schema: only a whole object or array
+  the context holds under the same key (of the same shape, the written text a prefix of it, re-rendered in
+  the call's whitespace style) is copied to its end.
 
 The prediction is text; it becomes tokens by tokenizing the whole call (generated text + prediction) and
 keeping the tail only when its head re-tokenizes to exactly the generated tokens, so a BPE merge across
@@ -20,10 +25,10 @@ the boundary yields no draft instead of a wrong one; likewise the tail's last to
 following the prediction would merge with them (probed). Drafts stop at the first value that cannot be
 predicted. Verification stays the engine's (lossless); this module only proposes.
 
-The text prediction is `call_text.py`'s (with `ToolDrafts`, the immutable description the server puts in
-`SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request drafter the engine's
-speculator builds from it (it holds the request's decoded context and where its current call starts;
-nothing else mutates).
+The text prediction is `call_text.py`'s, from `call_shapes.py`'s `ToolDrafts` (the immutable description
+the server puts in `SamplingParams.tool_drafts`, re-exported here); `SchemaDrafter` is the per-request
+drafter the engine's speculator builds from it (it holds the request's decoded context and where its
+current call starts; nothing else mutates).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = ["SchemaDrafter", "ToolDrafts"]
 _UNTAGGED = (("```json\n", "\n```"), ("```\n", "\n```"), ("", ""))
 _MAX_CONTEXT_TOKENS = 8192  # values are copied from the recent context; bounds the one-off decode
 _PROBES = ("x", "0")  # text that may follow a prediction (a name, key or value goes on): its tokens must not change
+_ITEM_PROBES = (",", "]", "}", "\n")  # ... and what may follow an array item (`2}` + `],` is `2`,`}],`)
 _MAX_CONT_CHARS = 256  # a draft is <= k_max tokens; longer predictions are wasted tokenizer work
 
 
@@ -111,9 +117,10 @@ class SchemaDrafter:
             return []
         # The prediction's last tokens may merge with whatever text follows it (a name prefix `get_` is
         # `get`,`_` alone but `get`,`_weather` in full): keep only the tokens that stay the same whatever
-        # follows (probed with a letter and a digit).
+        # follows (probed with a letter and a digit; after an array item, where the predictor stops,
+        # with the `,` `]` `}` or newline that comes next too).
         m = len(call)
         end = min(len(ids), m + k)
-        for probe in _PROBES:
+        for probe in _PROBES + (_ITEM_PROBES if self._pred is not None and self._pred.ends_after_item else ()):
             end = m + common_prefix_len(ids[m:end], self.tok.encode(text + cont + probe)[m:end])
         return ids[m:end]
