@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--text-tokens", type=int, default=4096, help="tokens of the held text scored")
     p.add_argument("--chunk-tokens", type=int, default=512)
-    add_write_argument(p, "kvquant")
+    add_write_argument(p, "kvquant-DTYPE")
     p.set_defaults(func=run)
 
 
@@ -115,8 +115,8 @@ def run(args) -> int:
             same = sum(o == r for o, r in zip(outs, ref_outs))
             before = sum(_first_difference(o, r) for o, r in zip(outs, ref_outs)) / len(outs)
             nll = -lp.mean().item()
-            row = [name, kvd, bpt, f"{bpt / ref_bpt:.2f}x", f"{same}/{len(outs)}", before, nll,
-                   nll + ref_lp.mean().item(), f"{(pred == ref_pred).float().mean().item() * 100:.1f}%"]
+            row = [name, kvd, bpt, f"{bpt / ref_bpt:.2f}x", f"{same}/{len(outs)}", before, f"{nll:.4f}",
+                   f"{nll + ref_lp.mean().item():+.4f}", f"{(pred == ref_pred).float().mean().item() * 100:.1f}%"]
             rows.append(row)
             print(" | ".join(str(v) for v in row), flush=True)
     table = md_table(["model", "KV cache", "bytes/token", "vs own dtype", "greedy identical",
@@ -129,5 +129,5 @@ def run(args) -> int:
             f"tokens each, against the same model with its own-dtype cache. Held text: {args.text_tokens} tokens of "
             f"Python's reference text (`pydoc_data.topics`: compound statements, special method names), scored in "
             f"{args.chunk_tokens}-token chunks over the stored history.\n\n" + table + "\n\n" + load_note() + "\n")
-    publish(args.write, "kvquant", body)
+    publish(args.write, f"kvquant-{args.dtype}", body)
     return 0
