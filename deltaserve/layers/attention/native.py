@@ -138,8 +138,12 @@ class NativeCpuBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
         fmt = self.kv_format if self.kv_format is not None and self.kv_format.quantized else None
-        k_cache.index_copy_(0, meta.slot_mapping, k if fmt is None else store_rows(k, fmt))  # [T, Hkv, row_width]
-        v_cache.index_copy_(0, meta.slot_mapping, v if fmt is None else store_rows(v, fmt))
+        if k.dtype == k_cache.dtype:
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
+        else:  # quantized rows, or a float cache of another dtype than the model's
+            k_cache.index_copy_(0, meta.slot_mapping, store_rows(k, self.kv_format))  # [T, Hkv, row_width]
+            v_cache.index_copy_(0, meta.slot_mapping, store_rows(v, self.kv_format))
         if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
             out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
         else:

@@ -146,7 +146,7 @@ class SdpaBackend(AttentionBackend):
                  kv_format: KVFormat | None = None):
         self.device = torch.device(device)
         self.gqa = num_heads != num_kv_heads  # SDPA's enable_gqa: query heads share KV heads
-        self.fmt = kv_format if kv_format is not None and kv_format.quantized else None
+        self.fmt = kv_format  # None: rows as the model computes them
 
     @property
     def fp32_q(self) -> bool:
@@ -160,11 +160,11 @@ class SdpaBackend(AttentionBackend):
                             prepare_long(long, self.device))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
-        if self.fmt is None:
+        if self.fmt is None or k.dtype == k_cache.dtype:
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v)
-        else:
-            k_cache.index_copy_(0, meta.slot_mapping, store_rows(k, self.fmt))  # [T, Hkv, D + 4] bytes
+        else:  # quantized rows, or a float cache of another dtype than the model's
+            k_cache.index_copy_(0, meta.slot_mapping, store_rows(k, self.fmt))  # [T, Hkv, row_width]
             v_cache.index_copy_(0, meta.slot_mapping, store_rows(v, self.fmt))
         out = torch.empty_like(q)  # [T, H, D]: every row belongs to one span, written below
         if meta.batch is not None:
