@@ -15,6 +15,7 @@ import torch
 import deltaserve.kernels as kernels
 from deltaserve.kernels import paged_attention as native
 from deltaserve.kv.quant import FORMATS, dequantize_rows, quantize_rows
+from test_native_attention import scattered_spans
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the PyTorch path is used instead")
 FMTS = {"int8": FORMATS["int8"], "fp8": FORMATS["fp8_e4m3"]}
@@ -67,12 +68,7 @@ def _case(g, fmt, S, Hkv, D, shape):
     """Random quantized caches [S, Hkv, D + 4] and spans (context length, q_len) on scattered slots."""
     kc = quantize_rows(torch.randn(S, Hkv, D, generator=g), fmt)
     vc = quantize_rows(torch.randn(S, Hkv, D, generator=g), fmt)
-    seqs, slots, q0, off = [], [], 0, 0
-    for L, ql in shape:  # slots drawn at random: the kernel must follow the slot list, not assume order
-        sl = torch.randperm(S, generator=g)[:L]
-        seqs.append((q0, ql, off, L))
-        slots.append(sl)
-        q0, off = q0 + ql, off + L
+    seqs, slots, q0 = scattered_spans(g, S, shape)
     return kc, vc, seqs, slots, q0
 
 

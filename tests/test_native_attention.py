@@ -25,6 +25,18 @@ def _reference(q, kc, vc, seqs, slots, scale):
     return out
 
 
+def scattered_spans(g: torch.Generator, S: int, shape: list[tuple[int, int]]):
+    """Kernel rows (q_start, q_len, kv_offset, kv_len) and slot lists for spans of (context length, q_len) over a
+    pool of S slots, and the total query count. Slots are drawn at random: the kernels must follow the slot list,
+    not assume order."""
+    seqs, slots, q0, off = [], [], 0, 0
+    for L, ql in shape:
+        slots.append(torch.randperm(S, generator=g)[:L])
+        seqs.append((q0, ql, off, L))
+        q0, off = q0 + ql, off + L
+    return seqs, slots, q0
+
+
 @pytest.mark.parametrize("kernel", ["short", pytest.param("tiled", marks=needs_tiled)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 128), (6, 2, 40)])
@@ -35,12 +47,7 @@ def test_matches_sdpa(kernel, dtype, H, Hkv, D, shape):
     S = 3000
     kc = torch.randn(S, Hkv, D, generator=g).to(dtype)
     vc = torch.randn(S, Hkv, D, generator=g).to(dtype)
-    seqs, slots, q0, off = [], [], 0, 0
-    for L, ql in shape:  # slots drawn at random: the kernel must follow the slot list, not assume order
-        sl = torch.randperm(S, generator=g)[:L]
-        seqs.append((q0, ql, off, L))
-        slots.append(sl)
-        q0, off = q0 + ql, off + L
+    seqs, slots, q0 = scattered_spans(g, S, shape)
     # a bf16 model's queries are bf16 values (the tiled kernel rounds q to bf16 with a bf16 cache)
     q = torch.randn(q0, H, D, generator=g).to(dtype).float()
     out = torch.full((q0, H, D), float("nan"))
