@@ -23,7 +23,8 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     """The attention backend for a model: the native CPU kernels where they build and take this cache (CPU, bf16,
     fp32, int8 or fp8 rows; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
     kv_dtype: the model's dtype (K/V as computed); kv_format: how the pool stores them (None: as computed).
-    Quantized rows take the kernels' fp32-product paths (dequantized a chunk at a time as they are read).
+    Quantized rows are dequantized a key chunk at a time as read: fp32 products in the tiled kernel, bf16 pairs in
+    the short one for a bf16 model (int8/fp8 values are exact in bf16).
 
     Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
     cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
@@ -56,7 +57,9 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         tiled_min_rows=tiled_min_rows(not kv_bf16) if has_short and has_tiled else 0,
         # the short kernel's bf16 pair products: a bf16 cache, or int8/fp8 rows (exact in bf16) of a bf16 model,
         # whose q is bf16 already (kernel alone, 8 x 8k decode, 1 thread, Zen 4: int8 pairs 4.75 ms, fp32 6.96 ms)
-        pairs=(kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16, p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
+        pairs=(kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16,
+        p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
         bf16_dot=bf16_dot, kv_format=fmt,
-        span_matmul=(has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant and span_matmul.available()
-                     and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim, bf16_dot)))
+        span_matmul=(has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant
+                     and span_matmul.available() and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim,
+                                                                             bf16_dot)))
