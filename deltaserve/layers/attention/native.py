@@ -62,7 +62,7 @@ class NativeMetadata(NamedTuple):
     short: KernelSpans | None  # spans of the short-query kernel, if any
     tiled: KernelSpans | None  # spans of the tiled kernel, if any
     long: tuple[LongSpan, ...]  # spans run by SDPA one at a time (only without the tiled kernel)
-    matmul: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (q_start, q_len, kv_slots) of `span_matmul`'s spans
+    matmul: tuple[span_matmul.MatmulSpan, ...] = ()  # `span_matmul`'s spans
 
 
 def kernel_spans(spans: list[SeqSpan]) -> KernelSpans:
@@ -132,7 +132,8 @@ class NativeCpuBackend(AttentionBackend):
             rest = [s for s in rest if s.q_len < SPAN_MATMUL_MIN_Q] if mm else rest
             return NativeMetadata(slot_mapping, kernel_spans(short) if short else None,
                                   kernel_spans(rest) if rest else None, (),
-                                  tuple((s.q_start, s.q_len, s.kv_slots.to(torch.int64)) for s in mm))
+                                  tuple(span_matmul.MatmulSpan(s.q_start, s.q_len, s.kv_slots.to(torch.int64))
+                                        for s in mm))
         return NativeMetadata(slot_mapping, kernel_spans(short) if short else None, None,
                               prepare_long(rest, slot_mapping.device))
 

@@ -36,6 +36,14 @@ def available() -> bool:
     return _FLASH is not None
 
 
+class MatmulSpan(NamedTuple):
+    """One span this path runs: its queries' rows in the flat batch and its whole context's slots."""
+
+    q_start: int
+    q_len: int
+    kv_slots: torch.Tensor  # [ctx_len] int64, the span's own tokens last
+
+
 class Buffers(NamedTuple):
     """Gather buffers reused by every chunk of every span of one `attend_spans` call (written, never returned)."""
 
@@ -90,9 +98,9 @@ def attend_block(
     out[q_start : q_start + n] = acc.reshape(Hkv, G, n, D).permute(2, 0, 1, 3).reshape(n, H, D)  # [n, H, D]
 
 
-def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spans: tuple, scale: float,
-                 out: torch.Tensor) -> None:
-    """Each (q_start, q_len, kv_slots) of `spans`, block by block (query i's context is the first
+def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spans: tuple[MatmulSpan, ...],
+                 scale: float, out: torch.Tensor) -> None:
+    """Each span of `spans`, block by block (query i's context is the first
     L - q_len + i + 1 slots whichever block it is in), sharing one pair of gather buffers; writes only those
     spans' rows of out [T, H, D] fp32."""
     shape = (CHUNK, *k_cache.shape[1:])
