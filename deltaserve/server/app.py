@@ -176,6 +176,12 @@ def run_server(args: argparse.Namespace) -> int:
     """`deltaserve serve`: load the model, then serve until SIGTERM/SIGINT, drain (`shutdown.py`), return 0."""
     from deltaserve.engine.args import build_engine
 
+    import logging.config
+
+    from deltaserve.server.stats_log import logging_config
+
+    # before the engine is built: its start-up lines (the KV pool, sessions restored from a store) are shown too
+    logging.config.dictConfig(logging_config(args.log_level))
     resolve_model(args)
     keys = list(args.api_key or [])
     if env.api_key():
@@ -192,7 +198,6 @@ def run_server(args: argparse.Namespace) -> int:
     # view, so the full collections that a serving loop's allocations trigger do not walk them each time.
     gc.freeze()
     from deltaserve.server.shutdown import serve
-    from deltaserve.server.stats_log import logging_config
 
     return serve(app, app.state.drain, app.state.ctx.driver.abort_all, host=args.host, port=args.port,
                  log_level=args.log_level, timeout_graceful_shutdown=5, log_config=logging_config(args.log_level))
