@@ -77,9 +77,8 @@ class LLMEngine:
         self.config = config
         layout = KVLayout(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, model.dtype,
                           config.kv_cache_dtype)
-        model.set_batch_invariant(config.batch_invariant)
-        model.use_kv_format(layout.fmt)
         self.pool = KVPool.from_budget(layout, config.kv_cache_bytes, model.device)
+        self.runner = ModelRunner(model, self.pool, config.batch_invariant)  # binds the model to the pool's format
         log.info("KV pool: %d token slots of %s KV (%d bytes a token), attention %s", self.pool.num_slots,
                  layout.fmt.name, layout.bytes_per_token, type(model.attn).__name__)
         self.kv = KVManager(self.pool, config.cache_mode, config.session_ttl, clock, config.max_pinned_fraction,
@@ -97,7 +96,6 @@ class LLMEngine:
         self.persistence = self._persistence(model, layout)
         self.sessions.persistence = self.persistence
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running, config.max_prefill_with_decode)
-        self.runner = ModelRunner(model, self.pool, config.batch_invariant)
         self.max_context = min(config.max_context or self.cfg.max_position, self.cfg.max_position)
         self.stop_ids = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
         self.step_stats = StepStats(env.step_trace())

@@ -23,6 +23,13 @@ class ModelRunner:
         self.kv = kv
         self.batch_invariant = batch_invariant
         self.device = model.device
+        self.bind()
+
+    def bind(self) -> None:
+        """Put the model in this runner's modes: attention for its pool's KV format, batch invariance. No-ops when
+        already so; a model shared by engines of other modes (tests) is switched back at each step. Mutates the model."""
+        self.model.set_batch_invariant(self.batch_invariant)
+        self.model.use_kv_format(self.kv.layout.fmt)
 
     def run(self, plan: StepPlan) -> StepLogits:
         ids: list[int] = []
@@ -47,10 +54,8 @@ class ModelRunner:
                 logit_index.extend(range(q0 + n - 1, q0 + len(feed)))
             else:
                 rows.append((len(logit_index), 0))
-        # the model's attention backend (chosen at its build) lays out the step once for all layers; a model shared
-        # by engines whose pools store K/V differently (tests) takes this engine's modes first (no-ops when set)
-        self.model.set_batch_invariant(self.batch_invariant)
-        self.model.use_kv_format(self.kv.layout.fmt)
+        # the model's attention backend lays out the step once for all layers
+        self.bind()
         meta = self.model.attn.prepare(spans, torch.cat(write).to(self.device))
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device),

@@ -68,8 +68,9 @@ class LlamaModel(nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
         )
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, self.device)
-        # the KV pool holds K/V in the model dtype (`engine.LLMEngine`): the backend is fixed by the model.
-        # Assign another backend (`select_backend(..., tiled=False)`, `SdpaBackend`) before preparing a step for it.
+        # chosen for a pool holding K/V in the model dtype; `use_kv_format` / `set_batch_invariant` choose again for
+        # another pool format or mode (the engine's runner calls both). Assign another backend
+        # (`select_backend(..., tiled=False)`, `SdpaBackend`) before preparing a step for it.
         self.attn: AttentionBackend = _attention(cfg, dtype, self.device)
         self.kv_format: KVFormat = resolve("auto", dtype)  # the cache format `attn` was chosen for
         self.batch_invariant = False
@@ -150,9 +151,7 @@ def _build(cls, cfg, dtype, device):
         m = cls(cfg, dtype, "meta")
     m.device = torch.device(device)
     m.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position, dtype, m.device)
-    m.attn = _attention(cfg, dtype, m.device)
-    m.kv_format = resolve("auto", dtype)
-    m.batch_invariant = False
+    m.attn = _attention(cfg, dtype, m.device)  # kv_format and batch_invariant as __init__ set them
     return m
 
 

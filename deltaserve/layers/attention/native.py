@@ -18,10 +18,10 @@ import torch
 
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
-from deltaserve.kv.quant import KVFormat, store_rows
+from deltaserve.kv.quant import KVFormat
 from deltaserve.layers.attention import span_matmul
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
-from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long, prepare_long
+from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long, prepare_long, store_kv
 
 # Spans with fewer query rows (q_len x GQA group) than this use the short-query kernel, the
 # rest the tiled one. The tiled kernel computes 16 rows a vector, so it wastes lanes below 16 rows, and it splits
@@ -139,12 +139,7 @@ class NativeCpuBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
         fmt = self.kv_format if self.kv_format is not None and self.kv_format.quantized else None
-        if k.dtype == k_cache.dtype:
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
-        else:  # quantized rows, or a float cache of another dtype than the model's
-            k_cache.index_copy_(0, meta.slot_mapping, store_rows(k, self.kv_format))  # [T, Hkv, row_width]
-            v_cache.index_copy_(0, meta.slot_mapping, store_rows(v, self.kv_format))
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
         if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
             out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
         else:

@@ -97,6 +97,17 @@ def gather(cache: torch.Tensor, slots: torch.Tensor, fmt: KVFormat | None, dtype
     return rows.to(dtype) if fmt is None else load_rows(rows, fmt, dtype)
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, fmt: KVFormat | None) -> None:
+    """Write a step's K/V ([T, Hkv, D], model dtype) into the layer's cache at `slot_mapping` ([T]), converted to
+    the cache's format where it differs from the model dtype (int8/fp8 rows, or another float dtype). Mutates the
+    caches' rows at those slots only."""
+    if fmt is not None and k.dtype != k_cache.dtype:
+        k, v = store_rows(k, fmt), store_rows(v, fmt)  # [T, Hkv, row_width]
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
 def attend_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PaddedBatch, scale: float,
                   gqa: bool, out: torch.Tensor, fmt: KVFormat | None = None) -> None:
     """Writes the batch's query rows of out [T, H, D] (q's dtype); q [T, H, D], caches [num_slots, Hkv, row_width]
@@ -160,12 +171,7 @@ class SdpaBackend(AttentionBackend):
                             prepare_long(long, self.device))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
-        if self.fmt is None or k.dtype == k_cache.dtype:
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
-        else:  # quantized rows, or a float cache of another dtype than the model's
-            k_cache.index_copy_(0, meta.slot_mapping, store_rows(k, self.fmt))  # [T, Hkv, row_width]
-            v_cache.index_copy_(0, meta.slot_mapping, store_rows(v, self.fmt))
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.fmt)
         out = torch.empty_like(q)  # [T, H, D]: every row belongs to one span, written below
         if meta.batch is not None:
             attend_padded(q, k_cache, v_cache, meta.batch, scale, self.gqa, out, self.fmt)

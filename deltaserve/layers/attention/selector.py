@@ -36,14 +36,11 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     """
     device = torch.device(device)
     fmt = kv_format or resolve("auto", kv_dtype)
-    if batch_invariant:
-        if native.supports_tiled(device, fmt.storage, head_dim) and tiled:
-            short = False
-        else:
-            log.warning("batch-invariant attention needs the tiled kernel (CPU, AVX2 + FMA, head_dim %% 4 == 0): "
-                        "outputs may depend on the batch")
-    has_short = short and native.supports(device, fmt.storage)
     has_tiled = tiled and native.supports_tiled(device, fmt.storage, head_dim)
+    if batch_invariant and not has_tiled:
+        log.warning("batch-invariant attention needs the tiled kernel (CPU, AVX2 + FMA, head_dim %% 4 == 0): "
+                    "outputs may depend on the batch")
+    has_short = short and not (batch_invariant and has_tiled) and native.supports(device, fmt.storage)
     if not (has_short or has_tiled):
         return SdpaBackend(device, num_heads, num_kv_heads, fmt)
     kv_bf16 = fmt.storage == torch.bfloat16
