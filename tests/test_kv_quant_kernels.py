@@ -3,8 +3,9 @@
 Against attention computed in torch (float64) from the rows `kv.quant.dequantize_rows` reads back, at the
 tolerances of the kernels' fp32 paths (`test_native_attention.py`): the kernels dequantize to the same fp32 values,
 so only the products' rounding differs. One-token contexts return the V row itself, which checks the dequantization
-bit for bit over every byte value. Each test runs on the build `-march=native` picks and again on an AVX2-only
-build (`-mno-avx512f`, Zen 3's path) and an SSE-only one (`-mno-avx`: the scalar loops; no tiled kernel there).
+bit for bit over every byte value. Each test runs on the build `-march=native` picks and again without AVX-512's VNNI
+and BF16 (Skylake-SP's), on an AVX2-only build (`-mno-avx512f`, Zen 3's path) and an SSE-only one (`-mno-avx`: the
+scalar loops; no tiled kernel there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from test_native_attention import scattered_spans
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the PyTorch path is used instead")
 FMTS = {"int8": FORMATS["int8"], "fp8": FORMATS["fp8_e4m3"]}
 # -march=native less some ISA: what the kernels build to on a CPU without it (a subset of this one, so it runs here)
-BUILDS = {"native": [], "avx2": ["-mno-avx512f"], "sse": ["-mno-avx"]}
+# ("avx512-base": AVX-512 without VNNI or BF16, as on Skylake-SP: the int8 path's vpmaddwd form, no bf16 pairs)
+BUILDS = {"native": [], "avx512-base": ["-mno-avx512vnni", "-mno-avx512bf16"], "avx2": ["-mno-avx512f"],
+          "sse": ["-mno-avx"]}
 
 
 @pytest.fixture(params=list(BUILDS))
@@ -86,7 +89,7 @@ TILED_SHAPES = [[(700, 130), (65, 17)], [(129, 43), (1000, 1), (250, 64)]]  # sp
 
 @pytest.mark.parametrize("fmt", list(FMTS))
 @pytest.mark.parametrize("kernel", ["short", "tiled"])
-@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 2, 128), (6, 2, 36)])
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 2, 128), (6, 2, 36), (14, 2, 64)])  # SmolLM2's, Qwen's GQA
 def test_matches_reference(build, kernel, fmt, H, Hkv, D):
     shapes = SHAPES + (TILED_SHAPES if kernel == "tiled" else [])
     for n, shape in enumerate(shapes):
@@ -101,15 +104,18 @@ def test_matches_reference(build, kernel, fmt, H, Hkv, D):
         assert torch.isnan(out[T:]).all()
         assert torch.allclose(out[:T], ref[:T], atol=2e-6, rtol=1e-5), (shape, (out[:T] - ref[:T]).abs().max())
         if kernel == "short" and max(ql for _, ql in shape) <= 64:
-            # bf16 pair products (AVX512-BF16, D a multiple of 32): K/V as their exact bf16 values, q and
-            # P * v_scale rounded to bf16, at the tolerance of the bf16 cache's pair mode. Elsewhere: the fp32 path.
+            # the reduced-precision mode (D a multiple of 32). fp8 with AVX512-BF16: bf16 pair products, K/V as their
+            # exact bf16 values, q and P * v_scale rounded to bf16, at the tolerance of the bf16 cache's pair mode.
+            # int8 with AVX-512: integer products, q and P * v_scale rounded to int16 steps of their largest value
+            # (2^-15 of it), ~70x tighter (worst seen 9.4e-5). Elsewhere: the fp32 path.
             qb = q.to(torch.bfloat16).float()  # a bf16 model's queries
             out2 = torch.full((T + 2, H, D), float("nan"))
             native.paged_attention_short(qb, kc, vc, torch.cat(slots), torch.tensor(seqs), scale, out2, pairs=True,
                                          kind=FMTS[fmt].kind)
             ref2 = _reference(qb, kd, vd, seqs, slots, scale)
             assert torch.isnan(out2[T:]).all()
-            assert torch.allclose(out2[:T], ref2[:T], atol=5e-3, rtol=1e-2), (shape, (out2[:T] - ref2[:T]).abs().max())
+            atol, rtol = (3e-4, 1e-3) if fmt == "int8" else (5e-3, 1e-2)
+            assert torch.allclose(out2[:T], ref2[:T], atol=atol, rtol=rtol), (shape, (out2[:T] - ref2[:T]).abs().max())
 
 
 def _every_byte_rows(fmt_name: str, D: int, Hkv: int):
@@ -200,3 +206,29 @@ def test_backend_on_a_quantized_pool_agrees_with_sdpa(fmt, kernels, dtype):
     out, ref = outs
     atol, rtol = (2e-6, 1e-5) if dtype == torch.float32 else (5e-3, 1e-2)  # bf16: outputs rounded to bf16
     assert torch.allclose(out, ref, atol=atol, rtol=rtol), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_int8_rows_writes_what_quantize_rows_makes(dtype):
+    """The fused int8 write (`kernels/elementwise.c`, what the attention backends use to store a step's K/V) gives the
+    bytes `quantize_rows` + `index_copy_` give, bit for bit: rows of many magnitudes, an all-zero row, exact ties
+    (0.5 / 1.0 * 127 = 63.5 rounds half to even), and V's layout (a strided view of the fused qkv output)."""
+    from deltaserve.kernels import elementwise
+
+    if not elementwise.available():
+        pytest.skip("no C compiler: the PyTorch path is used instead")
+    g = torch.Generator().manual_seed(7)
+    T, Hkv, D = 9, 3, 64
+    qkv = torch.randn(T, 5 * Hkv * D, generator=g) * torch.logspace(-4, 3, T)[:, None]  # [T, W]
+    x = qkv[:, 2 * Hkv * D : 3 * Hkv * D].reshape(T, Hkv, D)  # [T, Hkv, D], token stride W
+    x[0, 1] = 0.0
+    x[1, 0, :4] = torch.tensor([1.0, 0.5, -0.5, 0.25])  # scale 1 / 127: 127, 63.5 -> 64, -63.5 -> -64, 31.75
+    x[1, 0, 4:] = x[1, 0, 4:].clamp(-0.9, 0.9)
+    x = x.to(dtype)
+    slots = torch.randperm(40, generator=g)[:T]
+    cache = torch.full((40, Hkv, D + 4), 0xAB, dtype=torch.uint8)
+    want = cache.clone().index_copy_(0, slots, quantize_rows(x, FMTS["int8"]))
+    assert elementwise.takes_int8_rows(x, cache, slots)
+    elementwise.store_int8_rows(x, cache, slots)
+    assert torch.equal(cache, want)
+    assert cache[slots[1], 0, :4].view(torch.int8).tolist() == [127, 64, -64, 32]

@@ -266,6 +266,7 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
 }
 
 #include "short_pairs.h" /* chunk_attend_pairs: the bf16 pair-product path */
+#include "short_int8.h"  /* chunk_attend_int8: integer products on int8 rows */
 
 
 /* Buffer `which` of the calling thread, at least `bytes` long, kept for the next call: the work buffers of a
@@ -287,7 +288,9 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                           int mode) {
     const int G = H / Hkv;
     /* pair products: bf16 rows as stored, int8 / fp8 rows as their bf16 values and scales */
-    const int pairs = HAVE_PAIRS && (mode & 1) && kv_kind != KV_FP32 && D % 32 == 0 && D <= 128;
+    /* int8 rows with mode bit 0: integer products on the bytes as stored (short_int8.h), on any AVX-512 CPU */
+    const int ints = HAVE_INT8_DOTS && (mode & 1) && kv_kind == KV_INT8 && D % 32 == 0 && D <= 128;
+    const int pairs = !ints && HAVE_PAIRS && (mode & 1) && kv_kind != KV_FP32 && D % 32 == 0 && D <= 128;
     /* work items: (seq, chunk of keys), each over every kv head in turn, so it reads whole slot rows
      * ([Hkv, D] contiguous) rather than one head's slice of each. Partial (item w, head g) sits at w * Hkv + g. */
     int64_t n_items = 0, max_q = 1;
@@ -318,9 +321,12 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
     {
         float *scores = scratch(5, sizeof(float) * nq_max * CHUNK);
         /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D], then for
-         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each */
-        const int64_t pp_n = nq_max * CHUNK / 2, vp_n = CHUNK / 2 * D;
-        float *row = scratch(6, sizeof(float) * (pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK : CHUNK * D));
+         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each; the int8 path: P
+         * [nq_max rounded up to 8][CHUNK] int16, the scales, P's step for each query row [nq_max] */
+        const int64_t pp_n = (ints ? (nq_max + 7) & ~7 : nq_max) * CHUNK / 2, vp_n = ints ? 0 : CHUNK / 2 * D;
+        float *row = scratch(6, sizeof(float) * (ints    ? pp_n + 2 * CHUNK + nq_max
+                                                 : pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK
+                                                         : CHUNK * D));
         if (!scores || !row) {
 #pragma omp atomic write
             failed = 1;
@@ -338,6 +344,19 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #define ATTEND(DD) chunk_attend(q, k, v, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
                                 DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
                                 scores, row)
+#if HAVE_INT8_DOTS
+#define INTS(ND) chunk_attend_int8(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, scale, \
+                                   m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, scores,      \
+                                   (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK)
+                if (ints) {
+                    if (D == 64) INTS(2);
+                    else if (D == 128) INTS(4);
+                    else if (D == 32) INTS(1);
+                    else INTS(3);
+                    continue;
+                }
+#undef INTS
+#endif
 #if HAVE_PAIRS
 #define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
                                            H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \

@@ -3,29 +3,11 @@
  * are converted once for every query row, with the K scale applied to the scores, the V scale to P before it is
  * rounded to bf16. Included by paged_attention.c after CHUNK, bf16.h, kv_rows.h and simd_exp.h; defines HAVE_PAIRS. */
 #include "prefetch.h"
+#include "reduce16.h"
 #ifndef DELTASERVE_SHORT_PAIRS_H
 #define DELTASERVE_SHORT_PAIRS_H
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_PAIRS 1
-/* lane j <- the sum of the 16 lanes of v[j], for 16 vectors: a transpose-and-add tree (46 ops for 16 sums,
- * against 16 horizontal reductions of ~8 ops each). */
-static inline __attribute__((always_inline)) __m512 reduce16(__m512 v[16]) {
-    __m512 w[8], x[4], y[2];
-    for (int i = 0; i < 8; i++) /* w[i]: v[2i] partials in the low 256 bits, v[2i+1] in the high */
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++) /* x[i]: quarter k holds 4 partials of v[4i + k] */
-        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++) /* y[i]: quarter k holds 2 partials of v[8i + k], then 2 of v[8i + 4 + k] */
-        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
-    /* z: lane 4k + t holds the sum of v[4t + k] */
-    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    return _mm512_permutexvar_ps(idx, z);
-}
-
 /* chunk_attend with bf16 pair products, ND = D / 32 vectors a row (a vector holds 32 bf16 = 16 pairs).
  * Q.K: per query row and 16 keys, 16 pair-product vectors reduced by reduce16, so scores come out with keys on
  * lanes. P.V: V rows of a key pair interleaved with unpacklo/hi_epi16 (lane i of the lo half holds dims

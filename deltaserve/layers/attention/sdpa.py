@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels import elementwise
 from deltaserve.kv.quant import KVFormat, load_rows, store_rows
 from deltaserve.layers.attention.base import AttentionBackend, SeqSpan
 
@@ -102,6 +103,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Write a step's K/V ([T, Hkv, D], model dtype) into the layer's cache at `slot_mapping` ([T]), converted to
     the cache's format where it differs from the model dtype (int8/fp8 rows, or another float dtype). Mutates the
     caches' rows at those slots only."""
+    if (fmt is not None and fmt.kind == 2 and elementwise.takes_int8_rows(k, k_cache, slot_mapping)
+            and elementwise.takes_int8_rows(v, v_cache, slot_mapping)):
+        elementwise.store_int8_rows(k, k_cache, slot_mapping)  # quantized into the rows, one pass each
+        elementwise.store_int8_rows(v, v_cache, slot_mapping)
+        return
     if fmt is not None and k.dtype != k_cache.dtype:
         k, v = store_rows(k, fmt), store_rows(v, fmt)  # [T, Hkv, row_width]
     k_cache.index_copy_(0, slot_mapping, k)
