@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -331,6 +332,37 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #pragma omp atomic write
             failed = 1;
         }
+#if HAVE_INT8_DOTS
+        if (ints) {
+            /* contiguous runs of items a thread (as schedule(static)), so an item knows the next one this thread
+             * runs and fetches its first rows ahead */
+            const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            const int64_t w0 = n_items * tid / nt, w1 = n_items * (tid + 1) / nt;
+            for (int64_t w = w0; w < w1 && scores && row; w++) {
+                const int64_t *sq = seqs + 4 * item_seq[2 * w];
+                const int64_t kv_len = sq[3], c = item_seq[2 * w + 1];
+                const int j0 = (int)(c * CHUNK), j1 = (int)((c + 1) * CHUNK < kv_len ? (c + 1) * CHUNK : kv_len);
+                const int64_t *nx_slots = NULL;
+                int nx_n = 0;
+                if (w + 1 < w1) {
+                    const int64_t *nq = seqs + 4 * item_seq[2 * w + 2], nc = item_seq[2 * w + 3];
+                    nx_slots = slots + nq[2] + nc * CHUNK;
+                    nx_n = (int)((nc + 1) * CHUNK < nq[3] ? CHUNK : nq[3] - nc * CHUNK);
+                }
+                for (int g = 0; g < Hkv; g++) {
+                    const int64_t pw = w * Hkv + g;
+#define INTS(ND) chunk_attend_int8(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, scale, \
+                                   m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, scores,      \
+                                   (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK, nx_slots, nx_n)
+                    if (D == 64) INTS(2);
+                    else if (D == 128) INTS(4);
+                    else if (D == 32) INTS(1);
+                    else INTS(3);
+#undef INTS
+                }
+            }
+        } else
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items; w++) {
             if (!scores || !row) continue;
@@ -344,19 +376,6 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #define ATTEND(DD) chunk_attend(q, k, v, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
                                 DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
                                 scores, row)
-#if HAVE_INT8_DOTS
-#define INTS(ND) chunk_attend_int8(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, scale, \
-                                   m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, scores,      \
-                                   (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK)
-                if (ints) {
-                    if (D == 64) INTS(2);
-                    else if (D == 128) INTS(4);
-                    else if (D == 32) INTS(1);
-                    else INTS(3);
-                    continue;
-                }
-#undef INTS
-#endif
 #if HAVE_PAIRS
 #define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
                                            H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \

@@ -34,6 +34,13 @@ static inline __attribute__((always_inline)) __m512i round_i16x32(__m512 lo, __m
 }
 
 /* Rows of P.V a pass holds in registers for ND = D / 32: 2 * ND int32 accumulators a row, 16 in all. */
+/* Keys ahead whose whole slot rows (K and V, every kv head's) head 0's Q.K pass fetches into L2, running on into the
+ * caller's next work item (nx_slots): the later heads and P.V find them there. */
+#ifndef INT8_PREFETCH
+#define INT8_PREFETCH 48
+#endif
+/* Query heads whose Q.K a pass computes from one widened K row (their partial sums for 16 keys sit in L1). */
+#define INT8_QK_HEADS 8
 #define INT8_PV_ROWS(ND) ((ND) == 1 ? 8 : (ND) == 2 ? 4 : 2)
 
 /* chunk_attend_pairs' contract for int8 rows, ND = D / 32. K and V rows are read from the cache where they are (no
@@ -43,7 +50,7 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     const float *q, const void *kc, const void *vc, const int64_t *slots, int64_t q_start, int q_len, int64_t kv_len,
     int j0, int j1, int g, int H, int Hkv, const int ND, float scale, float *restrict m_out, float *restrict l_out,
     float *restrict acc_out, float *restrict scores, int16_t *restrict pp, float *restrict ks, float *restrict vs,
-    float *restrict pscale) {
+    float *restrict pscale, const int64_t *nx_slots, int nx_n) {
     const int G = H / Hkv, D = 32 * ND, nq = q_len * G;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* P padded with zeros to whole 32-key vectors */
@@ -51,13 +58,8 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     const uint8_t *kb = (const uint8_t *)kc, *vb = (const uint8_t *)vc;
 #define KROW(j) (kb + (slots[j0 + (j)] * Hkv + g) * rb)
 #define VROW(j) (vb + (slots[j0 + (j)] * Hkv + g) * rb)
-    /* the rows' scales. Head 0 fetches the whole slot rows (every head's, contiguous) ahead; the later heads find
-     * them in L2. */
+    /* the rows' scales */
     for (int jj = 0; jj < nk; jj++) {
-        if (g == 0 && jj + 32 < nk) {
-            prefetch_bytes(kb + slots[j0 + jj + 32] * Hkv * rb, (int)(Hkv * rb), 1);
-            prefetch_bytes(vb + slots[j0 + jj + 32] * Hkv * rb, (int)(Hkv * rb), 1);
-        }
         ks[jj] = kv_row_scale(KROW(jj), D);
         vs[jj] = kv_row_scale(VROW(jj), D);
     }
@@ -68,36 +70,56 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
         const int64_t nv = kv_len - q_len + i - j0 + 1;
         const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
         nvis_max = nvis > nvis_max ? nvis : nvis_max;
+        /* scores of the G heads' rows, HB heads a pass: a K row is widened once for all of them */
+        for (int h0 = 0; h0 < G; h0 += INT8_QK_HEADS) {
+            const int hn = G - h0 < INT8_QK_HEADS ? G - h0 : INT8_QK_HEADS;
+            __m512i qw[INT8_QK_HEADS][4];
+            __m512 sc[INT8_QK_HEADS];
+            for (int h = 0; h < hn; h++) { /* q in int16 steps of qmax / 32767 */
+                const float *qv = q + ((q_start + i) * H + g * G + h0 + h) * D;
+                __m512 amax = _mm512_setzero_ps();
+                for (int c = 0; c < 2 * ND; c++) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(qv + 16 * c)));
+                const float qmax = _mm512_reduce_max_ps(amax);
+                const __m512 qmul = _mm512_set1_ps(qmax > 0.f ? 32767.f / qmax : 0.f);
+                for (int c = 0; c < ND; c++)
+                    qw[h][c] = round_i16x32(_mm512_loadu_ps(qv + 32 * c), _mm512_loadu_ps(qv + 32 * c + 16), qmul);
+                sc[h] = _mm512_set1_ps(scale * (qmax / 32767.f));
+            }
+            for (int jb = 0; jb < nvis; jb += 16) {
+                __m512i part[INT8_QK_HEADS][16];
+                for (int t = 0; t < 16; t++) {
+                    if (jb + t >= nvis) { /* the last block's invisible keys: score 0, masked below */
+                        for (int h = 0; h < hn; h++) part[h][t] = _mm512_setzero_si512();
+                        continue;
+                    }
+                    if (g == 0 && i == 0 && h0 == 0) { /* see INT8_PREFETCH */
+                        const int u = jb + t + INT8_PREFETCH;
+                        const int64_t sl = u < nk ? slots[j0 + u] : u - nk < nx_n ? nx_slots[u - nk] : -1;
+                        if (sl >= 0) {
+                            prefetch_bytes(kb + sl * Hkv * rb, (int)(Hkv * rb), 1);
+                            prefetch_bytes(vb + sl * Hkv * rb, (int)(Hkv * rb), 1);
+                        }
+                    }
+                    const uint8_t *kr = KROW(jb + t);
+                    __m512i kw[4];
+#pragma GCC unroll 4
+                    for (int c = 0; c < ND; c++) kw[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + 32 * c)));
+                    for (int h = 0; h < hn; h++) {
+                        __m512i a = dot_i16(_mm512_setzero_si512(), kw[0], qw[h][0]);
+#pragma GCC unroll 4
+                        for (int c = 1; c < ND; c++) a = dot_i16(a, kw[c], qw[h][c]);
+                        part[h][t] = a;
+                    }
+                }
+                const __m512 ksv = _mm512_loadu_ps(ks + jb);
+                for (int h = 0; h < hn; h++) /* q . (k * k_scale) * scale */
+                    _mm512_storeu_ps(scores + (i * G + h0 + h) * CHUNK + jb,
+                                     _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(reduce16_epi32(part[h])), sc[h]), ksv));
+            }
+        }
         for (int h = 0; h < G; h++) {
             const int qi = i * G + h;
-            const float *qv = q + ((q_start + i) * H + g * G + h) * D;
-            /* q in int16 steps of qmax / 32767 */
-            __m512 amax = _mm512_setzero_ps();
-            for (int c = 0; c < 2 * ND; c++) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(qv + 16 * c)));
-            const float qmax = _mm512_reduce_max_ps(amax);
-            const __m512 qmul = _mm512_set1_ps(qmax > 0.f ? 32767.f / qmax : 0.f);
-            __m512i qw[4];
-            for (int c = 0; c < ND; c++)
-                qw[c] = round_i16x32(_mm512_loadu_ps(qv + 32 * c), _mm512_loadu_ps(qv + 32 * c + 16), qmul);
-            const __m512 sc = _mm512_set1_ps(scale * (qmax / 32767.f));
             float *restrict s = scores + qi * CHUNK;
-            for (int jb = 0; jb < nvis; jb += 16) {
-                __m512i part[16];
-#pragma GCC unroll 16
-                for (int t = 0; t < 16; t++) {
-                    part[t] = _mm512_setzero_si512();
-                    if (jb + t >= nvis) continue; /* the last block's invisible keys: score 0, masked below */
-                    const uint8_t *kr = KROW(jb + t);
-#pragma GCC unroll 4
-                    for (int c = 0; c < ND; c++)
-                        part[t] = dot_i16(part[t], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + 32 * c))),
-                                          qw[c]);
-                }
-                /* q . (k * k_scale) * scale */
-                const __m512 sv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(reduce16_epi32(part)), sc),
-                                                _mm512_loadu_ps(ks + jb));
-                _mm512_storeu_ps(s + jb, sv);
-            }
             /* softmax numerators over the visible keys (zeros after them, to nk32), times V's row scales */
             __m512 mv = _mm512_set1_ps(-3.0e38f);
             int j = 0;
