@@ -353,7 +353,8 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                     const int64_t pw = w * Hkv + g;
 #define INTS(ND) chunk_attend_int8(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, scale, \
                                    m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, scores,      \
-                                   (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK, nx_slots, nx_n)
+                                   (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK, nx_slots, nx_n, \
+                                   w == w0)
                     if (D == 64) INTS(2);
                     else if (D == 128) INTS(4);
                     else if (D == 32) INTS(1);

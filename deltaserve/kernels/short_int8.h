@@ -34,8 +34,9 @@ static inline __attribute__((always_inline)) __m512i round_i16x32(__m512 lo, __m
 }
 
 /* Rows of P.V a pass holds in registers for ND = D / 32: 2 * ND int32 accumulators a row, 16 in all. */
-/* Keys ahead whose whole slot rows (K and V, every kv head's) head 0's Q.K pass fetches into L2, running on into the
- * caller's next work item (nx_slots): the later heads and P.V find them there. */
+/* Prefetch into L2, of whole slot rows (K and V, every kv head's): each item fetches the rows of the next item its
+ * thread runs (nx_slots), one key every Hkv keys of its Q.K passes, so the stream spreads over the item's compute;
+ * a thread's first item (cold) fetches its own rows this many keys ahead in head 0's pass. */
 #ifndef INT8_PREFETCH
 #define INT8_PREFETCH 48
 #endif
@@ -50,7 +51,7 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     const float *q, const void *kc, const void *vc, const int64_t *slots, int64_t q_start, int q_len, int64_t kv_len,
     int j0, int j1, int g, int H, int Hkv, const int ND, float scale, float *restrict m_out, float *restrict l_out,
     float *restrict acc_out, float *restrict scores, int16_t *restrict pp, float *restrict ks, float *restrict vs,
-    float *restrict pscale, const int64_t *nx_slots, int nx_n) {
+    float *restrict pscale, const int64_t *nx_slots, int nx_n, int cold) {
     const int G = H / Hkv, D = 32 * ND, nq = q_len * G;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* P padded with zeros to whole 32-key vectors */
@@ -58,12 +59,11 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     const uint8_t *kb = (const uint8_t *)kc, *vb = (const uint8_t *)vc;
 #define KROW(j) (kb + (slots[j0 + (j)] * Hkv + g) * rb)
 #define VROW(j) (vb + (slots[j0 + (j)] * Hkv + g) * rb)
-    /* the rows' scales */
+    /* the rows' scales (past the chunk's keys: 0, so that P stays 0 there; 0 * a garbage scale may be NaN) */
     for (int jj = 0; jj < nk; jj++) {
         ks[jj] = kv_row_scale(KROW(jj), D);
         vs[jj] = kv_row_scale(VROW(jj), D);
     }
-    /* past the chunk's keys: P is 0 there and must stay so (0 * a garbage scale may be NaN) */
     for (int jj = nk; jj < nk32; jj++) ks[jj] = vs[jj] = 0.f;
     int nvis_max = 0;
     for (int i = 0; i < q_len; i++) {
@@ -92,9 +92,11 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
                         for (int h = 0; h < hn; h++) part[h][t] = _mm512_setzero_si512();
                         continue;
                     }
-                    if (g == 0 && i == 0 && h0 == 0) { /* see INT8_PREFETCH */
-                        const int u = jb + t + INT8_PREFETCH;
-                        const int64_t sl = u < nk ? slots[j0 + u] : u - nk < nx_n ? nx_slots[u - nk] : -1;
+                    if (i == 0 && h0 == 0) { /* see INT8_PREFETCH */
+                        int64_t sl = -1;
+                        const int u = g * nk + jb + t;
+                        if (cold && g == 0 && jb + t + INT8_PREFETCH < nk) sl = slots[j0 + jb + t + INT8_PREFETCH];
+                        else if (u % Hkv == 0 && u / Hkv < nx_n) sl = nx_slots[u / Hkv];
                         if (sl >= 0) {
                             prefetch_bytes(kb + sl * Hkv * rb, (int)(Hkv * rb), 1);
                             prefetch_bytes(vb + sl * Hkv * rb, (int)(Hkv * rb), 1);
@@ -131,7 +133,8 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
             __m512 lv = _mm512_setzero_ps(), pmv = _mm512_setzero_ps();
             for (j = 0; j < nk32; j += 16) {
                 const __mmask16 keep = j + 16 <= nvis ? (__mmask16)0xFFFF : j < nvis ? tail : (__mmask16)0;
-                const __m512 p = _mm512_maskz_mov_ps(keep, exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb)));
+                /* exp_bf16_16: relative error ~3e-6, below P's int16 steps */
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp_bf16_16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb)));
                 lv = _mm512_add_ps(lv, p);
                 const __m512 pv = _mm512_mul_ps(p, _mm512_loadu_ps(vs + j));
                 pmv = _mm512_max_ps(pmv, pv);
