@@ -332,10 +332,10 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #pragma omp atomic write
             failed = 1;
         }
-#if HAVE_INT8_DOTS
-        if (ints) {
+#if HAVE_INT8_DOTS || HAVE_PAIRS
+        if (ints || pairs) {
             /* contiguous runs of items a thread (as schedule(static)), so an item knows the next one this thread
-             * runs and fetches its first rows ahead */
+             * runs and fetches its rows ahead (into L2, spread over its own compute) */
             const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
             const int64_t w0 = n_items * tid / nt, w1 = n_items * (tid + 1) / nt;
             for (int64_t w = w0; w < w1 && scores && row; w++) {
@@ -349,17 +349,42 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                     nx_slots = slots + nq[2] + nc * CHUNK;
                     nx_n = (int)((nc + 1) * CHUNK < nq[3] ? CHUNK : nq[3] - nc * CHUNK);
                 }
+                const int cold = w == w0;
                 for (int g = 0; g < Hkv; g++) {
                     const int64_t pw = w * Hkv + g;
+#if HAVE_INT8_DOTS
 #define INTS(ND) chunk_attend_int8(q, k, v, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, ND, scale, \
                                    m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, scores,      \
                                    (int16_t *)row, row + pp_n, row + pp_n + CHUNK, row + pp_n + 2 * CHUNK, nx_slots, nx_n, \
-                                   w == w0)
-                    if (D == 64) INTS(2);
-                    else if (D == 128) INTS(4);
-                    else if (D == 32) INTS(1);
-                    else INTS(3);
+                                   cold)
+                    if (ints) {
+                        if (D == 64) INTS(2);
+                        else if (D == 128) INTS(4);
+                        else if (D == 32) INTS(1);
+                        else INTS(3);
+                        continue;
+                    }
 #undef INTS
+#endif
+#if HAVE_PAIRS
+#define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
+                                           H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \
+                                           acc_buf + pw * nq_max * D, scores, (uint32_t *)row,                      \
+                                           (uint32_t *)row + pp_n, (uint16_t *)(row + pp_n + vp_n),                 \
+                                           row + pp_n + vp_n + CHUNK * D / 2, row + pp_n + vp_n + CHUNK * D / 2 + CHUNK, \
+                                           nx_slots, nx_n, cold)
+#define PAIRS(ND)                                   \
+    do {                                            \
+        if (kv_kind == KV_BF16) PAIRS_Q(ND, 0);     \
+        else PAIRS_Q(ND, 1);                        \
+    } while (0)
+                    if (D == 64) PAIRS(2);
+                    else if (D == 128) PAIRS(4);
+                    else if (D == 32) PAIRS(1);
+                    else PAIRS(3);
+#undef PAIRS_Q
+#undef PAIRS
+#endif
                 }
             }
         } else
@@ -377,27 +402,6 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
 #define ATTEND(DD) chunk_attend(q, k, v, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, H, Hkv, \
                                 DD, scale, m_buf + pw * nq_max, l_buf + pw * nq_max, acc_buf + pw * nq_max * D, \
                                 scores, row)
-#if HAVE_PAIRS
-#define PAIRS_Q(ND, QU) chunk_attend_pairs(q, k, v, QU, kv_kind, slots + sq[2], sq[0], (int)sq[1], kv_len, j0, j1, g, \
-                                           H, Hkv, ND, scale, m_buf + pw * nq_max, l_buf + pw * nq_max,              \
-                                           acc_buf + pw * nq_max * D, scores, (uint32_t *)row,                      \
-                                           (uint32_t *)row + pp_n, (uint16_t *)(row + pp_n + vp_n),                 \
-                                           row + pp_n + vp_n + CHUNK * D / 2, row + pp_n + vp_n + CHUNK * D / 2 + CHUNK)
-#define PAIRS(ND)                                   \
-    do {                                            \
-        if (kv_kind == KV_BF16) PAIRS_Q(ND, 0);     \
-        else PAIRS_Q(ND, 1);                        \
-    } while (0)
-                if (pairs) {
-                    if (D == 64) PAIRS(2);
-                    else if (D == 128) PAIRS(4);
-                    else if (D == 32) PAIRS(1);
-                    else PAIRS(3);
-                    continue;
-                }
-#undef PAIRS_Q
-#undef PAIRS
-#endif
                 if (D == 64)
                     ATTEND(64);
                 else if (D == 128)

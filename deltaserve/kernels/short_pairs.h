@@ -18,7 +18,8 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
     const float *q, const void *kc, const void *vc, const int quant, int kind, const int64_t *slots, int64_t q_start,
     int q_len, int64_t kv_len, int j0, int j1, int g, int H, int Hkv, const int ND, float scale,
     float *restrict m_out, float *restrict l_out, float *restrict acc_out, float *restrict scores,
-    uint32_t *restrict pp, uint32_t *restrict vp, uint16_t *restrict kq, float *restrict ks, float *restrict vs) {
+    uint32_t *restrict pp, uint32_t *restrict vp, uint16_t *restrict kq, float *restrict ks, float *restrict vs,
+    const int64_t *nx_slots, int nx_n, int cold) {
     const int G = H / Hkv, D = 32 * ND;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* scores padded with zeros to whole 32-key P vectors */
@@ -28,8 +29,9 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
         const int64_t rb = (int64_t)D + 4;
         const float vmul = kind == KV_INT8 ? 1.f : 256.f; /* kv_row_bf16 reads fp8 as value / 256 */
         for (int jj = 0; jj < nk; jj++) {
-            /* head 0 fetches the whole slot rows (every head's, contiguous) ahead; the later heads find them in L2 */
-            if (g == 0 && jj + 16 < nk) {
+            /* a thread's first item: head 0 fetches its whole slot rows (every head's, contiguous) ahead; the later
+             * heads find them in L2 (later items were fetched by the one before: below) */
+            if (cold && g == 0 && jj + 16 < nk) {
                 prefetch_bytes((const uint8_t *)kc + slots[j0 + jj + 16] * Hkv * rb, (int)(Hkv * rb), 0);
                 prefetch_bytes((const uint8_t *)vc + slots[j0 + jj + 16] * Hkv * rb, (int)(Hkv * rb), 1);
             }
@@ -52,12 +54,22 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
             for (int c = 0; c < ND; c++)
                 qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qv + 32 * c + 16), _mm512_loadu_ps(qv + 32 * c));
             float *restrict s = scores + qi * CHUNK;
-            /* the first row's pass streams K in: prefetch ahead. Head 0 fetches the whole slot rows of K and V (every
-             * head's, contiguous, so memory is read in order), the later heads' rows then come from L2. */
+            /* The first row's passes fetch the rows of the next item this thread runs (nx_slots) into L2, whole slot
+             * rows of K and V (every head's), one key every Hkv keys of the Hkv passes, so the stream spreads over
+             * this item's compute. A thread's first item (cold) has head 0 fetch its own rows ahead; the later heads'
+             * rows then come from L2, and they bring theirs into L1 ahead of use. */
             const int first = qi == 0;
+            const int64_t srow = quant ? Hkv * ((int64_t)D + 4) : 2 * (int64_t)Hkv * D; /* bytes of a slot's rows */
             for (int jb = 0; jb < nvis; jb += 16) {
+                if (first) {
+                    for (int u = g * nk + jb; u < g * nk + jb + 16; u++)
+                        if (u % Hkv == 0 && u / Hkv < nx_n) {
+                            prefetch_bytes((const char *)kc + nx_slots[u / Hkv] * srow, (int)srow, 1);
+                            prefetch_bytes((const char *)vc + nx_slots[u / Hkv] * srow, (int)srow, 1);
+                        }
+                }
                 if (quant) { /* K from kq, converted above */
-                } else if (first && g == 0) {
+                } else if (first && g == 0 && cold) {
                     for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 0);
                     for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_bytes(v + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 1);
                 } else if (first) {
