@@ -7,7 +7,8 @@ delta over a long context, a whole prompt. K/V slots are contiguous and their co
 timing means anything. --profile CASE prints torch's operator table for that case (the native attention
 kernels run through ctypes and show up as the gap between the table's total and the step time).
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
-routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16),
+routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16;
+`min-rows-wide`: 16 vs 28, adding W35's 6k cases),
 `pairs` runs the short kernel in fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
 (CPUs without oneDNN bf16) to 8 vs 24. Each variant is a copy of the model's attention backend
 (`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
@@ -43,7 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
-    ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "pairs", "small-gemm-rows"])
+    ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
+                                                  "small-gemm-rows"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     args = ap.parse_args()
@@ -93,11 +95,12 @@ def ab(args) -> None:
     small = lin.SMALL_BATCH_ROWS_UNPACKED
     variants = {"min-rows": {"12": (12, pairs, small), "16": (16, pairs, small)},
                 "min-rows-avx2": {"8": (8, pairs, small), "16": (16, pairs, small)},
+                "min-rows-wide": {"16": (16, pairs, small), "28": (28, pairs, small)},
                 "pairs": {"fp32": (rows, False, small), "pairs": (rows, pairs, small)},
                 "small-gemm-rows": {"8": (rows, pairs, 8), "24": (rows, pairs, 24)}}[args.ab]
     step = _stepper(r)
     with torch.inference_mode():
-        for name, spec in CASES.items():
+        for name, spec in (CASES | CASES_6K if args.ab == "min-rows-wide" else CASES).items():
             fs = {}
             for label, (min_rows, pairs_, small_rows) in variants.items():
                 attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_) if native else base

@@ -14,8 +14,9 @@ import torch
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
 from deltaserve.layers.attention import NativeCpuBackend, SdpaBackend, SeqSpan, select_backend
-from deltaserve.layers.attention.native import TILED_MIN_ROWS, TILED_MIN_ROWS_FP32
+from deltaserve.layers.attention.native import TILED_MIN_ROWS, TILED_MIN_ROWS_FP32, TILED_MIN_ROWS_PAIRS
 from deltaserve.layers.attention.sdpa import SHORT_QUERY
+from deltaserve.kv.quant import resolve
 
 
 def _spans(q_lens: list[int], ctx: int = 40) -> tuple[list[SeqSpan], torch.Tensor]:
@@ -110,7 +111,7 @@ class _Probe:
 # (device, kv dtype, head_dim, short built, tiled built, probe speed, probe fast) ->
 #   None (SDPA) or (short, tiled, tiled_min_rows, pairs, bf16_dot)
 SELECTIONS = [
-    ("cpu", torch.bfloat16, 64, True, True, 2.0, True, (True, True, TILED_MIN_ROWS, True, True)),  # Zen 4
+    ("cpu", torch.bfloat16, 64, True, True, 2.0, True, (True, True, TILED_MIN_ROWS_PAIRS, True, True)),  # Zen 4
     ("cpu", torch.bfloat16, 64, True, True, 0.5, False, (True, True, TILED_MIN_ROWS_FP32, True, False)),  # slow pairs
     ("cpu", torch.bfloat16, 64, True, True, 0.0, False, (True, True, TILED_MIN_ROWS, True, False)),  # no AVX512-BF16
     ("cpu", torch.float32, 64, True, True, 2.0, True, (True, True, TILED_MIN_ROWS_FP32, False, True)),
@@ -133,6 +134,17 @@ def test_select_backend(monkeypatch, device, dtype, D, short, tiled, speed, fast
     assert isinstance(b, NativeCpuBackend) and b.fp32_q
     assert (b.short, b.tiled, b.tiled_min_rows, b.pairs, b.bf16_dot) == want
     assert b.p_bf16 == (dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,kv,want_rows,want_pairs", [
+    (torch.bfloat16, "int8", TILED_MIN_ROWS_PAIRS, True),  # integer products in the short kernel
+    (torch.bfloat16, "fp8", TILED_MIN_ROWS_PAIRS, True),  # bf16 pairs
+    (torch.float32, "int8", TILED_MIN_ROWS_FP32, False),  # an fp32 model's q stays fp32: fp32 products
+])
+def test_select_backend_on_a_quantized_cache(monkeypatch, dtype, kv, want_rows, want_pairs):
+    _Probe(monkeypatch, speed=2.0, fast=True)
+    b = select_backend("cpu", dtype, 64, 9, 3, kv_format=resolve(kv, dtype))
+    assert isinstance(b, NativeCpuBackend) and (b.tiled_min_rows, b.pairs) == (want_rows, want_pairs)
 
 
 def test_select_backend_leaves_kernels_out_on_request(monkeypatch):

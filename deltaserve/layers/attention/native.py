@@ -36,8 +36,17 @@ from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long,
 # Where AVX512-BF16 pair products are slower than fp32 FMA (`kernels/cpu_probe.py`), the tiled kernel widens to fp32
 # while the short one keeps its pairs; there the tiled one wins from 12 rows too (2-core Xeon, family 6 model 207,
 # `--ab min-rows`, two runs: verify 4 x 5 @4k 89 vs 103 and 116 vs 126 ms, 1 x 5 39 vs 42 and 45 vs 45 ms).
+# Since 12-05 the short kernel fetches a work item's rows while the one before computes (and int8 rows take integer
+# products), and with K/V read from DRAM, as in a model (caches rotated over 8 layers; the figures above had caches
+# that fit L3), its pair / integer modes win up to 27 rows (GQA 3: verify of 9 tokens). Kernel alone, Zen 4, 2 threads,
+# 4 x 6k keys, short vs tiled: bf16 cache 15 rows 2.10 vs 2.83 ms, 18 rows 2.28 vs 3.57, 24 rows 2.89 vs 3.61,
+# 27 rows 3.56 vs 3.59; 1 x 6k 24 rows 0.84 vs 1.15; 8 x 6k 24 rows 6.61 vs 7.25, 36 rows 9.32 vs 8.97; int8 and fp8
+# caches (the tiled kernel takes those in fp32 products) 27 rows 3.57 / 3.26 vs 3.80 / 3.93, 36 rows 4.61 / 4.73 vs
+# 7.25 / 7.33. Whole steps (`scripts/step_times.py --ab min-rows-wide`, 16 vs 28): verify 4 x 8 @4k 95.3 vs 89.5
+# ms, others within noise. So where pair products are fast the split is at 28 rows.
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
+TILED_MIN_ROWS_PAIRS = 28
 # Spans shorter than this keep the tiled kernel even where the matmul path won the probe: each key chunk costs the
 # matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
 # an AMX Xeon (none at hand); the probe's span is 128 tokens.
@@ -45,9 +54,13 @@ SPAN_MATMUL_MIN_Q = 32
 
 
 def tiled_min_rows(kv_fp32: bool) -> int:
-    """Query rows from which a span takes the tiled kernel (see above). Asks the CPU probe: call it once, at build."""
-    slow_pairs = cpu_probe.bf16_dot_speed() > 0 and not cpu_probe.bf16_dot_fast()
-    return TILED_MIN_ROWS_FP32 if kv_fp32 or slow_pairs else TILED_MIN_ROWS
+    """Query rows from which a span takes the tiled kernel (see above). kv_fp32: the short kernel runs fp32 products
+    (an fp32 cache, or an fp32 model's int8 / fp8 rows). Asks the CPU probe: call it once, at build."""
+    fast_pairs = cpu_probe.bf16_dot_fast()
+    slow_pairs = cpu_probe.bf16_dot_speed() > 0 and not fast_pairs
+    if kv_fp32 or slow_pairs:
+        return TILED_MIN_ROWS_FP32
+    return TILED_MIN_ROWS_PAIRS if fast_pairs else TILED_MIN_ROWS
 
 
 class KernelSpans(NamedTuple):

@@ -48,13 +48,16 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     # (an fp32 model over a bf16 cache keeps fp32 products)
     bf16_q = kv_dtype == torch.bfloat16 or fmt.storage == torch.float32
     bf16_dot = cpu_probe.bf16_dot_fast() if has_tiled and bf16_q else False
+    # the short kernel's reduced-precision products for a bf16 model, whose q is bf16 already: bf16 pairs on a bf16
+    # cache or fp8 rows (exact in bf16), integer products on int8 rows (kernel alone, 8 x 8k decode, 1 thread,
+    # Zen 4: int8 pairs 4.75 ms, fp32 6.96 ms, before the integer form)
+    pairs = (kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
-        # without the short kernel every span takes the tiled one: from 0 rows. Quantized rows take fp32 products.
-        tiled_min_rows=tiled_min_rows(not kv_bf16) if has_short and has_tiled else 0,
-        # the short kernel's bf16 pair products: a bf16 cache, or int8/fp8 rows (exact in bf16) of a bf16 model,
-        # whose q is bf16 already (kernel alone, 8 x 8k decode, 1 thread, Zen 4: int8 pairs 4.75 ms, fp32 6.96 ms)
-        pairs=(kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16,
+        # without the short kernel every span takes the tiled one: from 0 rows. The tiled kernel takes quantized
+        # rows in fp32 products.
+        tiled_min_rows=tiled_min_rows(not pairs) if has_short and has_tiled else 0,
+        pairs=pairs,
         p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
         bf16_dot=bf16_dot, kv_format=fmt,
         span_matmul=(has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant
