@@ -13,10 +13,19 @@ import torch
 
 from deltaserve.kernels import cpu_probe
 from deltaserve.kernels import paged_attention as native
-from deltaserve.layers.attention import NativeCpuBackend, SdpaBackend, SeqSpan, select_backend
-from deltaserve.layers.attention.native import TILED_MIN_ROWS, TILED_MIN_ROWS_FP32, TILED_MIN_ROWS_PAIRS
-from deltaserve.layers.attention.sdpa import SHORT_QUERY
 from deltaserve.kv.quant import resolve
+from deltaserve.layers.attention import (
+    NativeCpuBackend,
+    SdpaBackend,
+    SeqSpan,
+    select_backend,
+)
+from deltaserve.layers.attention.native import (
+    TILED_MIN_ROWS,
+    TILED_MIN_ROWS_FP32,
+    TILED_MIN_ROWS_PAIRS,
+)
+from deltaserve.layers.attention.sdpa import SHORT_QUERY
 
 
 def _spans(q_lens: list[int], ctx: int = 40) -> tuple[list[SeqSpan], torch.Tensor]:
