@@ -322,11 +322,12 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
     {
         float *scores = scratch(5, sizeof(float) * nq_max * CHUNK);
         /* fp32 K/V rows, or in pairs mode the P pairs [nq_max][CHUNK / 2] and V pairs [CHUNK / 2][D], then for
-         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each; the int8 path: P
+         * quantized rows the chunk's bf16 K rows [CHUNK][D] and the K and V scales [CHUNK] each, and q's bf16 pairs
+         * [nq_max rounded up to 4][D / 2]; the int8 path: P
          * [nq_max rounded up to 8][CHUNK] int16, the scales, P's step for each query row [nq_max] */
         const int64_t pp_n = (ints ? (nq_max + 7) & ~7 : nq_max) * CHUNK / 2, vp_n = ints ? 0 : CHUNK / 2 * D;
         float *row = scratch(6, sizeof(float) * (ints    ? pp_n + 2 * CHUNK + nq_max
-                                                 : pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK
+                                                 : pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK + ((nq_max + 3) & ~3) * D / 2
                                                          : CHUNK * D));
         if (!scores || !row) {
 #pragma omp atomic write
@@ -372,7 +373,7 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                                            acc_buf + pw * nq_max * D, scores, (uint32_t *)row,                      \
                                            (uint32_t *)row + pp_n, (uint16_t *)(row + pp_n + vp_n),                 \
                                            row + pp_n + vp_n + CHUNK * D / 2, row + pp_n + vp_n + CHUNK * D / 2 + CHUNK, \
-                                           nx_slots, nx_n, cold)
+                                           (uint32_t *)(row + pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK), nx_slots, nx_n, cold)
 #define PAIRS(ND)                                   \
     do {                                            \
         if (kv_kind == KV_BF16) PAIRS_Q(ND, 0);     \

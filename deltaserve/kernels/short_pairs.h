@@ -4,10 +4,90 @@
  * rounded to bf16. Included by paged_attention.c after CHUNK, bf16.h, kv_rows.h and simd_exp.h; defines HAVE_PAIRS. */
 #include "prefetch.h"
 #include "reduce16.h"
+#include "transpose16.h"
 #ifndef DELTASERVE_SHORT_PAIRS_H
 #define DELTASERVE_SHORT_PAIRS_H
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_PAIRS 1
+/* Query rows from which Q.K puts keys on lanes (pairs_scores_kt): a 16-key block costs two 16 x 16 transposes (128
+ * shuffles) shared by every row, then 2 * ND pair products a row and key; the one-row form pays reduce16's ~46 ops a
+ * row and block instead. Even at 3 rows; a verify's 15-27 rows run ~2x faster (see the commit that added it). */
+#define PAIRS_KT_MIN_ROWS 6
+
+/* The first row's fetches (see chunk_attend_pairs) for keys jb .. jb + 15 of pass g. */
+static inline __attribute__((always_inline)) void pairs_prefetch(const void *kc, const void *vc, int quant, int64_t srow,
+                                                                 const int64_t *slots, int j0, int jb, int nk, int g,
+                                                                 int Hkv, int D, const int64_t *nx_slots, int nx_n,
+                                                                 int cold) {
+    for (int u = g * nk + jb; u < g * nk + jb + 16; u++)
+        if (u % Hkv == 0 && u / Hkv < nx_n) {
+            prefetch_bytes((const char *)kc + nx_slots[u / Hkv] * srow, (int)srow, 1);
+            prefetch_bytes((const char *)vc + nx_slots[u / Hkv] * srow, (int)srow, 1);
+        }
+    const uint16_t *k = (const uint16_t *)kc, *v = (const uint16_t *)vc;
+    if (quant) { /* K from kq, converted (and fetched, when cold) before */
+    } else if (g == 0 && cold) {
+        for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 0);
+        for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_bytes(v + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 1);
+    } else {
+        for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + (slots[j0 + t] * Hkv + g) * D, 2 * D, 0);
+    }
+}
+
+/* Scores s[qi][0 .. nvis_max) (scale, and K's row scale when quant, applied) of all nq = q_len * G rows of kv head g,
+ * keys on lanes: a block's 16 K rows transposed so that vector l holds dim pair l of each key, then per row the pair
+ * products with q's pair l broadcast: no horizontal sums. Scores past a row's visible keys are garbage; the softmax
+ * masks them. qp: scratch [nq rounded up to 4][D / 2] for q's bf16 pairs. */
+static inline __attribute__((always_inline)) void pairs_scores_kt(
+    const float *q, const void *kc, const void *vc, const uint16_t *kq, int quant, const int64_t *slots,
+    int64_t q_start, int q_len, int j0, int nk, int nvis_max, int g, int H, int Hkv, const int ND, float scale,
+    const float *ks, float *restrict scores, uint32_t *restrict qp, const int64_t *nx_slots, int nx_n, int cold) {
+    const int G = H / Hkv, D = 32 * ND, nq = q_len * G, nq4 = (nq + 3) & ~3;
+    const uint16_t *k = (const uint16_t *)kc;
+    for (int qi = 0; qi < nq4; qi++) /* q rows as bf16 pairs, rows past nq zero */
+        for (int c = 0; c < ND; c++) {
+            __m512bh qb = (__m512bh)_mm512_setzero_si512();
+            if (qi < nq) {
+                const float *qv = q + ((q_start + qi / G) * H + g * G + qi % G) * D;
+                qb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qv + 32 * c + 16), _mm512_loadu_ps(qv + 32 * c));
+            }
+            _mm512_storeu_si512((void *)(qp + (int64_t)qi * (D / 2) + 16 * c), (__m512i)qb);
+        }
+    const int64_t srow = quant ? Hkv * ((int64_t)D + 4) : 2 * (int64_t)Hkv * D; /* bytes of a slot's rows */
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int jb = 0; jb < nvis_max; jb += 16) {
+        pairs_prefetch(kc, vc, quant, srow, slots, j0, jb, nk, g, Hkv, D, nx_slots, nx_n, cold);
+        __m512i kt[4 * 16]; /* kt[16 c + l]: dim pair 16 c + l of the block's 16 keys */
+        for (int c = 0; c < ND; c++) {
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++) {
+                const uint16_t *kr = quant ? kq + (int64_t)(jb + t) * D : k + (slots[j0 + jb + t] * Hkv + g) * D;
+                r[t] = jb + t < nk ? _mm512_loadu_si512((const void *)(kr + 32 * c)) : _mm512_setzero_si512();
+            }
+            transpose16_epi32(r);
+            for (int l = 0; l < 16; l++) kt[16 * c + l] = r[l];
+        }
+        const __m512 ksc = quant ? _mm512_mul_ps(sc, _mm512_loadu_ps(ks + jb)) : sc; /* q . (k * k_scale) */
+        for (int r0 = 0; r0 < nq; r0 += 4) {
+            /* 4 rows, even and odd pairs apart: 8 independent product chains */
+            __m512 a[4], b[4];
+            for (int r = 0; r < 4; r++) a[r] = b[r] = _mm512_setzero_ps();
+            const uint32_t *qa = qp + (int64_t)r0 * (D / 2);
+#pragma GCC unroll 2
+            for (int l = 0; l < 16 * ND; l += 2)
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)kt[l], (__m512bh)_mm512_set1_epi32((int)qa[r * (D / 2) + l]));
+                    b[r] = _mm512_dpbf16_ps(b[r], (__m512bh)kt[l + 1],
+                                            (__m512bh)_mm512_set1_epi32((int)qa[r * (D / 2) + l + 1]));
+                }
+            for (int r = 0; r < 4 && r0 + r < nq; r++)
+                _mm512_storeu_ps(scores + (r0 + r) * CHUNK + jb, _mm512_mul_ps(_mm512_add_ps(a[r], b[r]), ksc));
+        }
+    }
+}
+
 /* chunk_attend with bf16 pair products, ND = D / 32 vectors a row (a vector holds 32 bf16 = 16 pairs).
  * Q.K: per query row and 16 keys, 16 pair-product vectors reduced by reduce16, so scores come out with keys on
  * lanes. P.V: V rows of a key pair interleaved with unpacklo/hi_epi16 (lane i of the lo half holds dims
@@ -19,7 +99,7 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
     int q_len, int64_t kv_len, int j0, int j1, int g, int H, int Hkv, const int ND, float scale,
     float *restrict m_out, float *restrict l_out, float *restrict acc_out, float *restrict scores,
     uint32_t *restrict pp, uint32_t *restrict vp, uint16_t *restrict kq, float *restrict ks, float *restrict vs,
-    const int64_t *nx_slots, int nx_n, int cold) {
+    uint32_t *restrict qp, const int64_t *nx_slots, int nx_n, int cold) {
     const int G = H / Hkv, D = 32 * ND;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* scores padded with zeros to whole 32-key P vectors */
@@ -47,6 +127,19 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
         const int64_t nv = kv_len - q_len + i - j0 + 1;
         const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
         nvis_max = nvis > nvis_max ? nvis : nvis_max;
+    }
+    /* The first row's passes fetch the rows of the next item this thread runs (nx_slots) into L2, whole slot rows of K
+     * and V (every head's), one key every Hkv keys of the Hkv passes, so the stream spreads over this item's compute.
+     * A thread's first item (cold) has head 0 fetch its own rows ahead; the later heads' rows then come from L2, and
+     * they bring theirs into L1 ahead of use. */
+    const int64_t srow = quant ? Hkv * ((int64_t)D + 4) : 2 * (int64_t)Hkv * D; /* bytes of a slot's rows */
+    const int kt_rows = q_len * G >= PAIRS_KT_MIN_ROWS;
+    if (kt_rows)
+        pairs_scores_kt(q, kc, vc, kq, quant, slots, q_start, q_len, j0, nk, nvis_max, g, H, Hkv, ND, scale, ks, scores,
+                        qp, nx_slots, nx_n, cold);
+    for (int i = 0; i < q_len; i++) {
+        const int64_t nv = kv_len - q_len + i - j0 + 1;
+        const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
         for (int h = 0; h < G; h++) {
             const int qi = i * G + h;
             const float *qv = q + ((q_start + i) * H + g * G + h) * D;
@@ -54,27 +147,8 @@ static inline __attribute__((always_inline)) void chunk_attend_pairs(
             for (int c = 0; c < ND; c++)
                 qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qv + 32 * c + 16), _mm512_loadu_ps(qv + 32 * c));
             float *restrict s = scores + qi * CHUNK;
-            /* The first row's passes fetch the rows of the next item this thread runs (nx_slots) into L2, whole slot
-             * rows of K and V (every head's), one key every Hkv keys of the Hkv passes, so the stream spreads over
-             * this item's compute. A thread's first item (cold) has head 0 fetch its own rows ahead; the later heads'
-             * rows then come from L2, and they bring theirs into L1 ahead of use. */
-            const int first = qi == 0;
-            const int64_t srow = quant ? Hkv * ((int64_t)D + 4) : 2 * (int64_t)Hkv * D; /* bytes of a slot's rows */
-            for (int jb = 0; jb < nvis; jb += 16) {
-                if (first) {
-                    for (int u = g * nk + jb; u < g * nk + jb + 16; u++)
-                        if (u % Hkv == 0 && u / Hkv < nx_n) {
-                            prefetch_bytes((const char *)kc + nx_slots[u / Hkv] * srow, (int)srow, 1);
-                            prefetch_bytes((const char *)vc + nx_slots[u / Hkv] * srow, (int)srow, 1);
-                        }
-                }
-                if (quant) { /* K from kq, converted above */
-                } else if (first && g == 0 && cold) {
-                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 0);
-                    for (int t = jb; t < jb + 16 && t < nk; t++) prefetch_bytes(v + slots[j0 + t] * Hkv * D, 2 * Hkv * D, 1);
-                } else if (first) {
-                    for (int t = jb + 16; t < jb + 32 && t < nk; t++) prefetch_bytes(k + (slots[j0 + t] * Hkv + g) * D, 2 * D, 0);
-                }
+            for (int jb = 0; jb < (kt_rows ? 0 : nvis); jb += 16) { /* one row at a time, keys reduced by reduce16 */
+                if (qi == 0) pairs_prefetch(kc, vc, quant, srow, slots, j0, jb, nk, g, Hkv, D, nx_slots, nx_n, cold);
                 __m512 part[16];
                 if (jb + 16 <= nvis) {
 #pragma GCC unroll 16

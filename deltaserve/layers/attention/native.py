@@ -42,11 +42,14 @@ from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long,
 # 4 x 6k keys, short vs tiled: bf16 cache 15 rows 2.10 vs 2.83 ms, 18 rows 2.28 vs 3.57, 24 rows 2.89 vs 3.61,
 # 27 rows 3.56 vs 3.59; 1 x 6k 24 rows 0.84 vs 1.15; 8 x 6k 24 rows 6.61 vs 7.25, 36 rows 9.32 vs 8.97; int8 and fp8
 # caches (the tiled kernel takes those in fp32 products) 27 rows 3.57 / 3.26 vs 3.80 / 3.93, 36 rows 4.61 / 4.73 vs
-# 7.25 / 7.33. Whole steps (`scripts/step_times.py --ab min-rows-wide`, 16 vs 28): verify 4 x 8 @4k 95.3 vs 89.5
-# ms, others within noise. So where pair products are fast the split is at 28 rows.
+# 7.25 / 7.33. Then the short kernel's Q.K put keys on lanes for 6+ rows (short_pairs.h, pairs_scores_kt): 4 x 6k,
+# bf16, 27 rows 2.32 vs 3.32 ms, 36 rows 3.51 vs 4.39, 48 rows 4.63 vs 4.35; 1 x 6k 48 rows 1.12 vs 1.35, 63 rows
+# 1.40 vs 1.59. Whole steps (`scripts/step_times.py --ab min-rows-wide`, split at 16 vs 28): verify 4 x 8 @4k 98.8
+# vs 80.1 ms, verify 4 x 9 @6k 129.0 vs 108.8, others within noise. So where pair products are fast the split is
+# at 40 rows (GQA 3: verify spans of up to 13 tokens).
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
-TILED_MIN_ROWS_PAIRS = 28
+TILED_MIN_ROWS_PAIRS = 40
 # Spans shorter than this keep the tiled kernel even where the matmul path won the probe: each key chunk costs the
 # matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
 # an AMX Xeon (none at hand); the probe's span is 128 tokens.
