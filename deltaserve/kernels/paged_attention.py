@@ -105,10 +105,11 @@ def paged_attention_short(
     with keys on lanes: q and the softmax numerators rounded to bf16, as the tiled kernel's p_bf16 mode
     (~2^-9 relative error); K/V rows are used as stored instead of being converted to fp32 first.
     kind: the cache's `kv.quant` kind code; None: its dtype's (fp32 0, bf16 1). A uint8 cache holds int8 (2) or
-    fp8 e4m3 (3) rows, dequantized as read for fp32 products; with pairs, read as their exact bf16 values (the K
-    scale applied to the scores, the V scale to P before its bf16 rounding): decode at 8k context, kernel alone,
-    1 thread, 4 / 8 sequences: int8 pairs 1.84 / 4.75 ms against bf16 pairs 2.25 / 5.39 ms and int8 fp32 products
-    2.58 / 6.96 ms (`python -m deltaserve.kernels.paged_attention kv`). pairs rounds q to bf16: for bf16 models."""
+    fp8 e4m3 (3) rows, dequantized as read for fp32 products. With pairs, fp8 rows are read as their exact bf16
+    values (the K scale applied to the scores, the V scale to P before its bf16 rounding), and int8 rows (any
+    AVX-512 CPU) take integer products: q and P * v_scale in int16 steps of their largest value, exact int32 sums,
+    ~70x closer to float64 than the bf16 pairs. pairs rounds q: for bf16 models. Figures:
+    `python -m deltaserve.kernels.paged_attention kv` and docs/perf/2026-12-05-zen4-short-kernel.md."""
     assert seqs.shape[0] == 0 or int(seqs[:, 1].max()) <= 64, "at most 64 queries a sequence"
     rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind),
                                                          int(pairs))
@@ -192,10 +193,12 @@ def _bench(reps: int = 10) -> None:
         print(f"{B} seqs x {n:4d} queries x {L} keys ({n * H // Hkv} rows a kv head), ms: " + " | ".join(cells))
 
 
-def _bench_kv(reps: int = 20) -> None:
+def _bench_kv(reps: int = 24, layers: int = 8) -> None:
     """Decode at 8k context, kernel alone, by cache format (SmolLM2 heads): bf16 against int8 and fp8 e4m3 rows,
-    each with fp32 products (rows converted / dequantized to fp32) and with bf16 pair products. Slots in runs of 16 (pages) in
-    scattered order, as a long-running pool gives them: python -m deltaserve.kernels.paged_attention kv"""
+    each with fp32 products (rows converted / dequantized to fp32) and in the reduced-precision mode (bf16 pairs;
+    integer products for int8). Slots in runs of 16 (pages) in scattered order, as a long-running pool gives them;
+    calls rotate over `layers` copies of the caches so that each reads K/V from memory, as a model's layers do (one
+    8 x 8k cache fits a 32 MB L3): python -m deltaserve.kernels.paged_attention kv"""
     from deltaserve.kv.quant import FORMATS, quantize_rows
 
     H, Hkv, D, L = 9, 3, 64, 8192
@@ -208,9 +211,10 @@ def _bench_kv(reps: int = 20) -> None:
         g = torch.Generator().manual_seed(B)
         S = B * L
         kf, vf = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
-        caches = {"bf16": (kf.to(torch.bfloat16), vf.to(torch.bfloat16), None)}
+        caches = {"bf16": ([kf.to(torch.bfloat16)] * layers, [vf.to(torch.bfloat16)] * layers, None)}
         for name, fmt in (("int8", FORMATS["int8"]), ("fp8", FORMATS["fp8_e4m3"])):
-            caches[name] = (quantize_rows(kf, fmt), quantize_rows(vf, fmt), fmt.kind)
+            caches[name] = ([quantize_rows(kf, fmt)] * layers, [quantize_rows(vf, fmt)] * layers, fmt.kind)
+        caches = {n: ([t.clone() for t in ks], [t.clone() for t in vs], kind) for n, (ks, vs, kind) in caches.items()}
         pages = torch.randperm(S // 16, generator=g)
         slots = (pages[:, None] * 16 + torch.arange(16)[None, :]).reshape(-1)  # [S]: B contexts of L slots
         seqs = torch.tensor([[b, 1, b * L, L] for b in range(B)])
@@ -218,10 +222,16 @@ def _bench_kv(reps: int = 20) -> None:
         out = torch.empty_like(q)
         cells = []
         for name, (kc, vc, kind) in caches.items():
-            fp32 = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, kind=kind))
-            pairs = ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out, True, kind=kind))
-            cells.append(f"{name} {fp32:6.3f} / {pairs:6.3f}")
-        print(f"decode {B} seqs x {L} keys, short kernel ms (fp32 products / pairs): " + " | ".join(cells))
+            step = iter(range(1 << 62))
+
+            def call(reduced: bool) -> None:
+                i = next(step) % layers
+                paged_attention_short(q, kc[i], vc[i], slots, seqs, D**-0.5, out, reduced, kind=kind)
+
+            fp32, reduced = ms(lambda: call(False)), ms(lambda: call(True))
+            cells.append(f"{name} {fp32:6.3f} / {reduced:6.3f}")
+        print(f"decode {B} seqs x {L} keys, short kernel ms (fp32 products / reduced: bf16 pairs, int8 integers): "
+              + " | ".join(cells))
 
 
 if __name__ == "__main__":
