@@ -65,6 +65,13 @@ static inline float exp_approx(float x) {
 
 #include "simd_exp.h" /* exp_approx16: the same polynomial on 16 lanes */
 
+/* Keys j0 .. j0 + n - 1 of a chunk of nk keys are visible to query i of q_len (at context position kv_len - q_len + i;
+ * causal): this n, a prefix of the chunk, 0 when the query comes before it. */
+static inline int visible_keys(int64_t kv_len, int q_len, int i, int j0, int nk) {
+    const int64_t nv = kv_len - q_len + i - j0 + 1;
+    return nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
+}
+
 #if HAVE_AVX2_ONLY
 static inline float hsum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -218,8 +225,7 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
     int nvis_of[64];
     for (int i = 0; i < q_len; i++) {
         /* keys j0 .. j0 + nvis - 1 are visible to query i (a prefix of the chunk; causal) */
-        const int64_t nv = kv_len - q_len + i - j0 + 1;
-        const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
+        const int nvis = visible_keys(kv_len, q_len, i, j0, nk);
         nvis_of[i] = nvis;
         for (int h = 0; h < G; h++) {
             const int qi = i * G + h;

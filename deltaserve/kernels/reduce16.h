@@ -1,6 +1,7 @@
 /* reduce16: 16 vectors of 16 lanes to one vector of their 16 lane sums (lane j <- the sum of v[j]'s lanes), for the
  * short kernel's Q.K with keys on lanes: a transpose-and-add tree (46 ops for 16 sums, against 16 horizontal
- * reductions of ~8 ops each). Two forms from one template: fp32 (short_pairs.h) and exact int32 (short_int8.h). */
+ * reductions of ~8 ops each). Two forms from one template: fp32 (short_pairs.h) and exact int32 (short_int8.h).
+ * Also row_max16, the largest value of a row. */
 #ifndef DELTASERVE_REDUCE16_H
 #define DELTASERVE_REDUCE16_H
 #ifdef __AVX512F__
@@ -28,5 +29,16 @@
 DEFINE_REDUCE16(reduce16, __m512, _mm512_add_ps)
 DEFINE_REDUCE16(reduce16_epi32, __m512i, _mm512_add_epi32)
 #undef DEFINE_REDUCE16
+
+/* The largest of s[0 .. n) (n > 0 for a meaningful answer), and through `tail` the mask of the last partial 16-block
+ * (n % 16 lanes): the short kernel's softmax over a row's visible keys. */
+static inline __attribute__((always_inline)) float row_max16(const float *s, int n, __mmask16 *tail) {
+    __m512 mv = _mm512_set1_ps(-3.0e38f);
+    int j = 0;
+    for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+    *tail = (__mmask16)((1u << (n - j)) - 1);
+    if (j < n) mv = _mm512_mask_max_ps(mv, *tail, mv, _mm512_loadu_ps(s + j));
+    return _mm512_reduce_max_ps(mv);
+}
 #endif
 #endif

@@ -67,8 +67,7 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     for (int jj = nk; jj < nk32; jj++) ks[jj] = vs[jj] = 0.f;
     int nvis_max = 0;
     for (int i = 0; i < q_len; i++) {
-        const int64_t nv = kv_len - q_len + i - j0 + 1;
-        const int nvis = nv < 0 ? 0 : (nv > nk ? nk : (int)nv);
+        const int nvis = visible_keys(kv_len, q_len, i, j0, nk);
         nvis_max = nvis > nvis_max ? nvis : nvis_max;
         /* scores of the G heads' rows, HB heads a pass: a K row is widened once for all of them */
         for (int h0 = 0; h0 < G; h0 += INT8_QK_HEADS) {
@@ -123,13 +122,10 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
             const int qi = i * G + h;
             float *restrict s = scores + qi * CHUNK;
             /* softmax numerators over the visible keys (zeros after them, to nk32), times V's row scales */
-            __m512 mv = _mm512_set1_ps(-3.0e38f);
-            int j = 0;
-            for (; j + 16 <= nvis; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
-            const __mmask16 tail = (__mmask16)((1u << (nvis - j)) - 1);
-            if (j < nvis) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_loadu_ps(s + j));
-            const float m = _mm512_reduce_max_ps(mv);
+            __mmask16 tail;
+            const float m = row_max16(s, nvis, &tail);
             const __m512 mb = _mm512_set1_ps(m);
+            int j;
             __m512 lv = _mm512_setzero_ps(), pmv = _mm512_setzero_ps();
             for (j = 0; j < nk32; j += 16) {
                 const __mmask16 keep = j + 16 <= nvis ? (__mmask16)0xFFFF : j < nvis ? tail : (__mmask16)0;
