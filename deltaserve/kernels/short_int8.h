@@ -13,6 +13,7 @@
 #define DELTASERVE_SHORT_INT8_H
 #include "prefetch.h"
 #include "reduce16.h"
+#include "transpose16.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define HAVE_INT8_DOTS 1
 _Static_assert((long long)CHUNK * 32767 * 128 < 2147483647LL, "a chunk's P.V sums must stay within int32");
@@ -44,6 +45,83 @@ static inline __attribute__((always_inline)) __m512i round_i16x32(__m512 lo, __m
 #define INT8_QK_HEADS 8
 #define INT8_PV_ROWS(ND) ((ND) == 1 ? 8 : (ND) == 2 ? 4 : 2)
 
+/* Query rows from which Q.K puts keys on lanes (int8_scores_kt), as the pair path does (PAIRS_KT_MIN_ROWS). */
+#define INT8_KT_MIN_ROWS 6
+
+/* Prefetch for key block jb .. jb + 15 of pass g (see INT8_PREFETCH). */
+static inline __attribute__((always_inline)) void int8_prefetch(const uint8_t *kb, const uint8_t *vb, int64_t rb,
+                                                                const int64_t *slots, int j0, int jb, int nk, int g,
+                                                                int Hkv, const int64_t *nx_slots, int nx_n, int cold) {
+    for (int t = jb; t < jb + 16; t++) {
+        const int u = g * nk + t;
+        const int64_t sl = cold && g == 0 && t + INT8_PREFETCH < nk ? slots[j0 + t + INT8_PREFETCH]
+                           : u % Hkv == 0 && u / Hkv < nx_n       ? nx_slots[u / Hkv]
+                                                                  : -1;
+        if (sl >= 0) {
+            prefetch_bytes(kb + sl * Hkv * rb, (int)(Hkv * rb), 1);
+            prefetch_bytes(vb + sl * Hkv * rb, (int)(Hkv * rb), 1);
+        }
+    }
+}
+
+/* Scores s[qi][0 .. nvis_max) of all nq = q_len * G rows of kv head g, keys on lanes (pairs_scores_kt's scheme in
+ * integers): a block's 16 K rows widened to int16 and transposed so that vector l holds dim pair l of each key, then
+ * per row the exact int32 products with q's int16 pair l broadcast. Scores past a row's visible keys are garbage (the
+ * softmax masks them). Scratch: qp [nq rounded up to 4][D / 2] q's int16 pairs, qstep [same] q's step x scale. */
+static inline __attribute__((always_inline)) void int8_scores_kt(
+    const float *q, const uint8_t *kb, const uint8_t *vb, const int64_t *slots, int64_t q_start, int q_len, int j0,
+    int nk, int nvis_max, int g, int H, int Hkv, const int ND, float scale, const float *ks, float *restrict scores,
+    int32_t *restrict qp, float *restrict qstep, const int64_t *nx_slots, int nx_n, int cold) {
+    const int G = H / Hkv, D = 32 * ND, nq = q_len * G, nq4 = (nq + 3) & ~3;
+    const int64_t rb = (int64_t)D + 4;
+    for (int qi = 0; qi < nq4; qi++) { /* q rows in int16 steps of qmax / 32767; rows past nq zero */
+        float qmax = 0.f;
+        const float *qv = q + ((q_start + qi / G) * H + g * G + qi % G) * D;
+        if (qi < nq) {
+            __m512 amax = _mm512_setzero_ps();
+            for (int c = 0; c < 2 * ND; c++) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(qv + 16 * c)));
+            qmax = _mm512_reduce_max_ps(amax);
+        }
+        const __m512 qmul = _mm512_set1_ps(qmax > 0.f ? 32767.f / qmax : 0.f);
+        for (int c = 0; c < ND; c++)
+            _mm512_storeu_si512((void *)(qp + (int64_t)qi * (D / 2) + 16 * c),
+                                qi < nq ? round_i16x32(_mm512_loadu_ps(qv + 32 * c), _mm512_loadu_ps(qv + 32 * c + 16), qmul)
+                                        : _mm512_setzero_si512());
+        qstep[qi] = scale * (qmax / 32767.f);
+    }
+    for (int jb = 0; jb < nvis_max; jb += 16) {
+        int8_prefetch(kb, vb, rb, slots, j0, jb, nk, g, Hkv, nx_slots, nx_n, cold);
+        __m512i kt[4 * 16]; /* kt[16 c + l]: dim pair 16 c + l of the block's 16 keys, in int16 */
+        for (int c = 0; c < ND; c++) {
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++)
+                r[t] = jb + t < nk ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                         (const __m256i *)(kb + (slots[j0 + jb + t] * Hkv + g) * rb + 32 * c)))
+                                   : _mm512_setzero_si512();
+            transpose16_epi32(r);
+            for (int l = 0; l < 16; l++) kt[16 * c + l] = r[l];
+        }
+        const __m512 ksv = _mm512_loadu_ps(ks + jb);
+        for (int r0 = 0; r0 < nq; r0 += 4) {
+            __m512i a[4], b[4]; /* 4 rows, even and odd pairs apart: 8 independent chains */
+            for (int r = 0; r < 4; r++) a[r] = b[r] = _mm512_setzero_si512();
+            const int32_t *qa = qp + (int64_t)r0 * (D / 2);
+#pragma GCC unroll 2
+            for (int l = 0; l < 16 * ND; l += 2)
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    a[r] = dot_i16(a[r], kt[l], _mm512_set1_epi32(qa[r * (D / 2) + l]));
+                    b[r] = dot_i16(b[r], kt[l + 1], _mm512_set1_epi32(qa[r * (D / 2) + l + 1]));
+                }
+            for (int r = 0; r < 4 && r0 + r < nq; r++) /* q . (k * k_scale) * scale */
+                _mm512_storeu_ps(scores + (r0 + r) * CHUNK + jb,
+                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[r], b[r])),
+                                                             _mm512_set1_ps(qstep[r0 + r])), ksv));
+        }
+    }
+}
+
 /* chunk_attend_pairs' contract for int8 rows, ND = D / 32. K and V rows are read from the cache where they are (no
  * converted copy). Scratch: scores [nq][CHUNK] fp32; pp [nq rounded up to 8][CHUNK] int16 P (rows past nq are
  * zeroed here); ks, vs [CHUNK] the rows' scales; pscale [nq] P's step a query row. */
@@ -51,7 +129,8 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     const float *q, const void *kc, const void *vc, const int64_t *slots, int64_t q_start, int q_len, int64_t kv_len,
     int j0, int j1, int g, int H, int Hkv, const int ND, float scale, float *restrict m_out, float *restrict l_out,
     float *restrict acc_out, float *restrict scores, int16_t *restrict pp, float *restrict ks, float *restrict vs,
-    float *restrict pscale, const int64_t *nx_slots, int nx_n, int cold) {
+    float *restrict pscale, int32_t *restrict qp, float *restrict qstep, const int64_t *nx_slots, int nx_n,
+    int cold) {
     const int G = H / Hkv, D = 32 * ND, nq = q_len * G;
     const int nk = j1 - j0;
     const int nk32 = (nk + 31) & ~31; /* P padded with zeros to whole 32-key vectors */
@@ -69,8 +148,15 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
     for (int i = 0; i < q_len; i++) {
         const int nvis = visible_keys(kv_len, q_len, i, j0, nk);
         nvis_max = nvis > nvis_max ? nvis : nvis_max;
+    }
+    const int kt_rows = nq >= INT8_KT_MIN_ROWS;
+    if (kt_rows)
+        int8_scores_kt(q, kb, vb, slots, q_start, q_len, j0, nk, nvis_max, g, H, Hkv, ND, scale, ks, scores, qp, qstep,
+                       nx_slots, nx_n, cold);
+    for (int i = 0; i < q_len; i++) {
+        const int nvis = visible_keys(kv_len, q_len, i, j0, nk);
         /* scores of the G heads' rows, HB heads a pass: a K row is widened once for all of them */
-        for (int h0 = 0; h0 < G; h0 += INT8_QK_HEADS) {
+        for (int h0 = 0; h0 < (kt_rows ? 0 : G); h0 += INT8_QK_HEADS) {
             const int hn = G - h0 < INT8_QK_HEADS ? G - h0 : INT8_QK_HEADS;
             __m512i qw[INT8_QK_HEADS][4];
             __m512 sc[INT8_QK_HEADS];
@@ -85,21 +171,12 @@ static inline __attribute__((always_inline)) void chunk_attend_int8(
                 sc[h] = _mm512_set1_ps(scale * (qmax / 32767.f));
             }
             for (int jb = 0; jb < nvis; jb += 16) {
+                if (i == 0 && h0 == 0) int8_prefetch(kb, vb, rb, slots, j0, jb, nk, g, Hkv, nx_slots, nx_n, cold);
                 __m512i part[INT8_QK_HEADS][16];
                 for (int t = 0; t < 16; t++) {
                     if (jb + t >= nvis) { /* the last block's invisible keys: score 0, masked below */
                         for (int h = 0; h < hn; h++) part[h][t] = _mm512_setzero_si512();
                         continue;
-                    }
-                    if (i == 0 && h0 == 0) { /* see INT8_PREFETCH */
-                        int64_t sl = -1;
-                        const int u = g * nk + jb + t;
-                        if (cold && g == 0 && jb + t + INT8_PREFETCH < nk) sl = slots[j0 + jb + t + INT8_PREFETCH];
-                        else if (u % Hkv == 0 && u / Hkv < nx_n) sl = nx_slots[u / Hkv];
-                        if (sl >= 0) {
-                            prefetch_bytes(kb + sl * Hkv * rb, (int)(Hkv * rb), 1);
-                            prefetch_bytes(vb + sl * Hkv * rb, (int)(Hkv * rb), 1);
-                        }
                     }
                     const uint8_t *kr = KROW(jb + t);
                     __m512i kw[4];
