@@ -45,6 +45,8 @@ static inline __attribute__((always_inline)) __m512i round_i16x32(__m512 lo, __m
 #define INT8_QK_HEADS 8
 #define INT8_PV_ROWS(ND) ((ND) == 1 ? 8 : (ND) == 2 ? 4 : 2)
 
+DEFINE_KT_ROWS4(kt_rows4_i16, __m512i, _mm512_setzero_si512, dot_i16, _mm512_add_epi32)
+
 /* Query rows from which Q.K puts keys on lanes (int8_scores_kt), as the pair path does (PAIRS_KT_MIN_ROWS). */
 #define INT8_KT_MIN_ROWS 6
 
@@ -104,20 +106,12 @@ static inline __attribute__((always_inline)) void int8_scores_kt(
         }
         const __m512 ksv = _mm512_loadu_ps(ks + jb);
         for (int r0 = 0; r0 < nq; r0 += 4) {
-            __m512i a[4], b[4]; /* 4 rows, even and odd pairs apart: 8 independent chains */
-            for (int r = 0; r < 4; r++) a[r] = b[r] = _mm512_setzero_si512();
-            const int32_t *qa = qp + (int64_t)r0 * (D / 2);
-#pragma GCC unroll 2
-            for (int l = 0; l < 16 * ND; l += 2)
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++) {
-                    a[r] = dot_i16(a[r], kt[l], _mm512_set1_epi32(qa[r * (D / 2) + l]));
-                    b[r] = dot_i16(b[r], kt[l + 1], _mm512_set1_epi32(qa[r * (D / 2) + l + 1]));
-                }
+            __m512i sum[4];
+            kt_rows4_i16(kt, qp + (int64_t)r0 * (D / 2), D / 2, 16 * ND, sum);
             for (int r = 0; r < 4 && r0 + r < nq; r++) /* q . (k * k_scale) * scale */
                 _mm512_storeu_ps(scores + (r0 + r) * CHUNK + jb,
-                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[r], b[r])),
-                                                             _mm512_set1_ps(qstep[r0 + r])), ksv));
+                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(qstep[r0 + r])),
+                                               ksv));
         }
     }
 }

@@ -9,6 +9,11 @@
 #define DELTASERVE_SHORT_PAIRS_H
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_PAIRS 1
+static inline __attribute__((always_inline)) __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+DEFINE_KT_ROWS4(kt_rows4_bf16, __m512, _mm512_setzero_ps, dot_bf16, _mm512_add_ps)
+
 /* Query rows from which Q.K puts keys on lanes (pairs_scores_kt): a 16-key block costs two 16 x 16 transposes (128
  * shuffles) shared by every row, then 2 * ND pair products a row and key; the one-row form pays reduce16's ~46 ops a
  * row and block instead. Even at 3 rows; a verify's 15-27 rows run ~2x faster (see the commit that added it). */
@@ -70,20 +75,10 @@ static inline __attribute__((always_inline)) void pairs_scores_kt(
         }
         const __m512 ksc = quant ? _mm512_mul_ps(sc, _mm512_loadu_ps(ks + jb)) : sc; /* q . (k * k_scale) */
         for (int r0 = 0; r0 < nq; r0 += 4) {
-            /* 4 rows, even and odd pairs apart: 8 independent product chains */
-            __m512 a[4], b[4];
-            for (int r = 0; r < 4; r++) a[r] = b[r] = _mm512_setzero_ps();
-            const uint32_t *qa = qp + (int64_t)r0 * (D / 2);
-#pragma GCC unroll 2
-            for (int l = 0; l < 16 * ND; l += 2)
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++) {
-                    a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)kt[l], (__m512bh)_mm512_set1_epi32((int)qa[r * (D / 2) + l]));
-                    b[r] = _mm512_dpbf16_ps(b[r], (__m512bh)kt[l + 1],
-                                            (__m512bh)_mm512_set1_epi32((int)qa[r * (D / 2) + l + 1]));
-                }
+            __m512 sum[4];
+            kt_rows4_bf16(kt, (const int32_t *)qp + (int64_t)r0 * (D / 2), D / 2, 16 * ND, sum);
             for (int r = 0; r < 4 && r0 + r < nq; r++)
-                _mm512_storeu_ps(scores + (r0 + r) * CHUNK + jb, _mm512_mul_ps(_mm512_add_ps(a[r], b[r]), ksc));
+                _mm512_storeu_ps(scores + (r0 + r) * CHUNK + jb, _mm512_mul_ps(sum[r], ksc));
         }
     }
 }

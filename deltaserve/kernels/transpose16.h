@@ -36,5 +36,23 @@ static inline __attribute__((always_inline)) void transpose16_epi32(__m512i r[16
         r[12 + k] = _mm512_shuffle_i32x4(t[4 + k], t[12 + k], 0xDD);
     }
 }
+
+/* The products after the transpose: out[r] = the sum over dim pairs l < npairs of kt[l] times query row r's pair l
+ * broadcast (rows qstride pairs apart in qa), for 4 rows at once, even and odd pairs in separate chains (8 in all, to
+ * cover the products' latency). One template for bf16 pairs into fp32 (short_pairs.h) and int16 pairs into exact
+ * int32 (short_int8.h): T the sum vector, DOT(acc, kt vector, broadcast pair), ADD to join the chains. */
+#define DEFINE_KT_ROWS4(NAME, T, ZERO, DOT, ADD)                                                                   \
+    static inline __attribute__((always_inline)) void NAME(const __m512i *kt, const int32_t *qa, int qstride,       \
+                                                           int npairs, T out[4]) {                                 \
+        T a[4], b[4];                                                                                              \
+        for (int r = 0; r < 4; r++) a[r] = b[r] = ZERO();                                                          \
+        _Pragma("GCC unroll 2") for (int l = 0; l < npairs; l += 2) {                                              \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                                  \
+                a[r] = DOT(a[r], kt[l], _mm512_set1_epi32(qa[r * qstride + l]));                                   \
+                b[r] = DOT(b[r], kt[l + 1], _mm512_set1_epi32(qa[r * qstride + l + 1]));                           \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int r = 0; r < 4; r++) out[r] = ADD(a[r], b[r]);                                                      \
+    }
 #endif
 #endif
