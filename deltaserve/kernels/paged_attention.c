@@ -94,8 +94,8 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
                           const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                           int mode) {
     const int G = H / Hkv;
-    /* pair products: bf16 rows as stored, int8 / fp8 rows as their bf16 values and scales */
-    /* int8 rows with mode bit 0: integer products on the bytes as stored (short_int8.h), on any AVX-512 CPU */
+    /* mode bit 0: int8 rows take integer products on the bytes as stored (short_int8.h, any AVX-512 CPU); bf16 rows
+     * take pair products as stored, fp8 rows (and int8 where the integer path is not built) as their bf16 values */
     const int ints = HAVE_INT8_DOTS && (mode & 1) && kv_kind == KV_INT8 && D % 32 == 0 && D <= 128;
     const int pairs = !ints && HAVE_PAIRS && (mode & 1) && kv_kind != KV_FP32 && D % 32 == 0 && D <= 128;
     /* work items: (seq, chunk of keys), each over every kv head in turn, so it reads whole slot rows
@@ -135,7 +135,7 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
         const int64_t pp_n = (ints ? (nq_max + 7) & ~7 : nq_max) * CHUNK / 2, vp_n = ints ? 0 : CHUNK / 2 * D;
         const int64_t nq4 = (nq_max + 3) & ~3;
         float *row = scratch(6, sizeof(float) * (ints    ? pp_n + 2 * CHUNK + nq_max + nq4 * (D / 2 + 1)
-                                                 : pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK + ((nq_max + 3) & ~3) * D / 2
+                                                 : pairs ? pp_n + vp_n + CHUNK * D / 2 + 2 * CHUNK + nq4 * (D / 2)
                                                          : CHUNK * D));
         if (!scores || !row) {
 #pragma omp atomic write

@@ -199,6 +199,8 @@ def _bench_kv(reps: int = 24, layers: int = 8) -> None:
     integer products for int8). Slots in runs of 16 (pages) in scattered order, as a long-running pool gives them;
     calls rotate over `layers` copies of the caches so that each reads K/V from memory, as a model's layers do (one
     8 x 8k cache fits a 32 MB L3): python -m deltaserve.kernels.paged_attention kv"""
+    import itertools
+
     from deltaserve.kv.quant import FORMATS, quantize_rows
 
     H, Hkv, D, L = 9, 3, 64, 8192
@@ -211,10 +213,10 @@ def _bench_kv(reps: int = 24, layers: int = 8) -> None:
         g = torch.Generator().manual_seed(B)
         S = B * L
         kf, vf = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
-        caches = {"bf16": ([kf.to(torch.bfloat16)] * layers, [vf.to(torch.bfloat16)] * layers, None)}
+        copies = lambda t: [t.clone() for _ in range(layers)]  # noqa: E731  (one cache a layer)
+        caches = {"bf16": (copies(kf.to(torch.bfloat16)), copies(vf.to(torch.bfloat16)), None)}
         for name, fmt in (("int8", FORMATS["int8"]), ("fp8", FORMATS["fp8_e4m3"])):
-            caches[name] = ([quantize_rows(kf, fmt)] * layers, [quantize_rows(vf, fmt)] * layers, fmt.kind)
-        caches = {n: ([t.clone() for t in ks], [t.clone() for t in vs], kind) for n, (ks, vs, kind) in caches.items()}
+            caches[name] = (copies(quantize_rows(kf, fmt)), copies(quantize_rows(vf, fmt)), fmt.kind)
         pages = torch.randperm(S // 16, generator=g)
         slots = (pages[:, None] * 16 + torch.arange(16)[None, :]).reshape(-1)  # [S]: B contexts of L slots
         seqs = torch.tensor([[b, 1, b * L, L] for b in range(B)])
@@ -222,7 +224,7 @@ def _bench_kv(reps: int = 24, layers: int = 8) -> None:
         out = torch.empty_like(q)
         cells = []
         for name, (kc, vc, kind) in caches.items():
-            step = iter(range(1 << 62))
+            step = itertools.count()
 
             def call(reduced: bool) -> None:
                 i = next(step) % layers
