@@ -8,9 +8,12 @@
  *
  * Layouts (row-major, bf16 as uint16_t bits):
  *   rms_norm_bf16:  x [T, N] (row stride ldx), w [N]  -> out [T, N]
+ *   add_rms_norm_bf16: x, d [T, N] contiguous, w [N]  -> x <- x + d (in place), out [T, N] = rms_norm(x)
  *   silu_mul_bf16:  gu [T, 2I] (gate | up)            -> out [T, I]
  *   rope_qk_bf16:   qkv [T, W] (W >= (H + Hkv) * D: q heads, then k heads), cos, sin [max_pos, D], pos [T]
- *                   -> q32 [T, H, D] float32 (rotated, bf16 values), k [T, Hkv, D] bf16 (rotated)
+ *                   -> q32 [T, H, D] float32 (rotated, bf16 values), k [T, Hkv, D] bf16 (rotated); or, given
+ *                   bf16 caches [num_slots, Hkv, D] and slots [T], k rotated and v (qkv's next Hkv heads) copied
+ *                   straight into cache rows slots[t]
  *   store_int8_rows: x [T, Hkv, D] fp32 or bf16 (token stride ldx, heads contiguous), slots [T]
  *                   -> cache rows [slots[t], h] of an int8 KV cache [num_slots, Hkv, D + 4] (kv/quant.py)
  * Rows are split across OpenMP threads when there are enough of them to pay for the fork.
@@ -36,6 +39,20 @@ void rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *
 #pragma omp simd
         for (int i = 0; i < N; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(xr[i]) * r));
     }
+}
+
+/* The residual add before a norm, fused: x <- bf16(x + d) (what torch's bf16 add rounds to), then out =
+ * rms_norm(x) as rms_norm_bf16 computes it. Saves the add's pass and its fresh tensor, twice a layer. */
+void add_rms_norm_bf16(uint16_t *x, const uint16_t *d, const uint16_t *w, uint16_t *out, int64_t T, int N,
+                       float eps) {
+#pragma omp parallel for schedule(static) if (T * N >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        uint16_t *restrict xr = x + t * (int64_t)N;
+        const uint16_t *restrict dr = d + t * (int64_t)N;
+#pragma omp simd
+        for (int i = 0; i < N; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(dr[i]));
+    }
+    rms_norm_bf16(x, N, w, out, T, N, eps);
 }
 
 /* y = bf16(bf16(silu(gate)) * up), silu(g) = g / (1 + exp(-g)) in fp32, as torch computes it for bf16. */
@@ -69,9 +86,16 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int I) {
 /* Neox RoPE on the q and k heads of a fused qkv row, as the PyTorch path rounds it:
  * y = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)). q lands in fp32 (exact bf16 values) for the
  * attention kernels, k in bf16 for the cache. */
-void rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const uint16_t *sin_t, const int64_t *pos,
-                  float *q32, uint16_t *k, int64_t T, int H, int Hkv, int D) {
+/* k_cache, v_cache (NULL: k goes to `k`): bf16 caches of num_slots rows [Hkv, D], written at rows slots[t] (k
+ * rotated, v copied as is) instead of index_copy_ afterwards; returns 1, writing nothing, if a slot is out of range,
+ * else 0. */
+int rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const uint16_t *sin_t, const int64_t *pos,
+                 float *q32, uint16_t *k, int64_t T, int H, int Hkv, int D, uint16_t *k_cache, uint16_t *v_cache,
+                 const int64_t *slots, int64_t num_slots) {
     const int half = D / 2;
+    if (k_cache)
+        for (int64_t t = 0; t < T; t++)
+            if (slots[t] < 0 || slots[t] >= num_slots) return 1;
 #pragma omp parallel for schedule(static) if (T * (H + Hkv) * D >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) {
         const uint16_t *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
@@ -89,12 +113,17 @@ void rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const u
 #pragma omp simd
                 for (int d = 0; d < D; d++) o[d] = y[d];
             } else {
-                uint16_t *o = k + (t * Hkv + (h - H)) * (int64_t)D;
+                uint16_t *o = k_cache ? k_cache + (slots[t] * Hkv + (h - H)) * (int64_t)D
+                                      : k + (t * Hkv + (h - H)) * (int64_t)D;
 #pragma omp simd
                 for (int d = 0; d < D; d++) o[d] = f32_to_bf16(y[d]);
             }
         }
+        if (v_cache) /* v: the Hkv heads after k's, one contiguous run of Hkv * D values */
+            memcpy(v_cache + slots[t] * Hkv * (int64_t)D, qkv + t * W + (int64_t)(H + Hkv) * D,
+                   sizeof(uint16_t) * Hkv * (int64_t)D);
     }
+    return 0;
 }
 
 /* One step's K or V rows quantized straight into an int8 cache, bit for bit as kv/quant.py's quantize_rows (then

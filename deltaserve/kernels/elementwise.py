@@ -22,9 +22,11 @@ def _lib() -> ctypes.CDLL | None:
             p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
             lib.rms_norm_bf16.argtypes = [p, i64, p, p, i64, i, f]
             lib.silu_mul_bf16.argtypes = [p, p, i64, i]
-            lib.rope_qk_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i, i, i]
+            lib.add_rms_norm_bf16.argtypes = [p, p, p, p, i64, i, f]
+            lib.rope_qk_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i, i, i, p, p, p, i64]
+            lib.rope_qk_bf16.restype = i
             lib.store_int8_rows.argtypes = [p, i, i64, i64, i, i, p, p]
-            for fn in (lib.rms_norm_bf16, lib.silu_mul_bf16, lib.rope_qk_bf16, lib.store_int8_rows):
+            for fn in (lib.rms_norm_bf16, lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.store_int8_rows):
                 fn.restype = None
             lib.elementwise_max_head_dim.restype = i
         _LIB.append(lib)
@@ -49,6 +51,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x, d [T, N] bf16 contiguous, weight [N] bf16. Mutates x to x + d (bf16, as torch's add rounds); returns
+    rms_norm(x + d) [T, N] bf16."""
+    T, N = x.shape
+    assert x.is_contiguous() and d.is_contiguous() and d.shape == x.shape and weight.is_contiguous()
+    assert x.dtype == d.dtype == weight.dtype == torch.bfloat16
+    out = torch.empty(T, N, dtype=torch.bfloat16)
+    _lib().add_rms_norm_bf16(x.data_ptr(), d.data_ptr(), weight.data_ptr(), out.data_ptr(), T, N, float(eps))
+    return out
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] bf16 contiguous (gate | up) -> silu(gate) * up [T, I] bf16."""
     T, I2 = gate_up.shape
@@ -59,19 +72,40 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, H: int, Hkv: int,
-            D: int) -> tuple[torch.Tensor, torch.Tensor]:
+            D: int, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv [T, W] bf16 contiguous, q heads then k heads first; cos, sin [max_pos, D] bf16; positions [T] int64.
-    -> (q [T, H, D] float32, k [T, Hkv, D] bf16), both rotated."""
+    -> (q [T, H, D] float32, k [T, Hkv, D] bf16), both rotated.
+    store: (k_cache, v_cache, slots) where `takes_store` holds: k rotated and v (qkv's Hkv heads after k's) are
+    written into the caches' rows at slots [T] instead (the bits index_copy_ would write), and k comes back None.
+    Mutates those rows only. Raises IndexError, writing nothing, if a slot is outside the caches."""
     T, W = qkv.shape
     assert qkv.is_contiguous() and qkv.dtype == cos.dtype == sin.dtype == torch.bfloat16 and W >= (H + Hkv) * D
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == D and positions.dtype == torch.int64
     assert D % 2 == 0 and D <= _lib().elementwise_max_head_dim()
     positions = positions.contiguous()
     q32 = torch.empty(T, H, D, dtype=torch.float32)
-    k = torch.empty(T, Hkv, D, dtype=torch.bfloat16)
-    _lib().rope_qk_bf16(qkv.data_ptr(), W, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q32.data_ptr(),
-                        k.data_ptr(), T, H, Hkv, D)
+    if store is None:
+        k = torch.empty(T, Hkv, D, dtype=torch.bfloat16)
+        caches = (k.data_ptr(), None, None, None, 0)
+    else:
+        k_cache, v_cache, slots = store
+        assert W >= (H + 2 * Hkv) * D and takes_store(k_cache, v_cache, slots, Hkv, D) and slots.shape == (T,)
+        k = None
+        caches = (None, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), k_cache.shape[0])
+    rc = _lib().rope_qk_bf16(qkv.data_ptr(), W, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+                             q32.data_ptr(), caches[0], T, H, Hkv, D, *caches[1:])
+    if rc != 0:
+        raise IndexError(f"rope_qk: a slot of {store[2].tolist()} is outside the KV caches' {caches[4]} rows")
     return q32, k
+
+
+def takes_store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, Hkv: int, D: int) -> bool:
+    """`rope_qk` can write a step's K/V straight into these caches: bf16 [num_slots, Hkv, D] contiguous on CPU,
+    slots int64 contiguous, and the library built."""
+    return (available() and k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.device.type == "cpu"
+            and k_cache.shape == v_cache.shape and k_cache.shape[1:] == (Hkv, D) and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous())
 
 
 def takes_int8_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> bool:

@@ -15,6 +15,8 @@
  *   slots    [sum of kv_len] int64, the sequences' slot lists concatenated
  *   seqs     [n_seqs, 4] int64: q_start, q_len, kv_offset (into slots), kv_len
  *   out      [num_q_tokens, H, D] float32 (rows of queries not in any sequence are untouched)
+ * Returns 0; 1 when out of memory for the work buffers; 3, touching nothing, when a sequence has more than
+ * SHORT_MAX_Q queries.
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
  * mode bit 0 (pairs), with a bf16, int8 or fp8 cache, AVX512-BF16 and D a multiple of 32: both products run as bf16
  * pair dot products (vdpbf16ps, fp32 accumulation) with keys on lanes, so a bf16 K or V row is used as loaded
@@ -37,6 +39,7 @@
 #endif
 
 #define CHUNK 256
+#define SHORT_MAX_Q 64 /* queries a sequence at most (short_fp32.h keeps per-query state in arrays this long) */
 
 #include "bf16.h"
 #include "kv_rows.h" /* kv_load_row: a cache row of any kind as fp32 */
@@ -105,6 +108,7 @@ int paged_attention_short(const float *q, const void *k, const void *v, int kv_k
         n_items += (seqs[4 * s + 3] + CHUNK - 1) / CHUNK;
         if (seqs[4 * s + 1] > max_q) max_q = seqs[4 * s + 1];
     }
+    if (max_q > SHORT_MAX_Q) return 3;
     const int64_t nq_max = G * max_q, n_part = n_items * Hkv;
     int64_t *item_seq = scratch(0, sizeof(int64_t) * 2 * (n_items + 1));
     float *m_buf = scratch(1, sizeof(float) * (n_part * nq_max + 1));

@@ -16,6 +16,7 @@ import torch
 from deltaserve.kernels import load
 
 _LIBS: dict[str, ctypes.CDLL | None] = {}
+SHORT_MAX_Q = 64  # queries a sequence the short kernel takes (paged_attention.c)
 
 
 def _bind(name: str, fn: str, extra_args: list, probe: str | None = None) -> ctypes.CDLL | None:
@@ -110,9 +111,10 @@ def paged_attention_short(
     AVX-512 CPU) take integer products: q and P * v_scale in int16 steps of their largest value, exact int32 sums,
     ~70x closer to float64 than the bf16 pairs. pairs rounds q: for bf16 models. Figures:
     `python -m deltaserve.kernels.paged_attention kv` and docs/perf/2026-12-05-zen4-short-kernel.md."""
-    assert seqs.shape[0] == 0 or int(seqs[:, 1].max()) <= 64, "at most 64 queries a sequence"
     rc = _LIBS["paged_attention"].paged_attention_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind),
                                                          int(pairs))
+    if rc == 3:  # checked in C: a torch max and .item() here cost ~10 us a layer
+        raise ValueError(f"paged_attention_short: at most {SHORT_MAX_Q} queries a sequence, got {seqs[:, 1].tolist()}")
     if rc != 0:
         raise MemoryError("paged_attention_short: out of memory for its work buffers")
 

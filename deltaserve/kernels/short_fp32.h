@@ -156,7 +156,7 @@ static inline __attribute__((always_inline)) void chunk_attend(const float *q, c
         }
         kv_load_row(k, kind, slots[j0 + jj] * Hkv + g, D, rows + jj * D);
     }
-    int nvis_of[64];
+    int nvis_of[SHORT_MAX_Q];
     for (int i = 0; i < q_len; i++) {
         /* keys j0 .. j0 + nvis - 1 are visible to query i (a prefix of the chunk; causal) */
         const int nvis = visible_keys(kv_len, q_len, i, j0, nk);

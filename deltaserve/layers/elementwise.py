@@ -27,6 +27,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """The residual add and the norm after it: x, d [T, N] -> (x + d, rms_norm(x + d)), both [T, N] in x's dtype.
+    The native path adds into x in place (the caller's residual stream, which it replaces by the first result)."""
+    if native.supports(x) and x.dim() == 2 and x.is_contiguous() and d.is_contiguous() and d.dtype == x.dtype:
+        return x, native.add_rms_norm(x, d, weight, eps)
+    s = x + d
+    return s, rms_norm(s, weight, eps)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate | up) -> silu(gate) * up [T, I]."""
     if native.supports(gate_up) and gate_up.is_contiguous():
@@ -69,13 +79,19 @@ class Rotary:
         return x * cos + rot * sin
 
     @staticmethod
-    def rotate_qk(qkv: torch.Tensor, rope: RopeStep, H: int, Hkv: int, D: int,
-                  fp32_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate_qk(qkv: torch.Tensor, rope: RopeStep, H: int, Hkv: int, D: int, fp32_q: bool,
+                  store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """qkv [T, (H + 2 Hkv) D] -> q [T, H, D], k [T, Hkv, D], both rotated. fp32_q: the caller takes q in
-        fp32 (the native attention kernels do); then bf16 on CPU runs fused and returns q as fp32."""
+        fp32 (the native attention kernels do); then bf16 on CPU runs fused and returns q as fp32.
+        store: (k_cache, v_cache, slot_mapping [T]): where the fused kernel can (`elementwise.takes_store`), it
+        writes k and v (qkv's last Hkv heads) into the caches' rows at slot_mapping and returns k as None; else
+        the caller stores them."""
         T = qkv.shape[0]
         if fp32_q and native.supports(qkv) and qkv.is_contiguous() and rope.cos_table.dtype == torch.bfloat16:
-            return native.rope_qk(qkv, rope.cos_table, rope.sin_table, rope.positions, H, Hkv, D)
+            if store is not None and not native.takes_store(*store, Hkv, D):
+                store = None
+            return native.rope_qk(qkv, rope.cos_table, rope.sin_table, rope.positions, H, Hkv, D, store)
         # q and k rotated in one pass: the same per-element math as rotating each on its own
         qk = Rotary.apply(qkv[:, : (H + Hkv) * D].reshape(T, H + Hkv, D), rope.cos, rope.sin)  # [T, H+Hkv, D]
         q, k = qk.split([H, Hkv], dim=1)  # [T, H, D], [T, Hkv, D]

@@ -13,7 +13,7 @@ from deltaserve.config import ModelConfig
 from deltaserve.kv.pool import KVPool
 from deltaserve.kv.quant import KVFormat, resolve
 from deltaserve.layers.attention import AttentionBackend, select_backend
-from deltaserve.layers.elementwise import RopeStep, Rotary, rms_norm, silu_mul
+from deltaserve.layers.elementwise import RopeStep, Rotary, add_rms_norm, rms_norm, silu_mul
 from deltaserve.layers.linear import Linear
 
 
@@ -40,19 +40,27 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(self.gate_up_w)
         self.down = Linear(self.down_w)
 
-    def forward(self, x, rope: RopeStep, k_cache, v_cache, attn: AttentionBackend, meta):
+    def forward(self, x, d, rope: RopeStep, k_cache, v_cache, attn: AttentionBackend, meta):
+        """x: the residual stream [T, hidden]; d: the previous layer's MLP output [T, hidden], not yet added to x
+        (None before the first layer). Returns (x, d) in the same sense: the layer's output is x + d. Deferring
+        each add to the norm after it fuses the two (`add_rms_norm`, which may add into x in place)."""
         cfg = self.cfg
-        h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
+        if d is None:
+            h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
+        else:
+            x, h = add_rms_norm(x, d, self.in_norm, cfg.rms_norm_eps)
         qkv = self.qkv(h)  # [T, q + 2kv]
         T = x.shape[0]
         H, Hkv = cfg.num_heads, cfg.num_kv_heads
-        # the native attention kernels take q in fp32: rotated straight into it when that runs fused
-        q, k = Rotary.rotate_qk(qkv, rope, H, Hkv, cfg.head_dim, fp32_q=attn.fp32_q)  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size :].reshape(T, Hkv, cfg.head_dim)  # [T, Hkv, D]
-        a = attn.forward(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)  # [T, H, D], v's dtype
-        x = x + self.o(a.reshape(T, self.q_size))  # [T, hidden]
-        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        return x + self.down(silu_mul(self.gate_up(h)))  # gate_up: [T, 2I]
+        # the native attention kernels take q in fp32: rotated straight into it when that runs fused, and there
+        # k and v go straight into the caches where the backend takes them stored (k comes back None then)
+        store = (k_cache, v_cache, meta.slot_mapping) if attn.takes_stored_kv else None
+        # q [T, H, D]; k [T, Hkv, D], or None once stored
+        q, k = Rotary.rotate_qk(qkv, rope, H, Hkv, cfg.head_dim, fp32_q=attn.fp32_q, store=store)
+        v = None if k is None else qkv[:, self.q_size + self.kv_size :].reshape(T, Hkv, cfg.head_dim)  # [T, Hkv, D]
+        a = attn.forward(q, k, v, k_cache, v_cache, meta, scale=cfg.head_dim**-0.5)  # [T, H, D], the model dtype
+        x, h = add_rms_norm(x, self.o(a.reshape(T, self.q_size)), self.post_norm, cfg.rms_norm_eps)  # [T, hidden]
+        return x, self.down(silu_mul(self.gate_up(h)))  # gate_up: [T, 2I]
 
 
 class LlamaModel(nn.Module):
@@ -132,11 +140,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVPool, meta) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]. Writes K/V of all T tokens.
         meta: `self.attn.prepare(...)` for this step."""
-        x = self.embed[input_ids]  # [T, hidden]
+        x, d = self.embed[input_ids], None  # [T, hidden]: a gather, so a fresh tensor the layers may add into
         rope = self.rope.step(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv.k_cache[i], kv.v_cache[i], self.attn, meta)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+            x, d = layer(x, d, rope, kv.k_cache[i], kv.v_cache[i], self.attn, meta)
+        return add_rms_norm(x, d, self.norm, self.cfg.rms_norm_eps)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

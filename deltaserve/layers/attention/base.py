@@ -38,6 +38,13 @@ class AttentionBackend(ABC):
         """Whether `forward` wants q in fp32 whatever the model dtype (the native kernels compute in fp32:
         the rotary kernel then writes q straight into fp32, saving a cast a layer). Fixed for the backend's life."""
 
+    @property
+    def takes_stored_kv(self) -> bool:
+        """Whether `forward` also takes k = v = None, meaning the caller already wrote the step's K/V into the
+        caches at the step's slot_mapping (the fused rotary kernel does, into a cache of the model dtype). A backend
+        that says so keeps that slot_mapping as `meta.slot_mapping`. Fixed for the backend's life."""
+        return False
+
     @abstractmethod
     def prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> Any:
         """Once per step, before the forward pass: this backend's metadata for the step, shared by all layers.
@@ -50,12 +57,12 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,  # [T, n_heads, head_dim], fp32 when `fp32_q`, else the model dtype
-        k: torch.Tensor,  # [T, n_kv_heads, head_dim], model dtype
-        v: torch.Tensor,  # [T, n_kv_heads, head_dim], model dtype
+        k: torch.Tensor | None,  # [T, n_kv_heads, head_dim], model dtype; None: already stored (`takes_stored_kv`)
+        v: torch.Tensor | None,  # [T, n_kv_heads, head_dim], model dtype; None with k
         k_cache: torch.Tensor,  # [num_slots, n_kv_heads, head_dim], model dtype: this layer's pool
         v_cache: torch.Tensor,
         meta: Any,  # what this backend's `prepare` returned for this step
         scale: float,
-    ) -> torch.Tensor:  # [T, n_heads, head_dim] in v's dtype
-        """Once per layer: writes k, v into `k_cache`, `v_cache` at `meta`'s slot_mapping (the only mutation),
-        then attends each span's queries over its context, new tokens included."""
+    ) -> torch.Tensor:  # [T, n_heads, head_dim] in the model dtype (v's; the caches' when v is None)
+        """Once per layer: writes k, v into `k_cache`, `v_cache` at `meta`'s slot_mapping (the only mutation; none
+        when they come as None), then attends each span's queries over its context, new tokens included."""

@@ -153,11 +153,18 @@ class NativeCpuBackend(AttentionBackend):
         return NativeMetadata(slot_mapping, kernel_spans(short) if short else None, None,
                               prepare_long(rest, slot_mapping.device))
 
+    @property
+    def takes_stored_kv(self) -> bool:
+        # the fused rotary kernel writes bf16 rows; a quantized cache is written by store_kv here
+        return self.kv_format is None or not self.kv_format.quantized
+
     def forward(self, q, k, v, k_cache, v_cache, meta: NativeMetadata, scale: float) -> torch.Tensor:
         fmt = self.kv_format if self.kv_format is not None and self.kv_format.quantized else None
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
+        if k is not None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
+        dtype = v_cache.dtype if v is None else v.dtype  # the model's: only a cache of its dtype comes stored
         if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
-            out = torch.empty(q.shape, dtype=v.dtype)  # [T, H, D]
+            out = torch.empty(q.shape, dtype=dtype)  # [T, H, D]
         else:
             # fp32 in and out of the kernels; each writes the rows of its own spans only
             q32 = q.float().contiguous()  # [T, H, D]; no copy when q came in fp32 (fp32_q)
@@ -172,7 +179,7 @@ class NativeCpuBackend(AttentionBackend):
                                              p_bf16=self.p_bf16, bf16_dot=self.bf16_dot, **kind)
             if meta.matmul:
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
-            out = out32 if v.dtype == torch.float32 else out32.to(v.dtype)
+            out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)
         return out
