@@ -4,11 +4,13 @@ One forward step of the model (all layers, the logits it needs) for decode batch
 sequences, and for 128-token spans (a prefill chunk or long verify) over 1k/4k/8k of history. Beside each:
 
 - the memory floor: bytes the step must read (every weight once, plus each sequence's K/V) / the copy bandwidth;
-- the compute floor: its FLOPs (2 per weight per token, 4 x heads x head_dim per query-key pair) / the bf16
-  matmul rate;
+- the compute floor: its FLOPs (2 per weight per token, 4 x heads x head_dim per query-key pair) / the matmul
+  rate: bf16 where its GEMM is fast here (AMX, fast AVX512-BF16), else fp32, the form the engine's large linears
+  take there (`layers/linear.large_batch_form`; without AVX-512 torch's bf16 matmul is a generic loop at well
+  under 1 GFLOP/s, no floor of anything the engine runs);
 
 both floors measured here with torch before the steps (a 256 MiB copy, read + write bytes counted as STREAM does;
-a 2048^3 bf16 matmul). The step's floor is the larger one; `x floor` says how far the step is from it. Spans run
+a 2048^3 matmul). The step's floor is the larger one; `x floor` says how far the step is from it. Spans run
 both ways where both exist (the tiled kernel and `layers/attention/span_matmul.py`), on the same pool, one after
 the other for each context, whatever the span probe chose.
 
@@ -59,12 +61,19 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / (best / 1e3)
 
 
-def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n^3 bf16 matmul (oneDNN: AMX where the CPU has it); best of `reps`."""
-    a = torch.randn(n, n).to(torch.bfloat16)
-    b = torch.randn(n, n).to(torch.bfloat16)
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n^3 matmul in `dtype` (bf16: oneDNN, AMX where the CPU has it); best of `reps`."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
     best = _best_ms(lambda: a @ b, reps)
     return 2 * n**3 / (best / 1e3)
+
+
+def matmul_dtype() -> torch.dtype:
+    """The dtype whose matmul rate is this CPU's compute floor: the one its large linears run in."""
+    from deltaserve.layers.linear import large_batch_form
+
+    return torch.bfloat16 if large_batch_form() == "bf16" else torch.float32
 
 
 class Work:
@@ -100,8 +109,10 @@ def run(args) -> int:
     d = model_dir(args.model)
     model = LlamaModel.from_state_dict(load_config(d), load_state_dict(d), dtype)
     cfg = model.cfg
-    bw, rate = copy_bandwidth(), bf16_matmul_rate()
-    print(f"{machine()}\ncopy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.0f} GFLOP/s")
+    mm = matmul_dtype()
+    mm_name = "bf16" if mm == torch.bfloat16 else "fp32"
+    bw, rate = copy_bandwidth(), matmul_rate(mm)
+    print(f"{machine()}\ncopy bandwidth {bw / 1e9:.1f} GB/s, {mm_name} matmul {rate / 1e9:.0f} GFLOP/s")
     max_ctx = max(contexts) + args.span
     kv_dtypes = args.kv_cache_dtypes.split(",")
     layouts = {k: KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, k) for k in kv_dtypes}
@@ -182,8 +193,8 @@ def run(args) -> int:
         report_head(f"Roofline: step times vs floors ({args.model}, {args.dtype})",
                     f"deltaserve bench roofline --model {args.model} --dtype {args.dtype} --contexts {args.contexts}"
                     f" --batches {args.batches} --span {args.span} --kv-cache-dtypes {args.kv_cache_dtypes}")
-        + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), bf16 matmul "
-        f"{rate / 1e9:.0f} GFLOP/s (2048^3). Memory floor: every weight once plus each sequence's K/V once; "
+        + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), {mm_name} matmul "
+        f"{rate / 1e9:.0f} GFLOP/s (2048^3; the large linears' form here). Memory floor: every weight once plus each sequence's K/V once; "
         "compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus 4 x heads x head_dim "
         f"per query-key pair. Fastest of {args.reps} steps.\n\n" + table + "\n\n" + speedups + load_note() + "\n"
     )

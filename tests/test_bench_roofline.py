@@ -24,3 +24,14 @@ def test_work_counts_weights_kv_and_pairs():
     assert flops == 2 * 2 * per_layer * 3 + 2 * 3200 + 4 * 2 * 4 * 8 * 20
     # an int8 cache: 8 bytes + a 4-byte scale a row
     assert Work(model, KVLayout(2, 2, 8, torch.bfloat16, "int8").bytes_per_token).kv_per_token == 2 * 2 * 2 * 12
+
+
+def test_compute_floor_uses_the_form_the_large_linears_take(monkeypatch):
+    import deltaserve.layers.linear as L
+    from deltaserve_bench.roofline_bench import matmul_dtype
+
+    # without AVX-512 torch's bf16 matmul is a generic loop: a floor from it would be no floor at all
+    monkeypatch.setattr(L, "_LARGE_FORM", "fp32")
+    assert matmul_dtype() == torch.float32
+    monkeypatch.setattr(L, "_LARGE_FORM", "bf16")
+    assert matmul_dtype() == torch.bfloat16
