@@ -26,23 +26,24 @@
 
 #define PAR_MIN_ELEMS (1 << 15) /* below this a parallel region costs more than it saves */
 
-/* HF LlamaRMSNorm in bf16: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the statistics in fp32. */
+/* HF LlamaRMSNorm in bf16 on one row: o = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the statistics in fp32. */
+static inline void rms_norm_row(const uint16_t *restrict xr, const uint16_t *restrict w, uint16_t *restrict o, int N,
+                                float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < N; i++) ss += bf16_to_f32(xr[i]) * bf16_to_f32(xr[i]);
+    const float r = 1.f / sqrtf(ss / (float)N + eps);
+#pragma omp simd
+    for (int i = 0; i < N; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(xr[i]) * r));
+}
+
 void rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *out, int64_t T, int N, float eps) {
 #pragma omp parallel for schedule(static) if (T * N >= PAR_MIN_ELEMS)
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *restrict xr = x + t * ldx;
-        uint16_t *restrict o = out + t * (int64_t)N;
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int i = 0; i < N; i++) ss += bf16_to_f32(xr[i]) * bf16_to_f32(xr[i]);
-        const float r = 1.f / sqrtf(ss / (float)N + eps);
-#pragma omp simd
-        for (int i = 0; i < N; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(xr[i]) * r));
-    }
+    for (int64_t t = 0; t < T; t++) rms_norm_row(x + t * ldx, w, out + t * (int64_t)N, N, eps);
 }
 
 /* The residual add before a norm, fused: x <- bf16(x + d) (what torch's bf16 add rounds to), then out =
- * rms_norm(x) as rms_norm_bf16 computes it. Saves the add's pass and its fresh tensor, twice a layer. */
+ * rms_norm(x), row by row while the row is in L1. Saves the add's pass and its fresh tensor, twice a layer. */
 void add_rms_norm_bf16(uint16_t *x, const uint16_t *d, const uint16_t *w, uint16_t *out, int64_t T, int N,
                        float eps) {
 #pragma omp parallel for schedule(static) if (T * N >= PAR_MIN_ELEMS)
@@ -51,8 +52,8 @@ void add_rms_norm_bf16(uint16_t *x, const uint16_t *d, const uint16_t *w, uint16
         const uint16_t *restrict dr = d + t * (int64_t)N;
 #pragma omp simd
         for (int i = 0; i < N; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(dr[i]));
+        rms_norm_row(xr, w, out + t * (int64_t)N, N, eps);
     }
-    rms_norm_bf16(x, N, w, out, T, N, eps);
 }
 
 /* y = bf16(bf16(silu(gate)) * up), silu(g) = g / (1 + exp(-g)) in fp32, as torch computes it for bf16. */

@@ -76,27 +76,28 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv [T, W] bf16 contiguous, q heads then k heads first; cos, sin [max_pos, D] bf16; positions [T] int64.
     -> (q [T, H, D] float32, k [T, Hkv, D] bf16), both rotated.
-    store: (k_cache, v_cache, slots) where `takes_store` holds: k rotated and v (qkv's Hkv heads after k's) are
-    written into the caches' rows at slots [T] instead (the bits index_copy_ would write), and k comes back None.
-    Mutates those rows only. Raises IndexError, writing nothing, if a slot is outside the caches."""
+    store: (k_cache, v_cache, slots [T]). Where `takes_store` holds for them, k rotated and v (qkv's Hkv heads after
+    k's) are written into the caches' rows at slots instead (the bits index_copy_ would write) and k comes back None;
+    elsewhere k comes back for the caller to store. Mutates those rows only. Raises IndexError, writing nothing, if a
+    slot is outside the caches."""
     T, W = qkv.shape
     assert qkv.is_contiguous() and qkv.dtype == cos.dtype == sin.dtype == torch.bfloat16 and W >= (H + Hkv) * D
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == D and positions.dtype == torch.int64
     assert D % 2 == 0 and D <= _lib().elementwise_max_head_dim()
     positions = positions.contiguous()
     q32 = torch.empty(T, H, D, dtype=torch.float32)
-    if store is None:
-        k = torch.empty(T, Hkv, D, dtype=torch.bfloat16)
-        caches = (k.data_ptr(), None, None, None, 0)
-    else:
+    if store is not None and takes_store(*store, Hkv, D):
         k_cache, v_cache, slots = store
-        assert W >= (H + 2 * Hkv) * D and takes_store(k_cache, v_cache, slots, Hkv, D) and slots.shape == (T,)
-        k = None
-        caches = (None, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), k_cache.shape[0])
+        assert W >= (H + 2 * Hkv) * D and slots.shape == (T,)
+        k, k_ptr = None, None
+        cache_args = (k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), k_cache.shape[0])
+    else:
+        k = torch.empty(T, Hkv, D, dtype=torch.bfloat16)
+        k_ptr, cache_args = k.data_ptr(), (None, None, None, 0)
     rc = _lib().rope_qk_bf16(qkv.data_ptr(), W, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
-                             q32.data_ptr(), caches[0], T, H, Hkv, D, *caches[1:])
+                             q32.data_ptr(), k_ptr, T, H, Hkv, D, *cache_args)
     if rc != 0:
-        raise IndexError(f"rope_qk: a slot of {store[2].tolist()} is outside the KV caches' {caches[4]} rows")
+        raise IndexError(f"rope_qk: a slot of {store[2].tolist()} is outside the KV caches' {cache_args[3]} rows")
     return q32, k
 
 

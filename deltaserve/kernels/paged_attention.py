@@ -186,7 +186,7 @@ def _bench(reps: int = 10) -> None:
 
         cells = [f"sdpa {ms(sdpa):8.2f}"]
         qb = q.to(torch.bfloat16).float()  # a bf16 model's queries, as the engine passes them to the bf16 modes
-        if n <= 64 and available():
+        if n <= SHORT_MAX_Q and available():
             cells.append(f"short {ms(lambda: paged_attention_short(q, kc, vc, slots, seqs, D**-0.5, out)):8.2f}")
             cells.append(f"pairs {ms(lambda: paged_attention_short(qb, kc, vc, slots, seqs, D**-0.5, out, True)):8.2f}")
         if tiled_available():

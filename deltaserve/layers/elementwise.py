@@ -89,8 +89,6 @@ class Rotary:
         the caller stores them."""
         T = qkv.shape[0]
         if fp32_q and native.supports(qkv) and qkv.is_contiguous() and rope.cos_table.dtype == torch.bfloat16:
-            if store is not None and not native.takes_store(*store, Hkv, D):
-                store = None
             return native.rope_qk(qkv, rope.cos_table, rope.sin_table, rope.positions, H, Hkv, D, store)
         # q and k rotated in one pass: the same per-element math as rotating each on its own
         qk = Rotary.apply(qkv[:, : (H + Hkv) * D].reshape(T, H + Hkv, D), rope.cos, rope.sin)  # [T, H+Hkv, D]
