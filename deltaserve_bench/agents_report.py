@@ -57,7 +57,8 @@ def _f(v, nd=2):
 
 
 # every external server configuration the bench can run; whichever of them ran competes on each metric
-EXTERNAL_PEERS = ("vllm", "vllm-ngram", "vllm-fp32", "vllm-offload", "llamacpp", "sglang")
+EXTERNAL_PEERS = ("vllm", "vllm-ngram", "vllm-fp32", "vllm-offload", "llamacpp", "llamacpp-f16", "llamacpp-f32",
+                  "sglang")
 PEERS_FOR_GOALS = EXTERNAL_PEERS + ("deltaserve-prefix",)  # + our SGLang-style LRU prefix emulation
 # metric -> (its key in speedup_of_stateful, how the fastest peer on it is picked). median_over_turns is the
 # peer's turn latency / stateful's (the smallest belongs to the fastest peer); e2e_ratio is stateful's wall / the

