@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--targets", default=",".join(tg.ALL_TARGETS),
-                   help=f"comma-separated, of {', '.join(tg.KNOWN_TARGETS)} (default: all but vllm-fp32 and the "
-                        "offload ones; a peer not set up is skipped with the reason)")
+                   help=f"comma-separated, of {', '.join(tg.KNOWN_TARGETS)} (default: all but vllm-fp32, "
+                        "llamacpp-f16/-f32 and the offload ones; on CPUs without fast bf16 add vllm-fp32 and "
+                        "llamacpp-f32; a peer not set up is skipped with the reason)")
     p.add_argument("--out", default="bench_out/agents")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action=argparse_bool(), default=True,

@@ -332,7 +332,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
     elif name in LLAMACPP_GGUF_TYPES:
         help_text = _help(LLAMA_SERVER)
         ctx = kv_budget_tokens if kv_budget_tokens else agents * context
-        cmd = [str(LLAMA_SERVER), "-m", str(gguf_path(model, LLAMACPP_GGUF_TYPES[name])), "--host", "127.0.0.1", "--port", str(port),
+        gguf = gguf_path(model, LLAMACPP_GGUF_TYPES[name])
+        cmd = [str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--parallel", str(max(agents, 1)), "--ctx-size", str(ctx), "--threads", str(threads),
                "--batch-size", str(max_batch_tokens), "--alias", model]
         t = Target(name, cmd, extra_body={"cache_prompt": True}, model_id=model)

@@ -10,8 +10,9 @@ kernels run through ctypes and show up as the gap between the table's total and 
 routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16;
 `min-rows-wide`: 16 vs 28, adding W35's 6k cases),
 `pairs` runs the short kernel in fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
-(CPUs without oneDNN bf16) to 8 vs 24. Each variant is a copy of the model's attention backend
-(`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
+(CPUs without oneDNN bf16) to 8 vs 24 (`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is
+a copy of the model's attention backend (`dataclasses.replace`), so the model runs the one whose metadata the step
+was prepared with.
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
-                                                  "small-gemm-rows"])
+                                                  "small-gemm-rows", "small-gemm-rows-wide"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     args = ap.parse_args()
@@ -89,7 +90,8 @@ def ab(args) -> None:
     r = _filled_runner(args.model)
     base = r.model.attn
     native = isinstance(base, NativeCpuBackend) and base.short and base.tiled
-    assert native or args.ab == "small-gemm-rows", f"--ab {args.ab} needs both native attention kernels: {base}"
+    assert native or args.ab.startswith("small-gemm-rows"), \
+        f"--ab {args.ab} needs both native attention kernels: {base}"
     # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
     rows, pairs = (base.tiled_min_rows, base.pairs) if native else (0, False)  # ignored without the native kernels
     small = lin.SMALL_BATCH_ROWS_UNPACKED
@@ -97,10 +99,11 @@ def ab(args) -> None:
                 "min-rows-avx2": {"8": (8, pairs, small), "16": (16, pairs, small)},
                 "min-rows-wide": {"16": (16, pairs, small), "28": (28, pairs, small)},
                 "pairs": {"fp32": (rows, False, small), "pairs": (rows, pairs, small)},
-                "small-gemm-rows": {"8": (rows, pairs, 8), "24": (rows, pairs, 24)}}[args.ab]
+                "small-gemm-rows": {"8": (rows, pairs, 8), "24": (rows, pairs, 24)},
+                "small-gemm-rows-wide": {"24": (rows, pairs, 24), "48": (rows, pairs, 48)}}[args.ab]
     step = _stepper(r)
     with torch.inference_mode():
-        for name, spec in (CASES | CASES_6K if args.ab == "min-rows-wide" else CASES).items():
+        for name, spec in (CASES | CASES_6K if args.ab.endswith("-wide") else CASES).items():
             fs = {}
             for label, (min_rows, pairs_, small_rows) in variants.items():
                 attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_) if native else base
