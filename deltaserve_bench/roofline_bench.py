@@ -195,8 +195,9 @@ def run(args) -> int:
                     f" --batches {args.batches} --span {args.span} --kv-cache-dtypes {args.kv_cache_dtypes}")
         + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), {mm_name} matmul "
         f"{rate / 1e9:.0f} GFLOP/s (2048^3; the large linears' form here). Memory floor: every weight once plus each "
-        "sequence's K/V once; compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus 4 x heads x head_dim "
-        f"per query-key pair. Fastest of {args.reps} steps.\n\n" + table + "\n\n" + speedups + load_note() + "\n"
+        "sequence's K/V once; compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus "
+        f"4 x heads x head_dim per query-key pair. Fastest of {args.reps} steps.\n\n"
+        + table + "\n\n" + speedups + load_note() + "\n"
     )
     publish(args.write, f"roofline-{args.model}", body)
     return 0
