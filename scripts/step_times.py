@@ -9,7 +9,8 @@ kernels run through ctypes and show up as the gap between the table's total and 
 --ab times two variants of each case alternately in this one process (the machine's drift cancels): `min-rows`
 routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16;
 `min-rows-wide`: 16 vs 28, adding W35's 6k cases),
-`pairs` runs the short kernel in fp32 vs bf16 pairs, `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
+`pairs` runs the short kernel in fp32 vs bf16 pairs, `span-path` runs long spans in the tiled kernel vs bf16
+matrix products vs the AMX kernel (where each is built; `NativeCpuBackend.span_path`), `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
 (CPUs without oneDNN bf16) to 8 vs 24 (`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is
 a copy of the model's attention backend (`dataclasses.replace`), so the model runs the one whose metadata the step
 was prepared with.
@@ -29,7 +30,8 @@ import torch
 
 from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
-from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
+from deltaserve.kernels import paged_attention as pa
+from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_matmul
 
 CASES = {
     "decode 4 @4k": [(4000, 1)] * 4, "verify 4x5 @4k": [(4000, 5)] * 4, "verify 4x8 @4k": [(4000, 8)] * 4,
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
-                                                  "small-gemm-rows", "small-gemm-rows-wide"])
+                                                  "span-path", "small-gemm-rows", "small-gemm-rows-wide"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     args = ap.parse_args()
@@ -92,21 +94,28 @@ def ab(args) -> None:
     native = isinstance(base, NativeCpuBackend) and base.short and base.tiled
     assert native or args.ab.startswith("small-gemm-rows"), \
         f"--ab {args.ab} needs both native attention kernels: {base}"
-    # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED)
+    # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED,
+    # where long spans go)
     rows, pairs = (base.tiled_min_rows, base.pairs) if native else (0, False)  # ignored without the native kernels
     small = lin.SMALL_BATCH_ROWS_UNPACKED
-    variants = {"min-rows": {"12": (12, pairs, small), "16": (16, pairs, small)},
-                "min-rows-avx2": {"8": (8, pairs, small), "16": (16, pairs, small)},
-                "min-rows-wide": {"16": (16, pairs, small), "28": (28, pairs, small)},
-                "pairs": {"fp32": (rows, False, small), "pairs": (rows, pairs, small)},
-                "small-gemm-rows": {"8": (rows, pairs, 8), "24": (rows, pairs, 24)},
-                "small-gemm-rows-wide": {"24": (rows, pairs, 24), "48": (rows, pairs, 48)}}[args.ab]
+    sp = base.span_path if native else "kernel"
+    paths = ["kernel"] + (["matmul"] if span_matmul.available() else []) + (
+        ["amx"] if pa.supports_amx(torch.device("cpu"), torch.bfloat16, r.model.cfg.head_dim) else [])
+    variants = {"min-rows": {"12": (12, pairs, small, sp), "16": (16, pairs, small, sp)},
+                "min-rows-avx2": {"8": (8, pairs, small, sp), "16": (16, pairs, small, sp)},
+                "min-rows-wide": {"16": (16, pairs, small, sp), "28": (28, pairs, small, sp)},
+                "pairs": {"fp32": (rows, False, small, sp), "pairs": (rows, pairs, small, sp)},
+                "span-path": {p: (rows, pairs, small, p) for p in paths},
+                "small-gemm-rows": {"8": (rows, pairs, 8, sp), "24": (rows, pairs, 24, sp)},
+                "small-gemm-rows-wide": {"24": (rows, pairs, 24, sp), "48": (rows, pairs, 48, sp)}}[args.ab]
     step = _stepper(r)
     with torch.inference_mode():
-        for name, spec in (CASES | CASES_6K if args.ab.endswith("-wide") else CASES).items():
+        wide = args.ab.endswith("-wide") or args.ab == "span-path"
+        for name, spec in (CASES | CASES_6K if wide else CASES).items():
             fs = {}
-            for label, (min_rows, pairs_, small_rows) in variants.items():
-                attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_) if native else base
+            for label, (min_rows, pairs_, small_rows, path) in variants.items():
+                attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_, span_path=path) \
+                    if native else base
                 fs[label] = (step(spec, attn), small_rows)
 
             def use(small_rows):
@@ -131,8 +140,6 @@ def ab_short(args) -> None:
 def ab_lib(model: str, lib: str, fn: str, old_path: str, cases: dict) -> None:
     """Whole steps with another build (old_path) of kernel library `lib` against this tree's, alternately."""
     import ctypes
-
-    from deltaserve.kernels import paged_attention as pa
 
     r = _filled_runner(model)
     assert pa.tiled_available() and pa.available(), "the attention kernels are not built here"

@@ -93,7 +93,7 @@ def test_default_chunks_match_the_reference():
 
 def _backend(span_matmul_on: bool) -> NativeCpuBackend:
     return NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=TILED_MIN_ROWS, pairs=True, p_bf16=True,
-                            bf16_dot=True, span_matmul=span_matmul_on)
+                            bf16_dot=True, span_path="matmul" if span_matmul_on else "kernel")
 
 
 def test_backend_routes_long_spans_to_matmul():
@@ -111,7 +111,7 @@ def test_backend_routes_long_spans_to_matmul():
     assert off.matmul == () and off.tiled.seqs[:, 1].tolist() == [6, SPAN_MATMUL_MIN_Q - 1, SPAN_MATMUL_MIN_Q, 200]
     with pytest.raises(AssertionError):
         NativeCpuBackend(9, 3, short=True, tiled=False, tiled_min_rows=0, pairs=True, p_bf16=True, bf16_dot=False,
-                         span_matmul=True)
+                         span_path="matmul")
 
 
 @needs_tiled
@@ -151,33 +151,48 @@ def test_backend_forward_agrees_with_and_without_matmul():
 def test_probe_override_and_cache(monkeypatch):
     calls = []
     monkeypatch.setattr(span_probe, "_CHOICE", {})
-    monkeypatch.setattr(span_probe, "measure", lambda *a: calls.append(a) or (10.0, 5.0))
+    monkeypatch.setattr(span_probe, "measure", lambda *a: calls.append(a) or {"kernel": 10.0, "matmul": 5.0})
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "kernel")
-    assert span_probe.matmul_spans(9, 3, 64, True) is False
-    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "matmul")
-    assert span_probe.matmul_spans(9, 3, 64, True) is True
+    assert span_probe.span_path(9, 3, 64, True) == "kernel"
+    if span_matmul.available():
+        monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "matmul")
+        assert span_probe.span_path(9, 3, 64, True) == "matmul"
     assert calls == []  # fixed answers measure nothing
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "auto")
-    assert span_probe.matmul_spans(9, 3, 64, True) is True and span_probe.matmul_spans(9, 3, 64, True) is True
+    assert span_probe.span_path(9, 3, 64, True) == "matmul" and span_probe.span_path(9, 3, 64, True) == "matmul"
     assert calls == [(9, 3, 64, True)]  # once per head shape and product form
-    monkeypatch.setattr(span_probe, "measure", lambda *a: calls.append(a) or (10.0, 9.5))  # within the margin
-    assert span_probe.matmul_spans(14, 2, 64, True) is False
+    # within the margin the tiled kernel stays; otherwise the fastest path wins
+    monkeypatch.setattr(span_probe, "measure", lambda *a: calls.append(a) or {"kernel": 10.0, "matmul": 9.5})
+    assert span_probe.span_path(14, 2, 64, True) == "kernel"
     assert len(calls) == 2
+    assert span_probe.pick({"kernel": 10.0, "matmul": 5.0, "amx": 2.0}) == "amx"
+    assert span_probe.pick({"kernel": 10.0, "matmul": 5.0, "amx": 6.0}) == "matmul"
+
+
+def test_probe_forced_path_not_built_is_measured(monkeypatch):
+    """DELTASERVE_SPAN_ATTN=amx on a CPU without AMX (or a head_dim it does not take) measures instead."""
+    monkeypatch.setattr(span_probe, "_CHOICE", {})
+    monkeypatch.setattr(span_probe, "measure", lambda *a: {"kernel": 10.0})
+    monkeypatch.setattr(native, "supports_amx", lambda *a: False)
+    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "amx")
+    assert span_probe.span_path(9, 3, 64, True) == "kernel"
 
 
 @needs_tiled
-def test_probe_measures_both_paths():
-    k_ms, m_ms = span_probe.measure(9, 3, 64, True, reps=1)
-    assert 0 < k_ms < 10_000 and 0 < m_ms < 10_000
+def test_probe_measures_each_path():
+    ms = span_probe.measure(9, 3, 64, True, reps=1)
+    assert "kernel" in ms and ("matmul" in ms) == span_matmul.available()
+    assert ("amx" in ms) == native.supports_amx(torch.device("cpu"), torch.bfloat16, 64)
+    assert all(0 < v < 10_000 for v in ms.values())
 
 
 @needs_tiled
 @pytest.mark.parametrize("choice", ["matmul", "kernel"])
 def test_selector_asks_the_probe_for_bf16_caches_only(monkeypatch, choice):
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", choice)
-    assert select_backend("cpu", torch.bfloat16, 64, 9, 3).span_matmul is (choice == "matmul")
-    assert select_backend("cpu", torch.float32, 64, 9, 3).span_matmul is False  # fp32 models keep fp32 products
-    assert select_backend("cpu", torch.bfloat16, 64, 9, 3, tiled=False).span_matmul is False
+    assert select_backend("cpu", torch.bfloat16, 64, 9, 3).span_path == choice
+    assert select_backend("cpu", torch.float32, 64, 9, 3).span_path == "kernel"  # fp32 models keep fp32 products
+    assert select_backend("cpu", torch.bfloat16, 64, 9, 3, tiled=False).span_path == "kernel"
 
 
 @needs_tiled
@@ -194,7 +209,7 @@ def test_engine_stateful_equals_stateless_with_matmul_spans(monkeypatch, smollm_
     monkeypatch.setattr(span_matmul, "attend_spans", lambda *a: calls.append(len(a[3])) or run(*a))
     engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16)
                for m in (CacheMode.STATEFUL, CacheMode.STATELESS)}
-    assert all(e.model.attn.span_matmul for e in engines.values())
+    assert all(e.model.attn.span_path == "matmul" for e in engines.values())
     tok = engines[CacheMode.STATEFUL].tokenizer
     words = "tool result status ok error file line value name id city price total count list next done".split()
     outs = {}

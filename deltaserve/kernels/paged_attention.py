@@ -1,7 +1,8 @@
 """ctypes bindings of the native attention kernels, which read K/V straight from the slot pool.
 
 - `paged_attention.c`: short queries (decode, speculative verify), split-K over key chunks;
-- `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention.
+- `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention;
+- `amx_attention.c`: long query spans of a bf16 cache as AMX tile products (Intel Xeons with AMX only).
 
 Both read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3 rows of D bytes and
 their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time (`kernels/kv_rows.h`).
@@ -41,6 +42,17 @@ def available() -> bool:
 def tiled_available() -> bool:
     """The tiled kernel was built here with AVX-512 or AVX2 + FMA (else long spans keep the SDPA path)."""
     return _bind("tiled_attention", "paged_attention_tiled", [ctypes.c_int], "paged_attention_tiled_available") is not None
+
+
+def amx_available() -> bool:
+    """The AMX span kernel was built here (AMX-BF16 at compile time) and the kernel granted the tile state."""
+    return _bind("amx_attention", "paged_attention_amx", [ctypes.c_int], "paged_attention_amx_available") is not None
+
+
+def supports_amx(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
+    """The AMX span kernel takes a KV cache of this kind (bf16, head_dim a multiple of 32 up to 256) here."""
+    return device.type == "cpu" and kv_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256 \
+        and amx_available()
 
 
 def _lib_argtypes() -> list:
@@ -143,6 +155,25 @@ def paged_attention_tiled(
         raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
     if rc != 0:
         raise RuntimeError(f"paged_attention_tiled: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
+
+
+def paged_attention_amx(
+    q: torch.Tensor,  # [T, H, D] float32 holding bf16 values (a bf16 model's), contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16, contiguous
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
+    seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
+    scale: float,
+    out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+) -> None:
+    """Same contract as `paged_attention_tiled` with p_bf16 (q rounded to bf16, the softmax numerators too), for a
+    bf16 cache: both products on AMX tiles, K/V packed a chunk of 256 keys at a time (`amx_attention.c`)."""
+    assert k_cache.dtype == torch.bfloat16, "the AMX kernel reads bf16 caches only"
+    rc = _LIBS["amx_attention"].paged_attention_amx(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
+    if rc == 1:
+        raise MemoryError("paged_attention_amx: out of memory for its work buffers")
+    if rc != 0:
+        raise RuntimeError(f"paged_attention_amx: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
 
 
 def _ms(f, reps: int) -> float:

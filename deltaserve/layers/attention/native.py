@@ -4,9 +4,10 @@ Spans with few query rows (q_len x GQA group: decode, short speculative verify) 
 kernel, all others (longer verify, prefill chunks, whole prompts) to the tiled flash-attention kernel. Where the
 tiled kernel is not built (head_dim % 4 != 0, no AVX2 + FMA), spans up to SHORT_QUERY tokens take the short
 kernel and longer ones run SDPA one sequence at a time (`sdpa.attend_long`); where the short one is not,
-every span takes the tiled one. Where the span probe found bf16 matrix products faster (`span_probe.py`: AMX
-Xeons, not Zen 4), spans of SPAN_MATMUL_MIN_Q tokens or more that would take the tiled kernel run them instead
-(`span_matmul.py`; bf16 caches only: an fp32 model keeps fp32 products).
+every span takes the tiled one. Where the span probe found another path faster than the tiled kernel
+(`span_probe.py`; bf16 caches only: an fp32 model keeps fp32 products), spans that would take the tiled kernel
+go to it: the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX) from SPAN_AMX_MIN_Q tokens, or bf16
+matrix products (`span_matmul.py`) from SPAN_MATMUL_MIN_Q tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ TILED_MIN_ROWS_PAIRS = 40
 # matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
 # an AMX Xeon (none at hand); the probe's span is 128 tokens.
 SPAN_MATMUL_MIN_Q = 32
+SPAN_AMX_MIN_Q = 32
 
 
 def tiled_min_rows(kv_fp32: bool) -> int:
@@ -79,6 +81,7 @@ class NativeMetadata(NamedTuple):
     tiled: KernelSpans | None  # spans of the tiled kernel, if any
     long: tuple[LongSpan, ...]  # spans run by SDPA one at a time (only without the tiled kernel)
     matmul: tuple[span_matmul.MatmulSpan, ...] = ()  # `span_matmul`'s spans
+    amx: KernelSpans | None = None  # spans of the AMX kernel, if any
 
 
 def kernel_spans(spans: list[SeqSpan]) -> KernelSpans:
@@ -101,8 +104,9 @@ class NativeCpuBackend(AttentionBackend):
     pairs: the short kernel's bf16 pair mode; p_bf16: the tiled kernel's P.V in bf16 pairs (both: a bf16 cache —
     a bf16 model rounds its attention output to bf16 anyway). bf16_dot: the tiled kernel's Q.K (and P.V) as bf16
     pair products (the probe's answer: on some Xeons they are slower than fp32 FMA, `kernels/cpu_probe.py`).
-    span_matmul: spans of SPAN_MATMUL_MIN_Q tokens or more that would take the tiled kernel run as bf16 matrix
-    products (`span_probe.py`'s answer; a bf16 cache and the tiled kernel only).
+    span_path: where spans that would take the tiled kernel go from the path's minimum length on (`span_probe.py`'s
+    answer; a bf16 cache and the tiled kernel only): "kernel" (stay), "matmul" (bf16 matrix products, from
+    SPAN_MATMUL_MIN_Q tokens) or "amx" (the AMX tile kernel, from SPAN_AMX_MIN_Q tokens).
     kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     """
@@ -115,12 +119,13 @@ class NativeCpuBackend(AttentionBackend):
     pairs: bool
     p_bf16: bool
     bf16_dot: bool
-    span_matmul: bool = False
+    span_path: str = "kernel"
     kv_format: KVFormat | None = None  # how the pool stores K/V (None: as computed); quantized: fp32 products only
 
     def __post_init__(self):
         assert self.short or self.tiled, "no native kernel: use SdpaBackend"
-        assert self.tiled or not self.span_matmul, "the matmul span path replaces the tiled kernel's long spans"
+        assert self.span_path in ("kernel", "matmul", "amx"), self.span_path
+        assert self.tiled or self.span_path == "kernel", "the span paths replace the tiled kernel's long spans"
         assert self.num_heads % self.num_kv_heads == 0
 
     @property
@@ -144,12 +149,15 @@ class NativeCpuBackend(AttentionBackend):
         short = [s for s in spans if s.q_len <= n]
         rest = [s for s in spans if s.q_len > n]
         if self.tiled:
-            mm = [s for s in rest if s.q_len >= SPAN_MATMUL_MIN_Q] if self.span_matmul else []
-            rest = [s for s in rest if s.q_len < SPAN_MATMUL_MIN_Q] if mm else rest
+            min_q = {"matmul": SPAN_MATMUL_MIN_Q, "amx": SPAN_AMX_MIN_Q}.get(self.span_path)
+            moved = [s for s in rest if s.q_len >= min_q] if min_q is not None else []
+            rest = [s for s in rest if s.q_len < min_q] if moved else rest
+            mm = moved if self.span_path == "matmul" else []
             return NativeMetadata(slot_mapping, kernel_spans(short) if short else None,
                                   kernel_spans(rest) if rest else None, (),
                                   tuple(span_matmul.MatmulSpan(s.q_start, s.q_len, s.kv_slots.to(torch.int64))
-                                        for s in mm))
+                                        for s in mm),
+                                  kernel_spans(moved) if moved and self.span_path == "amx" else None)
         return NativeMetadata(slot_mapping, kernel_spans(short) if short else None, None,
                               prepare_long(rest, slot_mapping.device))
 
@@ -163,7 +171,7 @@ class NativeCpuBackend(AttentionBackend):
         if k is not None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
         dtype = v_cache.dtype if v is None else v.dtype  # the model's: only a cache of its dtype comes stored
-        if meta.short is None and meta.tiled is None and not meta.matmul:  # SDPA spans only: no fp32 buffer
+        if meta.short is None and meta.tiled is None and not meta.matmul and meta.amx is None:  # SDPA spans only: no fp32 buffer
             out = torch.empty(q.shape, dtype=dtype)  # [T, H, D]
         else:
             # fp32 in and out of the kernels; each writes the rows of its own spans only
@@ -179,6 +187,8 @@ class NativeCpuBackend(AttentionBackend):
                                              p_bf16=self.p_bf16, bf16_dot=self.bf16_dot, **kind)
             if meta.matmul:
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
+            if meta.amx is not None:
+                native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32)
             out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)

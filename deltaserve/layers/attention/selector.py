@@ -9,7 +9,7 @@ import torch
 from deltaserve.kernels import cpu_probe
 from deltaserve.kv.quant import KVFormat, resolve
 from deltaserve.kernels import paged_attention as native
-from deltaserve.layers.attention import span_matmul, span_probe
+from deltaserve.layers.attention import span_probe
 from deltaserve.layers.attention.base import AttentionBackend
 from deltaserve.layers.attention.native import NativeCpuBackend, tiled_min_rows
 from deltaserve.layers.attention.sdpa import SdpaBackend
@@ -60,6 +60,5 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         pairs=pairs,
         p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
         bf16_dot=bf16_dot, kv_format=fmt,
-        span_matmul=(has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant
-                     and span_matmul.available() and span_probe.matmul_spans(num_heads, num_kv_heads, head_dim,
-                                                                             bf16_dot)))
+        span_path=(span_probe.span_path(num_heads, num_kv_heads, head_dim, bf16_dot)
+                   if has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant else "kernel"))

@@ -1,11 +1,12 @@
-"""Whether long query spans run faster as bf16 matrix products (`span_matmul.py`) than in the tiled C kernel.
+"""Which path runs long query spans of a bf16 cache fastest: the tiled C kernel, bf16 matrix products
+(`span_matmul.py`) or the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX only).
 
 That depends on the CPU, not its flags: oneDNN's bf16 GEMM uses AMX tiles on Intel Xeons that have them (several
-times the vector rate: the kernel's fp32 or bf16-pair FMAs lose), but only AVX512-BF16 vectors on AMD Zen 4, where
-the kernel's fused loop runs the products at about the GEMM's rate and skips its separate softmax passes. So
-`matmul_spans` times both once per process and head shape, on a representative span (128 queries over 4,096
-keys of history, random bf16 K/V on scattered slots), at model build (`selector.select_backend`).
-`DELTASERVE_SPAN_ATTN=matmul|kernel` fixes the answer (tests, A/B runs).
+times the vector rate: the tiled kernel's fp32 or bf16-pair FMAs lose), but only AVX512-BF16 vectors on AMD Zen 4,
+where the tiled kernel's fused loop runs the products at about the GEMM's rate and skips its separate softmax
+passes. So `span_path` times each path built here once per process and head shape, on a representative span
+(128 queries over 4,096 keys of history, random bf16 K/V on scattered slots), at model build
+(`selector.select_backend`). `DELTASERVE_SPAN_ATTN=matmul|kernel|amx` fixes the answer (tests, A/B runs).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 import torch
 
 from deltaserve import env
+from deltaserve.kernels import paged_attention as native
+from deltaserve.layers.attention import span_matmul
 
 log = logging.getLogger(__name__)
 
 PROBE_Q, PROBE_HISTORY = 128, 4096
-MARGIN = 0.9  # the matmul path must be 10% faster: a tie keeps the kernel (exact fp32 scores, no gathers)
-_CHOICE: dict[tuple, bool] = {}
+MARGIN = 0.9  # another path must be 10% faster than the tiled kernel: a tie keeps it (exact fp32 scores, no gathers)
+_CHOICE: dict[tuple, str] = {}
 
 
 def best_ms(f, reps: int) -> float:
@@ -34,12 +37,10 @@ def best_ms(f, reps: int) -> float:
     return best * 1e3
 
 
-def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, reps: int = 3) -> tuple[float, float]:
-    """(tiled kernel ms, matmul path ms) of one probe span; best of `reps`, the two interleaved so that a burst
-    of load from other processes hits both alike. Needs the tiled kernel built."""
-    from deltaserve.kernels import paged_attention as native
-    from deltaserve.layers.attention import span_matmul
-
+def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, reps: int = 3) -> dict[str, float]:
+    """ms of one probe span by each path built here ("kernel", "matmul" where PyTorch has its flash op, "amx" where
+    the AMX kernel runs); best of `reps`, the paths interleaved so that a burst of load from other processes hits
+    all alike. Needs the tiled kernel built."""
     if not native.tiled_available():  # also binds the library
         raise RuntimeError("span probe: the tiled kernel is not built here")
     g = torch.Generator().manual_seed(0)
@@ -53,38 +54,50 @@ def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, re
     seqs = torch.tensor([[0, n, 0, L]])
     scale = head_dim**-0.5
 
-    def kernel():
-        native.paged_attention_tiled(q, kc, vc, slots, seqs, scale, out, p_bf16=True, bf16_dot=bf16_dot)
-
-    def matmul():
-        span_matmul.attend_spans(q, kc, vc, ((0, n, slots),), scale, out)
-
-    kernel(), matmul()  # warm-up: first-call costs (oneDNN's kernel generation, page faults)
-    k_ms = m_ms = float("inf")
+    paths = {"kernel": lambda: native.paged_attention_tiled(q, kc, vc, slots, seqs, scale, out, p_bf16=True,
+                                                            bf16_dot=bf16_dot)}
+    if span_matmul.available():
+        paths["matmul"] = lambda: span_matmul.attend_spans(q, kc, vc, ((0, n, slots),), scale, out)
+    if native.supports_amx(q.device, kc.dtype, head_dim):
+        paths["amx"] = lambda: native.paged_attention_amx(q, kc, vc, slots, seqs, scale, out)
+    for f in paths.values():
+        f()  # warm-up: first-call costs (oneDNN's kernel generation, page faults)
+    ms = dict.fromkeys(paths, float("inf"))
     for _ in range(reps):
-        k_ms = min(k_ms, best_ms(kernel, 1))
-        m_ms = min(m_ms, best_ms(matmul, 1))
-    return k_ms, m_ms
+        for name, f in paths.items():
+            ms[name] = min(ms[name], best_ms(f, 1))
+    return ms
 
 
-def matmul_spans(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool) -> bool:
-    """Run long spans of a bf16 cache as matrix products (True) or in the tiled kernel (False): the env override,
-    else measured once per head shape in this process. Call at model build only."""
+def pick(ms: dict[str, float]) -> str:
+    """The fastest path of a `measure` result; the tiled kernel unless another beats it by the margin."""
+    best = min(ms, key=ms.get)
+    return best if ms[best] < MARGIN * ms["kernel"] else "kernel"
+
+
+def span_path(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool) -> str:
+    """The path long spans of a bf16 cache take ("kernel", "matmul" or "amx"): the env override, else measured
+    once per head shape in this process. Call at model build only. A forced path not built here (no AMX, no flash
+    op, head_dim the AMX kernel does not take) is measured instead, with a warning."""
     fixed = env.span_attn()
+    built = {"kernel": True, "matmul": span_matmul.available(),
+             "amx": native.supports_amx(torch.device("cpu"), torch.bfloat16, head_dim)}
     if fixed is not None:
-        return fixed == "matmul"
+        if built[fixed]:
+            return fixed
+        log.warning("DELTASERVE_SPAN_ATTN=%s: that path is not available here; measuring instead", fixed)
     key = (num_heads, num_kv_heads, head_dim, bf16_dot)
     if key not in _CHOICE:
-        k_ms, m_ms = measure(*key)
-        _CHOICE[key] = m_ms < MARGIN * k_ms
-        log.info("span attention probe (%d queries over %d keys, heads %d/%d x %d): kernel %.2f ms, matmul %.2f ms"
-                 " -> %s", PROBE_Q, PROBE_HISTORY, num_heads, num_kv_heads, head_dim, k_ms, m_ms,
-                 "matmul" if _CHOICE[key] else "kernel")
+        ms = measure(*key)
+        _CHOICE[key] = pick(ms)
+        log.info("span attention probe (%d queries over %d keys, heads %d/%d x %d): %s -> %s", PROBE_Q,
+                 PROBE_HISTORY, num_heads, num_kv_heads, head_dim,
+                 ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), _CHOICE[key])
     return _CHOICE[key]
 
 
 if __name__ == "__main__":
     for shape in ((9, 3, 64), (14, 2, 64)):
-        k_ms, m_ms = measure(*shape, bf16_dot=True, reps=5)
-        print(f"heads {shape}: tiled kernel {k_ms:.2f} ms, matmul {m_ms:.2f} ms ({PROBE_Q} queries over "
-              f"{PROBE_HISTORY} keys) -> {'matmul' if m_ms < MARGIN * k_ms else 'kernel'}")
+        ms = measure(*shape, bf16_dot=True, reps=5)
+        print(f"heads {shape} ({PROBE_Q} queries over {PROBE_HISTORY} keys): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()) + f" -> {pick(ms)}")

@@ -1,0 +1,334 @@
+/* Span attention on AMX tiles (Intel Xeon 4th gen and newer): Q.K^T and P.V as bf16 tile products with fp32
+ * accumulation, K/V read from the slot pool and packed a key chunk at a time (never a copy of the whole history).
+ *
+ * Why: on a 2-core AMX Xeon torch's bf16 GEMM runs at ~2,800 GFLOP/s against ~430 in fp32, and the tiled kernel's
+ * vector FMAs reach a fraction of the latter. A turn's delta of 300 tokens over 4k of history is ~86 GFLOP of
+ * attention for SmolLM2 (30 layers); tile products make the softmax, not the products, its main cost.
+ *
+ * Same contract as tiled_attention.c (bf16 cache, kv_kind 1, only):
+ *   q     [num_q_tokens, H, D] float32 (holding a bf16 model's values: rounded to bf16 here, exact for those)
+ *   k, v  [num_slots, Hkv, D] bfloat16         slots [sum of kv_len] int64
+ *   seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len      out [num_q_tokens, H, D] float32
+ * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
+ *
+ * Work item = (sequence, kv head, block of query tokens), rows r = i * G + h (one K/V chunk serves the whole GQA
+ * group), at most MAXR rows. For each chunk of KC keys the item packs
+ *   KP [D/2][KC][2]  K^T in pairs of dims (the B operand of S = Q.K^T: row p holds dims 2p, 2p+1 of 16 keys)
+ *   VP [KC/2][D][2]  V in pairs of keys (the B operand of O += P.V)
+ * then, for each block of 32 rows (two 16-row tiles): S [32][KC] fp32 from tiles, the online softmax in AVX-512
+ * (P rounded to bf16, as the tiled kernel's p_bf16 mode and GPU flash attention do), O [32][D] += P.V from tiles.
+ * Keys past a block's last visible one are skipped a 32-key step at a time; padding keys are zero in KP/VP and
+ * masked out of the softmax.
+ * Returns 0, 1 when out of memory, 2 for a shape or kind it does not take (the caller uses another kernel): D a
+ * multiple of 32 up to 256, a bf16 cache. paged_attention_amx_available() asks the kernel for the AMX tile state
+ * (arch_prctl ARCH_REQ_XCOMP_PERM) once: 1 when built with AMX and granted, else 0.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int paged_attention_amx_available(void);
+
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__) || !defined(__linux__)
+int paged_attention_amx_available(void) { return 0; }
+int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
+                        const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out, int mode) {
+    (void)q; (void)k; (void)v; (void)kv_kind; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
+    (void)D; (void)scale; (void)out; (void)mode;
+    return 2;
+}
+#else
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "transpose16.h"
+
+#define KC 512   /* keys a chunk (a multiple of 32) */
+#define MAXR 512 /* query rows a work item: every item packs its whole context, so the more rows the fewer packs */
+#define MIN_ITEM_TOKENS 16
+#define RB 32    /* rows a block: two tiles of 16 */
+#define MAXD 256
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_state = -1; /* -1 not asked yet, 0 refused, 1 granted */
+
+int paged_attention_amx_available(void) {
+    if (amx_state < 0)
+        amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) tile_config;
+
+/* every tile 16 rows x 64 bytes: A (16 rows x 32 bf16), B (16 pair-rows x 16 columns x 2), C (16 x 16 fp32) */
+static void tiles_configure(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+typedef struct {
+    uint16_t *qp;   /* [MAXR][D] bf16, rows past the item's zero */
+    float *o;       /* [MAXR][D] running output */
+    float *m, *l;   /* [MAXR] running max (scaled scores) and denominator */
+    uint16_t *kp;   /* [D/2][KC][2] */
+    uint16_t *vp;   /* [KC/2][D][2] */
+    float *s;       /* [RB][KC] scores */
+    uint16_t *p;    /* [RB][KC] bf16 numerators */
+    float *c;       /* [RB][32] one P.V result */
+} scratch;
+
+/* K^T of keys [c0, c0 + kc) of the item's context in dim pairs, 16 keys x 16 pairs a transpose; keys kc .. kcp zero */
+static void pack_k(const uint16_t *k, const int64_t *sl, int kc, int Hkv, int g, int D, uint32_t *kp) {
+    const int kcp = (kc + 31) & ~31;
+    for (int j0 = 0; j0 < kcp; j0 += 16)
+        for (int p0 = 0; p0 < D / 2; p0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + i] * Hkv + g) * D + 2 * p0)
+                                   : _mm512_setzero_si512();
+            transpose16_epi32(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(kp + (size_t)(p0 + p) * KC + j0, r[p]);
+        }
+}
+
+/* V of keys [c0, c0 + kc) in key pairs: VP[j/2][d] = (V[j][d], V[j+1][d]); a missing odd key and keys past kc zero */
+static void pack_v(const uint16_t *v, const int64_t *sl, int kc, int Hkv, int g, int D, uint16_t *vp) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                        55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+    const int kcp = (kc + 31) & ~31;
+    for (int j = 0; j < kcp; j += 2) {
+        uint16_t *dst = vp + (size_t)(j / 2) * D * 2;
+        for (int d0 = 0; d0 < D; d0 += 32) {
+            const __m512i a = j < kc ? _mm512_loadu_si512(v + ((size_t)sl[j] * Hkv + g) * D + d0)
+                                     : _mm512_setzero_si512();
+            const __m512i b = j + 1 < kc ? _mm512_loadu_si512(v + ((size_t)sl[j + 1] * Hkv + g) * D + d0)
+                                         : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + 2 * d0, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
+/* S[0..32)[0..kend) = Qp[rb..rb+32) . K^T of the packed chunk */
+static void scores(const uint16_t *qp, const uint16_t *kp, int D, int kend, float *s) {
+    for (int n0 = 0; n0 < kend; n0 += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int p0 = 0; p0 < D / 2; p0 += 16) {
+            _tile_loadd(4, qp + 2 * p0, D * 2);
+            _tile_loadd(5, qp + 16 * D + 2 * p0, D * 2);
+            _tile_loadd(6, kp + ((size_t)p0 * KC + n0) * 2, KC * 4);
+            _tile_loadd(7, kp + ((size_t)p0 * KC + n0 + 16) * 2, KC * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, s + n0, KC * 4);
+        _tile_stored(1, s + n0 + 16, KC * 4);
+        _tile_stored(2, s + 16 * KC + n0, KC * 4);
+        _tile_stored(3, s + 16 * KC + n0 + 16, KC * 4);
+    }
+}
+
+/* o[0..32)[0..D) += P[0..32)[0..kend) . V of the packed chunk */
+static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend, float *c, float *o) {
+    for (int d0 = 0; d0 < D; d0 += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int k0 = 0; k0 < kend; k0 += 32) {
+            _tile_loadd(4, p + k0, KC * 2);
+            _tile_loadd(5, p + 16 * KC + k0, KC * 2);
+            _tile_loadd(6, vp + ((size_t)(k0 / 2) * D + d0) * 2, D * 4);
+            _tile_loadd(7, vp + ((size_t)(k0 / 2) * D + d0 + 16) * 2, D * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, 32 * 4);
+        _tile_stored(1, c + 16, 32 * 4);
+        _tile_stored(2, c + 16 * 32, 32 * 4);
+        _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+        for (int r = 0; r < RB; r++) {
+            float *orow = o + (size_t)r * D + d0;
+            _mm512_storeu_ps(orow, _mm512_add_ps(_mm512_loadu_ps(orow), _mm512_loadu_ps(c + r * 32)));
+            _mm512_storeu_ps(orow + 16, _mm512_add_ps(_mm512_loadu_ps(orow + 16), _mm512_loadu_ps(c + r * 32 + 16)));
+        }
+    }
+}
+
+/* 2^t for t <= 0 whose result is rounded to bf16 next: 2^n * 2^f, |f| <= 1/2, with a degree-4 polynomial in f
+ * (relative error ~4e-5 against bf16's 2^-9); vscalefps applies 2^n and goes to 0 for very negative t. */
+static inline __m512 exp2_bf16(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
+
+/* Online softmax of one row's chunk scores, in base 2 (the running max m is of scores x scale x log2 e): the first
+ * `vis` keys are visible, the rest of [0, kend) get P = 0. Rescales the row's running output by 2^(m_old - m_new). */
+static void softmax_row(const float *s, int vis, int kend, float scale2, float *m, float *l, float *orow, int D,
+                        uint16_t *p) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < vis; j += 16) mx = _mm512_mask_max_ps(mx, lanes(vis - j), mx, _mm512_loadu_ps(s + j));
+    const float m_new = fmaxf(*m, _mm512_reduce_max_ps(mx) * scale2); /* scale2 > 0: the max commutes with it */
+    const float alpha = *m == -INFINITY ? 0.f : exp2f(*m - m_new);
+    const __m512 sc = _mm512_set1_ps(scale2), mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < kend; j += 16) {
+        __m512 e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv));
+        if (vis - j < 16) e = _mm512_maskz_mov_ps(lanes(vis - j), e);
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    *l = *l * alpha + _mm512_reduce_add_ps(sum);
+    *m = m_new;
+    if (alpha != 1.f) {
+        const __m512 a = _mm512_set1_ps(alpha);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), a));
+    }
+}
+
+/* One work item: tokens [i0, i0 + nt) of sequence (q_start, q_len, slots sl, kv_len L), kv head g. */
+static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
+                 int64_t q_len, int64_t L, int i0, int nt, int g, int H, int Hkv, int D, float scale, float *out,
+                 scratch *w) {
+    const int G = H / Hkv, R = nt * G, RP = (R + RB - 1) / RB * RB;
+    const int64_t first = L - q_len; /* context position of the span's token 0 */
+    for (int r = 0; r < RP; r++) {
+        uint16_t *dst = w->qp + (size_t)r * D;
+        if (r < R) {
+            const float *src = q + ((size_t)(q_start + i0 + r / G) * H + (size_t)g * G + r % G) * D;
+            for (int d = 0; d < D; d += 16)
+                _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+        } else {
+            memset(dst, 0, (size_t)D * 2);
+        }
+        w->m[r] = -INFINITY;
+        w->l[r] = 0.f;
+    }
+    memset(w->o, 0, (size_t)RP * D * sizeof(float));
+    const int64_t end = first + i0 + nt; /* keys the item's last token sees */
+    for (int64_t c0 = 0; c0 < end; c0 += KC) {
+        const int kc = (int)(end - c0 < KC ? end - c0 : KC);
+        pack_k(k, sl + c0, kc, Hkv, g, D, (uint32_t *)w->kp);
+        pack_v(v, sl + c0, kc, Hkv, g, D, w->vp);
+        for (int rb = 0; rb < R; rb += RB) {
+            const int last = (rb + RB < R ? rb + RB : R) - 1; /* the block's last real row sees the most keys */
+            const int64_t vis_max = first + i0 + last / G + 1 - c0;
+            if (vis_max <= 0) continue;
+            const int kend = (int)((vis_max < kc ? vis_max : kc) + 31) & ~31;
+            scores(w->qp + (size_t)rb * D, w->kp, D, kend, w->s);
+            for (int r = 0; r < RB; r++) {
+                const int rg = rb + r;
+                int64_t vis = rg < R ? first + i0 + rg / G + 1 - c0 : 0;
+                if (vis > kc) vis = kc;
+                if (vis <= 0) {
+                    memset(w->p + (size_t)r * KC, 0, (size_t)kend * 2);
+                    continue;
+                }
+                softmax_row(w->s + (size_t)r * KC, (int)vis, kend, scale * 1.4426950408889634f, w->m + rg, w->l + rg,
+                            w->o + (size_t)rg * D, D, w->p + (size_t)r * KC);
+            }
+            accumulate_pv(w->p, w->vp, D, kend, w->c, w->o + (size_t)rb * D);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *dst = out + ((size_t)(q_start + i0 + r / G) * H + (size_t)g * G + r % G) * D;
+        const __m512 inv = _mm512_set1_ps(1.f / w->l[r]);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(w->o + (size_t)r * D + d), inv));
+    }
+}
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
+
+int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
+                        const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out, int mode) {
+    (void)mode;
+    if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_available()) return 2;
+    const int G = H / Hkv;
+    if (G > MAXR) return 2;
+    /* tokens an item: as many as MAXR rows hold, halved while that leaves fewer than two items a thread */
+    int tokens_per_item = MAXR / G, n_items;
+    for (;;) {
+        n_items = 0;
+        for (int s = 0; s < n_seqs; s++)
+            n_items += (int)((seqs[4 * s + 1] + tokens_per_item - 1) / tokens_per_item) * Hkv;
+        if (n_items >= 2 * omp_get_max_threads() || tokens_per_item / 2 < MIN_ITEM_TOKENS) break;
+        tokens_per_item /= 2;
+    }
+    if (n_items == 0) return 0;
+    int *items = malloc((size_t)n_items * 3 * sizeof(int));
+    if (!items) return 1;
+    int n = 0;
+    for (int s = 0; s < n_seqs; s++)
+        for (int64_t i0 = 0; i0 < seqs[4 * s + 1]; i0 += tokens_per_item)
+            for (int g = 0; g < Hkv; g++) {
+                items[3 * n] = s;
+                items[3 * n + 1] = (int)i0;
+                items[3 * n + 2] = g;
+                n++;
+            }
+    int failed = 0;
+#pragma omp parallel
+    {
+        scratch w;
+        w.qp = alloc64((size_t)MAXR * D * 2);
+        w.o = alloc64((size_t)MAXR * D * 4);
+        w.m = alloc64(MAXR * 4);
+        w.l = alloc64(MAXR * 4);
+        w.kp = alloc64((size_t)D * KC * 2);
+        w.vp = alloc64((size_t)D * KC * 2);
+        w.s = alloc64((size_t)RB * KC * 4);
+        w.p = alloc64((size_t)RB * KC * 2);
+        w.c = alloc64(RB * 32 * 4);
+        const int ok = w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (ok) tiles_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            if (!ok) continue;
+            const int64_t *sq = seqs + 4 * items[3 * it];
+            const int i0 = items[3 * it + 1];
+            const int nt = (int)(sq[1] - i0 < tokens_per_item ? sq[1] - i0 : tokens_per_item);
+            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], i0, nt,
+                 items[3 * it + 2], H, Hkv, D, scale, out, &w);
+        }
+        if (ok) _tile_release();
+        free(w.qp); free(w.o); free(w.m); free(w.l); free(w.kp); free(w.vp); free(w.s); free(w.p); free(w.c);
+    }
+    free(items);
+    return failed ? 1 : 0;
+}
+#endif

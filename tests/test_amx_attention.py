@@ -1,0 +1,166 @@
+"""kernels/amx_attention.c: long spans of a bf16 cache on AMX tiles, against fp32 SDPA on the same bf16 values.
+
+At the tolerances of the kernels' bf16 modes (atol 5e-3, rtol 1e-2): q and P are rounded to bf16 as in the tiled
+kernel's p_bf16 mode. Shapes cross the kernel's edges: key chunks of 256 (contexts of 255/256/257 and more),
+work items of 256 rows (a span of 100 tokens with GQA 3 is two items), 32-row blocks, odd lengths, empty and
+one-token spans, spans on scattered pages. The kernel tests skip where the CPU has no AMX (the tiled kernel and the
+matmul path serve those CPUs, and CI where it lacks AMX); the routing tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deltaserve.kernels import paged_attention as native
+from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
+from deltaserve.layers.attention.native import SPAN_AMX_MIN_Q, TILED_MIN_ROWS
+from test_span_attention import _pages, _reference
+
+needs_amx = pytest.mark.skipif(not native.supports_amx(torch.device("cpu"), torch.bfloat16, 64),
+                               reason="no AMX here (Intel Xeon 4th gen or newer, with the tile state granted)")
+
+# (context length, q_len) per span, several spans to a call
+SHAPES = [
+    [(1, 1)],  # the very first token
+    [(37, 37)],  # a whole odd-length prompt, one chunk
+    [(300, 5)],  # a short span over a history that crosses a chunk edge
+    [(256, 40), (257, 41), (255, 1)],  # contexts on, past and before the 256-key chunk edge
+    [(700, 100), (1, 1), (600, 255)],  # spans of two items and more; one-token span between them
+    [(1100, 300)],  # a turn's delta over five chunks
+    [(40, 0), (33, 33)],  # an empty span beside a whole prompt
+]
+
+
+def _case(g, H, Hkv, D, shape, page):
+    S = 2 * sum(L for L, _ in shape) + 4 * page
+    kc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    vc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    sl = _pages(g, S, sum(L for L, _ in shape), page)
+    spans, rows, q0, off = [], [], 0, 0
+    for L, n in shape:
+        spans.append((q0, n, sl[off : off + L]))
+        rows.append((q0, n, off, L))
+        q0, off = q0 + n, off + L
+    q = (2 * torch.randn(q0 + 3, H, D, generator=g)).to(torch.bfloat16).float()  # 3 rows in no span
+    return q, kc, vc, sl, torch.tensor(rows, dtype=torch.int64), spans
+
+
+@needs_amx
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("page", [1, 16])
+def test_matches_fp32_reference(H, Hkv, D, shape, page):
+    g = torch.Generator().manual_seed(hash((H, D, page, len(shape))) % 2**31)
+    q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, page)
+    out = torch.full_like(q, float("nan"))
+    native.paged_attention_amx(q, kc, vc, sl, seqs, D**-0.5, out)
+    n = int(seqs[:, 1].sum())
+    ref = _reference(q, kc, vc, spans, D**-0.5)
+    assert torch.allclose(out[:n], ref[:n], atol=5e-3, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
+    assert out[n:].isnan().all()  # rows of no listed span are untouched
+
+
+@needs_amx
+def test_rejects_what_it_does_not_take():
+    g = torch.Generator().manual_seed(0)
+    q, kc, vc, sl, seqs, _ = _case(g, 6, 2, 40, [(50, 10)], 1)  # head_dim 40: not a multiple of 32
+    with pytest.raises(RuntimeError, match="unsupported shape"):
+        native.paged_attention_amx(q, kc, vc, sl, seqs, 40**-0.5, torch.empty_like(q))
+    with pytest.raises(AssertionError, match="bf16 caches only"):
+        native.paged_attention_amx(q, kc.float(), vc.float(), sl, seqs, 40**-0.5, torch.empty_like(q))
+    assert not native.supports_amx(torch.device("cpu"), torch.bfloat16, 40)
+    assert not native.supports_amx(torch.device("cpu"), torch.float32, 64)
+
+
+def _backend(path: str) -> NativeCpuBackend:
+    return NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=TILED_MIN_ROWS, pairs=True, p_bf16=True,
+                            bf16_dot=True, span_path=path)
+
+
+def test_backend_routes_long_spans_to_amx():
+    """Runs everywhere (prepare only): spans of SPAN_AMX_MIN_Q tokens or more leave the tiled kernel for the AMX one."""
+    q_lens = [1, 6, SPAN_AMX_MIN_Q - 1, SPAN_AMX_MIN_Q, 200]
+    spans, q0, base = [], 0, 0
+    for n in q_lens:
+        spans.append(SeqSpan(q0, n, torch.arange(base, base + 40 + n)))
+        q0, base = q0 + n, base + 40 + n
+    meta = _backend("amx").prepare(spans, torch.arange(q0))
+    assert meta.short.seqs[:, 1].tolist() == [1]
+    assert meta.tiled.seqs[:, 1].tolist() == [6, SPAN_AMX_MIN_Q - 1]
+    assert meta.amx.seqs[:, 1].tolist() == [SPAN_AMX_MIN_Q, 200] and meta.matmul == ()
+    assert meta.amx.seqs[:, 0].tolist() == [q0 - 200 - SPAN_AMX_MIN_Q, q0 - 200]  # rows in the flat batch
+    assert torch.equal(meta.amx.slots[-240:], spans[-1].kv_slots)
+    assert _backend("kernel").prepare(spans, torch.arange(q0)).amx is None
+    with pytest.raises(AssertionError):
+        NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=0, pairs=True, p_bf16=True, bf16_dot=True,
+                         span_path="gpu")
+
+
+@needs_amx
+def test_backend_forward_amx_agrees_with_the_tiled_kernel():
+    """A mixed step (decode, short verify, a turn's delta over history, a whole prompt): within bf16 tolerance of the
+    fp32 reference, K/V written to their slots, and the spans left to the other kernels unchanged."""
+    g = torch.Generator().manual_seed(11)
+    H, Hkv, D, S = 9, 3, 64, 7000
+    kc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    vc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    perm, spans, write, q0, off = torch.randperm(S, generator=g), [], [], 0, 0
+    for L, n in [(1500, 1), (900, 4), (2600, 300), (77, 77)]:
+        sl = perm[off : off + L]
+        spans.append(SeqSpan(q0, n, sl))
+        write.append(sl[L - n :])
+        q0, off = q0 + n, off + L
+    sm = torch.cat(write)
+    q = torch.randn(q0, H, D, generator=g).to(torch.bfloat16)
+    k = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
+    outs = []
+    for path in ("kernel", "amx"):
+        b = _backend(path)
+        kc2, vc2 = kc.clone(), vc.clone()
+        meta = b.prepare(spans, sm)
+        assert (meta.amx is not None) == (path == "amx")
+        outs.append(b.forward(q.float(), k, v, kc2, vc2, meta, D**-0.5))
+        assert torch.equal(kc2[sm], k) and torch.equal(vc2[sm], v)
+    ref = _reference(q, kc2, vc2, [(s.q_start, s.q_len, s.kv_slots) for s in spans], D**-0.5)
+    for out in outs:
+        assert torch.allclose(out.float(), ref, atol=5e-3, rtol=1e-2), (out.float() - ref).abs().max()
+    assert torch.equal(outs[0][:5], outs[1][:5])
+
+
+@needs_amx
+def test_engine_stateful_equals_stateless_with_amx_spans(monkeypatch, smollm_dir):
+    """bf16 SmolLM2 with spans of 32+ tokens on the AMX kernel: multi-turn sessions (turn deltas of 32-60 tokens,
+    each a span over the session's history) give the tokens a stateless recompute gives."""
+    from conftest import load_engine
+    from deltaserve.engine.kv_manager import CacheMode
+    from deltaserve.engine.sampling import SamplingParams
+
+    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "amx")
+    calls = []
+    run = native.paged_attention_amx
+    monkeypatch.setattr(native, "paged_attention_amx", lambda *a: calls.append(a[4].shape[0]) or run(*a))
+    engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16)
+               for m in (CacheMode.STATEFUL, CacheMode.STATELESS)}
+    assert all(e.model.attn.span_path == "amx" for e in engines.values())
+    tok = engines[CacheMode.STATEFUL].tokenizer
+    words = "tool result status ok error file line value name id city price total count list next done".split()
+    outs = {}
+    for mode, eng in engines.items():
+        rng = random.Random(9)
+        eng.open_session("s")
+        history = tok.apply_chat([{"role": "system", "content": "You are a tool-using agent."}],
+                                 add_generation_prompt=False)
+        got = []
+        for _ in range(5):
+            delta = tok.encode(" " + " ".join(rng.choice(words) for _ in range(60)))[: rng.randint(32, 60)]
+            seq = eng.add_request(history + delta, SamplingParams(max_tokens=6), session_id="s")
+            eng.run_until_done([seq])
+            got.append(seq.output_ids)
+            history = history + delta + seq.output_ids
+        outs[mode] = got
+    assert outs[CacheMode.STATEFUL] == outs[CacheMode.STATELESS]
+    assert len(calls) >= 2 * 5 * 30  # every turn's prefill, in each of the 30 layers, in both modes
