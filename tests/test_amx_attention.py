@@ -81,19 +81,22 @@ def _backend(path: str) -> NativeCpuBackend:
 
 
 def test_backend_routes_long_spans_to_amx():
-    """Runs everywhere (prepare only): spans of SPAN_AMX_MIN_Q tokens or more leave the tiled kernel for the AMX one."""
-    q_lens = [1, 6, SPAN_AMX_MIN_Q - 1, SPAN_AMX_MIN_Q, 200]
+    """Runs everywhere (prepare only): spans the tiled kernel would take go to the AMX one from SPAN_AMX_MIN_Q tokens."""
+    b = _backend("amx")
+    q_lens = [1, b.short_max_q_len, b.short_max_q_len + 1, 31, 200]
     spans, q0, base = [], 0, 0
     for n in q_lens:
         spans.append(SeqSpan(q0, n, torch.arange(base, base + 40 + n)))
         q0, base = q0 + n, base + 40 + n
-    meta = _backend("amx").prepare(spans, torch.arange(q0))
-    assert meta.short.seqs[:, 1].tolist() == [1]
-    assert meta.tiled.seqs[:, 1].tolist() == [6, SPAN_AMX_MIN_Q - 1]
-    assert meta.amx.seqs[:, 1].tolist() == [SPAN_AMX_MIN_Q, 200] and meta.matmul == ()
-    assert meta.amx.seqs[:, 0].tolist() == [q0 - 200 - SPAN_AMX_MIN_Q, q0 - 200]  # rows in the flat batch
+    meta = b.prepare(spans, torch.arange(q0))
+    long = [n for n in q_lens if n > b.short_max_q_len]
+    assert meta.short.seqs[:, 1].tolist() == [1, b.short_max_q_len]
+    assert meta.amx.seqs[:, 1].tolist() == [n for n in long if n >= SPAN_AMX_MIN_Q] and meta.matmul == ()
+    assert (meta.tiled is None) == all(n >= SPAN_AMX_MIN_Q for n in long)
+    assert meta.amx.seqs[:, 0].tolist()[-1] == q0 - 200  # rows in the flat batch
     assert torch.equal(meta.amx.slots[-240:], spans[-1].kv_slots)
-    assert _backend("kernel").prepare(spans, torch.arange(q0)).amx is None
+    off = _backend("kernel").prepare(spans, torch.arange(q0))
+    assert off.amx is None and off.tiled.seqs[:, 1].tolist() == long
     with pytest.raises(AssertionError):
         NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=0, pairs=True, p_bf16=True, bf16_dot=True,
                          span_path="gpu")
