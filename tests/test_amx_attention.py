@@ -1,10 +1,11 @@
 """kernels/amx_attention.c: long spans of a bf16 cache on AMX tiles, against fp32 SDPA on the same bf16 values.
 
 At the tolerances of the kernels' bf16 modes (atol 5e-3, rtol 1e-2): q and P are rounded to bf16 as in the tiled
-kernel's p_bf16 mode. Shapes cross the kernel's edges: key chunks of 256 (contexts of 255/256/257 and more),
-work items of 256 rows (a span of 100 tokens with GQA 3 is two items), 32-row blocks, odd lengths, empty and
-one-token spans, spans on scattered pages. The kernel tests skip where the CPU has no AMX (the tiled kernel and the
-matmul path serve those CPUs, and CI where it lacks AMX); the routing tests run everywhere.
+kernel's p_bf16 mode. Shapes cross the kernel's edges: key chunks of 512 (contexts of 511/512/513 and more),
+work items of up to 512 rows (fewer where that leaves a thread idle: a span of 300 tokens with GQA 3 is 2-4
+items), 32-row blocks, odd lengths, empty and one-token spans, spans on scattered pages. The kernel tests skip where the CPU has no AMX (the tiled kernel and the
+matmul path serve those CPUs, and CI where it lacks AMX); the routing tests run everywhere. Verifies of one or two
+sequences give the kernel too few work items for its threads: it splits their keys into parts and merges them.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ SHAPES = [
     [(1, 1)],  # the very first token
     [(37, 37)],  # a whole odd-length prompt, one chunk
     [(300, 5)],  # a short span over a history that crosses a chunk edge
-    [(256, 40), (257, 41), (255, 1)],  # contexts on, past and before the 256-key chunk edge
+    [(512, 40), (513, 41), (511, 1)],  # contexts on, past and before the 512-key chunk edge
     [(700, 100), (1, 1), (600, 255)],  # spans of two items and more; one-token span between them
     [(1100, 300)],  # a turn's delta over five chunks
     [(40, 0), (33, 33)],  # an empty span beside a whole prompt
+    [(5000, 9)],  # a verify of one sequence: too few items, its keys split into parts and merged
+    [(3000, 2), (2600, 5)],  # split parts of two sequences, the last part short of a chunk
 ]
 
 

@@ -11,8 +11,9 @@
  *   seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len      out [num_q_tokens, H, D] float32
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
  *
- * Work item = (sequence, kv head, block of query tokens), rows r = i * G + h (one K/V chunk serves the whole GQA
- * group), at most MAXR rows. For each chunk of KC keys the item packs
+ * Work item = (sequence, kv head, block of query tokens, range of keys), rows r = i * G + h (one K/V chunk serves
+ * the whole GQA group), at most MAXR rows (`plan`: fewer where that leaves threads idle; a verify of one sequence
+ * splits its keys into parts, merged by their maxima as in flash decoding). For each chunk of KC keys the item packs
  *   KP [D/2][KC][2]  K^T in pairs of dims (the B operand of S = Q.K^T: row p holds dims 2p, 2p+1 of 16 keys)
  *   VP [KC/2][D][2]  V in pairs of keys (the B operand of O += P.V)
  * then, for each block of 32 rows (two 16-row tiles): S [32][KC] fp32 from tiles, the online softmax in AVX-512
@@ -49,6 +50,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 #define KC 512   /* keys a chunk (a multiple of 32) */
 #define MAXR 512 /* query rows a work item: every item packs its whole context, so the more rows the fewer packs */
 #define MIN_ITEM_TOKENS 16
+#define SPLIT_ITEMS 4     /* fewer items a thread than this: split keys (see plan) */
+#define MIN_PART_KEYS 1024 /* keys a part at least (two chunks) */
 #define RB 32    /* rows a block: two tiles of 16 */
 #define MAXD 256
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -217,11 +220,24 @@ static void softmax_row(const float *s, int vis, int kend, float scale2, float *
     }
 }
 
-/* One work item: tokens [i0, i0 + nt) of sequence (q_start, q_len, slots sl, kv_len L), kv head g. */
+/* One work item: tokens [i0, i0 + nt) of sequence (q_start, q_len, slots sl, kv_len L), kv head g, keys
+ * [k0, k1) of its context. part < 0: the item holds all of its rows' keys and writes their normalised output to
+ * out; else it writes its unnormalised output, running max and denominator to partial slot `part` (split keys). */
+typedef struct {
+    int s, i0, nt, g, part;
+    int64_t k0, k1;
+} work;
+
+typedef struct {
+    float *o; /* [n_slots][MAXR][D] */
+    float *m; /* [n_slots][MAXR] */
+    float *l;
+} partials;
+
 static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
-                 int64_t q_len, int64_t L, int i0, int nt, int g, int H, int Hkv, int D, float scale, float *out,
-                 scratch *w) {
-    const int G = H / Hkv, R = nt * G, RP = (R + RB - 1) / RB * RB;
+                 int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
+                 const partials *pt, scratch *w) {
+    const int G = H / Hkv, R = it->nt * G, RP = (R + RB - 1) / RB * RB, i0 = it->i0, g = it->g;
     const int64_t first = L - q_len; /* context position of the span's token 0 */
     for (int r = 0; r < RP; r++) {
         uint16_t *dst = w->qp + (size_t)r * D;
@@ -236,8 +252,9 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
         w->l[r] = 0.f;
     }
     memset(w->o, 0, (size_t)RP * D * sizeof(float));
-    const int64_t end = first + i0 + nt; /* keys the item's last token sees */
-    for (int64_t c0 = 0; c0 < end; c0 += KC) {
+    int64_t end = first + i0 + it->nt; /* keys the item's last token sees */
+    if (end > it->k1) end = it->k1;
+    for (int64_t c0 = it->k0; c0 < end; c0 += KC) {
         const int kc = (int)(end - c0 < KC ? end - c0 : KC);
         pack_k(k, sl + c0, kc, Hkv, g, D, (uint32_t *)w->kp);
         pack_v(v, sl + c0, kc, Hkv, g, D, w->vp);
@@ -261,6 +278,12 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
             accumulate_pv(w->p, w->vp, D, kend, w->c, w->o + (size_t)rb * D);
         }
     }
+    if (it->part >= 0) {
+        memcpy(pt->o + (size_t)it->part * MAXR * D, w->o, (size_t)R * D * sizeof(float));
+        memcpy(pt->m + (size_t)it->part * MAXR, w->m, (size_t)R * sizeof(float));
+        memcpy(pt->l + (size_t)it->part * MAXR, w->l, (size_t)R * sizeof(float));
+        return;
+    }
     for (int r = 0; r < R; r++) {
         float *dst = out + ((size_t)(q_start + i0 + r / G) * H + (size_t)g * G + r % G) * D;
         const __m512 inv = _mm512_set1_ps(1.f / w->l[r]);
@@ -268,37 +291,88 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
     }
 }
 
+/* Rows of a split item group (its parts in slots part0 .. part0 + n_parts - 1) merged through their maxima. A part
+ * in which a row sees no key has m = -inf, l = 0, o = 0, and weighs nothing (part 0 holds each row's first key). */
+static void merge(const partials *pt, int part0, int n_parts, int row, int D, float *dst) {
+    float m = -INFINITY;
+    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * MAXR + row]);
+    float l = 0.f;
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_setzero_ps());
+    for (int p = 0; p < n_parts; p++) {
+        const float mp = pt->m[(size_t)(part0 + p) * MAXR + row];
+        if (mp == -INFINITY) continue;
+        const float wgt = exp2f(mp - m);
+        l += wgt * pt->l[(size_t)(part0 + p) * MAXR + row];
+        const float *op = pt->o + ((size_t)(part0 + p) * MAXR + row) * D;
+        const __m512 wv = _mm512_set1_ps(wgt);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(dst + d, _mm512_fmadd_ps(_mm512_loadu_ps(op + d), wv, _mm512_loadu_ps(dst + d)));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / l);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(dst + d), inv));
+}
+
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
+
+/* Work items: every (sequence, block of query tokens, kv head), with as many tokens a block as MAXR rows hold,
+ * halved while that leaves fewer than two items a thread (MIN_ITEM_TOKENS at least). Where even then there are
+ * fewer than SPLIT_ITEMS items a thread (a verify of one or two sequences: GQA leaves 2-3 kv heads), each item's
+ * keys are split into parts of at least MIN_PART_KEYS, merged after. Returns the count (items NULL: count only). */
+static int plan(const int64_t *seqs, int n_seqs, int Hkv, int tokens, int parts, work *items, int *n_slots) {
+    int n = 0, slot = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const int64_t q_len = seqs[4 * s + 1], first = seqs[4 * s + 3] - q_len;
+        for (int64_t i0 = 0; i0 < q_len; i0 += tokens) {
+            const int nt = (int)(q_len - i0 < tokens ? q_len - i0 : tokens);
+            const int64_t end = first + i0 + nt, chunks = (end + KC - 1) / KC;
+            int np = parts;
+            if (np > 1 && chunks * KC / np < MIN_PART_KEYS) np = (int)(chunks * KC / MIN_PART_KEYS);
+            if (np < 1) np = 1;
+            const int64_t per = (chunks + np - 1) / np * KC; /* keys a part, whole chunks */
+            np = (int)((end + per - 1) / per);
+            for (int g = 0; g < Hkv; g++) {
+                for (int p = 0; p < np; p++) {
+                    if (items) {
+                        work *it = items + n;
+                        it->s = s, it->i0 = (int)i0, it->nt = nt, it->g = g;
+                        it->k0 = p * per, it->k1 = (p + 1) * per;
+                        it->part = np > 1 ? slot + p : -1;
+                    }
+                    n++;
+                }
+                if (np > 1) slot += np; /* a group of slots per kv head */
+            }
+        }
+    }
+    *n_slots = slot;
+    return n;
+}
 
 int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                         const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out, int mode) {
     (void)mode;
     if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_available()) return 2;
-    const int G = H / Hkv;
+    const int G = H / Hkv, threads = omp_get_max_threads();
     if (G > MAXR) return 2;
-    /* tokens an item: as many as MAXR rows hold, halved while that leaves fewer than two items a thread */
-    int tokens_per_item = MAXR / G, n_items;
+    int tokens = MAXR / G, n_slots, n_items;
     for (;;) {
-        n_items = 0;
-        for (int s = 0; s < n_seqs; s++)
-            n_items += (int)((seqs[4 * s + 1] + tokens_per_item - 1) / tokens_per_item) * Hkv;
-        if (n_items >= 2 * omp_get_max_threads() || tokens_per_item / 2 < MIN_ITEM_TOKENS) break;
-        tokens_per_item /= 2;
+        n_items = plan(seqs, n_seqs, Hkv, tokens, 1, NULL, &n_slots);
+        if (n_items >= 2 * threads || tokens / 2 < MIN_ITEM_TOKENS) break;
+        tokens /= 2;
     }
     if (n_items == 0) return 0;
-    int *items = malloc((size_t)n_items * 3 * sizeof(int));
-    if (!items) return 1;
-    int n = 0;
-    for (int s = 0; s < n_seqs; s++)
-        for (int64_t i0 = 0; i0 < seqs[4 * s + 1]; i0 += tokens_per_item)
-            for (int g = 0; g < Hkv; g++) {
-                items[3 * n] = s;
-                items[3 * n + 1] = (int)i0;
-                items[3 * n + 2] = g;
-                n++;
-            }
-    int failed = 0;
-#pragma omp parallel
+    const int parts = n_items < SPLIT_ITEMS * threads ? (SPLIT_ITEMS * threads + n_items - 1) / n_items : 1;
+    n_items = plan(seqs, n_seqs, Hkv, tokens, parts, NULL, &n_slots);
+    work *items = malloc((size_t)n_items * sizeof(work));
+    partials pt = {NULL, NULL, NULL};
+    if (n_slots) {
+        pt.o = alloc64((size_t)n_slots * MAXR * D * sizeof(float));
+        pt.m = alloc64((size_t)n_slots * MAXR * sizeof(float));
+        pt.l = alloc64((size_t)n_slots * MAXR * sizeof(float));
+    }
+    int failed = !items || (n_slots && !(pt.o && pt.m && pt.l));
+    if (!failed) plan(seqs, n_seqs, Hkv, tokens, parts, items, &n_slots);
+#pragma omp parallel if (!failed)
     {
         scratch w;
         w.qp = alloc64((size_t)MAXR * D * 2);
@@ -310,25 +384,36 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
         w.s = alloc64((size_t)RB * KC * 4);
         w.p = alloc64((size_t)RB * KC * 2);
         w.c = alloc64(RB * 32 * 4);
-        const int ok = w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c;
+        const int ok = !failed && w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
         if (ok) tiles_configure();
 #pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < n_items; it++) {
+        for (int i = 0; i < n_items; i++) {
             if (!ok) continue;
-            const int64_t *sq = seqs + 4 * items[3 * it];
-            const int i0 = items[3 * it + 1];
-            const int nt = (int)(sq[1] - i0 < tokens_per_item ? sq[1] - i0 : tokens_per_item);
-            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], i0, nt,
-                 items[3 * it + 2], H, Hkv, D, scale, out, &w);
+            const int64_t *sq = seqs + 4 * items[i].s;
+            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], items + i, H, Hkv,
+                 D, scale, out, &pt, &w);
         }
         if (ok) _tile_release();
+        /* split groups: the first part of each lists the group; its rows merged into out */
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < n_items; i++) {
+            const work *it = items + i;
+            if (failed || it->part < 0 || it->k0 != 0) continue;
+            int np = 1;
+            while (i + np < n_items && items[i + np].k0 != 0) np++; /* the group's parts follow its first */
+            const int64_t *sq = seqs + 4 * it->s;
+            for (int r = 0; r < it->nt * G; r++)
+                merge(&pt, it->part, np, r, D,
+                      out + ((size_t)(sq[0] + it->i0 + r / G) * H + (size_t)it->g * G + r % G) * D);
+        }
         free(w.qp); free(w.o); free(w.m); free(w.l); free(w.kp); free(w.vp); free(w.s); free(w.p); free(w.c);
     }
     free(items);
+    free(pt.o); free(pt.m); free(pt.l);
     return failed ? 1 : 0;
 }
 #endif
