@@ -170,3 +170,21 @@ def test_engine_stateful_equals_stateless_with_amx_spans(monkeypatch, smollm_dir
         outs[mode] = got
     assert outs[CacheMode.STATEFUL] == outs[CacheMode.STATELESS]
     assert len(calls) >= 2 * 5 * 30  # every turn's prefill, in each of the 30 layers, in both modes
+
+
+def test_amx_lowers_the_short_kernel_split():
+    """Where the AMX kernel takes the tiled kernel's spans, spans leave the short kernel from TILED_MIN_ROWS_AMX rows."""
+    from deltaserve.layers.attention.native import TILED_MIN_ROWS_AMX, tiled_min_rows
+
+    assert tiled_min_rows(False, amx=True) == tiled_min_rows(True, amx=True) == TILED_MIN_ROWS_AMX
+
+
+@needs_amx
+def test_selector_picks_amx_when_forced(monkeypatch):
+    from deltaserve.layers.attention import select_backend
+    from deltaserve.layers.attention.native import TILED_MIN_ROWS_AMX
+
+    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "amx")
+    b = select_backend("cpu", torch.bfloat16, 64, 9, 3)
+    assert b.span_path == "amx" and b.tiled_min_rows == TILED_MIN_ROWS_AMX and b.short_max_q_len == 2
+    assert select_backend("cpu", torch.float32, 64, 9, 3).span_path == "kernel"  # fp32 models keep fp32 products

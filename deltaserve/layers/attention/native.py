@@ -51,6 +51,12 @@ from deltaserve.layers.attention.sdpa import SHORT_QUERY, LongSpan, attend_long,
 TILED_MIN_ROWS = 16
 TILED_MIN_ROWS_FP32 = 12
 TILED_MIN_ROWS_PAIRS = 40
+# Where the AMX kernel takes the tiled kernel's spans (`span_path == "amx"`) it wins from 9 rows (GQA 3: a verify of
+# 3 tokens). Whole SmolLM2 bf16 steps on a 2-core AMX Xeon, spans from 6 / 9 / 12 rows on AMX, the rest on the short
+# kernel (interleaved, best of 6): verify 4 x 3 @4k 50.4 / 50.2 / 60.5 ms, 4 x 3 @6k 69.0 / 67.6 / 81.6, 1 x 3 @7k
+# 35.5 / 34.6 / 38.4, 4 x 2 @4k 65.8 / 50.8 / 51.5; and 12 rows against 28 / 40 (the short kernel up to 9 / 13
+# tokens): verify 4 x 9 @6k 82.2 against 160.2 / 160.4 ms, 1 x 9 @7k 43.2 against 58.4 / 57.9.
+TILED_MIN_ROWS_AMX = 9
 # Spans shorter than this keep the tiled kernel even where the matmul path won the probe: each key chunk costs the
 # matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
 # an AMX Xeon (none at hand); the probe's span is 128 tokens.
@@ -62,9 +68,12 @@ SPAN_MATMUL_MIN_Q = 32
 SPAN_AMX_MIN_Q = 1
 
 
-def tiled_min_rows(kv_fp32: bool) -> int:
+def tiled_min_rows(kv_fp32: bool, amx: bool = False) -> int:
     """Query rows from which a span takes the tiled kernel (see above). kv_fp32: the short kernel runs fp32 products
-    (an fp32 cache, or an fp32 model's int8 / fp8 rows). Asks the CPU probe: call it once, at build."""
+    (an fp32 cache, or an fp32 model's int8 / fp8 rows); amx: the AMX kernel takes the tiled kernel's spans. Asks the
+    CPU probe: call it once, at build."""
+    if amx:
+        return TILED_MIN_ROWS_AMX
     fast_pairs = cpu_probe.bf16_dot_fast()
     slow_pairs = cpu_probe.bf16_dot_speed() > 0 and not fast_pairs
     if kv_fp32 or slow_pairs:

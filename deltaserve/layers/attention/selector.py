@@ -52,13 +52,13 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     # cache or fp8 rows (exact in bf16), integer products on int8 rows (kernel alone, 8 x 8k decode, 1 thread,
     # Zen 4: int8 pairs 4.75 ms, fp32 6.96 ms, before the integer form)
     pairs = (kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16
+    span_path = (span_probe.span_path(num_heads, num_kv_heads, head_dim, bf16_dot)
+                 if has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant else "kernel")
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
         # without the short kernel every span takes the tiled one: from 0 rows. The tiled kernel takes quantized
         # rows in fp32 products.
-        tiled_min_rows=tiled_min_rows(not pairs) if has_short and has_tiled else 0,
+        tiled_min_rows=tiled_min_rows(not pairs, amx=span_path == "amx") if has_short and has_tiled else 0,
         pairs=pairs,
         p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
-        bf16_dot=bf16_dot, kv_format=fmt,
-        span_path=(span_probe.span_path(num_heads, num_kv_heads, head_dim, bf16_dot)
-                   if has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant else "kernel"))
+        bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path)
