@@ -11,8 +11,8 @@ sequences, and for 128-token spans (a prefill chunk or long verify) over 1k/4k/8
 
 both floors measured here with torch before the steps (a 256 MiB copy, read + write bytes counted as STREAM does;
 a 2048^3 matmul). The step's floor is the larger one; `x floor` says how far the step is from it. Spans run
-both ways where both exist (the tiled kernel and `layers/attention/span_matmul.py`), on the same pool, one after
-the other for each context, whatever the span probe chose.
+every way built here (the tiled kernel, `layers/attention/span_matmul.py`, the AMX kernel on Xeons with AMX), on the
+same pool, one after the other for each context, whatever the span probe chose.
 
 The model runs below the engine (no scheduler, no sampling): the pool's history is left at zeros, which costs
 the kernels what any values cost. Contexts are capped to the model's positions (SmolLM2: 8,192 in all, so its
@@ -99,7 +99,8 @@ class Work:
 
 def run(args) -> int:
     from deltaserve.kv.pool import KVLayout, KVPool
-    from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
+    from deltaserve.kernels import paged_attention as native
+    from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_matmul
     from deltaserve.models.llama import LlamaModel
     from deltaserve.models.loader import load_config, load_state_dict, model_dir
 
@@ -130,9 +131,11 @@ def run(args) -> int:
     work, base = use(kv_dtypes[0])
     paths = [("selected", base)]
     if isinstance(base, NativeCpuBackend) and base.tiled and dtype == torch.bfloat16:
-        paths = [("tiled kernel", dataclasses.replace(base, span_matmul=False)),
-                 ("span_matmul", dataclasses.replace(base, span_matmul=True))]
-        paths = [(n + (" (probe's choice)" if b.span_matmul == base.span_matmul else ""), b) for n, b in paths]
+        names = {"kernel": "tiled kernel", "matmul": "span_matmul", "amx": "AMX kernel"}
+        built = ["kernel"] + (["matmul"] if span_matmul.available() else []) + (
+            ["amx"] if native.supports_amx(torch.device("cpu"), torch.bfloat16, cfg.head_dim) else [])
+        paths = [(names[p] + (" (probe's choice)" if p == base.span_path else ""),
+                  dataclasses.replace(base, span_path=p)) for p in built]
 
     def step(spans: list[SeqSpan], attn) -> float:
         """Best ms of one forward step over `spans` (each sequence's history at slots b * max_ctx ...)."""
