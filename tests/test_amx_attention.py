@@ -10,15 +10,13 @@ sequences give the kernel too few work items for its threads: it splits their ke
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from deltaserve.kernels import paged_attention as native
 from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
 from deltaserve.layers.attention.native import SPAN_AMX_MIN_Q, TILED_MIN_ROWS
-from test_span_attention import _pages, _reference
+from test_span_attention import _pages, _reference, forward_each, stateful_equals_stateless
 
 needs_amx = pytest.mark.skipif(not native.supports_amx(torch.device("cpu"), torch.bfloat16, 64),
                                reason="no AMX here (Intel Xeon 4th gen or newer, with the tile state granted)")
@@ -107,68 +105,23 @@ def test_backend_routes_long_spans_to_amx():
 
 @needs_amx
 def test_backend_forward_amx_agrees_with_the_tiled_kernel():
-    """A mixed step (decode, short verify, a turn's delta over history, a whole prompt): within bf16 tolerance of the
-    fp32 reference, K/V written to their slots, and the spans left to the other kernels unchanged."""
-    g = torch.Generator().manual_seed(11)
-    H, Hkv, D, S = 9, 3, 64, 7000
-    kc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
-    vc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
-    perm, spans, write, q0, off = torch.randperm(S, generator=g), [], [], 0, 0
-    for L, n in [(1500, 1), (900, 4), (2600, 300), (77, 77)]:
-        sl = perm[off : off + L]
-        spans.append(SeqSpan(q0, n, sl))
-        write.append(sl[L - n :])
-        q0, off = q0 + n, off + L
-    sm = torch.cat(write)
-    q = torch.randn(q0, H, D, generator=g).to(torch.bfloat16)
-    k = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
-    v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
-    outs = []
-    for path in ("kernel", "amx"):
-        b = _backend(path)
-        kc2, vc2 = kc.clone(), vc.clone()
-        meta = b.prepare(spans, sm)
-        assert (meta.amx is not None) == (path == "amx")
-        outs.append(b.forward(q.float(), k, v, kc2, vc2, meta, D**-0.5))
-        assert torch.equal(kc2[sm], k) and torch.equal(vc2[sm], v)
-    ref = _reference(q, kc2, vc2, [(s.q_start, s.q_len, s.kv_slots) for s in spans], D**-0.5)
-    for out in outs:
-        assert torch.allclose(out.float(), ref, atol=5e-3, rtol=1e-2), (out.float() - ref).abs().max()
-    assert torch.equal(outs[0][:5], outs[1][:5])
+    """A mixed step (decode, short verify, a turn's delta over history, a whole prompt) with and without the AMX
+    kernel (`test_span_attention.forward_each`); the decode and short verify stay on the short kernel either way."""
+    outs, metas = forward_each([_backend("kernel"), _backend("amx")], [(1500, 1), (900, 2), (2600, 300), (77, 77)],
+                               11, 7000)
+    assert metas[0].amx is None and metas[1].amx.seqs[:, 1].tolist() == [300, 77]
+    assert torch.equal(outs[0][:3], outs[1][:3])
 
 
 @needs_amx
 def test_engine_stateful_equals_stateless_with_amx_spans(monkeypatch, smollm_dir):
-    """bf16 SmolLM2 with spans of 32+ tokens on the AMX kernel: multi-turn sessions (turn deltas of 32-60 tokens,
-    each a span over the session's history) give the tokens a stateless recompute gives."""
-    from conftest import load_engine
-    from deltaserve.engine.kv_manager import CacheMode
-    from deltaserve.engine.sampling import SamplingParams
-
+    """bf16 SmolLM2 with spans on the AMX kernel: a session's turns give the tokens a stateless recompute gives
+    (`test_span_attention.stateful_equals_stateless`)."""
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "amx")
     calls = []
     run = native.paged_attention_amx
     monkeypatch.setattr(native, "paged_attention_amx", lambda *a: calls.append(a[4].shape[0]) or run(*a))
-    engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16)
-               for m in (CacheMode.STATEFUL, CacheMode.STATELESS)}
-    assert all(e.model.attn.span_path == "amx" for e in engines.values())
-    tok = engines[CacheMode.STATEFUL].tokenizer
-    words = "tool result status ok error file line value name id city price total count list next done".split()
-    outs = {}
-    for mode, eng in engines.items():
-        rng = random.Random(9)
-        eng.open_session("s")
-        history = tok.apply_chat([{"role": "system", "content": "You are a tool-using agent."}],
-                                 add_generation_prompt=False)
-        got = []
-        for _ in range(5):
-            delta = tok.encode(" " + " ".join(rng.choice(words) for _ in range(60)))[: rng.randint(32, 60)]
-            seq = eng.add_request(history + delta, SamplingParams(max_tokens=6), session_id="s")
-            eng.run_until_done([seq])
-            got.append(seq.output_ids)
-            history = history + delta + seq.output_ids
-        outs[mode] = got
-    assert outs[CacheMode.STATEFUL] == outs[CacheMode.STATELESS]
+    stateful_equals_stateless(smollm_dir, "amx")
     assert len(calls) >= 2 * 5 * 30  # every turn's prefill, in each of the 30 layers, in both modes
 
 

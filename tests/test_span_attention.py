@@ -114,16 +114,16 @@ def test_backend_routes_long_spans_to_matmul():
                          span_path="matmul")
 
 
-@needs_tiled
-def test_backend_forward_agrees_with_and_without_matmul():
-    """A mixed step (decode, short verify, prefill chunk over history, whole prompt): both forms within bf16
-    tolerance of the fp32 reference, K/V written to their slots by both."""
-    g = torch.Generator().manual_seed(7)
-    H, Hkv, D, S = 9, 3, 64, 6000
+def forward_each(backends, shapes, seed: int, S: int) -> tuple[list, list]:
+    """One mixed step, (context length, q_len) per span on scattered slots of an S-slot pool, run by each backend on
+    its own copy of the pool: each output within bf16 tolerance of the fp32 reference, K/V written to their slots.
+    Returns the outputs and each backend's metadata."""
+    g = torch.Generator().manual_seed(seed)
+    H, Hkv, D = 9, 3, 64
     kc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
     vc = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
     perm, spans, write, q0, off = torch.randperm(S, generator=g), [], [], 0, 0
-    for L, n in [(1500, 1), (900, 4), (2500, 200), (77, 77)]:
+    for L, n in shapes:
         sl = perm[off : off + L]
         spans.append(SeqSpan(q0, n, sl))
         write.append(sl[L - n :])
@@ -132,18 +132,25 @@ def test_backend_forward_agrees_with_and_without_matmul():
     q = torch.randn(q0, H, D, generator=g).to(torch.bfloat16)
     k = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
     v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
-    outs = []
-    for on in (False, True):
-        b = _backend(on)
+    outs, metas = [], []
+    for b in backends:
         kc2, vc2 = kc.clone(), vc.clone()
-        meta = b.prepare(spans, sm)
-        assert len(meta.matmul) == (2 if on else 0)
-        outs.append(b.forward(q.float(), k, v, kc2, vc2, meta, D**-0.5))
+        metas.append(b.prepare(spans, sm))
+        outs.append(b.forward(q.float(), k, v, kc2, vc2, metas[-1], D**-0.5))
         assert torch.equal(kc2[sm], k) and torch.equal(vc2[sm], v)
     ref = _reference(q, kc2, vc2, [(s.q_start, s.q_len, s.kv_slots) for s in spans], D**-0.5)
     for out in outs:
         assert out.dtype == torch.bfloat16
         assert torch.allclose(out.float(), ref, atol=5e-3, rtol=1e-2), (out.float() - ref).abs().max()
+    return outs, metas
+
+
+@needs_tiled
+def test_backend_forward_agrees_with_and_without_matmul():
+    """A mixed step (decode, short verify, prefill chunk over history, whole prompt) both ways (`forward_each`)."""
+    outs, metas = forward_each([_backend(False), _backend(True)], [(1500, 1), (900, 4), (2500, 200), (77, 77)], 7,
+                               6000)
+    assert [len(m.matmul) for m in metas] == [0, 2]
     # the spans left to the kernels come out the same either way
     assert torch.equal(outs[0][:5], outs[1][:5])
 
@@ -195,21 +202,16 @@ def test_selector_asks_the_probe_for_bf16_caches_only(monkeypatch, choice):
     assert select_backend("cpu", torch.bfloat16, 64, 9, 3, tiled=False).span_path == "kernel"
 
 
-@needs_tiled
-def test_engine_stateful_equals_stateless_with_matmul_spans(monkeypatch, smollm_dir):
-    """bf16 SmolLM2 with every span of 32+ tokens forced onto the matmul path: multi-turn sessions (turn deltas of
-    32-60 tokens: each a span over the session's history) give the tokens a stateless recompute gives."""
+def stateful_equals_stateless(smollm_dir, span_path: str) -> None:
+    """bf16 SmolLM2 with DELTASERVE_SPAN_ATTN=span_path already set: 5 turns of one session (turn deltas of 32-60
+    tokens: each a span over the session's history) give the tokens a stateless recompute gives."""
     from conftest import load_engine
     from deltaserve.engine.kv_manager import CacheMode
     from deltaserve.engine.sampling import SamplingParams
 
-    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "matmul")
-    calls = []
-    run = span_matmul.attend_spans
-    monkeypatch.setattr(span_matmul, "attend_spans", lambda *a: calls.append(len(a[3])) or run(*a))
     engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16)
                for m in (CacheMode.STATEFUL, CacheMode.STATELESS)}
-    assert all(e.model.attn.span_path == "matmul" for e in engines.values())
+    assert all(e.model.attn.span_path == span_path for e in engines.values())
     tok = engines[CacheMode.STATEFUL].tokenizer
     words = "tool result status ok error file line value name id city price total count list next done".split()
     outs = {}
@@ -227,4 +229,14 @@ def test_engine_stateful_equals_stateless_with_matmul_spans(monkeypatch, smollm_
             history = history + delta + seq.output_ids
         outs[mode] = got
     assert outs[CacheMode.STATEFUL] == outs[CacheMode.STATELESS]
+
+
+@needs_tiled
+def test_engine_stateful_equals_stateless_with_matmul_spans(monkeypatch, smollm_dir):
+    """bf16 SmolLM2 with every span of 32+ tokens forced onto the matmul path (`stateful_equals_stateless`)."""
+    monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "matmul")
+    calls = []
+    run = span_matmul.attend_spans
+    monkeypatch.setattr(span_matmul, "attend_spans", lambda *a: calls.append(len(a[3])) or run(*a))
+    stateful_equals_stateless(smollm_dir, "matmul")
     assert len(calls) >= 2 * 5 * 30  # every turn's prefill, in each of the 30 layers, in both modes

@@ -45,6 +45,7 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "simd_exp.h"
 #include "transpose16.h"
 
 #define KC 512   /* keys a chunk (a multiple of 32) */
@@ -181,17 +182,11 @@ static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend
     }
 }
 
-/* 2^t for t <= 0 whose result is rounded to bf16 next: 2^n * 2^f, |f| <= 1/2, with a degree-4 polynomial in f
- * (relative error ~4e-5 against bf16's 2^-9); vscalefps applies 2^n and goes to 0 for very negative t. */
+/* 2^t for t <= 0 whose result is rounded to bf16 next: simd_exp.h's exp_bf16_16 on a base-2 input (its degree-5
+ * series in the fraction f, |f| <= 1/2); vscalefps applies 2^n and goes to 0 for very negative t. */
 static inline __m512 exp2_bf16(__m512 t) {
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(exp2_horner_tail(_mm512_set1_ps(1.3333558146428443e-3f), _mm512_sub_ps(t, n)), n);
 }
 
 static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
