@@ -87,7 +87,7 @@ static void tiles_configure(void) {
 typedef struct {
     uint16_t *qp;   /* [MAXR][D] bf16, rows past the item's zero */
     float *o;       /* [MAXR][D] running output */
-    float *m, *l;   /* [MAXR] running max (scaled scores) and denominator */
+    float *m, *l;   /* [MAXR] running max (of scores x scale x log2 e) and denominator */
     uint16_t *kp;   /* [D/2][KC][2] */
     uint16_t *vp;   /* [KC/2][D][2] */
     float *s;       /* [RB][KC] scores */
