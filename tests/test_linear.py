@@ -121,3 +121,21 @@ def test_bf16_gemm_fast_follows_the_probe(monkeypatch):
         assert L.large_batch_form() == ("bf16" if want else "fp32")
     monkeypatch.setattr(L, "_avx512_bf16", lambda: False)
     assert L.bf16_gemm_fast() is False  # "on" cannot make bf16 fast without the instructions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_rows_do_not_depend_on_the_batch(dtype):
+    """Batch-invariant mode: a row's output has the same bits alone, among a few rows, among 57-192 rows (where an
+    AMX Xeon's sgemm took another kernel than for 16-56 or 193+ rows) and at any position in a long batch."""
+    g = torch.Generator().manual_seed(5)
+    lin = Linear(torch.randn(576, 1536, generator=g).to(dtype), fast_cpu=False)
+    x = torch.randn(400, 1536, generator=g).to(dtype)
+    try:
+        Linear.batch_invariant = True
+        ref = lin(x)
+        for n in (1, 3, 11, 16, 40, 57, 64, 100, 128, 192, 193, 300):
+            assert torch.equal(lin(x[:n]), ref[:n]), n
+        for shift in (1, 13, 31, 100):
+            assert torch.equal(lin(x[shift:]), ref[shift:]), shift
+    finally:
+        Linear.batch_invariant = False

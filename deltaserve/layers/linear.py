@@ -53,10 +53,15 @@ SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover m
 # CPUs whose AVX512-BF16 is slow (module docstring) use the same bound, not re-measured there; on that Xeon
 # small_gemm beat oneDNN's packed bf16 at every size from 1 to 32 rows.
 SMALL_BATCH_ROWS_UNPACKED = 24
-# Batch-invariant mode pads smaller batches to this many rows: MKL's sgemm gives a row the same bits whatever the
-# other rows from 12 rows on, but not below (a row alone, or among 2, 3, 5-7, 9-11: [rows, 576] x [576, 1536] on
-# 2 threads, ~1e-6 relative differences), where it takes other kernels.
-INVARIANT_MIN_ROWS = 16
+# Batch-invariant mode runs every row through GEMMs of exactly this many rows (the last block zero-padded). The GEMM
+# libraries pick kernels by the row count: on a Zen 4, MKL's sgemm gave a row other bits alone or among 2, 3, 5-7,
+# 9-11 rows ([rows, 576] x [576, 1536], ~1e-6 relative) and the same from 12 rows on; on an AMX Xeon (family 6 model
+# 207) the same product also differs for 57-192 rows from 16-56 and 193+ (bit-compared against a 2,100-row GEMM),
+# which broke 35-turn int8 / fp8 sessions there. With one row count for every call a row's bits depend on nothing
+# else (checked there by shifting rows across block positions: identical). 32 rows: decode batches cost what 16 did
+# (the weights stream once either way), prefill-sized ones ~2.2x a single GEMM in this mode (2,048 rows x [576,
+# 3072] then [1536, 576], fp32: 112 vs 50 ms; blocks of 16: 169 ms).
+INVARIANT_ROWS = 32
 
 
 def _mkldnn_linear_works(dtype: torch.dtype, bias: bool) -> bool:
@@ -157,8 +162,8 @@ class Linear:
     """y = x @ weight.T (+ bias). weight: [out, in]; x: [rows, in] -> [rows, out] in x's dtype.
 
     Built once at load; holds no mutable state, so one instance serves every step. `batch_invariant` (set by
-    `LlamaModel.set_batch_invariant`) makes a row's output independent of the batch it runs in: one GEMM (the weight
-    as loaded) for every batch size, small batches padded to INVARIANT_MIN_ROWS rows.
+    `LlamaModel.set_batch_invariant`) makes a row's output independent of the batch it runs in: the weight as loaded,
+    in GEMMs of exactly INVARIANT_ROWS rows.
     """
 
     batch_invariant = False
@@ -196,10 +201,13 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
             n = x.shape[0]
-            if n >= INVARIANT_MIN_ROWS:
-                return F.linear(x, self.weight, self.bias)
-            padded = torch.cat([x, x.new_zeros(INVARIANT_MIN_ROWS - n, x.shape[1])])  # [INVARIANT_MIN_ROWS, in]
-            return F.linear(padded, self.weight, self.bias)[:n]
+            pad = -n % INVARIANT_ROWS
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [n + pad, in]
+            if x.shape[0] == INVARIANT_ROWS:
+                return F.linear(x, self.weight, self.bias)[:n]
+            return torch.cat([F.linear(x[i : i + INVARIANT_ROWS], self.weight, self.bias)
+                              for i in range(0, x.shape[0], INVARIANT_ROWS)])[:n]
         small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
         if self.w32 is not None and x.shape[0] > small:
             if self.w32_packed:
