@@ -99,8 +99,7 @@ class Work:
 
 def run(args) -> int:
     from deltaserve.kv.pool import KVLayout, KVPool
-    from deltaserve.kernels import paged_attention as native
-    from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_matmul
+    from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_probe
     from deltaserve.models.llama import LlamaModel
     from deltaserve.models.loader import load_config, load_state_dict, model_dir
 
@@ -132,10 +131,8 @@ def run(args) -> int:
     paths = [("selected", base)]
     if isinstance(base, NativeCpuBackend) and base.tiled and dtype == torch.bfloat16:
         names = {"kernel": "tiled kernel", "matmul": "span_matmul", "amx": "AMX kernel"}
-        built = ["kernel"] + (["matmul"] if span_matmul.available() else []) + (
-            ["amx"] if native.supports_amx(torch.device("cpu"), torch.bfloat16, cfg.head_dim) else [])
         paths = [(names[p] + (" (probe's choice)" if p == base.span_path else ""),
-                  dataclasses.replace(base, span_path=p)) for p in built]
+                  dataclasses.replace(base, span_path=p)) for p in span_probe.built_paths(cfg.head_dim)]
 
     def step(spans: list[SeqSpan], attn) -> float:
         """Best ms of one forward step over `spans` (each sequence's history at slots b * max_ctx ...)."""

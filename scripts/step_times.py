@@ -10,10 +10,10 @@ kernels run through ctypes and show up as the gap between the table's total and 
 routes spans to the tiled kernel from 12 vs 16 rows (`NativeCpuBackend.tiled_min_rows`) (`min-rows-avx2`: 8 vs 16;
 `min-rows-wide`: 16 vs 28, adding W35's 6k cases),
 `pairs` runs the short kernel in fp32 vs bf16 pairs, `span-path` runs long spans in the tiled kernel vs bf16
-matrix products vs the AMX kernel (where each is built; `NativeCpuBackend.span_path`), `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED`
-(CPUs without oneDNN bf16) to 8 vs 24 (`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is
-a copy of the model's attention backend (`dataclasses.replace`), so the model runs the one whose metadata the step
-was prepared with.
+matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path`; with W35's 6k cases),
+`small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24
+(`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is a copy of the model's attention backend
+(`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -31,7 +31,7 @@ import torch
 from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.kernels import paged_attention as pa
-from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_matmul
+from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_probe
 
 CASES = {
     "decode 4 @4k": [(4000, 1)] * 4, "verify 4x5 @4k": [(4000, 5)] * 4, "verify 4x8 @4k": [(4000, 8)] * 4,
@@ -94,13 +94,12 @@ def ab(args) -> None:
     native = isinstance(base, NativeCpuBackend) and base.short and base.tiled
     assert native or args.ab.startswith("small-gemm-rows"), \
         f"--ab {args.ab} needs both native attention kernels: {base}"
-    # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode, linear.SMALL_BATCH_ROWS_UNPACKED,
-    # where long spans go)
+    # label -> (rows from which spans take the tiled kernel, short kernel in pairs mode,
+    # linear.SMALL_BATCH_ROWS_UNPACKED, where long spans go)
     rows, pairs = (base.tiled_min_rows, base.pairs) if native else (0, False)  # ignored without the native kernels
     small = lin.SMALL_BATCH_ROWS_UNPACKED
     sp = base.span_path if native else "kernel"
-    paths = ["kernel"] + (["matmul"] if span_matmul.available() else []) + (
-        ["amx"] if pa.supports_amx(torch.device("cpu"), torch.bfloat16, r.model.cfg.head_dim) else [])
+    paths = span_probe.built_paths(r.model.cfg.head_dim)
     variants = {"min-rows": {"12": (12, pairs, small, sp), "16": (16, pairs, small, sp)},
                 "min-rows-avx2": {"8": (8, pairs, small, sp), "16": (16, pairs, small, sp)},
                 "min-rows-wide": {"16": (16, pairs, small, sp), "28": (28, pairs, small, sp)},

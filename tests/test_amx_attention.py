@@ -3,9 +3,10 @@
 At the tolerances of the kernels' bf16 modes (atol 5e-3, rtol 1e-2): q and P are rounded to bf16 as in the tiled
 kernel's p_bf16 mode. Shapes cross the kernel's edges: key chunks of 512 (contexts of 511/512/513 and more),
 work items of up to 512 rows (fewer where that leaves a thread idle: a span of 300 tokens with GQA 3 is 2-4
-items), 32-row blocks, odd lengths, empty and one-token spans, spans on scattered pages. The kernel tests skip where the CPU has no AMX (the tiled kernel and the
-matmul path serve those CPUs, and CI where it lacks AMX); the routing tests run everywhere. Verifies of one or two
+items), 32-row blocks, odd lengths, empty and one-token spans, spans on scattered pages. Verifies of one or two
 sequences give the kernel too few work items for its threads: it splits their keys into parts and merges them.
+The kernel tests skip where the CPU has no AMX (the tiled kernel and the matmul path serve those CPUs, and CI where
+it lacks AMX); the routing tests run everywhere.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _backend(path: str) -> NativeCpuBackend:
 
 
 def test_backend_routes_long_spans_to_amx():
-    """Runs everywhere (prepare only): spans the tiled kernel would take go to the AMX one from SPAN_AMX_MIN_Q tokens."""
+    """Runs everywhere (prepare only): spans the tiled kernel would take go to the AMX one from SPAN_AMX_MIN_Q
+    tokens."""
     b = _backend("amx")
     q_lens = [1, b.short_max_q_len, b.short_max_q_len + 1, 31, 200]
     spans, q0, base = [], 0, 0
@@ -126,7 +128,8 @@ def test_engine_stateful_equals_stateless_with_amx_spans(monkeypatch, smollm_dir
 
 
 def test_amx_lowers_the_short_kernel_split():
-    """Where the AMX kernel takes the tiled kernel's spans, spans leave the short kernel from TILED_MIN_ROWS_AMX rows."""
+    """Where the AMX kernel takes the tiled kernel's spans, spans leave the short kernel from TILED_MIN_ROWS_AMX
+    rows."""
     from deltaserve.layers.attention.native import TILED_MIN_ROWS_AMX, tiled_min_rows
 
     assert tiled_min_rows(False, amx=True) == tiled_min_rows(True, amx=True) == TILED_MIN_ROWS_AMX

@@ -282,7 +282,8 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
     for (int r = 0; r < R; r++) {
         float *dst = out + ((size_t)(q_start + i0 + r / G) * H + (size_t)g * G + r % G) * D;
         const __m512 inv = _mm512_set1_ps(1.f / w->l[r]);
-        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(w->o + (size_t)r * D + d), inv));
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(w->o + (size_t)r * D + d), inv));
     }
 }
 

@@ -167,7 +167,7 @@ def paged_attention_amx(
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
 ) -> None:
     """Same contract as `paged_attention_tiled` with p_bf16 (q rounded to bf16, the softmax numerators too), for a
-    bf16 cache: both products on AMX tiles, K/V packed a chunk of 256 keys at a time (`amx_attention.c`)."""
+    bf16 cache: both products on AMX tiles, K/V packed a chunk of 512 keys at a time (`amx_attention.c`)."""
     assert k_cache.dtype == torch.bfloat16, "the AMX kernel reads bf16 caches only"
     rc = _LIBS["amx_attention"].paged_attention_amx(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
     if rc == 1:

@@ -58,8 +58,8 @@ TILED_MIN_ROWS_PAIRS = 40
 # tokens): verify 4 x 9 @6k 82.2 against 160.2 / 160.4 ms, 1 x 9 @7k 43.2 against 58.4 / 57.9.
 TILED_MIN_ROWS_AMX = 9
 # Spans shorter than this keep the tiled kernel even where the matmul path won the probe: each key chunk costs the
-# matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured on
-# an AMX Xeon (none at hand); the probe's span is 128 tokens.
+# matmul path a gather and a dozen PyTorch calls whatever the rows, so few rows cannot repay them. Not measured where
+# the matmul path wins (on the one AMX Xeon measured the AMX kernel beat both); the probe's span is 128 tokens.
 SPAN_MATMUL_MIN_Q = 32
 # The AMX kernel takes every span the tiled one would (from tiled_min_rows rows). Whole steps on a 2-core AMX Xeon
 # (family 6 model 207), spans from 32 tokens vs from 4: verify 4 x 5 @4k 76.2 vs 52.9 ms, 4 x 8 @4k 84.6 vs 55.6,
@@ -184,8 +184,8 @@ class NativeCpuBackend(AttentionBackend):
         if k is not None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
         dtype = v_cache.dtype if v is None else v.dtype  # the model's: only a cache of its dtype comes stored
-        if meta.short is None and meta.tiled is None and not meta.matmul and meta.amx is None:  # SDPA spans only: no fp32 buffer
-            out = torch.empty(q.shape, dtype=dtype)  # [T, H, D]
+        if meta.short is None and meta.tiled is None and not meta.matmul and meta.amx is None:
+            out = torch.empty(q.shape, dtype=dtype)  # [T, H, D]; SDPA spans only: no fp32 buffer
         else:
             # fp32 in and out of the kernels; each writes the rows of its own spans only
             q32 = q.float().contiguous()  # [T, H, D]; no copy when q came in fp32 (fp32_q)

@@ -54,12 +54,11 @@ def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, re
     seqs = torch.tensor([[0, n, 0, L]])
     scale = head_dim**-0.5
 
-    paths = {"kernel": lambda: native.paged_attention_tiled(q, kc, vc, slots, seqs, scale, out, p_bf16=True,
-                                                            bf16_dot=bf16_dot)}
-    if span_matmul.available():
-        paths["matmul"] = lambda: span_matmul.attend_spans(q, kc, vc, ((0, n, slots),), scale, out)
-    if native.supports_amx(q.device, kc.dtype, head_dim):
-        paths["amx"] = lambda: native.paged_attention_amx(q, kc, vc, slots, seqs, scale, out)
+    run = {"kernel": lambda: native.paged_attention_tiled(q, kc, vc, slots, seqs, scale, out, p_bf16=True,
+                                                          bf16_dot=bf16_dot),
+           "matmul": lambda: span_matmul.attend_spans(q, kc, vc, ((0, n, slots),), scale, out),
+           "amx": lambda: native.paged_attention_amx(q, kc, vc, slots, seqs, scale, out)}
+    paths = {p: run[p] for p in built_paths(head_dim)}
     for f in paths.values():
         f()  # warm-up: first-call costs (oneDNN's kernel generation, page faults)
     ms = dict.fromkeys(paths, float("inf"))
@@ -67,6 +66,12 @@ def measure(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool, re
         for name, f in paths.items():
             ms[name] = min(ms[name], best_ms(f, 1))
     return ms
+
+
+def built_paths(head_dim: int) -> list[str]:
+    """The span paths built here for a bf16 cache of this head_dim, the tiled kernel first."""
+    return ["kernel"] + (["matmul"] if span_matmul.available() else []) + (
+        ["amx"] if native.supports_amx(torch.device("cpu"), torch.bfloat16, head_dim) else [])
 
 
 def pick(ms: dict[str, float]) -> str:
@@ -80,10 +85,8 @@ def span_path(num_heads: int, num_kv_heads: int, head_dim: int, bf16_dot: bool) 
     once per head shape in this process. Call at model build only. A forced path not built here (no AMX, no flash
     op, head_dim the AMX kernel does not take) is measured instead, with a warning."""
     fixed = env.span_attn()
-    built = {"kernel": True, "matmul": span_matmul.available(),
-             "amx": native.supports_amx(torch.device("cpu"), torch.bfloat16, head_dim)}
     if fixed is not None:
-        if built[fixed]:
+        if fixed in built_paths(head_dim):
             return fixed
         log.warning("DELTASERVE_SPAN_ATTN=%s: that path is not available here; measuring instead", fixed)
     key = (num_heads, num_kv_heads, head_dim, bf16_dot)
