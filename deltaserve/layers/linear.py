@@ -204,10 +204,7 @@ class Linear:
             pad = -n % INVARIANT_ROWS
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [n + pad, in]
-            if x.shape[0] == INVARIANT_ROWS:
-                return F.linear(x, self.weight, self.bias)[:n]
-            return torch.cat([F.linear(x[i : i + INVARIANT_ROWS], self.weight, self.bias)
-                              for i in range(0, x.shape[0], INVARIANT_ROWS)])[:n]
+            return torch.cat([F.linear(b, self.weight, self.bias) for b in x.split(INVARIANT_ROWS)])[:n]
         small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
         if self.w32 is not None and x.shape[0] > small:
             if self.w32_packed:
