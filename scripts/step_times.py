@@ -14,6 +14,8 @@ matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path
 `small-gemm-rows` moves `layers.linear.SMALL_BATCH_ROWS_UNPACKED` (CPUs without oneDNN bf16) to 8 vs 24
 (`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is a copy of the model's attention backend
 (`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
+--ab pack-hint times bf16 linears with the weights reordered for oneDNN batch-size hint 1 vs 16
+(`layers.linear.PACK_HINT_AMX`), on agent-turn and prefill cases.
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -48,7 +50,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
-                                                  "span-path", "small-gemm-rows", "small-gemm-rows-wide"])
+                                                  "span-path", "small-gemm-rows", "small-gemm-rows-wide",
+                                                  "pack-hint"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     args = ap.parse_args()
@@ -56,6 +59,8 @@ def main() -> None:
         return ab_tiled(args)
     if args.ab_short:
         return ab_short(args)
+    if args.ab == "pack-hint":
+        return ab_pack_hint(args)
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
@@ -124,6 +129,35 @@ def ab(args) -> None:
             lin.SMALL_BATCH_ROWS_UNPACKED = small
             r.model.attn = base
             print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in best.items()))
+
+
+# an agent turn's steps (4 agents' decodes and verifies, a tool result's delta beside verifies) and prefills
+CASES_TURN = {"decode 4 @1500": [(1500, 1)] * 4, "verify 4x9 @1500": [(1500, 9)] * 4,
+              "delta 150 + 3x9 @1500": [(1500, 150)] + [(1500, 9)] * 3, "delta 300 @1500": [(1500, 300)],
+              "delta 300 @4000": [(4000, 300)], "prefill 512": [(0, 512)], "prefill 1024": [(0, 1024)],
+              "prefill 2048": [(0, 2048)], "2x prefill 1000": [(0, 1000)] * 2}
+
+
+def ab_pack_hint(args) -> None:
+    r = _filled_runner(args.model)
+    lins = [lin for layer in r.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(lin.packed is not None for lin in lins), "--ab pack-hint needs oneDNN's packed bf16 weights here"
+    forms = {h: [torch.ops.mkldnn._reorder_linear_weight(lin.weight, h) for lin in lins] for h in (1, 16)}
+    kept = [lin.packed for lin in lins]
+
+    def use(h):
+        for lin, p in zip(lins, forms[h]):
+            lin.packed = p  # read by every Linear call
+
+    step = _stepper(r)
+    with torch.inference_mode():
+        for name, spec in CASES_TURN.items():
+            f = step(spec)
+            best = _best_alternating({h: (f, lambda h=h: use(h)) for h in forms}, rounds=5)
+            print(f"{name:24s} hint1 {best[1] * 1e3:7.1f} ms  hint16 {best[16] * 1e3:7.1f} ms"
+                  f"  ({best[16] / best[1]:.3f})", flush=True)
+    for lin, p in zip(lins, kept):
+        lin.packed = p
 
 
 def ab_tiled(args) -> None:

@@ -62,6 +62,14 @@ SMALL_BATCH_ROWS_UNPACKED = 24
 # (the weights stream once either way), prefill-sized ones ~2.2x a single GEMM in this mode (2,048 rows x [576,
 # 3072] then [1536, 576], fp32: 112 vs 50 ms; blocks of 16: 169 ms).
 INVARIANT_ROWS = 32
+# The batch-size hint oneDNN reorders a bf16 weight for (`_reorder_linear_weight(w, hint)`). Any hint above 1 gave
+# the same blocked layout on an AMX Xeon (family 6 model 207; 16, 64, 128, 512 and 1,024 timed alike), faster than
+# hint 1's from ~36 to ~400 rows, the rows of an agent turn's steps: whole SmolLM2 bf16 steps, interleaved A/B,
+# verify 4 x 9 @1.5k 35.4 -> 32.4 ms, a 150-token delta + 3 verifies 77.4 -> 71.1, a 300-token delta @4k 215.6 ->
+# 192.9, a 2,048-token prefill 505 -> 444; but a 512- or 1,024-token prefill 100 -> 111 and 208 -> 235 (hint 1 is
+# faster there for the [*, 1536] x [1536, 576] and [*, 576] x [576, 960] products). Elsewhere hint 1, as measured
+# before (no AMX CPU timed with 16). `docs/perf/2026-12-05-xeon-amx-linears.md`.
+PACK_HINT_AMX = 16
 
 
 def _mkldnn_linear_works(dtype: torch.dtype, bias: bool) -> bool:
@@ -185,7 +193,7 @@ class Linear:
             if not (packed_supported() and bf16_gemm_fast()):
                 self.panels = small_gemm.pack(weight)
             if self.panels is None and packed_supported():
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_AMX if _amx() else 1)
             if large_batch_fp32 is None:
                 large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
