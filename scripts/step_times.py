@@ -19,7 +19,8 @@ matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
---ab-short OLD.so does the same for the short (decode/verify) kernel, paged_attention.c.
+--ab-short OLD.so does the same for the short (decode/verify) kernel, paged_attention.c, and --ab-amx OLD.so for the
+AMX span kernel, amx_attention.c (its build includes prefetch.h and transpose16.h).
 """
 
 from __future__ import annotations
@@ -54,11 +55,15 @@ def main() -> None:
                                                   "pack-hint"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
+    ap.add_argument("--ab-amx", default="", metavar="OLD.so")
     args = ap.parse_args()
     if args.ab_tiled:
         return ab_tiled(args)
     if args.ab_short:
         return ab_short(args)
+    if args.ab_amx:
+        return ab_lib(args.model, "amx_attention", "paged_attention_amx", args.ab_amx,
+                      {k: v for k, v in CASES_TURN.items() if not k.startswith("decode")} | CASES_6K)
     if args.ab == "pack-hint":
         return ab_pack_hint(args)
     if args.ab:
@@ -175,7 +180,8 @@ def ab_lib(model: str, lib: str, fn: str, old_path: str, cases: dict) -> None:
     import ctypes
 
     r = _filled_runner(model)
-    assert pa.tiled_available() and pa.available(), "the attention kernels are not built here"
+    assert pa.tiled_available() and pa.available() and (lib != "amx_attention" or pa.amx_available()), \
+        "the attention kernels are not built here"
     libs = {"old": ctypes.CDLL(old_path), "new": pa._LIBS[lib]}
     getattr(libs["old"], fn).restype = ctypes.c_int
     getattr(libs["old"], fn).argtypes = pa._lib_argtypes() + [ctypes.c_int]
