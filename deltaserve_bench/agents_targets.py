@@ -272,9 +272,10 @@ def offload_gb(model: str, agents: int, context: int, offload: float | None) -> 
 
 def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, threads: int,
           max_batch_tokens: int = 2048, context: int = 8192, max_prefill_with_decode: int | None = None,
-          offload: float | None = None) -> Target:
+          offload: float | None = None, spec_tokens: int | None = None) -> Target:
     """The target's command line and environment (nothing is started). `offload`: GiB of the offload tier of
-    deltaserve-offload / vllm-offload (None: `offload_gb`'s whole-workload size)."""
+    deltaserve-offload / vllm-offload (None: `offload_gb`'s whole-workload size). `spec_tokens`: deltaserve's
+    --num-speculative-tokens (None: its default)."""
     port = free_port()
     bpt = kv_bytes_per_token(model)
     if name.startswith("deltaserve-"):
@@ -288,6 +289,8 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
                "--log-level", "warning"]
         if max_prefill_with_decode is not None:
             cmd += ["--max-prefill-with-decode", str(max_prefill_with_decode)]
+        if spec_tokens is not None and mode == "stateful":
+            cmd += ["--num-speculative-tokens", str(spec_tokens)]
         if tier:
             cmd += ["--kv-offload-gb", f"{offload_gb(model, agents, context, offload):.6f}"]
         t = Target(name, cmd, env={"OMP_NUM_THREADS": str(threads)}, session=mode == "stateful", model_id=model)

@@ -60,6 +60,18 @@ def test_max_num_seqs_must_be_positive():
         engine_config(_parse(["--max-num-seqs", "0"]))
 
 
+def test_num_speculative_tokens_caps_the_drafts(smollm_model, smollm_dir):
+    assert engine_config(_parse([])).num_speculative_tokens == 8
+    cfg = engine_config(_parse(["--num-speculative-tokens", "3", "--dtype", "float32", "--kv-cache-gb", "0.0625"]))
+    assert cfg.num_speculative_tokens == 3
+    for bad in ("0", "33"):
+        with pytest.raises(SystemExit, match="num-speculative-tokens"):
+            engine_config(_parse(["--num-speculative-tokens", bad]))
+    model, _ = smollm_model
+    eng = LLMEngine(model, Tokenizer(smollm_dir), cfg)
+    assert eng.speculator.k_max == 3  # the draft-length controller's cap, and the lookup index's
+
+
 # ------------------------------------------------------------------ HTTP
 # SmolLM2's template plus one variable, so chat_template_kwargs has an observable effect
 THINK = "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"

@@ -45,6 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_cache_gb: float = 2.0) -> Non
                    help="stateful: pinned sessions + prefix cache; prefix: LRU prefix cache only; stateless: none")
     p.add_argument("--speculation", choices=("lookup", "off"), default="lookup",
                    help="prompt-lookup speculative decoding")
+    p.add_argument("--num-speculative-tokens", type=int, default=8, metavar="K",
+                   help="the most draft tokens a sequence's verify step carries; the adaptive controller drafts "
+                        "fewer while drafts miss (default: 8)")
     p.add_argument("--session-ttl", type=float, default=300.0, help="default seconds a session stays pinned")
     p.add_argument("--max-pinned-fraction", type=float, default=0.7,
                    help="share of the KV pool pinned sessions may hold; the rest is working space (stateful mode)")
@@ -106,6 +109,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise SystemExit("error: --session-store needs KV reuse: --cache-mode stateful or prefix")
     if args.max_responses < 1 or (args.max_responses_per_key is not None and args.max_responses_per_key < 1):
         raise SystemExit("error: --max-responses and --max-responses-per-key must be at least 1")
+    if not 1 <= args.num_speculative_tokens <= 32:
+        raise SystemExit(f"error: --num-speculative-tokens must be 1..32, got {args.num_speculative_tokens}")
     if args.kv_offload_gb < 0:
         raise SystemExit(f"error: --kv-offload-gb must be >= 0, got {args.kv_offload_gb}")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
@@ -121,6 +126,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                         batch_invariant=getattr(args, "batch_invariant", False), cache_mode=CacheMode(args.cache_mode),
                         speculation=args.speculation == "lookup", session_ttl=args.session_ttl,
+                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 8),
                         max_pinned_fraction=args.max_pinned_fraction, max_context=args.max_context,
                         max_batch_tokens=args.max_batch_tokens, max_prefill_with_decode=args.max_prefill_with_decode,
                         max_running=getattr(args, "max_running", 64),

@@ -52,6 +52,7 @@ class EngineConfig:
     max_pinned_fraction: float = 0.7  # pinned session KV may hold this share of the pool (the rest: working space)
     max_context: int | None = None  # defaults to the model's
     speculation: bool = True
+    num_speculative_tokens: int = 8  # the most draft tokens a verify step carries a sequence (the adaptive cap)
     session_max_idle: float = 3600.0  # forget unpinned sessions idle longer than this (seconds)
     max_responses: int = 1024  # finished turns kept for previous_response_id (LRU)
     max_responses_per_key: int | None = None  # of those, one owner's at most (its own LRU go first; None: no cap)
@@ -103,7 +104,7 @@ class LLMEngine:
         if config.speculation:
             from deltaserve.engine.speculator import Speculator
 
-            self.speculator = Speculator(tokenizer=tokenizer)
+            self.speculator = Speculator(k_max=config.num_speculative_tokens, tokenizer=tokenizer)
         self.info = EngineInfo(tokenizer, self.cfg.vocab_size, self.max_context, self.stop_ids, self.kv.mode.value,
                                sampling_defaults)
 
