@@ -15,7 +15,8 @@ matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path
 (`small-gemm-rows-wide`: 24 vs 48, adding W35's 6k cases). Each variant is a copy of the model's attention backend
 (`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
 --ab pack-hint times bf16 linears with the weights reordered for oneDNN batch-size hint 1 vs 16
-(`layers.linear.PACK_HINT_AMX`), on agent-turn and prefill cases.
+(`layers.linear.PACK_HINT_AMX`), on agent-turn and prefill cases; `amx-gemm` small batches in oneDNN's packed form
+vs `kernels/amx_gemm.c` (`layers.linear.AMX_GEMM_ROWS` 0 vs its value).
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
                                                   "span-path", "small-gemm-rows", "small-gemm-rows-wide",
-                                                  "pack-hint"])
+                                                  "pack-hint", "amx-gemm"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     ap.add_argument("--ab-amx", default="", metavar="OLD.so")
@@ -66,6 +67,8 @@ def main() -> None:
                       {k: v for k, v in CASES_TURN.items() if not k.startswith("decode")} | CASES_6K)
     if args.ab == "pack-hint":
         return ab_pack_hint(args)
+    if args.ab == "amx-gemm":
+        return ab_amx_gemm(args)
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
@@ -163,6 +166,22 @@ def ab_pack_hint(args) -> None:
                   f"  ({best[16] / best[1]:.3f})", flush=True)
     for lin, p in zip(lins, kept):
         lin.packed = p
+
+
+def ab_amx_gemm(args) -> None:
+    import deltaserve.layers.linear as lin
+
+    r = _filled_runner(args.model)
+    assert r.model.layers[0].qkv.tiles is not None, "--ab amx-gemm needs amx_gemm's weights (AMX, a bf16 model)"
+    rows = lin.AMX_GEMM_ROWS
+    step = _stepper(r)
+    with torch.inference_mode():
+        for name, spec in (CASES_TURN | CASES_6K).items():
+            f = step(spec)
+            best = _best_alternating({k: (f, lambda k=k: setattr(lin, "AMX_GEMM_ROWS", k)) for k in (0, rows)})
+            print(f"{name:24s} oneDNN {best[0] * 1e3:7.1f} ms  amx_gemm {best[rows] * 1e3:7.1f} ms"
+                  f"  ({best[rows] / best[0]:.3f})", flush=True)
+    lin.AMX_GEMM_ROWS = rows
 
 
 def ab_tiled(args) -> None:

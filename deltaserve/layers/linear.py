@@ -7,6 +7,9 @@ per-call weight reordering. So a bf16 model on CPU keeps:
 - `packed`: the bf16 weight reordered once into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass
   uses); small batches stream half the bytes of fp32 with no reorder per call;
+- `tiles`, with AMX: the weight in `kernels/amx_gemm.c`'s tile order, for
+  batches up to `AMX_GEMM_ROWS` rows: each thread streams its part front to
+  back, ~1.7x the rate oneDNN's packed form reads weights from memory at;
 - `w32`, only where it is faster: an fp32 copy for large batches (prefill
   chunks of hundreds of rows). Which form wins there depends on the CPU: on one
   2-core Xeon the bf16 brgemm ran at ~140 GFLOP/s and MKL's fp32 sgemm at ~250;
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve import env
-from deltaserve.kernels import cpu_probe, small_gemm
+from deltaserve.kernels import amx_gemm, cpu_probe, small_gemm
 
 SMALL_BATCH_ROWS = 24  # rows up to this use the packed bf16 weight; crossover measured on a 2-core Xeon
 # Without oneDNN's bf16 kernels (a CPU with neither AVX-512 nor AVX-NE-CONVERT, e.g. AMD Zen 3) F.linear on bf16
@@ -70,6 +73,11 @@ INVARIANT_ROWS = 32
 # faster there for the [*, 1536] x [1536, 576] and [*, 576] x [576, 960] products). Elsewhere hint 1, as measured
 # before (no AMX CPU timed with 16). `docs/perf/2026-12-05-xeon-amx-linears.md`.
 PACK_HINT_AMX = 16
+# With AMX, batches up to this many rows run `kernels/amx_gemm.c` on a tile-ordered copy of the weight: between
+# decode steps the weights come from memory, and oneDNN's packed GEMM read them there at 8-12 GB/s (SmolLM2's four
+# shapes, 90 layers' worth, 636 MB): 1-16 rows 30-31 ms vs 51-52 (hint 16), 20-32 rows 41-42 vs 74-82, 33-48 rows
+# 51-52 vs 53-59, 64 rows 45 vs 50; 128 rows 77 vs 73. `docs/perf/2026-12-05-xeon-amx-linears.md`.
+AMX_GEMM_ROWS = 64
 
 
 def _mkldnn_linear_works(dtype: torch.dtype, bias: bool) -> bool:
@@ -186,6 +194,7 @@ class Linear:
         self.w32: torch.Tensor | None = None
         self.b32: torch.Tensor | None = None
         self.panels: torch.Tensor | None = None  # small_gemm's layout, where oneDNN's bf16 GEMM is slow
+        self.tiles: torch.Tensor | None = None  # amx_gemm's layout, for small batches where the CPU has AMX
         self.w32_packed = False  # w32 is in oneDNN's fp32 layout (for _linear_pointwise, not F.linear)
         if fast_cpu and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             # small batches: oneDNN's packed bf16 where its bf16 GEMM is fast, else small_gemm's panels (None
@@ -194,6 +203,8 @@ class Linear:
                 self.panels = small_gemm.pack(weight)
             if self.panels is None and packed_supported():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_AMX if _amx() else 1)
+            if _amx():
+                self.tiles = amx_gemm.pack(weight)  # None where not built or granted, or for shapes it does not take
             if large_batch_fp32 is None:
                 large_batch_fp32 = large_batch_form() == "fp32"
             if large_batch_fp32:
@@ -213,6 +224,8 @@ class Linear:
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [n + pad, in]
             return torch.cat([F.linear(b, self.weight, self.bias) for b in x.split(INVARIANT_ROWS)])[:n]
+        if self.tiles is not None and x.shape[0] <= AMX_GEMM_ROWS and x.dtype == torch.bfloat16:
+            return amx_gemm.linear(x, self.tiles, self.bias)
         small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
         if self.w32 is not None and x.shape[0] > small:
             if self.w32_packed:
@@ -228,7 +241,7 @@ class Linear:
         """Bytes held by all forms of this weight."""
         ts = [self.weight, self.bias, self.w32, self.b32]
         n = sum(t.numel() * t.element_size() for t in ts if t is not None)
-        return n + sum(t.numel() * 2 for t in (self.packed, self.panels) if t is not None)
+        return n + sum(t.numel() * 2 for t in (self.packed, self.panels, self.tiles) if t is not None)
 
 
 def _bench(rows=(1, 4, 16, 24, 32, 64, 512), shape=(3072, 576), reps=20) -> None:
