@@ -222,16 +222,25 @@ static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0
  * `vis` keys are visible, the rest of [0, kend) get P = 0. Rescales the row's running output by 2^(m_old - m_new). */
 static void softmax_row(const float *s, int vis, int kend, float scale2, float *m, float *l, float *orow, int D,
                         uint16_t *p, ahead *a) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
+    /* four running maxima: one would chain every load of the row through the max's latency */
+    __m512 mx = _mm512_set1_ps(-INFINITY), mx1 = mx, mx2 = mx, mx3 = mx;
     const int vfull = vis & ~15;
-    for (int j = 0; j < vfull; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    int j = 0;
+    for (; j + 64 <= vfull; j += 64) {
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+        mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + j + 16));
+        mx2 = _mm512_max_ps(mx2, _mm512_loadu_ps(s + j + 32));
+        mx3 = _mm512_max_ps(mx3, _mm512_loadu_ps(s + j + 48));
+    }
+    for (; j < vfull; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
     if (vfull < vis) mx = _mm512_mask_max_ps(mx, lanes(vis - vfull), mx, _mm512_loadu_ps(s + vfull));
+    mx = _mm512_max_ps(_mm512_max_ps(mx, mx1), _mm512_max_ps(mx2, mx3));
     const float m_new = fmaxf(*m, _mm512_reduce_max_ps(mx) * scale2); /* scale2 > 0: the max commutes with it */
     const float alpha = *m == -INFINITY ? 0.f : exp2f(*m - m_new);
     const __m512 sc = _mm512_set1_ps(scale2), mv = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     __m512 sum2 = _mm512_setzero_ps();
-    int j = 0;
+    j = 0;
     for (; j + 32 <= vfull; j += 32) {
         ahead_step(a, 1);
         const __m512 e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv));
