@@ -21,7 +21,7 @@ vs `kernels/amx_gemm.c` (`layers.linear.AMX_GEMM_ROWS` 0 vs its value).
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
 --ab-short OLD.so does the same for the short (decode/verify) kernel, paged_attention.c, and --ab-amx OLD.so for the
-AMX span kernel, amx_attention.c (its build includes prefetch.h and transpose16.h).
+AMX span kernel, amx_attention.c (its build includes amx_tiles.h, prefetch.h and transpose16.h).
 """
 
 from __future__ import annotations

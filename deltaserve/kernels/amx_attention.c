@@ -42,9 +42,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_tiles.h"
 #include "prefetch.h"
 #include "transpose16.h"
 
@@ -56,34 +55,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 #define RB 32    /* rows a block: two tiles of 16 */
 #define AHEAD_KEYS 2 /* next-chunk keys fetched a tile step (softmax: one every 32 scores); see `ahead` */
 #define MAXD 256
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
-static int amx_state = -1; /* -1 not asked yet, 0 refused, 1 granted */
-
-int paged_attention_amx_available(void) {
-    if (amx_state < 0)
-        amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return amx_state;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed, aligned(64))) tile_config;
-
-/* every tile 16 rows x 64 bytes: A (16 rows x 32 bf16), B (16 pair-rows x 16 columns x 2), C (16 x 16 fp32) */
-static void tiles_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
+int paged_attention_amx_available(void) { return amx_tiles_granted(); }
 
 typedef struct {
     uint16_t *qp;   /* [MAXR][D] bf16, rows past the item's zero */

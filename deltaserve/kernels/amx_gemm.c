@@ -48,39 +48,14 @@ int amx_gemm(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, int M,
 #else
 #include <immintrin.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
 
 #define NB 2             /* 16-feature blocks a step (two B tiles) */
 #define TILE_ELEMS 512   /* bf16 elements of a B tile: 16 rows x 32 */
 #define PF_TILES 4       /* B tiles ahead fetched into L2, per stream */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
-static int amx_state = -1; /* -1 not asked yet, 0 refused, 1 granted (the grant is the process's) */
-
-int amx_gemm_available(void) {
-    if (amx_state < 0) amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return amx_state;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed, aligned(64))) tile_config;
-
-/* every tile 16 rows x 64 bytes: A (16 rows x 32 bf16), B (16 pair-rows x 16 features x 2), C (16 x 16 fp32) */
-static void tiles_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
+int amx_gemm_available(void) { return amx_tiles_granted(); }
 
 static inline void prefetch_tile(const uint16_t *b) {
     for (int off = 0; off < TILE_ELEMS * 2; off += 64) _mm_prefetch((const char *)b + off, _MM_HINT_T1);
