@@ -45,7 +45,7 @@ def test_refuses_what_it_cannot_pack():
     assert amx_gemm.pack(torch.randn(32, 64)) is None  # fp32 weights stay on F.linear
 
 
-@pytest.mark.parametrize("rows", [1, 9, linear.AMX_GEMM_ROWS, linear.AMX_GEMM_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [0, 1, 9, linear.AMX_GEMM_ROWS, linear.AMX_GEMM_ROWS + 1, 200])
 def test_linear_routes_small_batches_to_the_tiles(rows, monkeypatch):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(96, 128, generator=g) * 0.1).to(torch.bfloat16)
@@ -57,6 +57,6 @@ def test_linear_routes_small_batches_to_the_tiles(rows, monkeypatch):
     monkeypatch.setattr(amx_gemm, "linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
     y = lin(x)
-    assert len(calls) == (lin.tiles is not None and rows <= linear.AMX_GEMM_ROWS)
+    assert len(calls) == (lin.tiles is not None and 0 < rows <= linear.AMX_GEMM_ROWS)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.float(), b.float()), rtol=1e-2, atol=1e-2)
     assert lin.nbytes() >= w.numel() * 2 * (1 + (lin.packed is not None) + (lin.tiles is not None))

@@ -60,7 +60,7 @@ def test_max_num_seqs_must_be_positive():
         engine_config(_parse(["--max-num-seqs", "0"]))
 
 
-def test_num_speculative_tokens_caps_the_drafts(smollm_model, smollm_dir):
+def test_num_speculative_tokens_sets_the_draft_cap(smollm_model, smollm_dir):
     assert engine_config(_parse([])).num_speculative_tokens == 8
     cfg = engine_config(_parse(["--num-speculative-tokens", "3", "--dtype", "float32", "--kv-cache-gb", "0.0625"]))
     assert cfg.num_speculative_tokens == 3

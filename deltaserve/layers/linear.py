@@ -224,7 +224,7 @@ class Linear:
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [n + pad, in]
             return torch.cat([F.linear(b, self.weight, self.bias) for b in x.split(INVARIANT_ROWS)])[:n]
-        if self.tiles is not None and x.shape[0] <= AMX_GEMM_ROWS and x.dtype == torch.bfloat16:
+        if self.tiles is not None and 0 < x.shape[0] <= AMX_GEMM_ROWS and x.dtype == torch.bfloat16:
             return amx_gemm.linear(x, self.tiles, self.bias)
         small = SMALL_BATCH_ROWS if self.packed is not None else SMALL_BATCH_ROWS_UNPACKED
         if self.w32 is not None and x.shape[0] > small:
