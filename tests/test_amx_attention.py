@@ -66,6 +66,23 @@ def test_matches_fp32_reference(H, Hkv, D, shape, page):
 
 
 @needs_amx
+@pytest.mark.parametrize("key", [700, 1499])  # in the second chunk; the last key, in the last chunk
+def test_a_late_key_far_above_the_running_max(key):
+    """A row keeps its softmax reference while no later chunk's score passes it by more than 2^8; this key's score
+    passes it by far (~2^180), so the kernel falls back to the chunk's true maximum and rescales the row."""
+    g = torch.Generator().manual_seed(key)
+    shape = [(1500, 3)]
+    q, kc, vc, sl, seqs, spans = _case(g, 9, 3, 64, shape, 16)
+    # the span's last token (it sees every key), head 0 (kv head 0): score |q|^2 / 2 ~ 128
+    kc[sl[key], 0] = (4 * q[2, 0]).to(torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    native.paged_attention_amx(q, kc, vc, sl, seqs, 64**-0.5, out)
+    ref = _reference(q, kc, vc, spans, 64**-0.5)
+    assert torch.allclose(out[:3], ref[:3], atol=5e-3, rtol=1e-2), (out[:3] - ref[:3]).abs().max()
+    assert torch.allclose(out[2, 0], vc[sl[key], 0].float(), atol=2e-2)  # that key takes all of the row's weight
+
+
+@needs_amx
 def test_rejects_what_it_does_not_take():
     g = torch.Generator().manual_seed(0)
     q, kc, vc, sl, seqs, _ = _case(g, 6, 2, 40, [(50, 10)], 1)  # head_dim 40: not a multiple of 32

@@ -55,6 +55,7 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 #define RB 32    /* rows a block: two tiles of 16 */
 #define AHEAD_KEYS 2 /* next-chunk keys fetched a tile step (softmax: one every 32 scores); see `ahead` */
 #define MAXD 256
+#define LAZY_MAX 8.f /* see softmax_row */
 
 int paged_attention_amx_available(void) { return amx_tiles_granted(); }
 
@@ -193,8 +194,52 @@ static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0
 
 /* Online softmax of one row's chunk scores, in base 2 (the running max m is of scores x scale x log2 e): the first
  * `vis` keys are visible, the rest of [0, kend) get P = 0. Rescales the row's running output by 2^(m_old - m_new). */
+/* P = 2^(s x scale2 - ref) of the first `vis` keys, 0 for the rest of [0, kend), rounded to bf16 into p; returns the
+ * sum of the unrounded values and the largest exponent s x scale2 - ref seen in *tmax. */
+static inline float exp_pass(const float *s, int vis, int kend, float scale2, float ref, uint16_t *p, ahead *a,
+                             float *tmax) {
+    const __m512 sc = _mm512_set1_ps(scale2), mv = _mm512_set1_ps(ref);
+    const int vfull = vis & ~15;
+    __m512 sum = _mm512_setzero_ps(), sum2 = sum, tm = _mm512_set1_ps(-INFINITY), tm2 = tm;
+    int j = 0;
+    for (; j + 32 <= vfull; j += 32) {
+        ahead_step(a, 1);
+        const __m512 t = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv);
+        const __m512 t2 = _mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), sc, mv);
+        tm = _mm512_max_ps(tm, t);
+        tm2 = _mm512_max_ps(tm2, t2);
+        const __m512 e = exp2_bf16(t), e2 = exp2_bf16(t2);
+        sum = _mm512_add_ps(sum, e);
+        sum2 = _mm512_add_ps(sum2, e2);
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e2, e));
+    }
+    for (; j < kend; j += 16) {
+        const __mmask16 live = lanes(vis - j);
+        const __m512 t = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv);
+        tm = _mm512_mask_max_ps(tm, live, tm, t);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp2_bf16(t));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    *tmax = _mm512_reduce_max_ps(_mm512_max_ps(tm, tm2));
+    return _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));
+}
+
+/* Online softmax of one row's chunk scores, in base 2 (the running reference m is of scores x scale x log2 e): the
+ * first `vis` keys are visible, the rest of [0, kend) get P = 0. Lazy reference: a row that has one already keeps
+ * it while no score of the chunk passes it by more than 2^LAZY_MAX (P <= 256, exact enough in fp32 sums and bf16
+ * P), which spares the pass for the chunk's maximum; else (and on the row's first chunk) the reference becomes the
+ * running maximum and the row's output is rescaled by 2^(m_old - m_new). */
 static void softmax_row(const float *s, int vis, int kend, float scale2, float *m, float *l, float *orow, int D,
                         uint16_t *p, ahead *a) {
+    float tmax;
+    if (*m != -INFINITY) {
+        const float sum = exp_pass(s, vis, kend, scale2, *m, p, a, &tmax);
+        if (tmax <= LAZY_MAX) {
+            *l += sum;
+            return;
+        }
+    }
     /* four running maxima: one would chain every load of the row through the max's latency */
     __m512 mx = _mm512_set1_ps(-INFINITY), mx1 = mx, mx2 = mx, mx3 = mx;
     const int vfull = vis & ~15;
@@ -210,30 +255,11 @@ static void softmax_row(const float *s, int vis, int kend, float scale2, float *
     mx = _mm512_max_ps(_mm512_max_ps(mx, mx1), _mm512_max_ps(mx2, mx3));
     const float m_new = fmaxf(*m, _mm512_reduce_max_ps(mx) * scale2); /* scale2 > 0: the max commutes with it */
     const float alpha = *m == -INFINITY ? 0.f : exp2f(*m - m_new);
-    const __m512 sc = _mm512_set1_ps(scale2), mv = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_setzero_ps();
-    __m512 sum2 = _mm512_setzero_ps();
-    j = 0;
-    for (; j + 32 <= vfull; j += 32) {
-        ahead_step(a, 1);
-        const __m512 e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv));
-        const __m512 e2 = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), sc, mv));
-        sum = _mm512_add_ps(sum, e);
-        sum2 = _mm512_add_ps(sum2, e2);
-        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e2, e));
-    }
-    for (; j < kend; j += 16) {
-        __m512 e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv));
-        if (vis - j < 16) e = _mm512_maskz_mov_ps(lanes(vis - j), e);
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
-    }
-    sum = _mm512_add_ps(sum, sum2);
-    *l = *l * alpha + _mm512_reduce_add_ps(sum);
+    *l = *l * alpha + exp_pass(s, vis, kend, scale2, m_new, p, a, &tmax);
     *m = m_new;
     if (alpha != 1.f) {
-        const __m512 a = _mm512_set1_ps(alpha);
-        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), a));
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), av));
     }
 }
 
