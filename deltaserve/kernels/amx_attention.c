@@ -62,7 +62,7 @@ int paged_attention_amx_available(void) { return amx_tiles_granted(); }
 typedef struct {
     uint16_t *qp;   /* [MAXR][D] bf16, rows past the item's zero */
     float *o;       /* [MAXR][D] running output */
-    float *m, *l;   /* [MAXR] running max (of scores x scale x log2 e) and denominator */
+    float *m, *l;   /* [MAXR] softmax reference (of scores x scale x log2 e; see softmax_row) and denominator */
     uint16_t *kp;   /* [D/2][KC][2] */
     uint16_t *vp;   /* [KC/2][D][2] */
     float *s;       /* [RB][KC] scores */
@@ -178,9 +178,9 @@ static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend
     }
 }
 
-/* 2^t for t <= 0 whose result is rounded to bf16 next: 2^n x a degree-4 polynomial in the fraction f, |f| <= 1/2,
- * fitted for relative error (2.8e-6 at most, as the degree-5 Taylor series it replaced; bf16 rounds at 2^-9);
- * vscalefps applies 2^n and goes to 0 for very negative t. */
+/* 2^t for t <= LAZY_MAX whose result is rounded to bf16 next: 2^n x a degree-4 polynomial in the fraction f,
+ * |f| <= 1/2, fitted for relative error (2.8e-6 at most, as the degree-5 Taylor series it replaced; bf16 rounds
+ * at 2^-9); vscalefps applies 2^n and goes to 0 for very negative t. */
 static inline __m512 exp2_bf16(__m512 t) {
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
@@ -192,8 +192,6 @@ static inline __m512 exp2_bf16(__m512 t) {
 
 static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
 
-/* Online softmax of one row's chunk scores, in base 2 (the running max m is of scores x scale x log2 e): the first
- * `vis` keys are visible, the rest of [0, kend) get P = 0. Rescales the row's running output by 2^(m_old - m_new). */
 /* P = 2^(s x scale2 - ref) of the first `vis` keys, 0 for the rest of [0, kend), rounded to bf16 into p; returns the
  * sum of the unrounded values and the largest exponent s x scale2 - ref seen in *tmax. */
 static inline float exp_pass(const float *s, int vis, int kend, float scale2, float ref, uint16_t *p, ahead *a,
@@ -265,7 +263,8 @@ static void softmax_row(const float *s, int vis, int kend, float scale2, float *
 
 /* One work item: tokens [i0, i0 + nt) of sequence (q_start, q_len, slots sl, kv_len L), kv head g, keys
  * [k0, k1) of its context. part < 0: the item holds all of its rows' keys and writes their normalised output to
- * out; else it writes its unnormalised output, running max and denominator to partial slot `part` (split keys). */
+ * out; else it writes its unnormalised output, softmax reference and denominator to partial slot `part` (split
+ * keys). */
 typedef struct {
     int s, i0, nt, g, part;
     int64_t k0, k1;
@@ -337,8 +336,9 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
     }
 }
 
-/* Rows of a split item group (its parts in slots part0 .. part0 + n_parts - 1) merged through their maxima. A part
- * in which a row sees no key has m = -inf, l = 0, o = 0, and weighs nothing (part 0 holds each row's first key). */
+/* Rows of a split item group (its parts in slots part0 .. part0 + n_parts - 1) merged through their references. A
+ * part in which a row sees no key has m = -inf, l = 0, o = 0, and weighs nothing (part 0 holds each row's first
+ * key). */
 static void merge(const partials *pt, int part0, int n_parts, int row, int D, float *dst) {
     float m = -INFINITY;
     for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * MAXR + row]);

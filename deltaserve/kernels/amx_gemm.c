@@ -64,8 +64,10 @@ static inline void prefetch_tile(const uint16_t *b) {
 /* rows [m0, m0 + rows) of y, features [n0, n0 + 16), from C tile values c [16][16] fp32 (+ bias) */
 static inline void store_rows(const float *c, const uint16_t *bias, int n0, int m0, int rows, int N, uint16_t *y) {
     __m512 b = _mm512_setzero_ps();
-    if (bias)
-        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0))), 16));
+    if (bias) {
+        const __m256i bb = _mm256_loadu_si256((const __m256i *)(bias + n0));
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16)); /* bf16 -> fp32: exact */
+    }
     for (int r = 0; r < rows; r++)
         _mm256_storeu_si256((__m256i *)(y + (int64_t)(m0 + r) * N + n0),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + 16 * r), b)));
