@@ -5,7 +5,8 @@
  * memory each step, and oneDNN's packed bf16 GEMM reads them there at ~8-9 GB/s on a 2-core AMX Xeon (90 layers'
  * worth of SmolLM2 weights, 636 MB, M = 1..36) where the machine reads ~32 GB/s. Here each thread reads one
  * contiguous part of a tile-ordered copy of the weight front to back (two sequential streams the hardware
- * prefetchers follow), and AMX keeps the products far below the memory time at any row count this serves.
+ * prefetchers follow): up to 32 rows the weights' bytes set its time (~21 GB/s there); from 33 rows on, on that
+ * VM, the tile products do (a tile product costing ~100 cycles in these chains), about oneDNN's time at 33-64.
  *
  * Layouts (row-major):
  *   w    [N, K] bfloat16, as loaded; packed once by amx_gemm_pack into
@@ -76,8 +77,8 @@ static inline void store_rows(const float *c, const uint16_t *bias, int n0, int 
 int amx_gemm(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, int M, int N, int K, uint16_t *y) {
     if (M < 1 || N % 16 || K % 32 || !amx_gemm_available()) return 2;
     const int Mp = (M + 15) & ~15, KT = K / 32, nblocks = N / 16;
-    /* x as A tiles [Mp / 16][KT][16][32], rows past M zero: each tile load reads 1 KB in order (a tile of 16 rows
-     * loaded straight from x, K * 2 bytes apart, ran the products several times slower) */
+    /* x as A tiles [Mp / 16][KT][16][32], rows past M zero: each tile load reads 1 KB in order (tiles loaded
+     * straight from x, rows K * 2 bytes apart, took 8-15% longer at 36-64 rows with the weights in L3) */
     uint16_t *xp = aligned_alloc(64, (size_t)Mp * K * 2);
     if (!xp) return 1;
     for (int mt = 0; mt < Mp / 16; mt++)
