@@ -1,7 +1,8 @@
 #!/bin/bash
 # Run `deltaserve bench agents` one target at a time, in the order given, and print each run's median turn (over
-# all turns of all agents) and wall, with torch's 2048^3 bf16 matmul rate measured just before it: on a VM whose
-# speed moves, alternating targets (e.g. deltaserve-stateful vllm-ngram deltaserve-stateful ...) brackets the drift.
+# all turns of all agents) and wall, with torch's 2048^3 bf16 matmul rate (the roofline bench's `matmul_rate`) just
+# before it: on a VM whose speed moves, alternating targets (e.g. deltaserve-stateful vllm-ngram ...) brackets the
+# drift.
 #   bash scripts/bracket_agents.sh WORKFLOW TARGET...      e.g. bash scripts/bracket_agents.sh 6 deltaserve-stateful vllm-ngram
 set -euo pipefail
 W=$1; shift
@@ -10,18 +11,9 @@ i=0
 for t in "$@"; do
   i=$((i + 1))
   out=bench_out/bracket-w$W-$i-$t
-  rate=$("$PY" - <<'PY'
-import time, torch
-torch.set_num_threads(2)
-a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-for _ in range(3):
-    a @ a
-t = time.perf_counter()
-for _ in range(10):
-    a @ a
-print(int(2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9))
-PY
-)
+  rate=$("$PY" -c "import torch; torch.set_num_threads(2)
+from deltaserve_bench.roofline_bench import matmul_rate
+print(int(matmul_rate(torch.bfloat16) / 1e9))")
   "$PY" -m deltaserve.cli bench agents --workflow "$W" --agents 4 --max-tokens 32 --ignore-eos --seed 0 --targets "$t" \
     --no-progress --out "$out" > "$out.log" 2>&1
   "$PY" - "$out" "$t" "$rate" <<'PY'
