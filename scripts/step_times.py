@@ -16,7 +16,8 @@ matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path
 (`dataclasses.replace`), so the model runs the one whose metadata the step was prepared with.
 --ab pack-hint times bf16 linears with the weights reordered for oneDNN batch-size hint 1 vs 16
 (`layers.linear.PACK_HINT_AMX`), on agent-turn and prefill cases; `amx-gemm` small batches in oneDNN's packed form
-vs `kernels/amx_gemm.c` (`layers.linear.AMX_GEMM_ROWS` 0 vs its value).
+vs `kernels/amx_gemm.c` (`layers.linear.AMX_GEMM_ROWS` 0 vs its value); `amx-short` decode and verify spans in the
+short kernel's pairs / the AMX span kernel vs `kernels/amx_short.c` (`NativeCpuBackend.amx_short` off vs on).
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", choices=[""] + list(CASES))
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
                                                   "span-path", "small-gemm-rows", "small-gemm-rows-wide",
-                                                  "pack-hint", "amx-gemm"])
+                                                  "pack-hint", "amx-gemm", "amx-short"])
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     ap.add_argument("--ab-amx", default="", metavar="OLD.so")
@@ -69,6 +70,8 @@ def main() -> None:
         return ab_pack_hint(args)
     if args.ab == "amx-gemm":
         return ab_amx_gemm(args)
+    if args.ab == "amx-short":
+        return ab_amx_short(args)
     if args.ab:
         return ab(args)
     r = _engine(args.model).runner
@@ -182,6 +185,25 @@ def ab_amx_gemm(args) -> None:
             print(f"{name:24s} oneDNN {best[0] * 1e3:7.1f} ms  amx_gemm {best[rows] * 1e3:7.1f} ms"
                   f"  ({best[rows] / best[0]:.3f})", flush=True)
     lin.AMX_GEMM_ROWS = rows
+
+
+def ab_amx_short(args) -> None:
+    r = _filled_runner(args.model)
+    base = r.model.attn
+    assert isinstance(base, NativeCpuBackend) and base.span_path == "amx" and pa.amx_short_available(), \
+        f"--ab amx-short needs the AMX kernels (AMX, a bf16 model): {base}"
+    variants = {k: dataclasses.replace(base, amx_short=k == "on") for k in ("off", "on")}
+    cases = {"decode 1 @1500": [(1500, 1)], "verify 1x9 @1500": [(1500, 9)]} | CASES_TURN | CASES_6K \
+        | {"decode 4 @6k": [(6000, 1)] * 4, "verify 4x5 @6k": [(6000, 5)] * 4}
+    step = _stepper(r)
+    with torch.inference_mode():
+        for name, spec in cases.items():
+            if name.startswith("prefill") or name.startswith("2x prefill"):
+                continue  # no short spans
+            best = _best_alternating({k: (step(spec, attn), lambda: None) for k, attn in variants.items()})
+            r.model.attn = base
+            print(f"{name:26s} off {best['off'] * 1e3:8.1f} ms  on {best['on'] * 1e3:8.1f} ms"
+                  f"  ({best['on'] / best['off']:.3f})", flush=True)
 
 
 def ab_tiled(args) -> None:

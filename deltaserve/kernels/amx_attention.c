@@ -45,6 +45,7 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
 
 #include "amx_tiles.h"
 #include "prefetch.h"
+#include "simd_exp.h"
 #include "transpose16.h"
 
 #define KC 512   /* keys a chunk (a multiple of 32) */
@@ -178,25 +179,14 @@ static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend
     }
 }
 
-/* 2^t for t <= LAZY_MAX whose result is rounded to bf16 next: 2^n x a degree-4 polynomial in the fraction f,
- * |f| <= 1/2, fitted for relative error (2.8e-6 at most, as the degree-5 Taylor series it replaced; bf16 rounds
- * at 2^-9); vscalefps applies 2^n and goes to 0 for very negative t. */
-static inline __m512 exp2_bf16(__m512 t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.58271982247707e-3f), f, _mm512_set1_ps(5.590607272971921e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024098740749253e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931242351454795e-1f));
-    return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f)), n);
-}
-
 static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
 
 /* P = 2^(s x scale2 - ref) of the first `vis` keys, 0 for the rest of [0, kend), rounded to bf16 into p; returns the
- * sum of the unrounded values and the largest exponent s x scale2 - ref seen in *tmax. */
+ * sum of the rounded values and the largest exponent s x scale2 - ref seen in *tmax. */
 static inline float exp_pass(const float *s, int vis, int kend, float scale2, float ref, uint16_t *p, ahead *a,
                              float *tmax) {
     const __m512 sc = _mm512_set1_ps(scale2), mv = _mm512_set1_ps(ref);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80); /* bf16 1.0 */
     const int vfull = vis & ~15;
     __m512 sum = _mm512_setzero_ps(), sum2 = sum, tm = _mm512_set1_ps(-INFINITY), tm2 = tm;
     int j = 0;
@@ -207,17 +197,23 @@ static inline float exp_pass(const float *s, int vis, int kend, float scale2, fl
         tm = _mm512_max_ps(tm, t);
         tm2 = _mm512_max_ps(tm2, t2);
         const __m512 e = exp2_bf16(t), e2 = exp2_bf16(t2);
-        sum = _mm512_add_ps(sum, e);
-        sum2 = _mm512_add_ps(sum2, e2);
-        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e2, e));
+        const __m512bh pb = _mm512_cvtne2ps_pbh(e2, e);
+        /* the sum of the rounded values, which P.V weighs: a row dominated by one key then gets that key's V
+         * exactly (with the lazy reference its P is not 1, and its rounding would scale the whole row) */
+        if (j & 32)
+            sum2 = _mm512_dpbf16_ps(sum2, pb, ones);
+        else
+            sum = _mm512_dpbf16_ps(sum, pb, ones);
+        _mm512_storeu_si512(p + j, (__m512i)pb);
     }
     for (; j < kend; j += 16) {
         const __mmask16 live = lanes(vis - j);
         const __m512 t = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv);
         tm = _mm512_mask_max_ps(tm, live, tm, t);
         const __m512 e = _mm512_maskz_mov_ps(live, exp2_bf16(t));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+        const __m256bh pb = _mm512_cvtneps_pbh(e);
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pb));
+        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)pb);
     }
     *tmax = _mm512_reduce_max_ps(_mm512_max_ps(tm, tm2));
     return _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));

@@ -2,7 +2,9 @@
 
 - `paged_attention.c`: short queries (decode, speculative verify), split-K over key chunks;
 - `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention;
-- `amx_attention.c`: long query spans of a bf16 cache as AMX tile products (Intel Xeons with AMX only).
+- `amx_attention.c`: long query spans of a bf16 cache as AMX tile products (Intel Xeons with AMX only);
+- `amx_short.c`: decode and verify spans (up to AMX_SHORT_MAX_ROWS rows a sequence) of a bf16 cache on AMX tiles, K
+  rows used as the pool stores them (S^T = K.Q^T).
 
 Both read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3 rows of D bytes and
 their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time (`kernels/kv_rows.h`).
@@ -18,6 +20,7 @@ from deltaserve.kernels import load
 
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 SHORT_MAX_Q = 64  # queries a sequence the short kernel takes (paged_attention.c)
+AMX_SHORT_MAX_ROWS = 64  # rows (q_len x GQA group) a sequence the AMX short kernel takes (amx_short.c)
 
 
 def _bind(name: str, fn: str, extra_args: list, probe: str | None = None) -> ctypes.CDLL | None:
@@ -47,6 +50,12 @@ def tiled_available() -> bool:
 def amx_available() -> bool:
     """The AMX span kernel was built here (AMX-BF16 at compile time) and the kernel granted the tile state."""
     return _bind("amx_attention", "paged_attention_amx", [ctypes.c_int], "paged_attention_amx_available") is not None
+
+
+def amx_short_available() -> bool:
+    """The AMX short-span kernel was built here and the kernel granted the tile state."""
+    return _bind("amx_short", "paged_attention_amx_short", [ctypes.c_int],
+                 "paged_attention_amx_short_available") is not None
 
 
 def supports_amx(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
@@ -174,6 +183,29 @@ def paged_attention_amx(
         raise MemoryError("paged_attention_amx: out of memory for its work buffers")
     if rc != 0:
         raise RuntimeError(f"paged_attention_amx: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
+
+
+def paged_attention_amx_short(
+    q: torch.Tensor,  # [T, H, D] float32 holding bf16 values (a bf16 model's), contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16, contiguous
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
+    seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len; q_len x H / Hkv <= 64
+    scale: float,
+    out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+) -> None:
+    """Same contract and rounding as `paged_attention_amx` (q and P in bf16, fp32 sums), for spans of at most
+    AMX_SHORT_MAX_ROWS rows a sequence (decode, speculative verify): S^T = K.Q^T with K rows as the pool stores
+    them, the softmax down the keys, a sequence's keys split into parts where the threads need work
+    (`amx_short.c`). Figures: docs/perf/2026-12-05-xeon-amx-short.md."""
+    assert k_cache.dtype == torch.bfloat16, "the AMX kernels read bf16 caches only"
+    rc = _LIBS["amx_short"].paged_attention_amx_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
+    if rc == 1:
+        raise MemoryError("paged_attention_amx_short: out of memory for its work buffers")
+    if rc != 0:
+        raise RuntimeError(f"paged_attention_amx_short: unsupported shape (q {tuple(q.shape)}, k "
+                           f"{tuple(k_cache.shape)}, q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows "
+                           f"a sequence)")
 
 
 def _ms(f, reps: int) -> float:

@@ -7,7 +7,9 @@ kernel and longer ones run SDPA one sequence at a time (`sdpa.attend_long`); whe
 every span takes the tiled one. Where the span probe found another path faster than the tiled kernel
 (`span_probe.py`; bf16 caches only: an fp32 model keeps fp32 products), spans that would take the tiled kernel
 go to it: the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX) from SPAN_AMX_MIN_Q tokens, or bf16
-matrix products (`span_matmul.py`) from SPAN_MATMUL_MIN_Q tokens.
+matrix products (`span_matmul.py`) from SPAN_MATMUL_MIN_Q tokens. With the AMX kernel, spans of at most
+AMX_SHORT_MAX_ROWS rows (decode, verify) take the AMX short kernel (`kernels/amx_short.c`) in steps that have no
+other spans.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class NativeMetadata(NamedTuple):
     long: tuple[LongSpan, ...]  # spans run by SDPA one at a time (only without the tiled kernel)
     matmul: tuple[span_matmul.MatmulSpan, ...] = ()  # `span_matmul`'s spans
     amx: KernelSpans | None = None  # spans of the AMX kernel, if any
+    amx_short: KernelSpans | None = None  # spans of the AMX short kernel, if any
 
 
 def kernel_spans(spans: list[SeqSpan]) -> KernelSpans:
@@ -122,6 +125,8 @@ class NativeCpuBackend(AttentionBackend):
     SPAN_MATMUL_MIN_Q tokens) or "amx" (the AMX tile kernel, from SPAN_AMX_MIN_Q tokens).
     kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
+    amx_short: in a step whose spans all have at most AMX_SHORT_MAX_ROWS rows (q_len x group: decode, verify), the
+    AMX short kernel takes them all (with span_path "amx" only: a bf16 model and cache).
     """
 
     num_heads: int
@@ -134,11 +139,13 @@ class NativeCpuBackend(AttentionBackend):
     bf16_dot: bool
     span_path: str = "kernel"
     kv_format: KVFormat | None = None  # how the pool stores K/V (None: as computed); quantized: fp32 products only
+    amx_short: bool = False
 
     def __post_init__(self):
         assert self.short or self.tiled, "no native kernel: use SdpaBackend"
         assert self.span_path in ("kernel", "matmul", "amx"), self.span_path
         assert self.tiled or self.span_path == "kernel", "the span paths replace the tiled kernel's long spans"
+        assert not self.amx_short or self.span_path == "amx", "the AMX short kernel comes with the AMX span path"
         assert self.num_heads % self.num_kv_heads == 0
 
     @property
@@ -158,6 +165,15 @@ class NativeCpuBackend(AttentionBackend):
         return -(-self.tiled_min_rows // group) - 1  # q_len * group < tiled_min_rows  <=>  q_len < ceil(min / group)
 
     def prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> NativeMetadata:
+        # Only where every span fits it: in a step that also has a long span the short ones join that span's AMX
+        # kernel call, whose threads take work items from both; two calls would each wait on their slowest thread
+        # (a tool result's delta and 3 verifies at 1.5k-4k: 4-7% slower whole steps, docs/perf/2026-12-05-xeon-amx-short.md)
+        group = self.num_heads // self.num_kv_heads
+        if self.amx_short and spans and all(s.q_len * group <= native.AMX_SHORT_MAX_ROWS for s in spans):
+            return NativeMetadata(slot_mapping, None, None, (), amx_short=kernel_spans(spans))
+        return self._prepare(spans, slot_mapping)
+
+    def _prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> NativeMetadata:
         n = self.short_max_q_len
         short = [s for s in spans if s.q_len <= n]
         rest = [s for s in spans if s.q_len > n]
@@ -184,7 +200,8 @@ class NativeCpuBackend(AttentionBackend):
         if k is not None:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.kv_format)
         dtype = v_cache.dtype if v is None else v.dtype  # the model's: only a cache of its dtype comes stored
-        if meta.short is None and meta.tiled is None and not meta.matmul and meta.amx is None:
+        if meta.short is None and meta.tiled is None and not meta.matmul and meta.amx is None \
+                and meta.amx_short is None:
             out = torch.empty(q.shape, dtype=dtype)  # [T, H, D]; SDPA spans only: no fp32 buffer
         else:
             # fp32 in and out of the kernels; each writes the rows of its own spans only
@@ -202,6 +219,9 @@ class NativeCpuBackend(AttentionBackend):
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
             if meta.amx is not None:
                 native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32)
+            if meta.amx_short is not None:
+                native.paged_attention_amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs,
+                                                 scale, out32)
             out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)

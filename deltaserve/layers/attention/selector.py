@@ -61,4 +61,7 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         tiled_min_rows=tiled_min_rows(not pairs, amx=span_path == "amx") if has_short and has_tiled else 0,
         pairs=pairs,
         p_bf16=kv_bf16 and kv_dtype == torch.bfloat16,
-        bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path)
+        bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path,
+        # decode and verify spans on AMX tiles too: 0.78x the short kernel's pairs for a decode of 4 x 4k, 0.83x the
+        # AMX span kernel for a verify of 4 x 9 at 6k (kernel alone, docs/perf/2026-12-05-xeon-amx-short.md)
+        amx_short=span_path == "amx" and native.amx_short_available())

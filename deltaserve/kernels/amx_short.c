@@ -1,0 +1,515 @@
+/* Short spans (decode, speculative verify) of a bf16 cache on AMX tiles, with the keys on the rows of the products:
+ *   S^T [keys][rows] = K . Q^T   A: 16 K rows as the pool stores them (32 dims a tile); B: Q^T in dim pairs
+ *   O [rows][D]     += P . V     A: P in key pairs (S^T's layout transposed); B: V in key pairs
+ * Why: a decode or verify step has 3-64 query rows a kv head (q_len x GQA group) against thousands of keys, so its
+ * cost is reading K/V. amx_attention.c puts the rows on the tiles' rows and must transpose every K chunk for Q.K^T
+ * (for a 4 x 9 verify at 6k that packing cost ~14 ms of 40 with every row in L3); here K rows go into the tiles as
+ * they lie in the pool (a run of 16 consecutive slots is one strided tile load; other rows are copied, never
+ * transposed), and the softmax runs down the keys, one vector of rows a key, with no horizontal reductions.
+ *
+ * Same contract as amx_attention.c (bf16 cache, kv_kind 1, only):
+ *   q     [num_q_tokens, H, D] float32 (holding a bf16 model's values: rounded to bf16 here, exact for those)
+ *   k, v  [num_slots, Hkv, D] bfloat16         slots [sum of kv_len] int64
+ *   seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len      out [num_q_tokens, H, D] float32
+ * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position. Rows r = i * G + h
+ * of kv head g (h the head in its group), at most MAXRS a sequence.
+ *
+ * Work item = (sequence, range of keys), all kv heads: each chunk of KC keys reads its slots' rows whole, head after
+ * head, K then V. A sequence's keys split into parts when there are fewer items than SPLIT_ITEMS a thread; parts
+ * end on keys every row sees (so every part has a key for every row) and are merged by their maxima as in flash
+ * decoding. q and P are rounded to bf16 (as amx_attention.c and the tiled kernel's p_bf16 mode), sums are fp32.
+ * Returns 0, 1 when out of memory, 2 for a shape or kind it does not take (more than MAXRS rows a sequence, D not a
+ * multiple of 32 up to 256, a cache other than bf16, no AMX).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int paged_attention_amx_short_available(void);
+
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__) || !defined(__linux__)
+int paged_attention_amx_short_available(void) { return 0; }
+int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
+                              const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
+                              int mode) {
+    (void)q; (void)k; (void)v; (void)kv_kind; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
+    (void)D; (void)scale; (void)out; (void)mode;
+    return 2;
+}
+#else
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+
+#include "amx_tiles.h"
+#include "simd_exp.h"
+#include "transpose16.h"
+
+#define KC 128          /* keys a chunk (a multiple of 32) */
+#define MAXRS 64        /* rows a sequence: up to 4 column tiles of S^T */
+#define MAXD 256
+#define SPLIT_ITEMS 4   /* fewer items a thread than this: split keys */
+#define MIN_PART_KEYS 512
+#define LAZY_MAX 8.f    /* as amx_attention.c: a row keeps its softmax reference while P <= 2^8 */
+
+int paged_attention_amx_short_available(void) { return amx_tiles_granted(); }
+
+typedef struct {
+    uint32_t *qt; /* [Hkv][D/32][NC][16][16] Q^T tiles: row p holds dims 2p, 2p+1 (of the 32-dim step) of 16 rows */
+    float *o;     /* [Hkv][MAXRS][D] running output */
+    float *m, *l; /* [Hkv][MAXRS] softmax reference (of scores x scale x log2 e) and denominator */
+    uint16_t *kb; /* [16][D] K rows of a 16-key block that is not a run of slots */
+    uint16_t *vb; /* [KC/2][D][2] V in key pairs */
+    float *st;    /* [KC][NC * 16] S^T */
+    uint32_t *pa; /* [NC][KC/32][16][16] P in key pairs: A tiles (row r: 16 pairs of keys) */
+} scratch;
+
+/* The next chunk's slot rows (K and V, every kv head), fetched into L2 while the current chunk computes, a few
+ * lines at every step of every phase: a core streams only ~14 GB/s from memory, and only while it has misses in
+ * flight, so the fetches must run through the compute rather than before it (prefetched in a burst, or left to
+ * the demand loads, a chunk's rows and its compute take turns). */
+typedef struct {
+    const char *k, *v;
+    const int64_t *sl; /* the next chunk's slots */
+    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, whole lines) */
+    int key, line;     /* the next line to fetch: of key `key`'s K row, then (line >= row / 64) its V row */
+    int per;           /* lines a step */
+} ahead;
+
+static inline void ahead_step(ahead *a) {
+    const int lr = a->row / 64;
+    for (int n = 0; n < a->per && a->key < a->keys; n++) {
+        const char *base = a->line < lr ? a->k + (size_t)a->sl[a->key] * a->row + (size_t)a->line * 64
+                                        : a->v + (size_t)a->sl[a->key] * a->row + (size_t)(a->line - lr) * 64;
+        __builtin_prefetch(base, 0, 2);
+        if (++a->line == 2 * lr) a->line = 0, a->key++;
+    }
+}
+
+/* Q^T of kv head g's rows (zero past R) as B tiles: a 16 x 16 dword transpose of 16 rows' 32-dim slices */
+static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g, int D, int NC, uint32_t *qt) {
+    for (int c = 0; c < NC; c++)
+        for (int ks = 0; ks < D / 32; ks++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int row = c * 16 + i;
+                if (row < R) {
+                    const float *src = q + ((size_t)(q_start + row / G) * H + (size_t)g * G + row % G) * D + 32 * ks;
+                    r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+                } else {
+                    r[i] = _mm512_setzero_si512();
+                }
+            }
+            transpose16_epi32(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(qt + (((size_t)ks * NC + c) * 16 + p) * 16, r[p]);
+        }
+}
+
+/* 1 when the 16 slots are consecutive ids (their rows one strided tile load) */
+static inline int run16(const int64_t *sl) {
+    const __m512i b = _mm512_set1_epi64(sl[0]), lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __mmask8 a = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512(sl), _mm512_add_epi64(b, lo));
+    const __mmask8 c = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512(sl + 8),
+                                               _mm512_add_epi64(b, _mm512_add_epi64(lo, _mm512_set1_epi64(8))));
+    return a == 0xFF && c == 0xFF;
+}
+
+#define TDP_COL(C, BT) /* S^T column tile C += A(4) . Q^T tile (ks, C), through B tile BT */                       \
+    do {                                                                                                          \
+        _tile_loadd(BT, qt + (((size_t)ks * NC + C) * 16) * 16, 64);                                              \
+        _tile_dpbf16ps(C, 4, BT);                                                                                 \
+    } while (0)
+
+/* st[0..kcp)[0..NC*16) = K rows of head g for keys [0, kcp) of the chunk (zero past kc) . Q^T */
+static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, int NC,
+                     const uint32_t *qt, uint16_t *kb, float *st, ahead *ah) {
+    const int NCS = NC * 16;
+    /* D = 64 and up to 32 rows (decode; verify of up to 32 / G tokens): the four Q^T tiles stay in tile registers */
+    const int resident = D == 64 && NC <= 2;
+    if (resident) {
+        _tile_loadd(4, qt, 64);
+        _tile_loadd(5, qt + (size_t)NC * 256, 64);
+        if (NC > 1) {
+            _tile_loadd(6, qt + 256, 64);
+            _tile_loadd(7, qt + (size_t)(NC + 1) * 256, 64);
+        }
+    }
+    for (int j0 = 0; j0 < kcp; j0 += 16) {
+        ahead_step(ah);
+        const uint16_t *a = kb;
+        size_t as = (size_t)D * 2;
+        if (j0 + 16 <= kc && run16(sl + j0)) {
+            a = k + ((size_t)sl[j0] * Hkv + g) * D;
+            as = (size_t)Hkv * D * 2;
+        } else {
+            for (int j = 0; j < 16; j++)
+                for (int d = 0; d < D; d += 32)
+                    _mm512_storeu_si512(kb + (size_t)j * D + d,
+                                        j0 + j < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + j] * Hkv + g) * D + d)
+                                                    : _mm512_setzero_si512());
+        }
+        float *dst = st + (size_t)j0 * NCS;
+        if (resident) { /* Q^T in tiles 4-7 (loaded below), C in 0-1, K in 2 */
+            _tile_zero(0);
+            if (NC > 1) _tile_zero(1);
+            _tile_loadd(2, a, as);
+            _tile_dpbf16ps(0, 2, 4);
+            if (NC > 1) _tile_dpbf16ps(1, 2, 6);
+            _tile_loadd(2, a + 32, as);
+            _tile_dpbf16ps(0, 2, 5);
+            if (NC > 1) _tile_dpbf16ps(1, 2, 7);
+            _tile_stored(0, dst, NCS * 4);
+            if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
+            continue;
+        }
+        _tile_zero(0);
+        if (NC > 1) _tile_zero(1);
+        if (NC > 2) _tile_zero(2);
+        if (NC > 3) _tile_zero(3);
+        for (int ks = 0; ks < D / 32; ks++) {
+            _tile_loadd(4, a + 32 * ks, as);
+            TDP_COL(0, 5);
+            if (NC > 1) TDP_COL(1, 6);
+            if (NC > 2) TDP_COL(2, 7);
+            if (NC > 3) TDP_COL(3, 5);
+        }
+        _tile_stored(0, dst, NCS * 4);
+        if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
+        if (NC > 2) _tile_stored(2, dst + 32, NCS * 4);
+        if (NC > 3) _tile_stored(3, dst + 48, NCS * 4);
+    }
+}
+
+/* V rows of head g for keys [0, kcp) in key pairs, keys past kc zero: vb[j/2] holds, for each 32 dims d0.., the
+ * pairs (V[j][d], V[j+1][d]) of dims d0 + {0-3, 8-11, 16-19, 24-27} then of d0 + {4-7, 12-15, 20-23, 28-31} (what
+ * vpunpcklwd / vpunpckhwd give, one shuffle a vector where an ordered interleave takes three): the output's dims come
+ * out in that order, put back by unshuffle_row. */
+static void pack_v(const uint16_t *v, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, uint16_t *vb,
+                   ahead *ah) {
+    for (int j = 0; j < kcp; j += 2) {
+        ahead_step(ah);
+        uint16_t *dst = vb + (size_t)(j / 2) * D * 2;
+        const uint16_t *ra = j < kc ? v + ((size_t)sl[j] * Hkv + g) * D : NULL;
+        const uint16_t *rb = j + 1 < kc ? v + ((size_t)sl[j + 1] * Hkv + g) * D : NULL;
+        for (int d0 = 0; d0 < D; d0 += 32) {
+            const __m512i a = ra ? _mm512_loadu_si512(ra + d0) : _mm512_setzero_si512();
+            const __m512i b = rb ? _mm512_loadu_si512(rb + d0) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + 2 * d0, _mm512_unpacklo_epi16(a, b));
+            _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_unpackhi_epi16(a, b));
+        }
+    }
+}
+
+/* A row of D outputs in pack_v's dim order, put back in order, times `scale`, into dst */
+static inline void unshuffle_row(const float *src, int D, float scale, float *dst) {
+    const __m512i i0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i i1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int d0 = 0; d0 < D; d0 += 32) {
+        const __m512 lo = _mm512_loadu_ps(src + d0), hi = _mm512_loadu_ps(src + d0 + 16);
+        _mm512_storeu_ps(dst + d0, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i0, hi), sc));
+        _mm512_storeu_ps(dst + d0 + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i1, hi), sc));
+    }
+}
+
+/* P = 2^(s x scale2 - ref) down the keys [0, kcp) of column tile c of st (keys j >= vis on a lane get 0), rounded
+ * to bf16 and written as A tiles of key pairs to pa; returns the lanes' sums of the rounded values and their largest
+ * exponent in *tmax. */
+static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 ref, __m512i vis, int masked,
+                       uint32_t *pa, __m512 *tmax, ahead *ah) {
+    /* word 2r of the pair vector = even key's P of row r, word 2r + 1 the odd key's */
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i ones = _mm512_set1_epi16(0x3F80); /* bf16 1.0 */
+    __m512 sum = _mm512_setzero_ps(), sum2 = sum, tm = _mm512_set1_ps(-INFINITY), tm2 = tm;
+    for (int kb = 0; kb < kcp; kb += 32) {
+        __m512i w[16];
+        for (int jp = 0; jp < 16; jp++) {
+            ahead_step(ah);
+            const int j = kb + 2 * jp;
+            const __m512 t0 = _mm512_fmsub_ps(_mm512_loadu_ps(st + (size_t)j * NCS), scale2, ref);
+            const __m512 t1 = _mm512_fmsub_ps(_mm512_loadu_ps(st + (size_t)(j + 1) * NCS), scale2, ref);
+            __m512 e0, e1;
+            if (masked) {
+                const __mmask16 v0 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j));
+                const __mmask16 v1 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j + 1));
+                tm = _mm512_mask_max_ps(tm, v0, tm, t0);
+                tm2 = _mm512_mask_max_ps(tm2, v1, tm2, t1);
+                e0 = _mm512_maskz_mov_ps(v0, exp2_bf16(t0));
+                e1 = _mm512_maskz_mov_ps(v1, exp2_bf16(t1));
+            } else {
+                tm = _mm512_max_ps(tm, t0);
+                tm2 = _mm512_max_ps(tm2, t1);
+                e0 = exp2_bf16(t0);
+                e1 = exp2_bf16(t1);
+            }
+            w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            /* the sum of the rounded values, which P.V weighs: a row dominated by one key then gets that key's V
+             * exactly (with the lazy reference its P is not 1, and its rounding would scale the whole row) */
+            if (jp & 1)
+                sum2 = _mm512_dpbf16_ps(sum2, (__m512bh)w[jp], (__m512bh)ones);
+            else
+                sum = _mm512_dpbf16_ps(sum, (__m512bh)w[jp], (__m512bh)ones);
+        }
+        transpose16_epi32(w); /* w[r] = row r's 16 key pairs */
+        for (int r = 0; r < 16; r++) _mm512_store_si512(pa + ((size_t)(kb / 32) * 16 + r) * 16, w[r]);
+    }
+    *tmax = _mm512_max_ps(tm, tm2);
+    return _mm512_add_ps(sum, sum2);
+}
+
+/* Online softmax of column tile c's 16 rows over the chunk (m, l, o: those rows' reference, denominator, output
+ * [16][D]). Lazy reference as in amx_attention.c: the rows keep theirs while no P of the chunk passes 2^LAZY_MAX;
+ * else (and on the first chunk) every row takes its running maximum and its output is rescaled. */
+static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2, __m512i vis, int masked, float *m,
+                         float *l, float *o, int D, uint32_t *pa, ahead *ah) {
+    const __m512 sc = _mm512_set1_ps(scale2);
+    const __m512 mv = _mm512_loadu_ps(m);
+    __m512 tmax;
+    if (!_mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ)) {
+        const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mv, vis, masked, pa, &tmax, ah);
+        if (_mm512_reduce_max_ps(tmax) <= LAZY_MAX) {
+            _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
+            return;
+        }
+    }
+    __m512 cm = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < kcp; j++) {
+        const __mmask16 live = masked ? _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)) : 0xFFFF;
+        cm = _mm512_mask_max_ps(cm, live, cm, _mm512_loadu_ps(st + (size_t)j * NCS + c * 16));
+    }
+    const __m512 mnew = _mm512_max_ps(mv, _mm512_mul_ps(cm, sc)); /* scale2 > 0: the max commutes with it */
+    float mo[16], mn[16], lv[16];
+    _mm512_storeu_ps(mo, mv);
+    _mm512_storeu_ps(mn, mnew);
+    _mm512_storeu_ps(lv, _mm512_loadu_ps(l));
+    for (int r = 0; r < 16; r++) {
+        if (mo[r] == mn[r]) continue;
+        const float alpha = mo[r] == -INFINITY ? 0.f : exp2f(mo[r] - mn[r]);
+        lv[r] *= alpha;
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), av));
+    }
+    const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, pa, &tmax, ah);
+    _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(lv), sum));
+    _mm512_storeu_ps(m, mnew);
+}
+
+/* o[0..NC*16)[0..D) += P . V over keys [0, kcp): 16 rows x 64 dims (four C tiles) at a time, o loaded into them */
+static void accumulate_pv(const uint32_t *pa, const uint16_t *vb, int D, int NC, int kcp, float *o) {
+    for (int c = 0; c < NC; c++)
+        for (int n0 = 0; n0 < D; n0 += 64) {
+            float *oc = o + (size_t)c * 16 * D + n0;
+            const int four = D - n0 >= 64;
+            _tile_loadd(0, oc, D * 4);
+            _tile_loadd(1, oc + 16, D * 4);
+            if (four) {
+                _tile_loadd(2, oc + 32, D * 4);
+                _tile_loadd(3, oc + 48, D * 4);
+            }
+            for (int kb = 0; kb < kcp; kb += 32) {
+                const uint16_t *b = vb + ((size_t)(kb / 2) * D + n0) * 2;
+                _tile_loadd(4, pa + ((size_t)c * (KC / 32) + kb / 32) * 256, 64);
+                _tile_loadd(5, b, D * 4);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, b + 32, D * 4);
+                _tile_dpbf16ps(1, 4, 6);
+                if (four) {
+                    _tile_loadd(7, b + 64, D * 4);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_loadd(5, b + 96, D * 4);
+                    _tile_dpbf16ps(3, 4, 5);
+                }
+            }
+            _tile_stored(0, oc, D * 4);
+            _tile_stored(1, oc + 16, D * 4);
+            if (four) {
+                _tile_stored(2, oc + 32, D * 4);
+                _tile_stored(3, oc + 48, D * 4);
+            }
+        }
+}
+
+/* Keys [k0, k1) of sequence s; part < 0: all its keys, normalised output to out; else unnormalised output,
+ * reference and denominator to partial slot `part`. */
+typedef struct {
+    int s, part;
+    int64_t k0, k1;
+} work;
+
+typedef struct {
+    float *o; /* [n_slots][Hkv][MAXRS][D] */
+    float *m; /* [n_slots][Hkv][MAXRS] */
+    float *l;
+} partials;
+
+static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
+                 int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
+                 const partials *pt, scratch *w) {
+    const int G = H / Hkv, R = (int)q_len * G, NC = (R + 15) / 16, NCS = NC * 16;
+    const int64_t first = L - q_len; /* context position of the span's token 0 */
+    const size_t qts = (size_t)D / 32 * NC * 256;
+    for (int g = 0; g < Hkv; g++) {
+        pack_qt(q, q_start, R, G, H, g, D, NC, w->qt + g * qts);
+        for (int r = 0; r < MAXRS; r++) {
+            w->m[g * MAXRS + r] = -INFINITY;
+            w->l[g * MAXRS + r] = 0.f;
+        }
+    }
+    memset(w->o, 0, (size_t)Hkv * MAXRS * D * sizeof(float));
+    const float scale2 = scale * 1.4426950408889634f;
+    for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
+        const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 31) & ~31;
+        const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
+        const int row = Hkv * D * 2, lines = nx > 0 ? (int)nx * 2 * (row / 64) : 0;
+        const int steps = Hkv * (kcp / 16 + kcp / 2 + NC * kcp / 2); /* ahead_step calls in the chunk, about */
+        ahead ah = {(const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, row, 0, 0,
+                    (lines + steps - 1) / steps};
+        /* keys of the chunk each lane (row) sees; rows past R see them all (their Q is zero, their output unused) */
+        int visr[MAXRS];
+        int masked = kcp > kc;
+        for (int r = 0; r < NCS; r++) {
+            int64_t vis = r < R ? first + r / G + 1 - c0 : kc;
+            if (vis > kc) vis = kc;
+            visr[r] = (int)vis;
+            masked |= vis < kcp;
+        }
+        for (int g = 0; g < Hkv; g++) {
+            scores_t(k, sl + c0, kc, kcp, Hkv, g, D, NC, w->qt + g * qts, w->kb, w->st, &ah);
+            pack_v(v, sl + c0, kc, kcp, Hkv, g, D, w->vb, &ah);
+            for (int c = 0; c < NC; c++)
+                softmax_cols(w->st, NCS, c, kcp, scale2, _mm512_loadu_si512(visr + c * 16), masked,
+                             w->m + g * MAXRS + c * 16, w->l + g * MAXRS + c * 16,
+                             w->o + ((size_t)g * MAXRS + c * 16) * D, D, w->pa + (size_t)c * (KC / 32) * 256, &ah);
+            accumulate_pv(w->pa, w->vb, D, NC, kcp, w->o + (size_t)g * MAXRS * D);
+        }
+    }
+    if (it->part >= 0) {
+        const size_t base = (size_t)it->part * Hkv * MAXRS;
+        memcpy(pt->o + base * D, w->o, (size_t)Hkv * MAXRS * D * sizeof(float));
+        memcpy(pt->m + base, w->m, (size_t)Hkv * MAXRS * sizeof(float));
+        memcpy(pt->l + base, w->l, (size_t)Hkv * MAXRS * sizeof(float));
+        return;
+    }
+    for (int g = 0; g < Hkv; g++)
+        for (int r = 0; r < R; r++) {
+            float *dst = out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
+            unshuffle_row(w->o + ((size_t)g * MAXRS + r) * D, D, 1.f / w->l[g * MAXRS + r], dst);
+        }
+}
+
+/* Row r of kv head g of a split sequence (its parts in slots part0 ..) merged through their references */
+static void merge(const partials *pt, int part0, int n_parts, int Hkv, int g, int r, int D, float *dst) {
+    float m = -INFINITY, l = 0.f, acc[MAXD];
+    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[((size_t)(part0 + p) * Hkv + g) * MAXRS + r]);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
+    for (int p = 0; p < n_parts; p++) {
+        const size_t at = ((size_t)(part0 + p) * Hkv + g) * MAXRS + r;
+        if (pt->m[at] == -INFINITY) continue;
+        const float wgt = exp2f(pt->m[at] - m);
+        l += wgt * pt->l[at];
+        const __m512 wv = _mm512_set1_ps(wgt);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
+    }
+    unshuffle_row(acc, D, 1.f / l, dst);
+}
+
+/* Items: each sequence's keys in `parts` ranges (fewer where a part would hold under MIN_PART_KEYS), split only
+ * within the keys every row sees (0 .. kv_len - q_len), the last part running to the end. Returns the count
+ * (items NULL: count only); *n_slots the partial slots. */
+static int plan(const int64_t *seqs, int n_seqs, int parts, work *items, int *n_slots) {
+    int n = 0, slot = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const int64_t q_len = seqs[4 * s + 1], L = seqs[4 * s + 3], all = L - q_len + 1;
+        if (q_len <= 0) continue;
+        int np = parts;
+        if (np > 1 && all / np < MIN_PART_KEYS) np = (int)(all / MIN_PART_KEYS);
+        if (np < 1) np = 1;
+        const int64_t per = ((all + np - 1) / np + KC - 1) / KC * KC;
+        np = (int)((all + per - 1) / per);
+        for (int p = 0; p < np; p++) {
+            if (items) {
+                work *it = items + n;
+                it->s = s, it->k0 = p * per, it->k1 = p == np - 1 ? L : (p + 1) * per;
+                it->part = np > 1 ? slot + p : -1;
+            }
+            n++;
+        }
+        if (np > 1) slot += np;
+    }
+    *n_slots = slot;
+    return n;
+}
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
+
+int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
+                              const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
+                              int mode) {
+    (void)mode;
+    if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_short_available()) return 2;
+    const int G = H / Hkv, threads = omp_get_max_threads();
+    int active = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[4 * s + 1] * G > MAXRS) return 2;
+        active += seqs[4 * s + 1] > 0;
+    }
+    if (active == 0) return 0;
+    const int parts = active < SPLIT_ITEMS * threads ? (SPLIT_ITEMS * threads + active - 1) / active : 1;
+    int n_slots;
+    const int n_items = plan(seqs, n_seqs, parts, NULL, &n_slots);
+    work *items = malloc((size_t)n_items * sizeof(work));
+    partials pt = {NULL, NULL, NULL};
+    if (n_slots) {
+        pt.o = alloc64((size_t)n_slots * Hkv * MAXRS * D * sizeof(float));
+        pt.m = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
+        pt.l = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
+    }
+    int failed = !items || (n_slots && !(pt.o && pt.m && pt.l));
+    if (!failed) plan(seqs, n_seqs, parts, items, &n_slots);
+#pragma omp parallel if (!failed)
+    {
+        scratch w;
+        w.qt = alloc64((size_t)Hkv * D / 32 * 4 * 256 * 4);
+        w.o = alloc64((size_t)Hkv * MAXRS * D * 4);
+        w.m = alloc64((size_t)Hkv * MAXRS * 4);
+        w.l = alloc64((size_t)Hkv * MAXRS * 4);
+        w.kb = alloc64((size_t)16 * D * 2);
+        w.vb = alloc64((size_t)KC * D * 2);
+        w.st = alloc64((size_t)KC * MAXRS * 4);
+        w.pa = alloc64((size_t)4 * (KC / 32) * 256 * 4);
+        const int ok = !failed && w.qt && w.o && w.m && w.l && w.kb && w.vb && w.st && w.pa;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (ok) tiles_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < n_items; i++) {
+            if (!ok) continue;
+            const int64_t *sq = seqs + 4 * items[i].s;
+            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], items + i, H, Hkv,
+                 D, scale, out, &pt, &w);
+        }
+        if (ok) _tile_release();
+        /* split sequences: the first part of each lists the group (its parts follow it); rows merged into out */
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < n_items; i++) {
+            const work *it = items + i;
+            if (failed || it->part < 0 || it->k0 != 0) continue;
+            int np = 1;
+            while (i + np < n_items && items[i + np].k0 != 0) np++;
+            const int64_t *sq = seqs + 4 * it->s;
+            for (int g = 0; g < Hkv; g++)
+                for (int r = 0; r < sq[1] * G; r++)
+                    merge(&pt, it->part, np, Hkv, g, r, D, out + ((size_t)(sq[0] + r / G) * H + (size_t)g * G + r % G) * D);
+        }
+        free(w.qt); free(w.o); free(w.m); free(w.l); free(w.kb); free(w.vb); free(w.st); free(w.pa);
+    }
+    free(items);
+    free(pt.o); free(pt.m); free(pt.l);
+    return failed ? 1 : 0;
+}
+#endif
