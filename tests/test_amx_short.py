@@ -145,5 +145,8 @@ def test_selector_picks_amx_short_with_the_amx_span_path(monkeypatch):
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "amx")
     assert select_backend("cpu", torch.bfloat16, 64, 9, 3).amx_short
     assert not select_backend("cpu", torch.float32, 64, 9, 3).amx_short  # fp32 models keep fp32 products
+    monkeypatch.setenv("DELTASERVE_AMX_SHORT", "off")
+    assert not select_backend("cpu", torch.bfloat16, 64, 9, 3).amx_short
+    monkeypatch.setenv("DELTASERVE_AMX_SHORT", "on")
     monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "kernel")
     assert not select_backend("cpu", torch.bfloat16, 64, 9, 3).amx_short

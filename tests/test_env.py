@@ -12,15 +12,17 @@ from deltaserve import env
 def test_switches_share_one_vocabulary(monkeypatch, value, expected):
     monkeypatch.setenv("DELTASERVE_NATIVE", value)
     monkeypatch.setenv("DELTASERVE_BF16_DOT", value)
+    monkeypatch.setenv("DELTASERVE_AMX_SHORT", value)
     assert env.native_kernels() is expected
     assert env.bf16_dot() is expected
+    assert env.amx_short() is expected
 
 
 def test_defaults_and_auto(monkeypatch):
     for name in ("DELTASERVE_NATIVE", "DELTASERVE_BF16_DOT", "DELTASERVE_LARGE_BATCH_LINEAR", "DELTASERVE_CACHE",
-                 "DELTASERVE_STEP_TRACE", "DELTASERVE_API_KEY"):
+                 "DELTASERVE_STEP_TRACE", "DELTASERVE_API_KEY", "DELTASERVE_AMX_SHORT"):
         monkeypatch.delenv(name, raising=False)
-    assert env.native_kernels() is True
+    assert env.native_kernels() is True and env.amx_short() is True
     assert env.bf16_dot() is None and env.large_batch_linear() is None
     assert env.cache_dir() is None and env.step_trace() is None and env.api_key() is None
     monkeypatch.setenv("DELTASERVE_BF16_DOT", "auto")

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from deltaserve import env
 from deltaserve.kernels import cpu_probe
 from deltaserve.kv.quant import KVFormat, resolve
 from deltaserve.kernels import paged_attention as native
@@ -64,4 +65,4 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path,
         # decode and verify spans on AMX tiles too: 0.78x the short kernel's pairs for a decode of 4 x 4k, 0.83x the
         # AMX span kernel for a verify of 4 x 9 at 6k (kernel alone, docs/perf/2026-12-05-xeon-amx-short.md)
-        amx_short=span_path == "amx" and native.amx_short_available())
+        amx_short=span_path == "amx" and env.amx_short() and native.amx_short_available())
