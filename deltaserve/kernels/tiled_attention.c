@@ -40,14 +40,8 @@
 int paged_attention_tiled_available(void);
 
 #if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
-int paged_attention_tiled_available(void) { return 0; }
-int paged_attention_tiled(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
-                          const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
-                          int mode) {
-    (void)q; (void)k; (void)v; (void)kv_kind; (void)slots; (void)seqs; (void)n_seqs; (void)H; (void)Hkv;
-    (void)D; (void)scale; (void)out; (void)mode;
-    return 2;
-}
+#include "kernel_stub.h"
+ATTENTION_KERNEL_STUB(paged_attention_tiled)
 #else
 #include <immintrin.h>
 
