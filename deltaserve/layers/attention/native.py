@@ -126,7 +126,8 @@ class NativeCpuBackend(AttentionBackend):
     kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     amx_short: in a step whose spans all have at most AMX_SHORT_MAX_ROWS rows (q_len x group: decode, verify), the
-    AMX short kernel takes them all (with span_path "amx" only: a bf16 model and cache).
+    AMX short kernel takes them all (a bf16 model and cache: the selector sets it with span_path "amx"; a variant
+    with another span path keeps it).
     """
 
     num_heads: int
@@ -145,7 +146,6 @@ class NativeCpuBackend(AttentionBackend):
         assert self.short or self.tiled, "no native kernel: use SdpaBackend"
         assert self.span_path in ("kernel", "matmul", "amx"), self.span_path
         assert self.tiled or self.span_path == "kernel", "the span paths replace the tiled kernel's long spans"
-        assert not self.amx_short or self.span_path == "amx", "the AMX short kernel comes with the AMX span path"
         assert self.num_heads % self.num_kv_heads == 0
 
     @property
