@@ -3,7 +3,7 @@
  *   O [rows][D]     += P . V     A: P in key pairs (S^T's layout transposed); B: V in key pairs
  * Why: a decode or verify step has 3-64 query rows a kv head (q_len x GQA group) against thousands of keys, so its
  * cost is reading K/V. amx_attention.c puts the rows on the tiles' rows and must transpose every K chunk for Q.K^T
- * (for a 4 x 9 verify at 6k that packing cost ~14 ms of 40 with every row in L3); here K rows go into the tiles as
+ * (for a 4 x 9 verify at 6k, 30 layers, that packing cost ~14 ms of 25 with every row in L3, ~27 of 40 from memory); here K rows go into the tiles as
  * they lie in the pool (a run of 16 consecutive slots is one strided tile load; other rows are copied, never
  * transposed), and the softmax runs down the keys, one vector of rows a key, with no horizontal reductions.
  *
@@ -405,7 +405,8 @@ static void merge(const partials *pt, int part0, int n_parts, int Hkv, int g, in
         l += wgt * pt->l[at];
         const __m512 wv = _mm512_set1_ps(wgt);
         for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
+            _mm512_storeu_ps(acc + d,
+                             _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
     }
     unshuffle_row(acc, D, 1.f / l, dst);
 }
@@ -498,7 +499,8 @@ int paged_attention_amx_short(const float *q, const void *k, const void *v, int 
             const int64_t *sq = seqs + 4 * it->s;
             for (int g = 0; g < Hkv; g++)
                 for (int r = 0; r < sq[1] * G; r++)
-                    merge(&pt, it->part, np, Hkv, g, r, D, out + ((size_t)(sq[0] + r / G) * H + (size_t)g * G + r % G) * D);
+                    merge(&pt, it->part, np, Hkv, g, r, D,
+                          out + ((size_t)(sq[0] + r / G) * H + (size_t)g * G + r % G) * D);
         }
         free(w.qt); free(w.o); free(w.m); free(w.l); free(w.kb); free(w.vb); free(w.st); free(w.pa);
     }

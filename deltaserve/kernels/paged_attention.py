@@ -6,8 +6,9 @@
 - `amx_short.c`: decode and verify spans (up to AMX_SHORT_MAX_ROWS rows a sequence) of a bf16 cache on AMX tiles, K
   rows used as the pool stores them (S^T = K.Q^T).
 
-Both read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3 rows of D bytes and
-their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time (`kernels/kv_rows.h`).
+The short and tiled kernels read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3
+rows of D bytes and their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time
+(`kernels/kv_rows.h`); the AMX kernels read bf16 caches only.
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ class NativeCpuBackend(AttentionBackend):
     def prepare(self, spans: list[SeqSpan], slot_mapping: torch.Tensor) -> NativeMetadata:
         # Only where every span fits it: in a step that also has a long span the short ones join that span's AMX
         # kernel call, whose threads take work items from both; two calls would each wait on their slowest thread
-        # (a tool result's delta and 3 verifies at 1.5k-4k: 4-7% slower whole steps, docs/perf/2026-12-05-xeon-amx-short.md)
+        # (a tool result's delta and 3 verifies at 1.5k-4k: 4-7% slower whole steps;
+        # docs/perf/2026-12-05-xeon-amx-short.md)
         group = self.num_heads // self.num_kv_heads
         if self.amx_short and spans and all(s.q_len * group <= native.AMX_SHORT_MAX_ROWS for s in spans):
             return NativeMetadata(slot_mapping, None, None, (), amx_short=kernel_spans(spans))
