@@ -3,9 +3,10 @@
  *   O [rows][D]     += P . V     A: P in key pairs (S^T's layout transposed); B: V in key pairs
  * Why: a decode or verify step has 3-64 query rows a kv head (q_len x GQA group) against thousands of keys, so its
  * cost is reading K/V. amx_attention.c puts the rows on the tiles' rows and must transpose every K chunk for Q.K^T
- * (for a 4 x 9 verify at 6k, 30 layers, that packing cost ~14 ms of 25 with every row in L3, ~27 of 40 from memory); here K rows go into the tiles as
- * they lie in the pool (a run of 16 consecutive slots is one strided tile load; other rows are copied, never
- * transposed), and the softmax runs down the keys, one vector of rows a key, with no horizontal reductions.
+ * (for a 4 x 9 verify at 6k, 30 layers, that packing cost ~14 ms of 25 with every row in L3, ~27 of 40 from
+ * memory); here K rows go into the tiles as they lie in the pool (a run of 16 consecutive slots is one strided tile
+ * load; other rows are copied, never transposed), and the softmax runs down the keys, one vector of rows a key,
+ * with no horizontal reductions.
  *
  * Same contract as amx_attention.c (bf16 cache, kv_kind 1, only):
  *   q     [num_q_tokens, H, D] float32 (holding a bf16 model's values: rounded to bf16 here, exact for those)
