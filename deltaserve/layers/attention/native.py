@@ -66,7 +66,9 @@ SPAN_MATMUL_MIN_Q = 32
 # The AMX kernel takes every span the tiled one would (from tiled_min_rows rows). Whole steps on a 2-core AMX Xeon
 # (family 6 model 207), spans from 32 tokens vs from 4: verify 4 x 5 @4k 76.2 vs 52.9 ms, 4 x 8 @4k 84.6 vs 55.6,
 # 4 x 9 @6k 118.9 vs 77.6, 1 x 5 @4k 35.2 vs 28.2. Below tiled_min_rows (decode) the short kernel stays: decode
-# 4 @4k 45.0 ms against 49.7 with every span on AMX, 4 @6k 54.0 vs 66.2 (it packs a key chunk for 3 rows).
+# 4 @4k 45.0 ms against 49.7 with every span on AMX, 4 @6k 54.0 vs 66.2 (it packs a key chunk for 3 rows). These
+# splits now hold only in steps with a long span: a step of decodes and verifies alone goes to the AMX short kernel
+# (`amx_short`, `prepare`).
 SPAN_AMX_MIN_Q = 1
 
 
