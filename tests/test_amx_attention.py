@@ -50,36 +50,46 @@ def _case(g, H, Hkv, D, shape, page):
     return q, kc, vc, sl, torch.tensor(rows, dtype=torch.int64), spans
 
 
-@needs_amx
-@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 32), (8, 2, 128)])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("page", [1, 16])
-def test_matches_fp32_reference(H, Hkv, D, shape, page):
+def check_against_reference(kernel, H, Hkv, D, shape, page):
+    """`kernel` (an AMX kernel's binding: q and P in bf16) on a case against fp32 SDPA; rows of no listed span are
+    left untouched. Shared by this file and test_amx_short.py."""
     g = torch.Generator().manual_seed(hash((H, D, page, len(shape))) % 2**31)
     q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, page)
     out = torch.full_like(q, float("nan"))
-    native.paged_attention_amx(q, kc, vc, sl, seqs, D**-0.5, out)
+    kernel(q, kc, vc, sl, seqs, D**-0.5, out)
     n = int(seqs[:, 1].sum())
     ref = _reference(q, kc, vc, spans, D**-0.5)
     assert torch.allclose(out[:n], ref[:n], atol=5e-3, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
     assert out[n:].isnan().all()  # rows of no listed span are untouched
 
 
-@needs_amx
-@pytest.mark.parametrize("key", [700, 1499])  # in the second chunk; the last key, in the last chunk
-def test_a_late_key_far_above_the_running_max(key):
-    """A row keeps its softmax reference while no later chunk's score passes it by more than 2^8; this key's score
-    passes it by far (~2^180), so the kernel falls back to the chunk's true maximum and rescales the row."""
+def check_late_key(kernel, key):
+    """A row keeps its softmax reference while no later chunk's score passes it by more than 2^8; key `key`'s score
+    passes it by far (~2^180), so `kernel` must fall back to the chunk's true maximum and rescale the row."""
     g = torch.Generator().manual_seed(key)
     shape = [(1500, 3)]
     q, kc, vc, sl, seqs, spans = _case(g, 9, 3, 64, shape, 16)
     # the span's last token (it sees every key), head 0 (kv head 0): score |q|^2 / 2 ~ 128
     kc[sl[key], 0] = (4 * q[2, 0]).to(torch.bfloat16)
     out = torch.full_like(q, float("nan"))
-    native.paged_attention_amx(q, kc, vc, sl, seqs, 64**-0.5, out)
+    kernel(q, kc, vc, sl, seqs, 64**-0.5, out)
     ref = _reference(q, kc, vc, spans, 64**-0.5)
     assert torch.allclose(out[:3], ref[:3], atol=5e-3, rtol=1e-2), (out[:3] - ref[:3]).abs().max()
     assert torch.allclose(out[2, 0], vc[sl[key], 0].float(), atol=2e-2)  # that key takes all of the row's weight
+
+
+@needs_amx
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("page", [1, 16])
+def test_matches_fp32_reference(H, Hkv, D, shape, page):
+    check_against_reference(native.paged_attention_amx, H, Hkv, D, shape, page)
+
+
+@needs_amx
+@pytest.mark.parametrize("key", [700, 1499])  # in the second chunk; the last key, in the last chunk
+def test_a_late_key_far_above_the_running_max(key):
+    check_late_key(native.paged_attention_amx, key)
 
 
 @needs_amx

@@ -16,8 +16,8 @@ import torch
 from deltaserve.kernels import paged_attention as native
 from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
 from deltaserve.layers.attention.native import TILED_MIN_ROWS_AMX
-from test_amx_attention import _case
-from test_span_attention import _reference, forward_each, stateful_equals_stateless
+from test_amx_attention import _case, check_against_reference, check_late_key
+from test_span_attention import forward_each, stateful_equals_stateless
 
 needs_amx_short = pytest.mark.skipif(not (native.supports_amx(torch.device("cpu"), torch.bfloat16, 64)
                                           and native.amx_short_available()),
@@ -45,29 +45,14 @@ CASES = [(H, Hkv, D, shape) for H, Hkv, D in HEADS for shape in SHAPES
 @pytest.mark.parametrize("H,Hkv,D,shape", CASES)
 @pytest.mark.parametrize("page", [1, 5, 16])
 def test_matches_fp32_reference(H, Hkv, D, shape, page):
-    g = torch.Generator().manual_seed(hash((H, D, page, len(shape))) % 2**31)
-    q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, page)
-    out = torch.full_like(q, float("nan"))
-    native.paged_attention_amx_short(q, kc, vc, sl, seqs, D**-0.5, out)
-    n = int(seqs[:, 1].sum())
-    ref = _reference(q, kc, vc, spans, D**-0.5)
-    assert torch.allclose(out[:n], ref[:n], atol=5e-3, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
-    assert out[n:].isnan().all()  # rows of no listed span are untouched
+    check_against_reference(native.paged_attention_amx_short, H, Hkv, D, shape, page)
 
 
 @needs_amx_short
 @pytest.mark.parametrize("key", [130, 1499])  # in the second chunk; the last key, in the last chunk
 def test_a_late_key_far_above_the_running_max(key):
-    """As for the span kernel: this key's score passes the rows' lazy softmax reference by far (~2^180), so the
-    kernel takes the chunk's true maximum and rescales the rows' output."""
-    g = torch.Generator().manual_seed(key)
-    q, kc, vc, sl, seqs, spans = _case(g, 9, 3, 64, [(1500, 3)], 16)
-    kc[sl[key], 0] = (4 * q[2, 0]).to(torch.bfloat16)  # the span's last token sees every key
-    out = torch.full_like(q, float("nan"))
-    native.paged_attention_amx_short(q, kc, vc, sl, seqs, 64**-0.5, out)
-    ref = _reference(q, kc, vc, spans, 64**-0.5)
-    assert torch.allclose(out[:3], ref[:3], atol=5e-3, rtol=1e-2), (out[:3] - ref[:3]).abs().max()
-    assert torch.allclose(out[2, 0], vc[sl[key], 0].float(), atol=2e-2)  # that key takes all of the row's weight
+    """As for the span kernel (`check_late_key`), with this kernel's 128-key chunks."""
+    check_late_key(native.paged_attention_amx_short, key)
 
 
 @needs_amx_short

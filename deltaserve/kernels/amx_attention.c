@@ -349,8 +349,6 @@ static void merge(const partials *pt, int part0, int n_parts, int row, int D, fl
     for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(dst + d), inv));
 }
 
-static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
-
 /* Work items: every (sequence, block of query tokens, kv head), with as many tokens a block as MAXR rows hold,
  * halved while that leaves fewer than two items a thread (MIN_ITEM_TOKENS at least). Where even then there are
  * fewer than SPLIT_ITEMS items a thread (a verify of one or two sequences: GQA leaves 2-3 kv heads), each item's

@@ -361,9 +361,10 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
         const int steps = Hkv * (kcp / 16 + kcp / 2 + NC * kcp / 2); /* ahead_step calls in the chunk, about */
         ahead ah = {(const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, row, 0, 0,
                     (lines + steps - 1) / steps};
-        /* keys of the chunk each lane (row) sees; rows past R see them all (their Q is zero, their output unused) */
+        /* keys of the chunk each lane (row) sees; rows past R see them all (their Q is zero, their output unused).
+         * Masks are needed where a lane sees fewer than kcp: every lane does when kc is not a multiple of 32. */
         int visr[MAXRS];
-        int masked = kcp > kc;
+        int masked = 0;
         for (int r = 0; r < NCS; r++) {
             int64_t vis = r < R ? first + r / G + 1 - c0 : kc;
             if (vis > kc) vis = kc;
@@ -438,8 +439,6 @@ static int plan(const int64_t *seqs, int n_seqs, int parts, work *items, int *n_
     *n_slots = slot;
     return n;
 }
-
-static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
 
 int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                               const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,

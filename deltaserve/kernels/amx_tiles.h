@@ -1,8 +1,10 @@
-/* AMX tile state for the AMX kernels (amx_attention.c, amx_gemm.c): include only where __AMX_TILE__ is defined. */
+/* AMX tile state for the AMX kernels (amx_attention.c, amx_short.c, amx_gemm.c): include only where __AMX_TILE__ is
+ * defined. */
 #ifndef DELTASERVE_AMX_TILES_H
 #define DELTASERVE_AMX_TILES_H
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -24,6 +26,10 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } __attribute__((packed, aligned(64))) tile_config;
+
+/* Scratch on a cache-line boundary, its size rounded up to whole lines (aligned_alloc wants a multiple): the AMX
+ * attention kernels' per-thread buffers, which tile loads and stores read and write a line at a time. */
+static inline void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
 
 /* every tile 16 rows x 64 bytes: A (16 rows x 32 bf16), B (16 pair-rows x 16 columns x 2), C (16 x 16 fp32); the
  * calling thread's, until _tile_release */
