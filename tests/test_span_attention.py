@@ -202,14 +202,15 @@ def test_selector_asks_the_probe_for_bf16_caches_only(monkeypatch, choice):
     assert select_backend("cpu", torch.bfloat16, 64, 9, 3, tiled=False).span_path == "kernel"
 
 
-def stateful_equals_stateless(smollm_dir, span_path: str) -> None:
+def stateful_equals_stateless(smollm_dir, span_path: str, **cfg) -> None:
     """bf16 SmolLM2 with DELTASERVE_SPAN_ATTN=span_path already set: 5 turns of one session (turn deltas of 32-60
-    tokens: each a span over the session's history) give the tokens a stateless recompute gives."""
+    tokens: each a span over the session's history) give the tokens a stateless recompute gives. cfg: more engine
+    settings (kv_cache_dtype)."""
     from conftest import load_engine
     from deltaserve.engine.kv_manager import CacheMode
     from deltaserve.engine.sampling import SamplingParams
 
-    engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16)
+    engines = {m: load_engine(smollm_dir, cache_mode=m, speculation=False, dtype=torch.bfloat16, **cfg)
                for m in (CacheMode.STATEFUL, CacheMode.STATELESS)}
     assert all(e.model.attn.span_path == span_path for e in engines.values())
     tok = engines[CacheMode.STATEFUL].tokenizer

@@ -47,6 +47,8 @@ ATTENTION_KERNEL_STUB(paged_attention_amx_short)
 #define MIN_PART_KEYS 512
 #define LAZY_MAX 8.f    /* as amx_attention.c: a row keeps its softmax reference while P <= 2^8 */
 
+#include "amx_short_plan.h"
+
 int paged_attention_amx_short_available(void) { return amx_tiles_granted(); }
 
 typedef struct {
@@ -98,15 +100,6 @@ static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g,
             transpose16_epi32(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512(qt + (((size_t)ks * NC + c) * 16 + p) * 16, r[p]);
         }
-}
-
-/* 1 when the 16 slots are consecutive ids (their rows one strided tile load) */
-static inline int run16(const int64_t *sl) {
-    const __m512i b = _mm512_set1_epi64(sl[0]), lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    const __mmask8 a = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512(sl), _mm512_add_epi64(b, lo));
-    const __mmask8 c = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512(sl + 8),
-                                               _mm512_add_epi64(b, _mm512_add_epi64(lo, _mm512_set1_epi64(8))));
-    return a == 0xFF && c == 0xFF;
 }
 
 #define TDP_COL(C, BT) /* S^T column tile C += A(4) . Q^T tile (ks, C), through B tile BT */                       \
@@ -326,19 +319,6 @@ static void accumulate_pv(const uint32_t *pa, const uint16_t *vb, int D, int NC,
         }
 }
 
-/* Keys [k0, k1) of sequence s; part < 0: all its keys, normalised output to out; else unnormalised output,
- * reference and denominator to partial slot `part`. */
-typedef struct {
-    int s, part;
-    int64_t k0, k1;
-} work;
-
-typedef struct {
-    float *o; /* [n_slots][Hkv][MAXRS][D] */
-    float *m; /* [n_slots][Hkv][MAXRS] */
-    float *l;
-} partials;
-
 static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
                  const partials *pt, scratch *w) {
@@ -411,33 +391,6 @@ static void merge(const partials *pt, int part0, int n_parts, int Hkv, int g, in
                              _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
     }
     unshuffle_row(acc, D, 1.f / l, dst);
-}
-
-/* Items: each sequence's keys in `parts` ranges (fewer where a part would hold under MIN_PART_KEYS), split only
- * within the keys every row sees (0 .. kv_len - q_len), the last part running to the end. Returns the count
- * (items NULL: count only); *n_slots the partial slots. */
-static int plan(const int64_t *seqs, int n_seqs, int parts, work *items, int *n_slots) {
-    int n = 0, slot = 0;
-    for (int s = 0; s < n_seqs; s++) {
-        const int64_t q_len = seqs[4 * s + 1], L = seqs[4 * s + 3], all = L - q_len + 1;
-        if (q_len <= 0) continue;
-        int np = parts;
-        if (np > 1 && all / np < MIN_PART_KEYS) np = (int)(all / MIN_PART_KEYS);
-        if (np < 1) np = 1;
-        const int64_t per = ((all + np - 1) / np + KC - 1) / KC * KC;
-        np = (int)((all + per - 1) / per);
-        for (int p = 0; p < np; p++) {
-            if (items) {
-                work *it = items + n;
-                it->s = s, it->k0 = p * per, it->k1 = p == np - 1 ? L : (p + 1) * per;
-                it->part = np > 1 ? slot + p : -1;
-            }
-            n++;
-        }
-        if (np > 1) slot += np;
-    }
-    *n_slots = slot;
-    return n;
 }
 
 int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,

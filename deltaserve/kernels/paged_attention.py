@@ -4,11 +4,12 @@
 - `tiled_attention.c`: long query spans (prefill chunks), register-tiled flash attention;
 - `amx_attention.c`: long query spans of a bf16 cache as AMX tile products (Intel Xeons with AMX only);
 - `amx_short.c`: decode and verify spans (up to AMX_SHORT_MAX_ROWS rows a sequence) of a bf16 cache on AMX tiles, K
-  rows used as the pool stores them (S^T = K.Q^T).
+  rows used as the pool stores them (S^T = K.Q^T);
+- `amx_short_int8.c`: the same spans of an int8 cache on AMX-INT8 tiles, in exact integer products.
 
 The short and tiled kernels read a cache of any `kv.quant` format: fp32 / bf16 rows of D elements, or int8 / fp8 e4m3
 rows of D bytes and their fp32 scale (a uint8 cache [num_slots, Hkv, D + 4]), dequantized a key chunk at a time
-(`kernels/kv_rows.h`); the AMX kernels read bf16 caches only.
+(`kernels/kv_rows.h`); the AMX kernels read bf16 caches only, but `amx_short_int8.c` int8 ones.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def amx_short_available() -> bool:
     """The AMX short-span kernel was built here and the kernel granted the tile state."""
     return _bind("amx_short", "paged_attention_amx_short", [ctypes.c_int],
                  "paged_attention_amx_short_available") is not None
+
+
+def amx_short_int8_available() -> bool:
+    """The AMX short-span kernel for int8 caches was built here (AMX-INT8) and the kernel granted the tile state."""
+    return _bind("amx_short_int8", "paged_attention_amx_short_int8", [ctypes.c_int],
+                 "paged_attention_amx_short_int8_available") is not None
+
+
+def supports_amx_short_int8(head_dim: int, num_kv_heads: int) -> bool:
+    """The int8 AMX short kernel takes this head shape (head_dim a multiple of 64 up to 256, up to 64 kv heads) and is
+    built here."""
+    return head_dim % 64 == 0 and head_dim <= 256 and num_kv_heads <= 64 and amx_short_int8_available()
 
 
 def supports_amx(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
@@ -207,6 +220,30 @@ def paged_attention_amx_short(
         raise RuntimeError(f"paged_attention_amx_short: unsupported shape (q {tuple(q.shape)}, k "
                            f"{tuple(k_cache.shape)}, q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows "
                            f"a sequence)")
+
+
+def paged_attention_amx_short_int8(
+    q: torch.Tensor,  # [T, H, D] float32, contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D + 4] uint8: int8 rows (kv.quant), contiguous
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
+    seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len; q_len x H / Hkv <= 64
+    scale: float,
+    out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+) -> None:
+    """Decode and verify spans (at most AMX_SHORT_MAX_ROWS rows a sequence) of an int8 cache on AMX-INT8 tiles, in
+    the short kernel's integer rounding (q in int16 steps of its row's largest value, P x v_scale in 16-bit steps):
+    K rows as the pool stores them, a decode's kv heads sharing softmax lanes (`amx_short_int8.c`). Figures:
+    docs/perf/2026-12-06-xeon-amx-int8.md."""
+    assert k_cache.dtype == torch.uint8, "the int8 AMX kernel reads int8 rows (a uint8 cache) only"
+    rc = _LIBS["amx_short_int8"].paged_attention_amx_short_int8(
+        *_args(q, k_cache, v_cache, slots, seqs, scale, out, 2), 0)
+    if rc == 1:
+        raise MemoryError("paged_attention_amx_short_int8: out of memory for its work buffers")
+    if rc != 0:
+        raise RuntimeError(f"paged_attention_amx_short_int8: unsupported shape (q {tuple(q.shape)}, k "
+                           f"{tuple(k_cache.shape)}, q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows "
+                           f"a sequence, head_dim a multiple of 64)")
 
 
 def _ms(f, reps: int) -> float:

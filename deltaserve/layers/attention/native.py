@@ -9,7 +9,7 @@ every span takes the tiled one. Where the span probe found another path faster t
 go to it: the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX) from SPAN_AMX_MIN_Q tokens, or bf16
 matrix products (`span_matmul.py`) from SPAN_MATMUL_MIN_Q tokens. With the AMX kernel, spans of at most
 AMX_SHORT_MAX_ROWS rows (decode, verify) take the AMX short kernel (`kernels/amx_short.c`) in steps that have no
-other spans.
+other spans; so do those of a bf16 model's int8 cache where AMX-INT8 is (`kernels/amx_short_int8.c`).
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class NativeCpuBackend(AttentionBackend):
     kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     amx_short: in a step whose spans all have at most AMX_SHORT_MAX_ROWS rows (q_len x group: decode, verify), the
-    AMX short kernel takes them all (a bf16 model and cache: the selector sets it with span_path "amx"; a variant
-    with another span path keeps it).
+    AMX short kernel takes them all: `amx_short.c` for a bf16 model and cache (the selector sets it with span_path
+    "amx"; a variant with another span path keeps it), `amx_short_int8.c` for a bf16 model's int8 cache.
     """
 
     num_heads: int
@@ -149,6 +149,8 @@ class NativeCpuBackend(AttentionBackend):
         assert self.span_path in ("kernel", "matmul", "amx"), self.span_path
         assert self.tiled or self.span_path == "kernel", "the span paths replace the tiled kernel's long spans"
         assert self.num_heads % self.num_kv_heads == 0
+        assert not (self.amx_short and self.kv_format is not None and self.kv_format.quantized
+                    and self.kv_format.name != "int8"), "the AMX short kernels read bf16 and int8 rows only"
 
     @property
     def fp32_q(self) -> bool:
@@ -223,8 +225,8 @@ class NativeCpuBackend(AttentionBackend):
             if meta.amx is not None:
                 native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32)
             if meta.amx_short is not None:
-                native.paged_attention_amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs,
-                                                 scale, out32)
+                amx_short = native.paged_attention_amx_short_int8 if fmt is not None else native.paged_attention_amx_short
+                amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs, scale, out32)
             out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)

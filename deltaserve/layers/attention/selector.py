@@ -65,4 +65,12 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path,
         # decode and verify spans on AMX tiles too: 0.78x the short kernel's pairs for a decode of 4 x 4k, 0.83x the
         # AMX span kernel for a verify of 4 x 9 at 6k (kernel alone, docs/perf/2026-12-05-xeon-amx-short.md)
-        amx_short=span_path == "amx" and env.amx_short() and native.amx_short_available())
+        amx_short=env.amx_short() and (span_path == "amx" and native.amx_short_available() or not batch_invariant
+                                       and _int8_amx_short(fmt, kv_dtype, head_dim, num_kv_heads)))
+
+
+def _int8_amx_short(fmt: KVFormat, kv_dtype: torch.dtype, head_dim: int, num_kv_heads: int) -> bool:
+    """A bf16 model's int8 cache takes the int8 AMX short kernel where it builds (AMX-INT8) and takes the heads: in the
+    short kernel's integer rounding (an fp32 model's int8 rows keep fp32 products). Kernel alone, 8 x 8k decode, 30
+    layers, 2-core AMX Xeon: FIXME (docs/perf/2026-12-06-xeon-amx-int8.md)."""
+    return fmt.name == "int8" and kv_dtype == torch.bfloat16 and native.supports_amx_short_int8(head_dim, num_kv_heads)
