@@ -17,7 +17,8 @@ matrix products vs the AMX kernel (those built here, `NativeCpuBackend.span_path
 --ab pack-hint times bf16 linears with the weights reordered for oneDNN batch-size hint 1 vs 16
 (`layers.linear.PACK_HINT_AMX`), on agent-turn and prefill cases; `amx-gemm` small batches in oneDNN's packed form
 vs `kernels/amx_gemm.c` (`layers.linear.AMX_GEMM_ROWS` 0 vs its value); `amx-short` decode and verify spans in the
-short kernel's pairs / the AMX span kernel vs `kernels/amx_short.c` (`NativeCpuBackend.amx_short` off vs on).
+short kernel's pairs / the AMX span kernel vs `kernels/amx_short.c` (`NativeCpuBackend.amx_short` off vs on; with
+--kv-cache-dtype int8 the short kernel's integer path vs `kernels/amx_short_int8.c`).
 --ab-tiled OLD.so times another build of the tiled kernel against this tree's, alternately in this one process, e.g.
     git show REV:deltaserve/kernels/tiled_attention.c > /tmp/t/tiled_attention.c   (and the headers it includes)
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC /tmp/t/tiled_attention.c -o /tmp/old.so -lm
@@ -55,10 +56,14 @@ def main() -> None:
     ap.add_argument("--ab", default="", choices=["", "min-rows", "min-rows-avx2", "min-rows-wide", "pairs",
                                                   "span-path", "small-gemm-rows", "small-gemm-rows-wide",
                                                   "pack-hint", "amx-gemm", "amx-short"])
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the pool's format (int8: --ab amx-short times "
+                    "kernels/amx_short_int8.c against the short kernel's integer path)")
     ap.add_argument("--ab-tiled", default="", metavar="OLD.so")
     ap.add_argument("--ab-short", default="", metavar="OLD.so")
     ap.add_argument("--ab-amx", default="", metavar="OLD.so")
     args = ap.parse_args()
+    global KV_CACHE_DTYPE
+    KV_CACHE_DTYPE = args.kv_cache_dtype
     if args.ab_tiled:
         return ab_tiled(args)
     if args.ab_short:
@@ -97,9 +102,14 @@ def main() -> None:
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+# the pool's `--kv-cache-dtype` (main sets it from --kv-cache-dtype)
+KV_CACHE_DTYPE = "auto"
+
+
 def _engine(model: str) -> LLMEngine:
     return LLMEngine.from_model(model, EngineConfig(dtype=torch.bfloat16, cache_mode=CacheMode.STATELESS,
-                                                    speculation=False, kv_cache_bytes=1 << 30, max_batch_tokens=8192))
+                                                    speculation=False, kv_cache_bytes=1 << 30, max_batch_tokens=8192,
+                                                    kv_cache_dtype=KV_CACHE_DTYPE))
 
 
 def ab(args) -> None:
@@ -190,8 +200,8 @@ def ab_amx_gemm(args) -> None:
 def ab_amx_short(args) -> None:
     r = _filled_runner(args.model)
     base = r.model.attn
-    assert isinstance(base, NativeCpuBackend) and base.span_path == "amx" and pa.amx_short_available(), \
-        f"--ab amx-short needs the AMX kernels (AMX, a bf16 model): {base}"
+    assert isinstance(base, NativeCpuBackend) and base.amx_short, \
+        f"--ab amx-short needs the AMX short kernel (AMX, a bf16 model, a bf16 or int8 cache): {base}"
     variants = {k: dataclasses.replace(base, amx_short=k == "on") for k in ("off", "on")}
     cases = {"decode 1 @1500": [(1500, 1)], "verify 1x9 @1500": [(1500, 9)]} | CASES_TURN | CASES_6K \
         | {"decode 4 @6k": [(6000, 1)] * 4, "verify 4x5 @6k": [(6000, 5)] * 4}
@@ -238,9 +248,18 @@ def ab_lib(model: str, lib: str, fn: str, old_path: str, cases: dict) -> None:
 
 
 def _filled_runner(model: str):
+    from deltaserve.kv.quant import quantize_rows
+
     r = _engine(model).runner
+    fmt = r.kv.layout.fmt
     for t in r.kv.k_cache + r.kv.v_cache:
-        t.normal_()  # real-looking values, so the softmax and exp paths do their usual work
+        # real-looking values, so the softmax and exp paths do their usual work (a quantized pool: rows of them)
+        if fmt.quantized:
+            for i in range(0, t.shape[0], 1 << 16):
+                n = min(1 << 16, t.shape[0] - i)
+                t[i : i + n] = quantize_rows(torch.randn(n, t.shape[1], r.kv.layout.head_dim), fmt)
+        else:
+            t.normal_()
     return r
 
 

@@ -458,9 +458,8 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
         const int steps = kcp / 8 + kcp / 8 + n_ct * (kcp / 16 + kcp / 8 + kcp / 8 + Hkv / n_ct * D / 32 * kcp / 64);
         ahead ah;
         ahead_init(&ah, (const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, Hkv * (D + 4), steps);
-        row_scales(k, sl + c0, kc, kcp, Hkv, D, w->ks, NULL, &ah);
-        row_scales(v, sl + c0, kc, kcp, Hkv, D, w->vs, w->vl, &ah);
         pack_v(v, sl + c0, kc, kcp, Hkv, D, w->vb, &ah);
+        row_scales(v, sl + c0, kc, kcp, Hkv, D, w->vs, w->vl, &ah);
         for (int c = 0; c < n_ct; c++) {
             const coltile *t = ct + c;
             int visr[16], hid[16], masked = 0;
@@ -476,6 +475,7 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
                 masked |= vis < kcp;
             }
             scores_t(k, sl + c0, kc, kcp, Hkv, D, t, w->qt, w->kb, w->st, &ah);
+            if (c == 0) row_scales(k, sl + c0, kc, kcp, Hkv, D, w->ks, NULL, &ah);
             softmax_cols(w->st, kcp, w->qs + c * 16, w->ks + t->g0, w->vs + t->g0, w->vl + t->g0, Hkv, _mm512_loadu_si512(hid),
                          _mm512_loadu_si512(visr), masked, w->m + c * 16, w->l + c * 16, w->o + (size_t)c * 16 * D, D,
                          w->pa, w->ps, &ah);

@@ -234,7 +234,7 @@ def paged_attention_amx_short_int8(
     """Decode and verify spans (at most AMX_SHORT_MAX_ROWS rows a sequence) of an int8 cache on AMX-INT8 tiles, in
     the short kernel's integer rounding (q in int16 steps of its row's largest value, P x v_scale in 16-bit steps):
     K rows as the pool stores them, a decode's kv heads sharing softmax lanes (`amx_short_int8.c`). Figures:
-    docs/perf/2026-12-06-xeon-amx-int8.md."""
+    docs/perf/2026-12-05-xeon-amx-int8.md."""
     assert k_cache.dtype == torch.uint8, "the int8 AMX kernel reads int8 rows (a uint8 cache) only"
     rc = _LIBS["amx_short_int8"].paged_attention_amx_short_int8(
         *_args(q, k_cache, v_cache, slots, seqs, scale, out, 2), 0)
