@@ -38,6 +38,7 @@ from deltaserve.engine.engine import EngineConfig, LLMEngine
 from deltaserve.engine.kv_manager import CacheMode
 from deltaserve.kernels import paged_attention as pa
 from deltaserve.layers.attention import NativeCpuBackend, SeqSpan, span_probe
+from deltaserve.layers.attention.native import tiled_min_rows
 
 CASES = {
     "decode 4 @4k": [(4000, 1)] * 4, "verify 4x5 @4k": [(4000, 5)] * 4, "verify 4x8 @4k": [(4000, 8)] * 4,
@@ -126,6 +127,8 @@ def ab(args) -> None:
     small = lin.SMALL_BATCH_ROWS_UNPACKED
     sp = base.span_path if native else "kernel"
     paths = span_probe.built_paths(r.model.cfg.head_dim)
+    if native and base.kv_format.quantized:  # no matrix-product path for int8 / fp8 rows
+        paths = [p for p in paths if p != "matmul"]
     variants = {"min-rows": {"12": (12, pairs, small, sp), "16": (16, pairs, small, sp)},
                 "min-rows-avx2": {"8": (8, pairs, small, sp), "16": (16, pairs, small, sp)},
                 "min-rows-wide": {"16": (16, pairs, small, sp), "28": (28, pairs, small, sp)},
@@ -139,6 +142,8 @@ def ab(args) -> None:
         for name, spec in (CASES | CASES_6K if wide else CASES).items():
             fs = {}
             for label, (min_rows, pairs_, small_rows, path) in variants.items():
+                if args.ab == "span-path":  # each path with the split the selector gives it
+                    min_rows = tiled_min_rows(not pairs_, amx=path == "amx")
                 attn = dataclasses.replace(base, tiled_min_rows=min_rows, pairs=pairs_, span_path=path) \
                     if native else base
                 fs[label] = (step(spec, attn), small_rows)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deltaserve.kernels import paged_attention as native
+from deltaserve.kv.quant import FORMATS, dequantize_rows, quantize_rows
 from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
 from deltaserve.layers.attention.native import SPAN_AMX_MIN_Q, TILED_MIN_ROWS
 from test_span_attention import _pages, _reference, forward_each, stateful_equals_stateless
@@ -87,6 +88,27 @@ def test_matches_fp32_reference(H, Hkv, D, shape, page):
 
 
 @needs_amx
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[8]])
+def test_quantized_rows_match_reference(fmt, H, Hkv, D, shape):
+    """int8 / fp8 rows (a bf16 model's quantized cache) against fp32 SDPA over the dequantized rows: K as its bytes'
+    exact values with the rows' scales applied to the scores, V dequantized and rounded to bf16 as a chunk is packed
+    (as a bf16 cache of those values would hold it: 2^-9 of each value, up to ~4 here), so atol 1e-2 where the bf16
+    cache's rows, exact in the reference, take 5e-3 (worst seen over 12 seeds: 5.9e-3 past rtol, bf16 rows 3.1e-3)."""
+    g = torch.Generator().manual_seed(hash((FORMATS[fmt].kind, H, D, len(shape))) % 2**31)
+    q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, 16)
+    f = FORMATS[fmt]
+    kq, vq = quantize_rows(kc.float(), f), quantize_rows(vc.float(), f)  # [S, Hkv, D + 4] uint8
+    out = torch.full_like(q, float("nan"))
+    native.paged_attention_amx(q, kq, vq, sl, seqs, D**-0.5, out, kind=f.kind)
+    n = int(seqs[:, 1].sum())
+    ref = _reference(q, dequantize_rows(kq, f), dequantize_rows(vq, f), spans, D**-0.5)
+    assert torch.allclose(out[:n], ref[:n], atol=1e-2, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
+    assert out[n:].isnan().all()
+
+
+@needs_amx
 @pytest.mark.parametrize("key", [700, 1499])  # in the second chunk; the last key, in the last chunk
 def test_a_late_key_far_above_the_running_max(key):
     check_late_key(native.paged_attention_amx, key)
@@ -98,7 +120,7 @@ def test_rejects_what_it_does_not_take():
     q, kc, vc, sl, seqs, _ = _case(g, 6, 2, 40, [(50, 10)], 1)  # head_dim 40: not a multiple of 32
     with pytest.raises(RuntimeError, match="unsupported shape"):
         native.paged_attention_amx(q, kc, vc, sl, seqs, 40**-0.5, torch.empty_like(q))
-    with pytest.raises(AssertionError, match="bf16 caches only"):
+    with pytest.raises(AssertionError, match="bf16, int8 and fp8 caches only"):
         native.paged_attention_amx(q, kc.float(), vc.float(), sl, seqs, 40**-0.5, torch.empty_like(q))
     assert not native.supports_amx(torch.device("cpu"), torch.bfloat16, 40)
     assert not native.supports_amx(torch.device("cpu"), torch.float32, 64)

@@ -152,7 +152,8 @@ def test_backend_forward_agrees_without_amx_short():
         write.append(perm[off + L - n : off + L])
         q0, off = q0 + n, off + L
     q = torch.randn(q0, H, D, generator=g).to(torch.bfloat16)
-    k, v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16), torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
+    k = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
     outs = []
     for b in (_backend(False), _backend(True)):
         kc2, vc2 = kc.clone(), vc.clone()

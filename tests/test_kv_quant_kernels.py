@@ -198,6 +198,9 @@ def test_backend_on_a_quantized_pool_agrees_with_sdpa(fmt, kernels, dtype):
     v = torch.randn(q0, Hkv, D, generator=g).to(dtype)
     b = select_backend("cpu", dtype, D, H, Hkv, short=kernels != "tiled", tiled=kernels != "short+sdpa", kv_format=f)
     assert isinstance(b, NativeCpuBackend)
+    # a bf16 model's quantized rows: the tiled kernel's spans on the AMX kernel where it runs
+    assert (b.span_path == "amx") == (dtype == torch.bfloat16 and kernels != "short+sdpa"
+                                      and native.supports_amx(torch.device("cpu"), torch.uint8, D))
     outs = []
     for be in (b, SdpaBackend("cpu", H, Hkv, f)):
         kk, vv = kc.clone(), vc.clone()

@@ -5,9 +5,10 @@
  * vector FMAs reach a fraction of the latter. A turn's delta of 300 tokens over 4k of history is ~86 GFLOP of
  * attention for SmolLM2 (30 layers); tile products make the softmax, not the products, its main cost.
  *
- * Same contract as tiled_attention.c (bf16 cache, kv_kind 1, only):
+ * Same contract as tiled_attention.c, for bf16 caches (kv_kind 1) and int8 / fp8 ones (2, 3: kv_rows.h's rows,
+ * dequantized and rounded to bf16 as they are packed, so the products are those of a bf16 cache of their values):
  *   q     [num_q_tokens, H, D] float32 (holding a bf16 model's values: rounded to bf16 here, exact for those)
- *   k, v  [num_slots, Hkv, D] bfloat16         slots [sum of kv_len] int64
+ *   k, v  [num_slots, Hkv, D] bfloat16 (or [num_slots, Hkv, D + 4] bytes)     slots [sum of kv_len] int64
  *   seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len      out [num_q_tokens, H, D] float32
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position.
  *
@@ -21,8 +22,8 @@
  * Keys past a block's last visible one are skipped a 32-key step at a time; padding keys are zero in KP/VP and
  * masked out of the softmax.
  * Returns 0, 1 when out of memory, 2 for a shape or kind it does not take (the caller uses another kernel): D a
- * multiple of 32 up to 256, a bf16 cache. paged_attention_amx_available() asks the kernel for the AMX tile state
- * (arch_prctl ARCH_REQ_XCOMP_PERM) once: 1 when built with AMX and granted, else 0.
+ * multiple of 32 up to 256, a bf16, int8 or fp8 cache. paged_attention_amx_available() asks the kernel for the AMX
+ * tile state (arch_prctl ARCH_REQ_XCOMP_PERM) once: 1 when built with AMX and granted, else 0.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,6 +40,7 @@ ATTENTION_KERNEL_STUB(paged_attention_amx)
 #include <omp.h>
 
 #include "amx_tiles.h"
+#include "kv_rows.h"
 #include "prefetch.h"
 #include "simd_exp.h"
 #include "transpose16.h"
@@ -64,6 +66,7 @@ typedef struct {
     float *s;       /* [RB][KC] scores */
     uint16_t *p;    /* [RB][KC] bf16 numerators */
     float *c;       /* [RB][32] one P.V result */
+    float *ks;      /* [KC] a quantized cache's K rows' factors (pack_k) */
 } scratch;
 
 /* The next chunk's K and V rows of the item's kv head, fetched into L2 a few keys at a time while the current chunk
@@ -72,35 +75,67 @@ typedef struct {
  * cache, 52 ms from memory). Spread thin (a key or two a step, ~100 steps a chunk) so the prefetches never queue
  * behind each other: in bursts of 8 keys they bought little. */
 typedef struct {
-    const uint16_t *k, *v;
+    const uint8_t *k, *v;
     const int64_t *sl; /* the next chunk's slots */
-    int n, done, Hkv, g, D;
+    int n, done, Hkv, g, rb; /* rb: bytes a row */
 } ahead;
 
 static inline void ahead_step(ahead *a, int keys) {
     for (const int e = a->done + keys < a->n ? a->done + keys : a->n; a->done < e; a->done++) {
-        const size_t off = ((size_t)a->sl[a->done] * a->Hkv + a->g) * a->D;
-        prefetch_bytes(a->k + off, 2 * a->D, 1);
-        prefetch_bytes(a->v + off, 2 * a->D, 1);
+        const size_t off = ((size_t)a->sl[a->done] * a->Hkv + a->g) * a->rb;
+        prefetch_bytes(a->k + off, a->rb, 1);
+        prefetch_bytes(a->v + off, a->rb, 1);
     }
 }
 
-/* K^T of keys [c0, c0 + kc) of the item's context in dim pairs, 16 keys x 16 pairs a transpose; keys kc .. kcp zero */
-static void pack_k(const uint16_t *k, const int64_t *sl, int kc, int Hkv, int g, int D, uint32_t *kp) {
+/* dims d0 .. d0 + 31 of cache row `row` as bf16: a bf16 row's bits; an int8 / fp8 row's values (byte x its scale,
+ * kv_rows.h) rounded to bf16, or where `bytes` the bytes' own values (int8, fp8 / 256: exact in bf16), which
+ * kv_row_factor scales */
+static inline __m512i row32(const uint8_t *c, int kind, int64_t row, int D, int d0, int bytes) {
+    if (kind == KV_BF16) return _mm512_loadu_si512(c + (size_t)row * 2 * D + 2 * d0);
+    const uint8_t *r = c + (size_t)row * (D + 4);
+    const float sc = bytes ? 1.f : kv_row_scale(r, D);
+    __m512 lo, hi;
+    if (kind == KV_INT8) {
+        const __m512 s = _mm512_set1_ps(sc);
+        const __m128i b0 = _mm_loadu_si128((const __m128i *)(r + d0));
+        const __m128i b1 = _mm_loadu_si128((const __m128i *)(r + d0 + 16));
+        lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s);
+        hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s);
+    } else {
+        const __m512 s = _mm512_set1_ps(bytes ? 1.f : sc * 256.f);
+        lo = _mm512_mul_ps(fp8x16_load_div256(r + d0), s);
+        hi = _mm512_mul_ps(fp8x16_load_div256(r + d0 + 16), s);
+    }
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* what row32(.., bytes) of a quantized row is multiplied by to give its values */
+static inline float kv_row_factor(const uint8_t *c, int kind, int64_t row, int D) {
+    const float sc = kv_row_scale(c + (size_t)row * (D + 4), D);
+    return kind == KV_INT8 ? sc : sc * 256.f;
+}
+
+/* K^T of keys [c0, c0 + kc) of the item's context in dim pairs, 16 keys x 16 pairs a transpose; keys kc .. kcp zero.
+ * A quantized cache's rows go in as their bytes' exact values, their factors to ks (scores are scaled by them): the
+ * products are then those of the dequantized K, rounded nowhere. */
+static void pack_k(const uint8_t *k, int kind, const int64_t *sl, int kc, int Hkv, int g, int D, uint32_t *kp,
+                   float *ks) {
     const int kcp = (kc + 31) & ~31;
+    if (kind != KV_BF16)
+        for (int j = 0; j < kcp; j++) ks[j] = j < kc ? kv_row_factor(k, kind, sl[j] * Hkv + g, D) : 0.f;
     for (int j0 = 0; j0 < kcp; j0 += 16)
         for (int p0 = 0; p0 < D / 2; p0 += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; i++)
-                r[i] = j0 + i < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + i] * Hkv + g) * D + 2 * p0)
-                                   : _mm512_setzero_si512();
+                r[i] = j0 + i < kc ? row32(k, kind, sl[j0 + i] * Hkv + g, D, 2 * p0, 1) : _mm512_setzero_si512();
             transpose16_epi32(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512(kp + (size_t)(p0 + p) * KC + j0, r[p]);
         }
 }
 
 /* V of keys [c0, c0 + kc) in key pairs: VP[j/2][d] = (V[j][d], V[j+1][d]); a missing odd key and keys past kc zero */
-static void pack_v(const uint16_t *v, const int64_t *sl, int kc, int Hkv, int g, int D, uint16_t *vp) {
+static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int Hkv, int g, int D, uint16_t *vp) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
@@ -109,10 +144,8 @@ static void pack_v(const uint16_t *v, const int64_t *sl, int kc, int Hkv, int g,
     for (int j = 0; j < kcp; j += 2) {
         uint16_t *dst = vp + (size_t)(j / 2) * D * 2;
         for (int d0 = 0; d0 < D; d0 += 32) {
-            const __m512i a = j < kc ? _mm512_loadu_si512(v + ((size_t)sl[j] * Hkv + g) * D + d0)
-                                     : _mm512_setzero_si512();
-            const __m512i b = j + 1 < kc ? _mm512_loadu_si512(v + ((size_t)sl[j + 1] * Hkv + g) * D + d0)
-                                         : _mm512_setzero_si512();
+            const __m512i a = j < kc ? row32(v, kind, sl[j] * Hkv + g, D, d0, 0) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < kc ? row32(v, kind, sl[j + 1] * Hkv + g, D, d0, 0) : _mm512_setzero_si512();
             _mm512_storeu_si512(dst + 2 * d0, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b));
         }
@@ -267,7 +300,7 @@ typedef struct {
     float *l;
 } partials;
 
-static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
+static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
                  const partials *pt, scratch *w) {
     const int G = H / Hkv, R = it->nt * G, RP = (R + RB - 1) / RB * RB, i0 = it->i0, g = it->g;
@@ -289,16 +322,22 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
     if (end > it->k1) end = it->k1;
     for (int64_t c0 = it->k0; c0 < end; c0 += KC) {
         const int kc = (int)(end - c0 < KC ? end - c0 : KC);
-        pack_k(k, sl + c0, kc, Hkv, g, D, (uint32_t *)w->kp);
-        pack_v(v, sl + c0, kc, Hkv, g, D, w->vp);
+        pack_k(k, kind, sl + c0, kc, Hkv, g, D, (uint32_t *)w->kp, w->ks);
+        pack_v(v, kind, sl + c0, kc, Hkv, g, D, w->vp);
         const int64_t nx = end - c0 - kc < KC ? end - c0 - kc : KC;
-        ahead a = {k, v, sl + c0 + kc, nx > 0 ? (int)nx : 0, 0, Hkv, g, D};
+        ahead a = {k, v, sl + c0 + kc, nx > 0 ? (int)nx : 0, 0, Hkv, g, (int)kv_row_bytes(kind, D)};
         for (int rb = 0; rb < R; rb += RB) {
             const int last = (rb + RB < R ? rb + RB : R) - 1; /* the block's last real row sees the most keys */
             const int64_t vis_max = first + i0 + last / G + 1 - c0;
             if (vis_max <= 0) continue;
             const int kend = (int)((vis_max < kc ? vis_max : kc) + 31) & ~31;
             scores(w->qp + (size_t)rb * D, w->kp, D, kend, w->s, &a);
+            if (kind != KV_BF16) /* the K rows' factors (pack_k) */
+                for (int r = 0; r < RB; r++) {
+                    float *sr = w->s + (size_t)r * KC;
+                    for (int j = 0; j < kend; j += 16)
+                        _mm512_storeu_ps(sr + j, _mm512_mul_ps(_mm512_loadu_ps(sr + j), _mm512_loadu_ps(w->ks + j)));
+                }
             for (int r = 0; r < RB; r++) {
                 const int rg = rb + r;
                 int64_t vis = rg < R ? first + i0 + rg / G + 1 - c0 : 0;
@@ -386,7 +425,9 @@ static int plan(const int64_t *seqs, int n_seqs, int Hkv, int tokens, int parts,
 int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
                         const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out, int mode) {
     (void)mode;
-    if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_available()) return 2;
+    if (kv_kind < KV_BF16 || kv_kind > KV_FP8 || D % 32 != 0 || D > MAXD || H % Hkv != 0 ||
+        !paged_attention_amx_available())
+        return 2;
     const int G = H / Hkv, threads = omp_get_max_threads();
     if (G > MAXR) return 2;
     int tokens = MAXR / G, n_slots, n_items;
@@ -419,7 +460,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
         w.s = alloc64((size_t)RB * KC * 4);
         w.p = alloc64((size_t)RB * KC * 2);
         w.c = alloc64(RB * 32 * 4);
-        const int ok = !failed && w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c;
+        w.ks = alloc64(KC * 4);
+        const int ok = !failed && w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c && w.ks;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -429,8 +471,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
         for (int i = 0; i < n_items; i++) {
             if (!ok) continue;
             const int64_t *sq = seqs + 4 * items[i].s;
-            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], items + i, H, Hkv,
-                 D, scale, out, &pt, &w);
+            item(q, (const uint8_t *)k, (const uint8_t *)v, kv_kind, slots + sq[2], sq[0], sq[1], sq[3], items + i, H,
+                 Hkv, D, scale, out, &pt, &w);
         }
         if (ok) _tile_release();
         /* split groups: the first part of each lists the group; its rows merged into out */
@@ -446,6 +488,7 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
                       out + ((size_t)(sq[0] + it->i0 + r / G) * H + (size_t)it->g * G + r % G) * D);
         }
         free(w.qp); free(w.o); free(w.m); free(w.l); free(w.kp); free(w.vp); free(w.s); free(w.p); free(w.c);
+        free(w.ks);
     }
     free(items);
     free(pt.o); free(pt.m); free(pt.l);

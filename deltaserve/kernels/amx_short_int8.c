@@ -55,18 +55,18 @@ _Static_assert((long long)KC * (255 * 256 + 255) * 128 < 2147483647LL, "P.V sums
 int paged_attention_amx_short_int8_available(void) { return amx_tiles_granted(); }
 
 typedef struct {
-    uint32_t *qt; /* [Hkv * 4][D/64][2][16][16] Q^T B tiles of (head g, rows 16c..): hi bytes, lo bytes */
-    float *qs;    /* [lanes] q's step x scale x log2 e */
-    float *o;     /* [lanes][D] running output, dims in tile order */
-    float *m, *l; /* [lanes] */
-    uint8_t *kb;  /* [16][D] K rows of a block that is not a run */
-    uint32_t *vb; /* [Hkv][KC/64][D/16][16][16] V in key quads: B tiles */
-    int32_t *st;  /* [2][KC][STS] S^T hi and lo; scaled scores over hi */
-    uint32_t *pa; /* [KC/64][2][16][16] P bytes: A tiles hi, lo */
+    uint32_t *qt;   /* [Hkv * 4][D/64][2][16][16] Q^T B tiles of (head g, rows 16c ..): hi bytes, lo bytes */
+    float *qs;      /* [lanes] q's step x scale x log2 e, lanes = 16 x column tiles (<= Hkv x MAXRS) */
+    float *o;       /* [lanes][D] running output, dims in tile order (unshuffle_row) */
+    float *m, *l;   /* [lanes] softmax reference (of scores x scale x log2 e) and denominator */
+    uint8_t *kb;    /* [16][D] K rows of a block that is not a run */
+    uint32_t *vb;   /* [Hkv][KC/64][D/16][16][16] V in key quads: B tiles */
+    int32_t *st;    /* [2][KC][STS] S^T hi and lo; scaled scores written over hi */
+    uint32_t *pa;   /* [KC/64][2][16][16] P bytes: A tiles hi, lo */
     float *ks, *vs; /* [KC][Hkv] (+16) K and V rows' scales of the chunk */
     float *vl;      /* [KC][Hkv] (+16) floor(log2) of the V rows' scales */
-    float *ps;    /* [16] P's step a lane for the chunk */
-    int32_t *ci;  /* [4][16][16] C tiles spilled */
+    float *ps;      /* [16] P's step a lane for the chunk */
+    int32_t *ci;    /* [4][16][16] C tiles spilled */
 } scratch;
 
 /* A column tile: heads g0 .. g0 + ng - 1, rows r0 .. r0 + nr - 1 of each, head g0 + i's row r0 + x on lane i nr + x.
@@ -137,10 +137,9 @@ static void pack_qt(const float *q, int64_t q_start, int r0, int nr, int off, in
                     float scale2, uint32_t *qt, float *qs) {
     __m512i hi[4][16], lo[4][16]; /* [64-dim step][lane] */
     for (int i = 0; i < 16; i++) {
-        const int row = r0 + i - off;
+        const int live = i >= off && i < off + nr, row = r0 + i - off;
         float qmax = 0.f;
-        const float *src = q + ((size_t)(q_start + row / G) * H + (size_t)g * G + row % G) * D;
-        const int live = i >= off && i < off + nr;
+        const float *src = live ? q + ((size_t)(q_start + row / G) * H + (size_t)g * G + row % G) * D : q;
         if (live) {
             __m512 amax = _mm512_setzero_ps();
             for (int d = 0; d < D; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(src + d)));
@@ -151,13 +150,15 @@ static void pack_qt(const float *q, int64_t q_start, int r0, int nr, int off, in
         for (int ks = 0; ks < D / 64; ks++) {
             __m128i h[4], l[4];
             for (int u = 0; u < 4; u++) {
-                const __m512i x = live ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 64 * ks + 16 * u), mul))
-                                         : _mm512_setzero_si512();
+                const __m512 y = live ? _mm512_loadu_ps(src + 64 * ks + 16 * u) : _mm512_setzero_ps();
+                const __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(y, mul));
                 l[u] = _mm512_cvtepi32_epi8(x);
                 h[u] = _mm512_cvtepi32_epi8(_mm512_srai_epi32(x, 8));
             }
-            hi[ks][i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(h[1], h[0])), _mm256_set_m128i(h[3], h[2]), 1);
-            lo[ks][i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(l[1], l[0])), _mm256_set_m128i(l[3], l[2]), 1);
+            hi[ks][i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(h[1], h[0])),
+                                           _mm256_set_m128i(h[3], h[2]), 1);
+            lo[ks][i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(l[1], l[0])),
+                                           _mm256_set_m128i(l[3], l[2]), 1);
         }
     }
     for (int ks = 0; ks < D / 64; ks++) {
@@ -236,11 +237,12 @@ static void scores_t(const uint8_t *k, const int64_t *sl, int kc, int kcp, int H
                 a = k + ((size_t)sl[j0] * Hkv + g) * rb;
                 as = (size_t)Hkv * rb;
             } else {
-                for (int j = 0; j < 16; j++)
+                for (int j = 0; j < 16; j++) {
+                    const uint8_t *src = j0 + j < kc ? k + ((size_t)sl[j0 + j] * Hkv + g) * rb : NULL;
                     for (int d = 0; d < D; d += 64)
                         _mm512_storeu_si512(kb + (size_t)j * D + d,
-                                            j0 + j < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + j] * Hkv + g) * rb + d)
-                                                        : _mm512_setzero_si512());
+                                            src ? _mm512_loadu_si512(src + d) : _mm512_setzero_si512());
+                }
             }
             for (int s = 0; s < D / 64; s++) {
                 _tile_loadd(2, a + 64 * s, as);
@@ -264,7 +266,8 @@ static void scores_t(const uint8_t *k, const int64_t *sl, int kc, int kcp, int H
 
 /* V rows of every kv head for keys [0, kcp) as B tiles of key quads (keys past kc zero), head g's at vb + g KC D / 4:
  * tile (kb/64, t) row kq holds, for its 16 columns i, the bytes of keys 4kq..4kq+3 at dim
- * 64 * (t / 4) + 16 * (i / 4) + 4 * (t % 4) + i % 4; the rows' scales to vs [key][Hkv] */
+ * 64 * (t / 4) + 16 * (i / 4) + 4 * (t % 4) + i % 4 (what vpunpck{l,h}bw then vpunpck{l,h}wd give: two shuffle
+ * rounds where an ordered interleave takes more; the output's dims are put back by unshuffle_row) */
 static void pack_v(const uint8_t *v, const int64_t *sl, int kc, int kcp, int Hkv, int D, uint32_t *vb, ahead *ah) {
     const size_t rb = (size_t)D + 4;
     for (int j = 0; j < kcp; j += 4) {
@@ -275,7 +278,8 @@ static void pack_v(const uint8_t *v, const int64_t *sl, int kc, int kcp, int Hkv
         for (int g = 0; g < Hkv; g++) {
             for (int d0 = 0; d0 < D; d0 += 64) {
                 __m512i x[4];
-                for (int u = 0; u < 4; u++) x[u] = r[u] ? _mm512_loadu_si512(r[u] + g * rb + d0) : _mm512_setzero_si512();
+                for (int u = 0; u < 4; u++)
+                    x[u] = r[u] ? _mm512_loadu_si512(r[u] + g * rb + d0) : _mm512_setzero_si512();
                 const __m512i ablo = _mm512_unpacklo_epi8(x[0], x[1]), abhi = _mm512_unpackhi_epi8(x[0], x[1]);
                 const __m512i cdlo = _mm512_unpacklo_epi8(x[2], x[3]), cdhi = _mm512_unpackhi_epi8(x[2], x[3]);
                 uint32_t *dst = base + (size_t)g * KC * D / 4 + (size_t)(d0 / 16) * 256;
@@ -295,13 +299,29 @@ static inline void unshuffle_row(const float *src, int D, float scale, float *ds
             for (int i = 0; i < 16; i++) dst[d0 + 16 * (i / 4) + 4 * t + i % 4] = src[d0 + 16 * t + i] * scale;
 }
 
-/* Online softmax of a column tile's lanes over the chunk (m, l, o: the lanes' reference, denominator, output).
- * P' = 2^(t - ref) x the V row's scale, rounded to 16 bits a lane against a bound on its largest in the chunk
- * (2^(chunk max - ref) x the largest V scale), split into hi, lo bytes as A tiles (pa); the lanes' steps to ps. */
+/* vpermt2b indices from (w01, w23) = 16-bit P' of keys (0, 1) and (2, 3) a dword: dword i of the result holds the
+ * four keys' low bytes (P_LO) or high bytes (P_HI), in key order */
+static const uint8_t P_LO[64] __attribute__((aligned(64))) = {
+    0, 2, 64, 66, 4, 6, 68, 70, 8, 10, 72, 74, 12, 14, 76, 78,
+    16, 18, 80, 82, 20, 22, 84, 86, 24, 26, 88, 90, 28, 30, 92, 94,
+    32, 34, 96, 98, 36, 38, 100, 102, 40, 42, 104, 106, 44, 46, 108, 110,
+    48, 50, 112, 114, 52, 54, 116, 118, 56, 58, 120, 122, 60, 62, 124, 126};
+static const uint8_t P_HI[64] __attribute__((aligned(64))) = {
+    1, 3, 65, 67, 5, 7, 69, 71, 9, 11, 73, 75, 13, 15, 77, 79,
+    17, 19, 81, 83, 21, 23, 85, 87, 25, 27, 89, 91, 29, 31, 93, 95,
+    33, 35, 97, 99, 37, 39, 101, 103, 41, 43, 105, 107, 45, 47, 109, 111,
+    49, 51, 113, 115, 53, 55, 117, 119, 57, 59, 121, 123, 61, 63, 125, 127};
+
+/* Online softmax of a column tile's lanes over the chunk (m, l, o: the lanes' reference, denominator, output [16][D];
+ * ks, vs, vl: the tile's first head's scales, Hs apart a key; hidx: each lane's head in the tile; vis: the keys each
+ * lane sees). t = S x q's step x the K row's scale (base 2, scaled), written over S^T hi. P' = 2^(t - ref) x the V
+ * row's scale, in 16-bit steps of a bound on the lane's largest P' in the chunk (2^(largest t + floor(log2 v_scale)
+ * + 1 - ref): at most twice it, whatever the V rows' scales), split into hi, lo bytes as A tiles (pa); the lanes' steps
+ * to ps. Lazy reference as in amx_short.c; the denominator sums 2^(t - ref) unrounded (P's 16-bit steps leave a
+ * dominant key's weight within 2^-15 of the sum's). */
 static void softmax_cols(int32_t *st, int kcp, const float *qs, const float *ks, const float *vs, const float *vl,
-                         int Hs, __m512i hidx,
-                         __m512i vis, int masked, float *m, float *l, float *o, int D, uint32_t *pa, float *ps,
-                         ahead *ah) {
+                         int Hs, __m512i hidx, __m512i vis, int masked, float *m, float *l, float *o, int D,
+                         uint32_t *pa, float *ps, ahead *ah) {
     float *pf = (float *)st;
     const int32_t *lo = st + (size_t)KC * STS;
     const __m512 qsv = _mm512_loadu_ps(qs);
@@ -350,15 +370,7 @@ static void softmax_cols(int32_t *st, int kcp, const float *qs, const float *ks,
     const __mmask16 pos = live & _mm512_cmp_ps_mask(bound, _mm512_setzero_ps(), _CMP_GT_OQ);
     const __m512 mul = _mm512_maskz_div_ps(pos, _mm512_set1_ps(PMAX), bound);
     _mm512_storeu_ps(ps, _mm512_maskz_div_ps(pos, bound, _mm512_set1_ps(PMAX)));
-    __m512i ilo, ihi;
-    {
-        uint8_t a[64], b[64];
-        for (int i = 0; i < 16; i++) {
-            a[4 * i] = 4 * i, a[4 * i + 1] = 4 * i + 2, a[4 * i + 2] = 64 + 4 * i, a[4 * i + 3] = 64 + 4 * i + 2;
-            b[4 * i] = 4 * i + 1, b[4 * i + 1] = 4 * i + 3, b[4 * i + 2] = 64 + 4 * i + 1, b[4 * i + 3] = 64 + 4 * i + 3;
-        }
-        ilo = _mm512_loadu_si512(a), ihi = _mm512_loadu_si512(b);
-    }
+    const __m512i ilo = _mm512_load_si512(P_LO), ihi = _mm512_load_si512(P_HI);
     const __m512i top = _mm512_set1_epi32(65535);
     __m512 sum = _mm512_setzero_ps();
     for (int kb = 0; kb < kcp; kb += 64) {
@@ -420,7 +432,8 @@ static void accumulate_pv(const uint32_t *pa, const uint32_t *vb, int D, int kcp
             for (int h = 0; h < 2; h++) {
                 const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_loadu_si512(ci + r * 32 + 16 * h), 8),
                                                    _mm512_loadu_si512(ci + 512 + r * 32 + 16 * h));
-                _mm512_storeu_ps(or_ + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), st, _mm512_loadu_ps(or_ + 16 * h)));
+                const __m512 acc = _mm512_loadu_ps(or_ + 16 * h);
+                _mm512_storeu_ps(or_ + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), st, acc));
             }
         }
     }
@@ -432,6 +445,8 @@ static inline float *lane_out(float *out, int64_t q_start, const coltile *t, int
     return out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
 }
 
+/* Keys [k0, k1) of sequence s (amx_short_plan.h's work), every kv head, a chunk of KC keys at a time: V packed, then
+ * per column tile S^T, the softmax and P.V per head of the tile. */
 static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
                  const partials *pt, scratch *w) {
@@ -455,6 +470,9 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 63) & ~63;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
+        /* ahead_step calls in the chunk, about: pack_v, 2 row_scales, and per column tile scores_t, the softmax's two
+         * passes and P.V; the V rows' scales are read right after pack_v brings them in, the K rows' after the first
+         * column tile's tile loads (first, they stalled on memory: 8 x 8k decode 44.2-44.5 -> 42.1-42.9 ms) */
         const int steps = kcp / 8 + kcp / 8 + n_ct * (kcp / 16 + kcp / 8 + kcp / 8 + Hkv / n_ct * D / 32 * kcp / 64);
         ahead ah;
         ahead_init(&ah, (const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, Hkv * (D + 4), steps);
@@ -476,9 +494,9 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
             }
             scores_t(k, sl + c0, kc, kcp, Hkv, D, t, w->qt, w->kb, w->st, &ah);
             if (c == 0) row_scales(k, sl + c0, kc, kcp, Hkv, D, w->ks, NULL, &ah);
-            softmax_cols(w->st, kcp, w->qs + c * 16, w->ks + t->g0, w->vs + t->g0, w->vl + t->g0, Hkv, _mm512_loadu_si512(hid),
-                         _mm512_loadu_si512(visr), masked, w->m + c * 16, w->l + c * 16, w->o + (size_t)c * 16 * D, D,
-                         w->pa, w->ps, &ah);
+            softmax_cols(w->st, kcp, w->qs + c * 16, w->ks + t->g0, w->vs + t->g0, w->vl + t->g0, Hkv,
+                         _mm512_loadu_si512(hid), _mm512_loadu_si512(visr), masked, w->m + c * 16, w->l + c * 16,
+                         w->o + (size_t)c * 16 * D, D, w->pa, w->ps, &ah);
             for (int i = 0; i < t->ng; i++)
                 accumulate_pv(w->pa, w->vb + (size_t)(t->g0 + i) * KC * D / 4, D, kcp, w->ps, i * t->nr, t->nr,
                               w->o + (size_t)c * 16 * D, w->ci, &ah);
@@ -519,7 +537,9 @@ int paged_attention_amx_short_int8(const float *q, const void *k, const void *v,
                                    const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                                    int mode) {
     (void)mode;
-    if (kv_kind != 2 || D % 64 != 0 || D > MAXD || Hkv > 64 || H % Hkv != 0 || !paged_attention_amx_short_int8_available()) return 2;
+    if (kv_kind != 2 || D % 64 != 0 || D > MAXD || Hkv > 64 || H % Hkv != 0 ||
+        !paged_attention_amx_short_int8_available())
+        return 2;
     const int G = H / Hkv, threads = omp_get_max_threads();
     int active = 0;
     for (int s = 0; s < n_seqs; s++) {

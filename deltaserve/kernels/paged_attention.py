@@ -73,9 +73,10 @@ def supports_amx_short_int8(head_dim: int, num_kv_heads: int) -> bool:
 
 
 def supports_amx(device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> bool:
-    """The AMX span kernel takes a KV cache of this kind (bf16, head_dim a multiple of 32 up to 256) here."""
-    return device.type == "cpu" and kv_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256 \
-        and amx_available()
+    """The AMX span kernel takes a KV cache of this kind (bf16, or uint8: int8 / fp8 rows; head_dim a multiple of 32
+    up to 256) here."""
+    return device.type == "cpu" and kv_dtype in (torch.bfloat16, torch.uint8) and head_dim % 32 == 0 \
+        and head_dim <= 256 and amx_available()
 
 
 def _lib_argtypes() -> list:
@@ -188,11 +189,13 @@ def paged_attention_amx(
     seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+    kind: int | None = None,
 ) -> None:
     """Same contract as `paged_attention_tiled` with p_bf16 (q rounded to bf16, the softmax numerators too), for a
-    bf16 cache: both products on AMX tiles, K/V packed a chunk of 512 keys at a time (`amx_attention.c`)."""
-    assert k_cache.dtype == torch.bfloat16, "the AMX kernel reads bf16 caches only"
-    rc = _LIBS["amx_attention"].paged_attention_amx(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
+    bf16 cache: both products on AMX tiles, K/V packed a chunk of 512 keys at a time (`amx_attention.c`). kind: an
+    int8 (2) or fp8 (3) cache's rows, dequantized and rounded to bf16 as they are packed."""
+    assert k_cache.dtype in (torch.bfloat16, torch.uint8), "the AMX kernel reads bf16, int8 and fp8 caches only"
+    rc = _LIBS["amx_attention"].paged_attention_amx(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind), 0)
     if rc == 1:
         raise MemoryError("paged_attention_amx: out of memory for its work buffers")
     if rc != 0:

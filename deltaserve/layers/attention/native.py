@@ -5,9 +5,10 @@ kernel, all others (longer verify, prefill chunks, whole prompts) to the tiled f
 tiled kernel is not built (head_dim % 4 != 0, no AVX2 + FMA), spans up to SHORT_QUERY tokens take the short
 kernel and longer ones run SDPA one sequence at a time (`sdpa.attend_long`); where the short one is not,
 every span takes the tiled one. Where the span probe found another path faster than the tiled kernel
-(`span_probe.py`; bf16 caches only: an fp32 model keeps fp32 products), spans that would take the tiled kernel
-go to it: the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX) from SPAN_AMX_MIN_Q tokens, or bf16
-matrix products (`span_matmul.py`) from SPAN_MATMUL_MIN_Q tokens. With the AMX kernel, spans of at most
+(`span_probe.py`; bf16 caches: an fp32 model keeps fp32 products; a bf16 model's int8 / fp8 cache takes the AMX
+kernel where it runs), spans that would take the tiled kernel go to it: the AMX tile kernel
+(`kernels/amx_attention.c`, Xeons with AMX) from SPAN_AMX_MIN_Q tokens, or bf16 matrix products (`span_matmul.py`)
+from SPAN_MATMUL_MIN_Q tokens. With the AMX kernel, spans of at most
 AMX_SHORT_MAX_ROWS rows (decode, verify) take the AMX short kernel (`kernels/amx_short.c`) in steps that have no
 other spans; so do those of a bf16 model's int8 cache where AMX-INT8 is (`kernels/amx_short_int8.c`).
 """
@@ -123,8 +124,9 @@ class NativeCpuBackend(AttentionBackend):
     a bf16 model rounds its attention output to bf16 anyway). bf16_dot: the tiled kernel's Q.K (and P.V) as bf16
     pair products (the probe's answer: on some Xeons they are slower than fp32 FMA, `kernels/cpu_probe.py`).
     span_path: where spans that would take the tiled kernel go from the path's minimum length on (`span_probe.py`'s
-    answer; a bf16 cache and the tiled kernel only): "kernel" (stay), "matmul" (bf16 matrix products, from
-    SPAN_MATMUL_MIN_Q tokens) or "amx" (the AMX tile kernel, from SPAN_AMX_MIN_Q tokens).
+    answer for a bf16 cache; a bf16 model's int8 / fp8 cache takes "amx" where it runs; the tiled kernel only):
+    "kernel" (stay), "matmul" (bf16 matrix products, from SPAN_MATMUL_MIN_Q tokens) or "amx" (the AMX tile kernel,
+    from SPAN_AMX_MIN_Q tokens).
     kv_format: the pool's row format; a quantized one's kind (2 int8, 3 fp8: uint8 caches, dequantized as read)
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     amx_short: in a step whose spans all have at most AMX_SHORT_MAX_ROWS rows (q_len x group: decode, verify), the
@@ -223,9 +225,9 @@ class NativeCpuBackend(AttentionBackend):
             if meta.matmul:
                 span_matmul.attend_spans(q32, k_cache, v_cache, meta.matmul, scale, out32)
             if meta.amx is not None:
-                native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32)
+                native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32, **kind)
             if meta.amx_short is not None:
-                amx_short = native.paged_attention_amx_short_int8 if fmt is not None else native.paged_attention_amx_short
+                amx_short = native.paged_attention_amx_short if fmt is None else native.paged_attention_amx_short_int8
                 amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs, scale, out32)
             out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:

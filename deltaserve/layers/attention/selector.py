@@ -55,6 +55,14 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     pairs = (kv_bf16 or fmt.quantized) and kv_dtype == torch.bfloat16
     span_path = (span_probe.span_path(num_heads, num_kv_heads, head_dim, bf16_dot)
                  if has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant else "kernel")
+    if has_tiled and fmt.quantized and kv_dtype == torch.bfloat16 and not batch_invariant \
+            and native.supports_amx(device, fmt.storage, head_dim):
+        # a bf16 model's int8 / fp8 rows on AMX tiles (K as its bytes with the scales on the scores, V rounded to
+        # bf16 as packed), where the tiled kernel would take them in fp32 products. Whole SmolLM2 steps, 2-core AMX
+        # Xeon (`scripts/step_times.py --ab span-path --kv-cache-dtype int8|fp8`), tiled vs AMX: int8 delta 300
+        # @6k 522 vs 234 ms, delta 300 + 3 verify9 @6k 558 vs 262, prefill 2048 973 vs 606; fp8 520 vs 222, 563 vs
+        # 261, 897 vs 561; decodes and verifies alike (docs/perf/2026-12-05-xeon-amx-int8.md)
+        span_path = "amx"
     return NativeCpuBackend(
         num_heads, num_kv_heads, short=has_short, tiled=has_tiled,
         # without the short kernel every span takes the tiled one: from 0 rows. The tiled kernel takes quantized
@@ -65,8 +73,9 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         bf16_dot=bf16_dot, kv_format=fmt, span_path=span_path,
         # decode and verify spans on AMX tiles too: 0.78x the short kernel's pairs for a decode of 4 x 4k, 0.83x the
         # AMX span kernel for a verify of 4 x 9 at 6k (kernel alone, docs/perf/2026-12-05-xeon-amx-short.md)
-        amx_short=env.amx_short() and (span_path == "amx" and native.amx_short_available() or not batch_invariant
-                                       and _int8_amx_short(fmt, kv_dtype, head_dim, num_kv_heads)))
+        amx_short=env.amx_short() and (span_path == "amx" and kv_bf16 and native.amx_short_available()
+                                       or not batch_invariant and _int8_amx_short(fmt, kv_dtype, head_dim,
+                                                                                  num_kv_heads)))
 
 
 def _int8_amx_short(fmt: KVFormat, kv_dtype: torch.dtype, head_dim: int, num_kv_heads: int) -> bool:
