@@ -169,7 +169,9 @@ def test_backend_forward_agrees_without_amx_short():
 
 def test_selector_takes_it_for_a_bf16_models_int8_cache(monkeypatch):
     """Runs everywhere: where the kernel builds a bf16 model's int8 cache gets it; fp8 caches, fp32 models (fp32
-    products), batch-invariant mode (every span in the tiled kernel) and DELTASERVE_AMX_SHORT=off do not."""
+    products), batch-invariant mode (every span in the tiled kernel) and DELTASERVE_AMX_SHORT=off do not. And a bf16
+    model's quantized rows take long spans on the AMX span kernel where it runs, unless DELTASERVE_SPAN_ATTN fixes
+    another path."""
     def amx_short(dtype, name, D=64):
         return select_backend("cpu", dtype, D, 9, 3, kv_format=FORMATS[name]).amx_short
 
@@ -178,6 +180,13 @@ def test_selector_takes_it_for_a_bf16_models_int8_cache(monkeypatch):
     assert not amx_short(torch.bfloat16, "int8", D=32)  # head_dim 32: the short kernel's integer path
     assert not amx_short(torch.bfloat16, "fp8_e4m3") and not amx_short(torch.float32, "int8")
     assert not select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=INT8, batch_invariant=True).amx_short
+    amx_spans = native.supports_amx(torch.device("cpu"), torch.uint8, 64)
+    for name in ("int8", "fp8_e4m3"):  # long spans of quantized rows: the AMX span kernel, unless fixed otherwise
+        assert (select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=FORMATS[name]).span_path == "amx") \
+            is amx_spans
+        monkeypatch.setenv("DELTASERVE_SPAN_ATTN", "kernel")
+        assert select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=FORMATS[name]).span_path == "kernel"
+        monkeypatch.delenv("DELTASERVE_SPAN_ATTN")
     monkeypatch.setenv("DELTASERVE_AMX_SHORT", "off")
     assert not amx_short(torch.bfloat16, "int8")
     with pytest.raises(AssertionError, match="bf16 and int8 rows only"):

@@ -56,7 +56,7 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     span_path = (span_probe.span_path(num_heads, num_kv_heads, head_dim, bf16_dot)
                  if has_tiled and kv_bf16 and kv_dtype == torch.bfloat16 and not batch_invariant else "kernel")
     if has_tiled and fmt.quantized and kv_dtype == torch.bfloat16 and not batch_invariant \
-            and native.supports_amx(device, fmt.storage, head_dim):
+            and env.span_attn() in (None, "amx") and native.supports_amx(device, fmt.storage, head_dim):
         # a bf16 model's int8 / fp8 rows on AMX tiles (K as its bytes with the scales on the scores, V rounded to
         # bf16 as packed), where the tiled kernel would take them in fp32 products. Whole SmolLM2 steps, 2-core AMX
         # Xeon (`scripts/step_times.py --ab span-path --kv-cache-dtype int8|fp8`), tiled vs AMX: int8 delta 300
