@@ -68,6 +68,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="deltaserve-stateful's draft cap (default: the server's)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="deltaserve targets' --kv-cache-dtype (default: the server's, the model dtype)")
     p.add_argument("--max-prefill-with-decode", type=int, default=None,
                    help="deltaserve targets: prefill tokens a step that also decodes may carry (default: no cap)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -361,7 +363,7 @@ def run(args) -> int:
             continue
         t = tg.build(name, args.model, args.agents, args.kv_budget_tokens, args.threads, args.max_batch_tokens, context,
                      args.max_prefill_with_decode, getattr(args, "offload_gb", None),
-                     getattr(args, "num_speculative_tokens", None))
+                     getattr(args, "num_speculative_tokens", None), getattr(args, "kv_cache_dtype", None))
         print(f"[agents] starting {name}: {shlex.join(t.cmd)}", file=sys.stderr)
         try:
             t.start(out / "logs")

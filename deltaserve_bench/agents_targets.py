@@ -272,10 +272,11 @@ def offload_gb(model: str, agents: int, context: int, offload: float | None) -> 
 
 def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, threads: int,
           max_batch_tokens: int = 2048, context: int = 8192, max_prefill_with_decode: int | None = None,
-          offload: float | None = None, spec_tokens: int | None = None) -> Target:
+          offload: float | None = None, spec_tokens: int | None = None, kv_cache_dtype: str | None = None) -> Target:
     """The target's command line and environment (nothing is started). `offload`: GiB of the offload tier of
     deltaserve-offload / vllm-offload (None: `offload_gb`'s whole-workload size). `spec_tokens`: deltaserve's
-    --num-speculative-tokens (None: its default)."""
+    --num-speculative-tokens (None: its default). `kv_cache_dtype`: deltaserve's --kv-cache-dtype (None: its
+    default; the KV budget stays in bytes of the model dtype's rows)."""
     port = free_port()
     bpt = kv_bytes_per_token(model)
     if name.startswith("deltaserve-"):
@@ -291,10 +292,12 @@ def build(name: str, model: str, agents: int, kv_budget_tokens: int | None, thre
             cmd += ["--max-prefill-with-decode", str(max_prefill_with_decode)]
         if spec_tokens is not None and mode == "stateful":
             cmd += ["--num-speculative-tokens", str(spec_tokens)]
+        if kv_cache_dtype is not None:
+            cmd += ["--kv-cache-dtype", kv_cache_dtype]
         if tier:
             cmd += ["--kv-offload-gb", f"{offload_gb(model, agents, context, offload):.6f}"]
         t = Target(name, cmd, env={"OMP_NUM_THREADS": str(threads)}, session=mode == "stateful", model_id=model)
-        t.notes.append(f"--kv-cache-gb {kv_gb:.4g}")
+        t.notes.append(f"--kv-cache-gb {kv_gb:.4g}" + (f", --kv-cache-dtype {kv_cache_dtype}" if kv_cache_dtype else ""))
         if tier:
             t.notes.append(f"--kv-offload-gb {offload_gb(model, agents, context, offload):.4g}")
     elif name.startswith("vllm"):

@@ -136,6 +136,9 @@ def test_offload_targets_and_budget_command_lines(smollm_dir, monkeypatch, tmp_p
     t = tg.build("deltaserve-offload", "smollm2-135m", 4, 3000, 2, offload=0.5)
     assert float(arg(t, "--kv-offload-gb")) == 0.5
     assert "--kv-offload-gb" not in tg.build("deltaserve-stateful", "smollm2-135m", 4, 3000, 2).cmd
+    assert "--kv-cache-dtype" not in tg.build("deltaserve-stateful", "smollm2-135m", 4, 3000, 2).cmd
+    t = tg.build("deltaserve-stateful", "smollm2-135m", 4, 3000, 2, kv_cache_dtype="int8")
+    assert arg(t, "--kv-cache-dtype") == "int8" and "--kv-cache-dtype int8" in t.notes[0]
     for name in ("vllm", "vllm-offload"):
         v = tg.build(name, "smollm2-135m", 4, 3000, 2, offload=1.5)
         assert arg(v, "--num-gpu-blocks-override") == "24" and arg(v, "--block-size") == "128"  # 24*128 >= 3000
