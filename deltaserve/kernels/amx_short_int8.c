@@ -471,8 +471,9 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 63) & ~63;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
         /* ahead_step calls in the chunk, about: pack_v, 2 row_scales, and per column tile scores_t, the softmax's two
-         * passes and P.V; the V rows' scales are read right after pack_v brings them in, the K rows' after the first
-         * column tile's tile loads (first, they stalled on memory: 8 x 8k decode 44.2-44.5 -> 42.1-42.9 ms) */
+         * passes and P.V. The V rows' scales are read right after pack_v brings the rows in, the K rows' after the
+         * first column tile's tile loads (read first, they stalled on memory: 8 x 8k decode, best of 7, 44.2-44.5 ->
+         * 42.1-42.2 ms) */
         const int steps = kcp / 8 + kcp / 8 + n_ct * (kcp / 16 + kcp / 8 + kcp / 8 + Hkv / n_ct * D / 32 * kcp / 64);
         ahead ah;
         ahead_init(&ah, (const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, Hkv * (D + 4), steps);
