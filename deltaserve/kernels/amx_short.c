@@ -61,6 +61,12 @@ typedef struct {
     uint32_t *pa; /* [NC][KC/32][16][16] P in key pairs: A tiles (row r: 16 pairs of keys) */
 } scratch;
 
+static void scratch_free(void *p) {
+    scratch *w = p;
+    free(w->qt); free(w->o); free(w->m); free(w->l); free(w->kb); free(w->vb); free(w->st); free(w->pa);
+    free(w);
+}
+
 /* The next chunk's slot rows (K and V, every kv head), fetched into L2 while the current chunk computes, a few
  * lines at every step of every phase: a core streams only ~14 GB/s from memory, and only while it has misses in
  * flight, so the fetches must run through the compute rather than before it (prefetched in a burst, or left to
@@ -267,20 +273,9 @@ static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2,
         cm = _mm512_mask_max_ps(cm, live, cm, _mm512_loadu_ps(st + (size_t)j * NCS + c * 16));
     }
     const __m512 mnew = _mm512_max_ps(mv, _mm512_mul_ps(cm, sc)); /* scale2 > 0: the max commutes with it */
-    float mo[16], mn[16], lv[16];
-    _mm512_storeu_ps(mo, mv);
-    _mm512_storeu_ps(mn, mnew);
-    _mm512_storeu_ps(lv, _mm512_loadu_ps(l));
-    for (int r = 0; r < 16; r++) {
-        if (mo[r] == mn[r]) continue;
-        const float alpha = mo[r] == -INFINITY ? 0.f : exp2f(mo[r] - mn[r]);
-        lv[r] *= alpha;
-        const __m512 av = _mm512_set1_ps(alpha);
-        for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), av));
-    }
+    rescale_lanes(mv, mnew, l, o, D);
     const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, pa, &tmax, ah);
-    _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(lv), sum));
+    _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
     _mm512_storeu_ps(m, mnew);
 }
 
@@ -377,20 +372,41 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
 
 /* Row r of kv head g of a split sequence (its parts in slots part0 ..) merged through their references */
 static void merge(const partials *pt, int part0, int n_parts, int Hkv, int g, int r, int D, float *dst) {
-    float m = -INFINITY, l = 0.f, acc[MAXD];
-    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[((size_t)(part0 + p) * Hkv + g) * MAXRS + r]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
-    for (int p = 0; p < n_parts; p++) {
-        const size_t at = ((size_t)(part0 + p) * Hkv + g) * MAXRS + r;
-        if (pt->m[at] == -INFINITY) continue;
-        const float wgt = exp2f(pt->m[at] - m);
-        l += wgt * pt->l[at];
-        const __m512 wv = _mm512_set1_ps(wgt);
-        for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(acc + d,
-                             _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
-    }
+    float acc[MAXD];
+    const float l = merge_parts(pt, part0, n_parts, (size_t)Hkv * MAXRS, (size_t)g * MAXRS + r, D, acc);
     unshuffle_row(acc, D, 1.f / l, dst);
+}
+
+static void *scratch_new(const call *c) {
+    const int Hkv = c->Hkv, D = c->D;
+    scratch *w = calloc(1, sizeof(scratch));
+    if (!w) return NULL;
+    w->qt = alloc64((size_t)Hkv * D / 32 * 4 * 256 * 4);
+    w->o = alloc64((size_t)Hkv * MAXRS * D * 4);
+    w->m = alloc64((size_t)Hkv * MAXRS * 4);
+    w->l = alloc64((size_t)Hkv * MAXRS * 4);
+    w->kb = alloc64((size_t)16 * D * 2);
+    w->vb = alloc64((size_t)KC * D * 2);
+    w->st = alloc64((size_t)KC * MAXRS * 4);
+    w->pa = alloc64((size_t)4 * (KC / 32) * 256 * 4);
+    if (w->qt && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa) return w;
+    scratch_free(w);
+    return NULL;
+}
+
+static void run_item(const call *c, const work *it, const partials *pt, void *w) {
+    const int64_t *sq = c->seqs + 4 * it->s;
+    item(c->q, (const uint16_t *)c->k, (const uint16_t *)c->v, c->slots + sq[2], sq[0], sq[1], sq[3], it, c->H, c->Hkv,
+         c->D, c->scale, c->out, pt, w);
+}
+
+static void merge_rows(const call *c, const work *it, int n_parts, const partials *pt) {
+    const int64_t *sq = c->seqs + 4 * it->s;
+    const int G = c->H / c->Hkv;
+    for (int g = 0; g < c->Hkv; g++)
+        for (int r = 0; r < sq[1] * G; r++)
+            merge(pt, it->part, n_parts, c->Hkv, g, r, c->D,
+                  c->out + ((size_t)(sq[0] + r / G) * c->H + (size_t)g * G + r % G) * c->D);
 }
 
 int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
@@ -398,67 +414,8 @@ int paged_attention_amx_short(const float *q, const void *k, const void *v, int 
                               int mode) {
     (void)mode;
     if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_short_available()) return 2;
-    const int G = H / Hkv, threads = omp_get_max_threads();
-    int active = 0;
-    for (int s = 0; s < n_seqs; s++) {
-        if (seqs[4 * s + 1] * G > MAXRS) return 2;
-        active += seqs[4 * s + 1] > 0;
-    }
-    if (active == 0) return 0;
-    const int parts = active < SPLIT_ITEMS * threads ? (SPLIT_ITEMS * threads + active - 1) / active : 1;
-    int n_slots;
-    const int n_items = plan(seqs, n_seqs, parts, NULL, &n_slots);
-    work *items = malloc((size_t)n_items * sizeof(work));
-    partials pt = {NULL, NULL, NULL};
-    if (n_slots) {
-        pt.o = alloc64((size_t)n_slots * Hkv * MAXRS * D * sizeof(float));
-        pt.m = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
-        pt.l = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
-    }
-    int failed = !items || (n_slots && !(pt.o && pt.m && pt.l));
-    if (!failed) plan(seqs, n_seqs, parts, items, &n_slots);
-#pragma omp parallel if (!failed)
-    {
-        scratch w;
-        w.qt = alloc64((size_t)Hkv * D / 32 * 4 * 256 * 4);
-        w.o = alloc64((size_t)Hkv * MAXRS * D * 4);
-        w.m = alloc64((size_t)Hkv * MAXRS * 4);
-        w.l = alloc64((size_t)Hkv * MAXRS * 4);
-        w.kb = alloc64((size_t)16 * D * 2);
-        w.vb = alloc64((size_t)KC * D * 2);
-        w.st = alloc64((size_t)KC * MAXRS * 4);
-        w.pa = alloc64((size_t)4 * (KC / 32) * 256 * 4);
-        const int ok = !failed && w.qt && w.o && w.m && w.l && w.kb && w.vb && w.st && w.pa;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        if (ok) tiles_configure();
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < n_items; i++) {
-            if (!ok) continue;
-            const int64_t *sq = seqs + 4 * items[i].s;
-            item(q, (const uint16_t *)k, (const uint16_t *)v, slots + sq[2], sq[0], sq[1], sq[3], items + i, H, Hkv,
-                 D, scale, out, &pt, &w);
-        }
-        if (ok) _tile_release();
-        /* split sequences: the first part of each lists the group (its parts follow it); rows merged into out */
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < n_items; i++) {
-            const work *it = items + i;
-            if (failed || it->part < 0 || it->k0 != 0) continue;
-            int np = 1;
-            while (i + np < n_items && items[i + np].k0 != 0) np++;
-            const int64_t *sq = seqs + 4 * it->s;
-            for (int g = 0; g < Hkv; g++)
-                for (int r = 0; r < sq[1] * G; r++)
-                    merge(&pt, it->part, np, Hkv, g, r, D,
-                          out + ((size_t)(sq[0] + r / G) * H + (size_t)g * G + r % G) * D);
-        }
-        free(w.qt); free(w.o); free(w.m); free(w.l); free(w.kb); free(w.vb); free(w.st); free(w.pa);
-    }
-    free(items);
-    free(pt.o); free(pt.m); free(pt.l);
-    return failed ? 1 : 0;
+    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out};
+    const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_rows};
+    return run_items(&c, MAXRS, &ops);
 }
 #endif

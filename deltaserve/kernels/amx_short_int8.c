@@ -69,6 +69,13 @@ typedef struct {
     int32_t *ci;    /* [4][16][16] C tiles spilled */
 } scratch;
 
+static void scratch_free(void *p) {
+    scratch *w = p;
+    free(w->qt); free(w->qs); free(w->o); free(w->m); free(w->l); free(w->kb); free(w->vb); free(w->st); free(w->pa);
+    free(w->ks); free(w->vs); free(w->vl); free(w->ps); free(w->ci);
+    free(w);
+}
+
 /* A column tile: heads g0 .. g0 + ng - 1, rows r0 .. r0 + nr - 1 of each, head g0 + i's row r0 + x on lane i nr + x.
  * Rows of a decode (R <= 8) pack 16 / R heads a tile, so the softmax's lanes are not mostly padding. */
 typedef struct {
@@ -347,19 +354,7 @@ static void softmax_cols(int32_t *st, int kcp, const float *qs, const float *ks,
     const __mmask16 far = _mm512_cmp_ps_mask(_mm512_sub_ps(cm, mv), _mm512_set1_ps(LAZY_MAX), _CMP_GT_OQ);
     if (far || _mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ)) {
         const __m512 mnew = _mm512_max_ps(mv, cm);
-        float mo[16], mn[16], lv[16];
-        _mm512_storeu_ps(mo, mv);
-        _mm512_storeu_ps(mn, mnew);
-        _mm512_storeu_ps(lv, _mm512_loadu_ps(l));
-        for (int r = 0; r < 16; r++) {
-            if (mo[r] == mn[r]) continue;
-            const float alpha = mo[r] == -INFINITY ? 0.f : exp2f(mo[r] - mn[r]);
-            lv[r] *= alpha;
-            const __m512 av = _mm512_set1_ps(alpha);
-            for (int d = 0; d < D; d += 16)
-                _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), av));
-        }
-        _mm512_storeu_ps(l, _mm512_loadu_ps(lv));
+        rescale_lanes(mv, mnew, l, o, D);
         _mm512_storeu_ps(m, mnew);
         mv = mnew;
     }
@@ -518,20 +513,50 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
 
 /* lane x of a split sequence (its parts in slots part0 ..) merged through their references */
 static void merge(const partials *pt, int part0, int n_parts, int Hkv, int x, int D, float *dst) {
-    float m = -INFINITY, l = 0.f, acc[MAXD];
-    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * Hkv * MAXRS + x]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
-    for (int p = 0; p < n_parts; p++) {
-        const size_t at = (size_t)(part0 + p) * Hkv * MAXRS + x;
-        if (pt->m[at] == -INFINITY) continue;
-        const float wgt = exp2f(pt->m[at] - m);
-        l += wgt * pt->l[at];
-        const __m512 wv = _mm512_set1_ps(wgt);
-        for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(acc + d,
-                             _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
-    }
+    float acc[MAXD];
+    const float l = merge_parts(pt, part0, n_parts, (size_t)Hkv * MAXRS, (size_t)x, D, acc);
     unshuffle_row(acc, D, 1.f / l, dst);
+}
+
+static void *scratch_new(const call *c) {
+    const int Hkv = c->Hkv, D = c->D;
+    scratch *w = calloc(1, sizeof(scratch));
+    if (!w) return NULL;
+    w->qt = alloc64((size_t)Hkv * 4 * D / 64 * 512 * 4);
+    w->qs = alloc64((size_t)Hkv * MAXRS * 4);
+    w->o = alloc64((size_t)Hkv * MAXRS * D * 4);
+    w->m = alloc64((size_t)Hkv * MAXRS * 4);
+    w->l = alloc64((size_t)Hkv * MAXRS * 4);
+    w->kb = alloc64((size_t)16 * D);
+    w->vb = alloc64((size_t)Hkv * KC * D);
+    w->st = alloc64((size_t)2 * KC * STS * 4);
+    w->pa = alloc64((size_t)(KC / 64) * 512 * 4);
+    w->ks = alloc64(((size_t)KC * Hkv + 16) * 4);
+    w->vs = alloc64(((size_t)KC * Hkv + 16) * 4);
+    w->vl = alloc64(((size_t)KC * Hkv + 16) * 4);
+    w->ps = alloc64(MAXRS * 4);
+    w->ci = alloc64(1024 * 4);
+    if (w->qt && w->qs && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa && w->ks && w->vs && w->vl &&
+        w->ps && w->ci)
+        return w;
+    scratch_free(w);
+    return NULL;
+}
+
+static void run_item(const call *c, const work *it, const partials *pt, void *w) {
+    const int64_t *sq = c->seqs + 4 * it->s;
+    item(c->q, (const uint8_t *)c->k, (const uint8_t *)c->v, c->slots + sq[2], sq[0], sq[1], sq[3], it, c->H, c->Hkv,
+         c->D, c->scale, c->out, pt, w);
+}
+
+static void merge_lanes(const call *c, const work *it, int n_parts, const partials *pt) {
+    const int64_t *sq = c->seqs + 4 * it->s;
+    const int G = c->H / c->Hkv;
+    coltile ct[4 * 64];
+    const int n_ct = col_tiles((int)sq[1] * G, c->Hkv, ct);
+    for (int t = 0; t < n_ct; t++)
+        for (int x = 0; x < ct[t].ng * ct[t].nr; x++)
+            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], ct + t, x, G, c->H, c->D));
 }
 
 int paged_attention_amx_short_int8(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
@@ -541,75 +566,8 @@ int paged_attention_amx_short_int8(const float *q, const void *k, const void *v,
     if (kv_kind != 2 || D % 64 != 0 || D > MAXD || Hkv > 64 || H % Hkv != 0 ||
         !paged_attention_amx_short_int8_available())
         return 2;
-    const int G = H / Hkv, threads = omp_get_max_threads();
-    int active = 0;
-    for (int s = 0; s < n_seqs; s++) {
-        if (seqs[4 * s + 1] * G > MAXRS) return 2;
-        active += seqs[4 * s + 1] > 0;
-    }
-    if (active == 0) return 0;
-    const int parts = active < SPLIT_ITEMS * threads ? (SPLIT_ITEMS * threads + active - 1) / active : 1;
-    int n_slots;
-    const int n_items = plan(seqs, n_seqs, parts, NULL, &n_slots);
-    work *items = malloc((size_t)n_items * sizeof(work));
-    partials pt = {NULL, NULL, NULL};
-    if (n_slots) {
-        pt.o = alloc64((size_t)n_slots * Hkv * MAXRS * D * sizeof(float));
-        pt.m = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
-        pt.l = alloc64((size_t)n_slots * Hkv * MAXRS * sizeof(float));
-    }
-    int failed = !items || (n_slots && !(pt.o && pt.m && pt.l));
-    if (!failed) plan(seqs, n_seqs, parts, items, &n_slots);
-#pragma omp parallel if (!failed)
-    {
-        scratch w;
-        w.qt = alloc64((size_t)Hkv * 4 * D / 64 * 512 * 4);
-        w.qs = alloc64((size_t)Hkv * MAXRS * 4);
-        w.o = alloc64((size_t)Hkv * MAXRS * D * 4);
-        w.m = alloc64((size_t)Hkv * MAXRS * 4);
-        w.l = alloc64((size_t)Hkv * MAXRS * 4);
-        w.kb = alloc64((size_t)16 * D);
-        w.vb = alloc64((size_t)Hkv * KC * D);
-        w.st = alloc64((size_t)2 * KC * STS * 4);
-        w.pa = alloc64((size_t)(KC / 64) * 512 * 4);
-        w.ks = alloc64(((size_t)KC * Hkv + 16) * 4);
-        w.vs = alloc64(((size_t)KC * Hkv + 16) * 4);
-        w.vl = alloc64(((size_t)KC * Hkv + 16) * 4);
-        w.ps = alloc64(MAXRS * 4);
-        w.ci = alloc64(1024 * 4);
-        const int ok = !failed && w.qt && w.qs && w.o && w.m && w.l && w.kb && w.vb && w.st && w.pa && w.ks && w.vs &&
-                       w.vl && w.ps && w.ci;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        if (ok) tiles_configure();
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < n_items; i++) {
-            if (!ok) continue;
-            const int64_t *sq = seqs + 4 * items[i].s;
-            item(q, (const uint8_t *)k, (const uint8_t *)v, slots + sq[2], sq[0], sq[1], sq[3], items + i, H, Hkv,
-                 D, scale, out, &pt, &w);
-        }
-        if (ok) _tile_release();
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < n_items; i++) {
-            const work *it = items + i;
-            if (failed || it->part < 0 || it->k0 != 0) continue;
-            int np = 1;
-            while (i + np < n_items && items[i + np].k0 != 0) np++;
-            const int64_t *sq = seqs + 4 * it->s;
-            coltile ct[4 * 64];
-            const int n_ct = col_tiles((int)sq[1] * G, Hkv, ct);
-            for (int c = 0; c < n_ct; c++)
-                for (int x = 0; x < ct[c].ng * ct[c].nr; x++)
-                    merge(&pt, it->part, np, Hkv, c * 16 + x, D, lane_out(out, sq[0], ct + c, x, G, H, D));
-        }
-        free(w.qt); free(w.qs); free(w.o); free(w.m); free(w.l); free(w.kb); free(w.vb); free(w.st); free(w.pa);
-        free(w.ks); free(w.vs); free(w.vl); free(w.ps); free(w.ci);
-    }
-    free(items);
-    free(pt.o); free(pt.m); free(pt.l);
-    return failed ? 1 : 0;
+    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out};
+    const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_lanes};
+    return run_items(&c, MAXRS, &ops);
 }
 #endif

@@ -1,10 +1,15 @@
 /* What the AMX short kernels (amx_short.c: bf16 rows, amx_short_int8.c: int8 rows) share: their work items, how a
- * sequence's keys split into them, where split parts leave their sums, and the test for a run of slots. Include
- * after KC (keys a chunk) and MIN_PART_KEYS are defined, where __AMX_TILE__ is. */
+ * sequence's keys split into them, where split parts leave their sums, running the items on the threads, and the test
+ * for a run of slots. Include
+ * after KC (keys a chunk), MIN_PART_KEYS and SPLIT_ITEMS are defined, and amx_tiles.h (alloc64), where __AMX_TILE__
+ * is. */
 #ifndef DELTASERVE_AMX_SHORT_PLAN_H
 #define DELTASERVE_AMX_SHORT_PLAN_H
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* 1 when the 16 slots are consecutive ids (their rows one strided tile load) */
 static inline int run16(const int64_t *sl) {
@@ -54,5 +59,137 @@ static int plan(const int64_t *seqs, int n_seqs, int parts, work *items, int *n_
     }
     *n_slots = slot;
     return n;
+}
+
+/* 16 lanes' softmax references move from mv to mnew: each lane's denominator (l [16], in place) and output row (o
+ * [16][D]) scaled by 2^(m_old - m_new), where it moves (a lane that had none, m_old = -inf, starts from 0) */
+static inline void rescale_lanes(__m512 mv, __m512 mnew, float *l, float *o, int D) {
+    float mo[16], mn[16];
+    _mm512_storeu_ps(mo, mv);
+    _mm512_storeu_ps(mn, mnew);
+    for (int r = 0; r < 16; r++) {
+        if (mo[r] == mn[r]) continue;
+        const float alpha = mo[r] == -INFINITY ? 0.f : exp2f(mo[r] - mn[r]);
+        l[r] *= alpha;
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), av));
+    }
+}
+
+/* Row x (of slot_rows a slot) of a split sequence merged from its parts (slots part0 ..) through their references, as
+ * in flash decoding: the unnormalised sum to acc [D], the denominator returned. A part in which the row sees no key
+ * (m = -inf) weighs nothing. */
+static float merge_parts(const partials *pt, int part0, int n_parts, size_t slot_rows, size_t x, int D, float *acc) {
+    float m = -INFINITY, l = 0.f;
+    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * slot_rows + x]);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
+    for (int p = 0; p < n_parts; p++) {
+        const size_t at = (size_t)(part0 + p) * slot_rows + x;
+        if (pt->m[at] == -INFINITY) continue;
+        const float wgt = exp2f(pt->m[at] - m);
+        l += wgt * pt->l[at];
+        const __m512 wv = _mm512_set1_ps(wgt);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(acc + d,
+                             _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
+    }
+    return l;
+}
+
+/* A call's work items and its split parts' sums */
+typedef struct {
+    work *items;
+    int n_items;
+    partials pt;
+} schedule;
+
+static void schedule_free(schedule *sc) {
+    free(sc->items);
+    free(sc->pt.o); free(sc->pt.m); free(sc->pt.l);
+}
+
+/* What both kernels do first: their items, a sequence's keys split into parts where fewer than SPLIT_ITEMS items a
+ * thread would leave threads idle, and the parts' buffers (rows a slot: Hkv x max_rows). Returns 0 with *sc set, -1
+ * when no sequence has a query (nothing allocated), 2 when one has more than max_rows rows a kv head (nothing
+ * allocated), 1 when out of memory (what it got freed). */
+static int schedule_items(const int64_t *seqs, int n_seqs, int G, int Hkv, int D, int max_rows, schedule *sc) {
+    int active = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[4 * s + 1] * G > max_rows) return 2;
+        active += seqs[4 * s + 1] > 0;
+    }
+    if (active == 0) return -1;
+    const int threads = omp_get_max_threads();
+    const int parts = active < SPLIT_ITEMS * threads ? (SPLIT_ITEMS * threads + active - 1) / active : 1;
+    int n_slots;
+    sc->n_items = plan(seqs, n_seqs, parts, NULL, &n_slots);
+    sc->items = malloc((size_t)sc->n_items * sizeof(work));
+    sc->pt = (partials){NULL, NULL, NULL};
+    if (n_slots) {
+        const size_t rows = (size_t)n_slots * Hkv * max_rows;
+        sc->pt.o = alloc64(rows * D * sizeof(float));
+        sc->pt.m = alloc64(rows * sizeof(float));
+        sc->pt.l = alloc64(rows * sizeof(float));
+    }
+    if (!sc->items || (n_slots && !(sc->pt.o && sc->pt.m && sc->pt.l))) {
+        schedule_free(sc);
+        return 1;
+    }
+    plan(seqs, n_seqs, parts, sc->items, &n_slots);
+    return 0;
+}
+
+/* One call's arguments, as the kernels' entry points take them */
+typedef struct {
+    const float *q;
+    const void *k, *v;
+    const int64_t *slots, *seqs;
+    int n_seqs, H, Hkv, D;
+    float scale;
+    float *out;
+} call;
+
+/* A kernel's side of run_items: a thread's scratch (NULL when out of memory), one work item, and the rows of a split
+ * sequence merged from its n_parts parts (the first of them `it`) into out. */
+typedef struct {
+    void *(*scratch_new)(const call *c);
+    void (*scratch_free)(void *w);
+    void (*item)(const call *c, const work *it, const partials *pt, void *w);
+    void (*merge)(const call *c, const work *it, int n_parts, const partials *pt);
+} kernel_ops;
+
+/* The call on the threads: the items (dynamic schedule, the tile state configured per thread), then the split
+ * sequences' merges (a group's parts follow its first, the one with k0 = 0). Returns the kernels' code (0, 1 out of
+ * memory, 2 more than max_rows rows a kv head). */
+static int run_items(const call *c, int max_rows, const kernel_ops *ops) {
+    schedule sc;
+    const int rc = schedule_items(c->seqs, c->n_seqs, c->H / c->Hkv, c->Hkv, c->D, max_rows, &sc);
+    if (rc != 0) return rc < 0 ? 0 : rc;
+    int failed = 0;
+#pragma omp parallel
+    {
+        void *w = ops->scratch_new(c);
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (w) tiles_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < sc.n_items; i++)
+            if (w) ops->item(c, sc.items + i, &sc.pt, w);
+        if (w) _tile_release();
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < sc.n_items; i++) {
+            const work *it = sc.items + i;
+            if (failed || it->part < 0 || it->k0 != 0) continue;
+            int np = 1;
+            while (i + np < sc.n_items && sc.items[i + np].k0 != 0) np++;
+            ops->merge(c, it, np, &sc.pt);
+        }
+        if (w) ops->scratch_free(w);
+    }
+    schedule_free(&sc);
+    return failed ? 1 : 0;
 }
 #endif

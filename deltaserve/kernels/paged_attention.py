@@ -127,6 +127,14 @@ def _args(q, k_cache, v_cache, slots, seqs, scale, out, kind) -> tuple:
             slots.data_ptr(), seqs.data_ptr(), seqs.shape[0], H, Hkv, D, float(scale), out.data_ptr())
 
 
+def _check(rc: int, fn: str, q: torch.Tensor, k_cache: torch.Tensor, limits: str = "") -> None:
+    """A kernel's return code as the caller's error: 1 out of memory, 2 a shape or kind it does not take."""
+    if rc == 1:
+        raise MemoryError(f"{fn}: out of memory for its work buffers")
+    if rc != 0:
+        raise RuntimeError(f"{fn}: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)}{limits})")
+
+
 def paged_attention_short(
     q: torch.Tensor,  # [T, H, D] float32, contiguous
     k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or fp32, or [num_slots, Hkv, D + 4] uint8; contiguous
@@ -175,10 +183,7 @@ def paged_attention_tiled(
     kernel; int8 / fp8 caches take the fp32 products (p_bf16 and bf16_dot are ignored for them)."""
     rc = _LIBS["tiled_attention"].paged_attention_tiled(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind),
                                                          int(p_bf16) | (0 if bf16_dot else 2))
-    if rc == 1:
-        raise MemoryError("paged_attention_tiled: out of memory for its work buffers")
-    if rc != 0:
-        raise RuntimeError(f"paged_attention_tiled: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
+    _check(rc, "paged_attention_tiled", q, k_cache)
 
 
 def paged_attention_amx(
@@ -196,10 +201,7 @@ def paged_attention_amx(
     int8 (2) or fp8 (3) cache's rows, dequantized and rounded to bf16 as they are packed."""
     assert k_cache.dtype in (torch.bfloat16, torch.uint8), "the AMX kernel reads bf16, int8 and fp8 caches only"
     rc = _LIBS["amx_attention"].paged_attention_amx(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind), 0)
-    if rc == 1:
-        raise MemoryError("paged_attention_amx: out of memory for its work buffers")
-    if rc != 0:
-        raise RuntimeError(f"paged_attention_amx: unsupported shape (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
+    _check(rc, "paged_attention_amx", q, k_cache)
 
 
 def paged_attention_amx_short(
@@ -217,12 +219,8 @@ def paged_attention_amx_short(
     (`amx_short.c`). Figures: docs/perf/2026-12-05-xeon-amx-short.md."""
     assert k_cache.dtype == torch.bfloat16, "the AMX kernels read bf16 caches only"
     rc = _LIBS["amx_short"].paged_attention_amx_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
-    if rc == 1:
-        raise MemoryError("paged_attention_amx_short: out of memory for its work buffers")
-    if rc != 0:
-        raise RuntimeError(f"paged_attention_amx_short: unsupported shape (q {tuple(q.shape)}, k "
-                           f"{tuple(k_cache.shape)}, q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows "
-                           f"a sequence)")
+    _check(rc, "paged_attention_amx_short", q, k_cache,
+           f", q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows a sequence")
 
 
 def paged_attention_amx_short_int8(
@@ -241,12 +239,8 @@ def paged_attention_amx_short_int8(
     assert k_cache.dtype == torch.uint8, "the int8 AMX kernel reads int8 rows (a uint8 cache) only"
     rc = _LIBS["amx_short_int8"].paged_attention_amx_short_int8(
         *_args(q, k_cache, v_cache, slots, seqs, scale, out, 2), 0)
-    if rc == 1:
-        raise MemoryError("paged_attention_amx_short_int8: out of memory for its work buffers")
-    if rc != 0:
-        raise RuntimeError(f"paged_attention_amx_short_int8: unsupported shape (q {tuple(q.shape)}, k "
-                           f"{tuple(k_cache.shape)}, q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows "
-                           f"a sequence, head_dim a multiple of 64)")
+    _check(rc, "paged_attention_amx_short_int8", q, k_cache,
+           f", q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows a sequence, head_dim a multiple of 64")
 
 
 def _ms(f, reps: int) -> float:
