@@ -117,8 +117,8 @@ static inline float kv_row_factor(const uint8_t *c, int kind, int64_t row, int D
 }
 
 /* K^T of keys [c0, c0 + kc) of the item's context in dim pairs, 16 keys x 16 pairs a transpose; keys kc .. kcp zero.
- * A quantized cache's rows go in as their bytes' exact values, their factors to ks (scores are scaled by them): the
- * products are then those of the dequantized K, rounded nowhere. */
+ * A quantized cache's rows go in as their bytes' exact values, their factors to ks (the scores are scaled by them in
+ * fp32): K itself is never rounded to bf16. */
 static void pack_k(const uint8_t *k, int kind, const int64_t *sl, int kc, int Hkv, int g, int D, uint32_t *kp,
                    float *ks) {
     const int kcp = (kc + 31) & ~31;

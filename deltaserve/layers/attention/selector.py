@@ -25,7 +25,9 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
     fp32, int8 or fp8 rows; the tiled one also needs head_dim % 4 == 0 and AVX2 + FMA or AVX-512), else PyTorch SDPA.
     kv_dtype: the model's dtype (K/V as computed); kv_format: how the pool stores them (None: as computed).
     Quantized rows are read as stored: dequantized a key chunk at a time for fp32 products in the tiled kernel; in
-    the short one, for a bf16 model, fp8 as exact bf16 pairs and int8 in integer products.
+    the short one, for a bf16 model, fp8 as exact bf16 pairs and int8 in integer products. Where AMX runs, a bf16
+    model's quantized rows take the AMX span kernel for long spans and, int8, the AMX-INT8 short kernel for steps
+    of decodes and verifies.
 
     Asks the CPU probe here, once (the short/tiled split and the tiled kernel's product form), and with a bf16
     cache the span probe (long spans as bf16 matrix products or in the tiled kernel; ~0.2 s for SmolLM2's heads
