@@ -42,6 +42,7 @@ ATTENTION_KERNEL_STUB(paged_attention_amx)
 #include "amx_tiles.h"
 #include "kv_rows.h"
 #include "prefetch.h"
+#include "split_parts.h"
 #include "simd_exp.h"
 #include "transpose16.h"
 
@@ -294,11 +295,6 @@ typedef struct {
     int64_t k0, k1;
 } work;
 
-typedef struct {
-    float *o; /* [n_slots][MAXR][D] */
-    float *m; /* [n_slots][MAXR] */
-    float *l;
-} partials;
 
 static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
@@ -370,21 +366,7 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, c
  * part in which a row sees no key has m = -inf, l = 0, o = 0, and weighs nothing (part 0 holds each row's first
  * key). */
 static void merge(const partials *pt, int part0, int n_parts, int row, int D, float *dst) {
-    float m = -INFINITY;
-    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * MAXR + row]);
-    float l = 0.f;
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_setzero_ps());
-    for (int p = 0; p < n_parts; p++) {
-        const float mp = pt->m[(size_t)(part0 + p) * MAXR + row];
-        if (mp == -INFINITY) continue;
-        const float wgt = exp2f(mp - m);
-        l += wgt * pt->l[(size_t)(part0 + p) * MAXR + row];
-        const float *op = pt->o + ((size_t)(part0 + p) * MAXR + row) * D;
-        const __m512 wv = _mm512_set1_ps(wgt);
-        for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(dst + d, _mm512_fmadd_ps(_mm512_loadu_ps(op + d), wv, _mm512_loadu_ps(dst + d)));
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / l);
+    const __m512 inv = _mm512_set1_ps(1.f / merge_parts(pt, part0, n_parts, MAXR, (size_t)row, D, dst));
     for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(dst + d), inv));
 }
 

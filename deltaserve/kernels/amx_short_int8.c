@@ -192,8 +192,8 @@ static void scores_t(const uint8_t *k, const int64_t *sl, int kc, int kcp, int H
                 }
             }
         }
-        _tile_stored(0, st + (size_t)j0 * 16, 64);
-        _tile_stored(1, st + (size_t)(KC + j0) * 16, 64);
+        _tile_stored(0, st + (size_t)j0 * STS, STS * 4);
+        _tile_stored(1, st + (size_t)(KC + j0) * STS, STS * 4);
     }
 }
 
@@ -292,7 +292,7 @@ static void softmax_cols(int32_t *st, int kcp, const float *qs, const float *ks,
     const __m512 mul = _mm512_maskz_div_ps(pos, _mm512_set1_ps(PMAX), bound);
     _mm512_storeu_ps(ps, _mm512_maskz_div_ps(pos, bound, _mm512_set1_ps(PMAX)));
     const __m512i ilo = _mm512_load_si512(P_LO), ihi = _mm512_load_si512(P_HI);
-    const __m512i top = _mm512_set1_epi32(65535);
+    const __m512i top = _mm512_set1_epi32((int)PMAX);
     __m512 sum = _mm512_setzero_ps();
     for (int kb = 0; kb < kcp; kb += 64) {
         __m512i wh[16], wl[16];
@@ -377,13 +377,10 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
     const float scale2 = scale * 1.4426950408889634f;
     coltile ct[4 * 64];
     const int n_ct = col_tiles(R, Hkv, ct), lanes = n_ct * 16;
-    float qsr[16];
     for (int c = 0; c < n_ct; c++) {
-        for (int i = 0; i < ct[c].ng; i++) {
+        for (int i = 0; i < ct[c].ng; i++)
             pack_qt(q, q_start, ct[c].r0, ct[c].nr, i * ct[c].nr, G, H, ct[c].g0 + i, D, scale2,
-                    w->qt + ((size_t)(ct[c].g0 + i) * 4 + ct[c].r0 / 16) * qts, qsr);
-            for (int x = 0; x < ct[c].nr; x++) w->qs[c * 16 + i * ct[c].nr + x] = qsr[x];
-        }
+                    w->qt + ((size_t)(ct[c].g0 + i) * 4 + ct[c].r0 / 16) * qts, w->qs + c * 16 + i * ct[c].nr);
         for (int x = ct[c].ng * ct[c].nr; x < 16; x++) w->qs[c * 16 + x] = 0.f;
     }
     for (int x = 0; x < lanes; x++) w->m[x] = -INFINITY, w->l[x] = 0.f;

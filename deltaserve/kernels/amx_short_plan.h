@@ -1,8 +1,7 @@
 /* What the AMX short kernels (amx_short.c: bf16 rows, amx_short_int8.c: int8 rows) share: their work items, how a
- * sequence's keys split into them, where split parts leave their sums, running the items on the threads, and the test
- * for a run of slots. Include
- * after KC (keys a chunk), MIN_PART_KEYS and SPLIT_ITEMS are defined, and amx_tiles.h (alloc64), where __AMX_TILE__
- * is. */
+ * sequence's keys split into them (the parts' sums and merge: split_parts.h), running the items on the threads, a
+ * lane's rescale when its softmax reference moves, and the test for a run of slots. Include after KC (keys a chunk),
+ * MIN_PART_KEYS and SPLIT_ITEMS are defined, and amx_tiles.h (alloc64), where __AMX_TILE__ is. */
 #ifndef DELTASERVE_AMX_SHORT_PLAN_H
 #define DELTASERVE_AMX_SHORT_PLAN_H
 #include <immintrin.h>
@@ -10,6 +9,8 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "split_parts.h"
 
 /* 1 when the 16 slots are consecutive ids (their rows one strided tile load) */
 static inline int run16(const int64_t *sl) {
@@ -27,12 +28,6 @@ typedef struct {
     int64_t k0, k1;
 } work;
 
-/* A split part's sums, Hkv x MAXRS rows a slot (the kernel's row order): */
-typedef struct {
-    float *o; /* [n_slots][Hkv * MAXRS][D] */
-    float *m; /* [n_slots][Hkv * MAXRS] */
-    float *l;
-} partials;
 
 /* Items: each sequence's keys in `parts` ranges (fewer where a part would hold under MIN_PART_KEYS), split only
  * within the keys every row sees (0 .. kv_len - q_len), the last part running to the end. Returns the count
@@ -75,26 +70,6 @@ static inline void rescale_lanes(__m512 mv, __m512 mnew, float *l, float *o, int
         for (int d = 0; d < D; d += 16)
             _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), av));
     }
-}
-
-/* Row x (of slot_rows a slot) of a split sequence merged from its parts (slots part0 ..) through their references, as
- * in flash decoding: the unnormalised sum to acc [D], the denominator returned. A part in which the row sees no key
- * (m = -inf) weighs nothing. */
-static float merge_parts(const partials *pt, int part0, int n_parts, size_t slot_rows, size_t x, int D, float *acc) {
-    float m = -INFINITY, l = 0.f;
-    for (int p = 0; p < n_parts; p++) m = fmaxf(m, pt->m[(size_t)(part0 + p) * slot_rows + x]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
-    for (int p = 0; p < n_parts; p++) {
-        const size_t at = (size_t)(part0 + p) * slot_rows + x;
-        if (pt->m[at] == -INFINITY) continue;
-        const float wgt = exp2f(pt->m[at] - m);
-        l += wgt * pt->l[at];
-        const __m512 wv = _mm512_set1_ps(wgt);
-        for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(acc + d,
-                             _mm512_fmadd_ps(_mm512_loadu_ps(pt->o + at * D + d), wv, _mm512_loadu_ps(acc + d)));
-    }
-    return l;
 }
 
 /* A call's work items and its split parts' sums */

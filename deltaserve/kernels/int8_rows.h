@@ -5,7 +5,8 @@
 #define DELTASERVE_INT8_ROWS_H
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "kv_rows.h"
 
 /* The next chunk's slot rows (K and V, every kv head), fetched into L2 a few lines at every step of the chunk's
  * compute. Rows of consecutive slots are adjacent (Hkv x (D + 4) bytes each, not whole lines): a line shared with the
@@ -71,11 +72,8 @@ static void row_scales(const uint8_t *c, const int64_t *sl, int kc, int kcp, int
             continue;
         }
         for (int j = j0; j < j0 + 16; j++)
-            for (int g = 0; g < Hkv; g++) {
-                float x = 0.f;
-                if (j < kc) memcpy(&x, c + ((size_t)sl[j] * Hkv + g) * rb + D, 4);
-                dst[j * Hkv + g] = x;
-            }
+            for (int g = 0; g < Hkv; g++)
+                dst[j * Hkv + g] = j < kc ? kv_row_scale(c + ((size_t)sl[j] * Hkv + g) * rb, D) : 0.f;
         if (lg)
             for (int e = 0; e < 16 * Hkv; e += 16)
                 _mm512_storeu_ps(lg + j0 * Hkv + e, _mm512_getexp_ps(_mm512_loadu_ps(dst + j0 * Hkv + e)));
