@@ -202,6 +202,7 @@ def _decode_logprobs(model, attn, ids: list[int], prefix: int, fmt_name: str) ->
     cfg = model.cfg
     pool = KVPool(KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, fmt_name), len(ids) + 1)
     model.use_kv_format(pool.layout.fmt)
+    model.attn = attn
     slots, tokens, lps, preds = torch.arange(len(ids)), torch.tensor(ids), [], []
     with torch.inference_mode():
         model.logits(model(tokens[:prefix], slots[:prefix], pool, attn.prepare([SeqSpan(0, prefix, slots[:prefix])],
@@ -209,7 +210,6 @@ def _decode_logprobs(model, attn, ids: list[int], prefix: int, fmt_name: str) ->
         for e in range(prefix + 1, len(ids)):
             meta = attn.prepare([SeqSpan(0, 1, slots[:e])], slots[e - 1 : e])
             assert (meta.amx_short is not None) == attn.amx_short
-            model.attn = attn
             logits = model.logits(model(tokens[e - 1 : e], slots[e - 1 : e], pool, meta))[-1].float()
             lps.append(torch.log_softmax(logits, -1)[ids[e]])
             preds.append(int(logits.argmax()))
