@@ -19,6 +19,9 @@
  *   VP [KC/2][D][2]  V in pairs of keys (the B operand of O += P.V)
  * then, for each block of 32 rows (two 16-row tiles): S [32][KC] fp32 from tiles, the online softmax in AVX-512
  * (P rounded to bf16, as the tiled kernel's p_bf16 mode and GPU flash attention do), O [32][D] += P.V from tiles.
+ * The blocks are pipelined: a block's softmax runs a row at a time between the tile steps of the next block's S and
+ * the block before's P.V, so the tile unit computes while the vector units take the exponentials (300 queries over
+ * 4k keys, 30 layers, kernel alone: 110.7 -> 94.1 ms on a 2-core AMX Xeon; same results to the bit).
  * Keys past a block's last visible one are skipped a 32-key step at a time; padding keys are zero in KP/VP and
  * masked out of the softmax.
  * Returns 0, 1 when out of memory, 2 for a shape or kind it does not take (the caller uses another kernel): D a
@@ -64,8 +67,8 @@ typedef struct {
     float *m, *l;   /* [MAXR] softmax reference (of scores x scale x log2 e; see softmax_row) and denominator */
     uint16_t *kp;   /* [D/2][KC][2] */
     uint16_t *vp;   /* [KC/2][D][2] */
-    float *s;       /* [RB][KC] scores */
-    uint16_t *p;    /* [RB][KC] bf16 numerators */
+    float *s;       /* [2][RB][KC] scores: a block's, and the next block's being computed */
+    uint16_t *p;    /* [2][RB][KC] bf16 numerators: a block's being written, the one before's read by P.V */
     float *c;       /* [RB][32] one P.V result */
     float *ks;      /* [KC] a quantized cache's K rows' factors (pack_k) */
 } scratch;
@@ -153,8 +156,50 @@ static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int Hk
     }
 }
 
-/* S[0..32)[0..kend) = Qp[rb..rb+32) . K^T of the packed chunk */
-static void scores(const uint16_t *qp, const uint16_t *kp, int D, int kend, float *s, ahead *a) {
+/* The softmax of one block's rows (S to P), done a few rows at a time between the tile products of the blocks beside
+ * it, so the tile unit works through its products while the vector units run the exponentials. */
+typedef struct {
+    float *s;         /* [RB][KC] the block's scores */
+    uint16_t *p;      /* [RB][KC] */
+    const float *ks;  /* a quantized cache's K factors, else NULL */
+    int rb, rows, kend, done; /* the block's first row, its real rows, keys of the chunk it covers, rows done */
+} sm_job;
+
+typedef struct {
+    float *m, *l, *o; /* the item's rows' state */
+    int64_t vis1;     /* keys of the chunk that row 0's token sees: row r's token sees vis1 + r / G */
+    int G, kc, D;
+    float scale2;
+} sm_ctx;
+
+static void softmax_row(const float *s, int vis, int kend, float scale2, float *m, float *l, float *orow, int D,
+                        uint16_t *p, ahead *a);
+
+/* the job's rows up to `upto` */
+static void sm_upto(sm_job *j, const sm_ctx *c, int upto, ahead *a) {
+    if (!j) return;
+    if (upto > RB) upto = RB;
+    for (; j->done < upto; j->done++) {
+        const int r = j->done, rg = j->rb + r;
+        float *sr = j->s + (size_t)r * KC;
+        uint16_t *pr = j->p + (size_t)r * KC;
+        int64_t vis = r < j->rows ? c->vis1 + rg / c->G : 0;
+        if (vis > c->kc) vis = c->kc;
+        if (vis <= 0) {
+            memset(pr, 0, (size_t)j->kend * 2);
+            continue;
+        }
+        if (j->ks)
+            for (int x = 0; x < j->kend; x += 16)
+                _mm512_storeu_ps(sr + x, _mm512_mul_ps(_mm512_loadu_ps(sr + x), _mm512_loadu_ps(j->ks + x)));
+        softmax_row(sr, (int)vis, j->kend, c->scale2, c->m + rg, c->l + rg, c->o + (size_t)rg * c->D, c->D, pr, a);
+    }
+}
+
+/* S[0..32)[0..kend) = Qp[rb..rb+32) . K^T of the packed chunk; between its steps, job j's rows up to `upto` */
+static void scores(const uint16_t *qp, const uint16_t *kp, int D, int kend, float *s, ahead *a, sm_job *j,
+                   const sm_ctx *c, int upto) {
+    const int steps = kend / 32, base = j ? j->done : 0;
     for (int n0 = 0; n0 < kend; n0 += 32) {
         ahead_step(a, AHEAD_KEYS);
         _tile_zero(0);
@@ -175,11 +220,15 @@ static void scores(const uint16_t *qp, const uint16_t *kp, int D, int kend, floa
         _tile_stored(1, s + n0 + 16, KC * 4);
         _tile_stored(2, s + 16 * KC + n0, KC * 4);
         _tile_stored(3, s + 16 * KC + n0 + 16, KC * 4);
+        if (j) sm_upto(j, c, base + ((upto - base) * (n0 / 32 + 1) + steps - 1) / steps, a);
     }
 }
 
 /* o[0..32)[0..D) += P[0..32)[0..kend) . V of the packed chunk */
-static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend, float *c, float *o, ahead *a) {
+static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend, float *c, float *o, ahead *a,
+                          sm_job *j, const sm_ctx *ctx, int upto) {
+    const int steps = D / 32 * (kend / 32), base = j ? j->done : 0;
+    int step = 0;
     for (int d0 = 0; d0 < D; d0 += 32) {
         _tile_zero(0);
         _tile_zero(1);
@@ -195,6 +244,7 @@ static void accumulate_pv(const uint16_t *p, const uint16_t *vp, int D, int kend
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
+            if (j) sm_upto(j, ctx, base + ((upto - base) * ++step + steps - 1) / steps, a);
         }
         _tile_stored(0, c, 32 * 4);
         _tile_stored(1, c + 16, 32 * 4);
@@ -322,30 +372,31 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, c
         pack_v(v, kind, sl + c0, kc, Hkv, g, D, w->vp);
         const int64_t nx = end - c0 - kc < KC ? end - c0 - kc : KC;
         ahead a = {k, v, sl + c0 + kc, nx > 0 ? (int)nx : 0, 0, Hkv, g, (int)kv_row_bytes(kind, D)};
-        for (int rb = 0; rb < R; rb += RB) {
-            const int last = (rb + RB < R ? rb + RB : R) - 1; /* the block's last real row sees the most keys */
-            const int64_t vis_max = first + i0 + last / G + 1 - c0;
-            if (vis_max <= 0) continue;
-            const int kend = (int)((vis_max < kc ? vis_max : kc) + 31) & ~31;
-            scores(w->qp + (size_t)rb * D, w->kp, D, kend, w->s, &a);
-            if (kind != KV_BF16) /* the K rows' factors (pack_k) */
-                for (int r = 0; r < RB; r++) {
-                    float *sr = w->s + (size_t)r * KC;
-                    for (int j = 0; j < kend; j += 16)
-                        _mm512_storeu_ps(sr + j, _mm512_mul_ps(_mm512_loadu_ps(sr + j), _mm512_loadu_ps(w->ks + j)));
-                }
-            for (int r = 0; r < RB; r++) {
-                const int rg = rb + r;
-                int64_t vis = rg < R ? first + i0 + rg / G + 1 - c0 : 0;
-                if (vis > kc) vis = kc;
-                if (vis <= 0) {
-                    memset(w->p + (size_t)r * KC, 0, (size_t)kend * 2);
-                    continue;
-                }
-                softmax_row(w->s + (size_t)r * KC, (int)vis, kend, scale * 1.4426950408889634f, w->m + rg, w->l + rg,
-                            w->o + (size_t)rg * D, D, w->p + (size_t)r * KC, &a);
+        /* the blocks that see keys of this chunk: the last nb (a block's last row sees the most keys) */
+        int rb0 = 0;
+        while (rb0 < R && first + i0 + ((rb0 + RB < R ? rb0 + RB : R) - 1) / G + 1 - c0 <= 0) rb0 += RB;
+        const int nb = (R - rb0 + RB - 1) / RB;
+        const sm_ctx ctx = {w->m, w->l, w->o, first + i0 + 1 - c0, G, kc, D, scale * 1.4426950408889634f};
+        /* round b: S(b) from tiles, with half the softmax of block b - 1 between its steps; P(b - 2).V with the
+         * other half (S and P double-buffered by b's parity) */
+        sm_job jobs[3];
+        for (int b = 0; b <= nb + 1; b++) {
+            sm_job *prev = b >= 1 && b <= nb ? &jobs[(b - 1) % 3] : NULL;
+            if (b < nb) {
+                const int rb = rb0 + b * RB, last = (rb + RB < R ? rb + RB : R) - 1;
+                const int64_t vis_max = first + i0 + last / G + 1 - c0;
+                const int kend = (int)((vis_max < kc ? vis_max : kc) + 31) & ~31;
+                float *sb = w->s + (size_t)(b & 1) * RB * KC;
+                scores(w->qp + (size_t)rb * D, w->kp, D, kend, sb, &a, prev, &ctx, RB / 2);
+                const sm_job nj = {sb, w->p + (size_t)(b & 1) * RB * KC, kind != KV_BF16 ? w->ks : NULL, rb,
+                                   R - rb < RB ? R - rb : RB, kend, 0};
+                jobs[b % 3] = nj;
             }
-            accumulate_pv(w->p, w->vp, D, kend, w->c, w->o + (size_t)rb * D, &a);
+            if (b >= 2) {
+                const sm_job *pj = &jobs[(b - 2) % 3];
+                accumulate_pv(pj->p, w->vp, D, pj->kend, w->c, w->o + (size_t)pj->rb * D, &a, prev, &ctx, RB);
+            }
+            sm_upto(prev, &ctx, RB, &a);
         }
     }
     if (it->part >= 0) {
@@ -439,8 +490,8 @@ int paged_attention_amx(const float *q, const void *k, const void *v, int kv_kin
         w.l = alloc64(MAXR * 4);
         w.kp = alloc64((size_t)D * KC * 2);
         w.vp = alloc64((size_t)D * KC * 2);
-        w.s = alloc64((size_t)RB * KC * 4);
-        w.p = alloc64((size_t)RB * KC * 2);
+        w.s = alloc64((size_t)2 * RB * KC * 4);
+        w.p = alloc64((size_t)2 * RB * KC * 2);
         w.c = alloc64(RB * 32 * 4);
         w.ks = alloc64(KC * 4);
         const int ok = !failed && w.qp && w.o && w.m && w.l && w.kp && w.vp && w.s && w.p && w.c && w.ks;

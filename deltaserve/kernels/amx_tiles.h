@@ -34,13 +34,15 @@ static inline void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63
 /* every tile 16 rows x 64 bytes: A (16 rows x 32 bf16), B (16 pair-rows x 16 columns x 2), C (16 x 16 fp32); the
  * calling thread's, until _tile_release */
 static inline void tiles_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
+    /* volatile: GCC 12 at -O2 has dropped the colsb stores of a config whose only reader is ldtilecfg (seen where
+     * this was inlined into a small program's main: ldtilecfg then faults on colsb 0), so every byte is written */
+    volatile tile_config c;
+    for (size_t i = 0; i < sizeof c; i++) ((volatile uint8_t *)&c)[i] = 0;
     c.palette = 1;
     for (int t = 0; t < 8; t++) {
         c.colsb[t] = 64;
         c.rows[t] = 16;
     }
-    _tile_loadconfig(&c);
+    _tile_loadconfig((const void *)&c);
 }
 #endif
