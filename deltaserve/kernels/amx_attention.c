@@ -98,6 +98,7 @@ static inline void ahead_step(ahead *a, int keys) {
 static inline __m512i row32(const uint8_t *c, int kind, int64_t row, int D, int d0, int bytes) {
     if (kind == KV_BF16) return _mm512_loadu_si512(c + (size_t)row * 2 * D + 2 * d0);
     const uint8_t *r = c + (size_t)row * (D + 4);
+    if (bytes && kind == KV_FP8) return fp8x32_bf16_div256(r + d0);
     const float sc = bytes ? 1.f : kv_row_scale(r, D);
     __m512 lo, hi;
     if (kind == KV_INT8) {

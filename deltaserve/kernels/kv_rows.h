@@ -59,6 +59,22 @@ static inline __m256 fp8x8_load_div256(const uint8_t *p) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* 32 e4m3 bytes as the bf16 bits of value / 256, exactly (what fp8x16_load_div256 gives, rounded to bf16 without
+ * loss), in integer steps: a normal byte's 7 magnitude bits shifted into bf16's exponent and mantissa fields, its
+ * exponent rebiased (7 + 8 -> 127); the subnormals (magnitude < 8: m x 2^-9 / 256 = m x 2^-17, normal in bf16)
+ * from a table; the sign moved to bit 15. ~8 instructions for 32 values, where the fp16 route takes ~10 for 16. */
+static inline __m512i fp8x32_bf16_div256(const uint8_t *p) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
+    const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         0x3860, 0x3840, 0x3820, 0x3800, 0x37C0, 0x3780, 0x3700, 0);
+    __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
+    r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub);
+    return _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000), 0xF8); /* r | (w<<8 & sign) */
+}
+#endif
+
 #ifdef __AVX512F__
 /* Row `row` of an int8 / fp8 cache as bf16 bits dst[0..D) (D a multiple of 16), value = dst * the returned factor.
  * Exact: int8 values are integers below 2^8 and e4m3 ones have 4 significant bits, both bf16 values (fp8 is read as
@@ -66,7 +82,12 @@ static inline __m256 fp8x8_load_div256(const uint8_t *p) {
 static inline __attribute__((always_inline)) float kv_row_bf16(const void *base, int kind, int64_t row, int D,
                                                                uint16_t *restrict dst) {
     const uint8_t *r = (const uint8_t *)base + row * ((int64_t)D + 4);
-    for (int d = 0; d < D; d += 16) {
+    int d0 = 0;
+#ifdef __AVX512BW__
+    if (kind != KV_INT8)
+        for (; d0 + 32 <= D; d0 += 32) _mm512_storeu_si512(dst + d0, fp8x32_bf16_div256(r + d0));
+#endif
+    for (int d = d0; d < D; d += 16) {
         const __m512 x = kind == KV_INT8
                              ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + d))))
                              : fp8x16_load_div256(r + d);
