@@ -8,7 +8,7 @@
 | `DELTASERVE_BF16_DOT` | `on` / `off` / `auto` | `auto` | bf16 pair products in the kernels (`auto`: measured once, `kernels/cpu_probe.py`) |
 | `DELTASERVE_LARGE_BATCH_LINEAR` | `bf16` / `fp32` / `auto` | `auto` | the weight form of bf16 linears for prefill-sized batches (`layers/linear.py`) |
 | `DELTASERVE_SPAN_ATTN` | `matmul` / `kernel` / `amx` / `auto` | `auto` | long query spans of a bf16 cache: bf16 matrix products (`layers/attention/span_matmul.py`), the tiled kernel, or the AMX tile kernel (`kernels/amx_attention.c`, Xeons with AMX) (`auto`: measured once, `span_probe.py`); a bf16 model's int8 / fp8 cache takes the AMX kernel where it runs unless this says `kernel` or `matmul` (then the tiled kernel) |
-| `DELTASERVE_AMX_SHORT` | `on` / `off` | `on` | with the AMX span kernel, steps of decode and verify spans on `kernels/amx_short.c`, and a bf16 model's int8 cache's on `kernels/amx_short_int8.c` (`off`: the short kernel and the AMX span kernel, as before them; A/B runs) |
+| `DELTASERVE_AMX_SHORT` | `on` / `off` | `on` | with the AMX span kernel, steps of decode and verify spans on `kernels/amx_short.c`, a bf16 model's int8 cache's on `kernels/amx_short_int8.c` and its fp8 cache's on `amx_short.c` (`off`: the short kernel and the AMX span kernel, as before them; A/B runs) |
 | `DELTASERVE_STEP_TRACE` | a file path | none | append one JSON line per engine step (profiling) |
 
 On/off switches all take one vocabulary: `on`, `1`, `true`, `yes` and `off`, `0`, `false`, `no` (any case);

@@ -1,4 +1,6 @@
-"""kernels/amx_short.c: decode and verify spans of a bf16 cache on AMX tiles (S^T = K.Q^T), against fp32 SDPA.
+"""kernels/amx_short.c: decode and verify spans of a bf16 cache on AMX tiles (S^T = K.Q^T), against fp32 SDPA; and of
+an fp8 e4m3 cache (rows as their exact bf16 values, K scales on S^T, V scales on P) against fp32 SDPA over the
+dequantized rows, as exact as the short kernel's pair path on the same rows.
 
 Tolerances as the AMX span kernel's (q and P rounded to bf16). Shapes cross the kernel's edges: key chunks of 128
 (contexts of 127/128/129 and more), 16-key tile blocks taken straight from the pool where their slots run (page 16)
@@ -14,9 +16,12 @@ import pytest
 import torch
 
 from deltaserve.kernels import paged_attention as native
+from deltaserve.kv.quant import FORMATS, dequantize_rows, quantize_rows
 from deltaserve.layers.attention import NativeCpuBackend, SeqSpan
 from deltaserve.layers.attention.native import TILED_MIN_ROWS_AMX
 from test_amx_attention import _case, check_against_reference, check_late_key
+from test_kv_quant_kernels import _every_byte_rows
+from test_span_attention import _reference
 from test_span_attention import forward_each, stateful_equals_stateless
 
 needs_amx_short = pytest.mark.skipif(not (native.supports_amx(torch.device("cpu"), torch.bfloat16, 64)
@@ -55,6 +60,55 @@ def test_a_late_key_far_above_the_running_max(key):
     check_late_key(native.paged_attention_amx_short, key)
 
 
+FP8 = FORMATS["fp8_e4m3"]
+
+
+def _fp8_case(H, Hkv, D, shape, page):
+    """`_case` with its K/V as fp8 rows (V spread over scales 0-4): q, fp8 K, fp8 V, slots, seqs, spans, and fp32
+    SDPA over the rows dequantize_rows reads back."""
+    g = torch.Generator().manual_seed(hash((H, D, page, len(shape), "fp8")) % 2**31)
+    q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, page)
+    kq = quantize_rows(kc.float(), FP8)  # [S, Hkv, D + 4] uint8
+    vq = quantize_rows(vc.float() * torch.rand(vc.shape[0], Hkv, 1, generator=g) * 4, FP8)
+    ref = _reference(q, dequantize_rows(kq, FP8), dequantize_rows(vq, FP8), spans, D**-0.5)
+    return q, kq, vq, sl, seqs, spans, ref
+
+
+@needs_amx_short
+@pytest.mark.parametrize("H,Hkv,D,shape", [c for c in CASES if c[3] is not SHAPES[-1]])
+@pytest.mark.parametrize("page", [1, 16])
+def test_fp8_rows_as_exact_as_the_pair_path(H, Hkv, D, shape, page):
+    """fp8 rows against fp32 SDPA over their dequantized values, at the bf16 modes' tolerance scaled to V, and no
+    worse on average than the short kernel's pair path (same rounding: q, P x v_scale in bf16) on the same rows."""
+    q, kq, vq, sl, seqs, _, ref = _fp8_case(H, Hkv, D, shape, page)
+    n = int(seqs[:, 1].sum())
+    out, pairs = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    native.paged_attention_amx_short(q, kq, vq, sl, seqs, D**-0.5, out, kind=FP8.kind)
+    native.paged_attention_short(q, kq, vq, sl, seqs, D**-0.5, pairs, True, kind=FP8.kind)
+    assert out[n:].isnan().all()  # rows of no listed span are untouched
+    big = max(1.0, float(ref[:n].abs().max()))
+    assert torch.allclose(out[:n], ref[:n], atol=5e-3 * big, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
+    err, err_pairs = (out[:n] - ref[:n]).abs().mean(), (pairs[:n] - ref[:n]).abs().mean()
+    assert err <= 1.25 * err_pairs + 1e-6, (err, err_pairs)
+
+
+@needs_amx_short
+@pytest.mark.parametrize("D", [32, 64])
+def test_fp8_one_token_context_is_the_v_row(D):
+    """With one key the output is the dequantized V row, up to P x v_scale's bf16 rounding (2^-8 relative): every fp8
+    byte value through the integer conversion, subnormals and the sign included, with scales of several magnitudes."""
+    Hkv, G = 2, 3
+    vc, vd = _every_byte_rows("fp8", D, Hkv)
+    n = vc.shape[0]
+    kc = quantize_rows(torch.randn(n, Hkv, D), FP8)
+    q = torch.randn(n, Hkv * G, D).to(torch.bfloat16).float()
+    out = torch.full(q.shape, float("nan"))
+    seqs = torch.tensor([[i, 1, i, 1] for i in range(n)])  # n sequences of one token, in one call
+    native.paged_attention_amx_short(q, kc, vc, torch.arange(n).flip(0), seqs, D**-0.5, out, kind=FP8.kind)
+    want = vd.flip(0).repeat_interleave(G, dim=1)  # [n, H, D]: sequence i reads slot n - 1 - i
+    assert torch.allclose(out, want, atol=0, rtol=2**-8), (out - want).abs().max()
+
+
 @needs_amx_short
 def test_rejects_what_it_does_not_take():
     g = torch.Generator().manual_seed(0)
@@ -64,8 +118,11 @@ def test_rejects_what_it_does_not_take():
     q, kc, vc, sl, seqs, _ = _case(g, 6, 2, 40, [(50, 2)], 1)  # head_dim 40: not a multiple of 32
     with pytest.raises(RuntimeError, match="unsupported shape"):
         native.paged_attention_amx_short(q, kc, vc, sl, seqs, 40**-0.5, torch.empty_like(q))
-    with pytest.raises(AssertionError, match="bf16 caches only"):
+    with pytest.raises(AssertionError, match="bf16 and fp8 caches only"):
         native.paged_attention_amx_short(q, kc.float(), vc.float(), sl, seqs, 40**-0.5, torch.empty_like(q))
+    kq = quantize_rows(kc.float(), FORMATS["int8"])  # int8 rows: amx_short_int8.c's
+    with pytest.raises(AssertionError, match="bf16 and fp8 caches only"):
+        native.paged_attention_amx_short(q, kq, kq, sl, seqs, 40**-0.5, torch.empty_like(q), kind=2)
 
 
 def _backend(amx_short: bool, H: int = 9, Hkv: int = 3) -> NativeCpuBackend:

@@ -133,19 +133,23 @@ def test_rejects_what_it_does_not_take():
     assert not native.supports_amx_short_int8(32, 2) and not native.supports_amx_short_int8(64, 65)
 
 
-def _backend(amx_short: bool) -> NativeCpuBackend:
+def _backend(amx_short: bool, fmt=INT8) -> NativeCpuBackend:
     return NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=TILED_MIN_ROWS_AMX, pairs=True,
-                            p_bf16=False, bf16_dot=True, kv_format=INT8, amx_short=amx_short)
+                            p_bf16=False, bf16_dot=True, kv_format=fmt, amx_short=amx_short)
 
 
-@needs_amx_int8
-def test_backend_forward_agrees_without_amx_short():
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_backend_forward_agrees_without_amx_short(name):
     """A decode and verify step of five agents over an int8 pool with and without the kernel (the short kernel's
-    integer path): both within the integer tolerance of the reference, K/V stored alike."""
+    integer path), and over an fp8 pool with and without amx_short.c's fp8 rows (the short kernel's pairs): each
+    within the bf16 output's tolerance of the reference, K/V stored alike."""
+    if not (native.supports_amx_short_int8(64, 3) if name == "int8" else native.amx_short_available()):
+        pytest.skip("no AMX here (Intel Xeon 4th gen or newer, with the tile state granted)")
+    fmt = FORMATS[name]
     g = torch.Generator().manual_seed(5)
     S, H, Hkv, D = 9000, 9, 3, 64
-    kc = quantize_rows(torch.randn(S, Hkv, D, generator=g), INT8)
-    vc = quantize_rows(torch.randn(S, Hkv, D, generator=g), INT8)
+    kc = quantize_rows(torch.randn(S, Hkv, D, generator=g), fmt)
+    vc = quantize_rows(torch.randn(S, Hkv, D, generator=g), fmt)
     perm, spans, write, q0, off = torch.randperm(S, generator=g), [], [], 0, 0
     for L, n in [(1500, 1), (900, 2), (3000, 9), (2600, 21), (77, 5)]:
         spans.append(SeqSpan(q0, n, perm[off : off + L]))
@@ -155,12 +159,12 @@ def test_backend_forward_agrees_without_amx_short():
     k = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
     v = torch.randn(q0, Hkv, D, generator=g).to(torch.bfloat16)
     outs = []
-    for b in (_backend(False), _backend(True)):
+    for b in (_backend(False, fmt), _backend(True, fmt)):
         kc2, vc2 = kc.clone(), vc.clone()
         meta = b.prepare(spans, torch.cat(write))
         assert (meta.amx_short is not None) == b.amx_short and (meta.short is None) == b.amx_short
         outs.append(b.forward(q.float(), k, v, kc2, vc2, meta, D**-0.5).float())
-    ref = _reference(q.float(), dequantize_rows(kc2, INT8), dequantize_rows(vc2, INT8),
+    ref = _reference(q.float(), dequantize_rows(kc2, fmt), dequantize_rows(vc2, fmt),
                      [(s.q_start, s.q_len, 0, len(s.kv_slots)) for s in spans], [s.kv_slots for s in spans], D**-0.5)
     for out in outs:
         assert torch.allclose(out, ref, atol=5e-3, rtol=1e-2), (out - ref).abs().max()  # bf16 output rounding
@@ -168,18 +172,21 @@ def test_backend_forward_agrees_without_amx_short():
 
 
 def test_selector_takes_it_for_a_bf16_models_int8_cache(monkeypatch):
-    """Runs everywhere: where the kernel builds a bf16 model's int8 cache gets it; fp8 caches, fp32 models (fp32
-    products), batch-invariant mode (every span in the tiled kernel) and DELTASERVE_AMX_SHORT=off do not. And a bf16
-    model's quantized rows take long spans on the AMX span kernel where it runs, unless DELTASERVE_SPAN_ATTN fixes
-    another path."""
+    """Runs everywhere: where the kernel builds a bf16 model's int8 cache gets it (and an fp8 one the AMX short
+    kernel's fp8 rows, where AMX runs); fp32 models (fp32 products), batch-invariant mode (every span in the tiled
+    kernel) and DELTASERVE_AMX_SHORT=off do not. And a bf16 model's quantized rows take long spans on the AMX span
+    kernel where it runs, unless DELTASERVE_SPAN_ATTN fixes another path."""
     def amx_short(dtype, name, D=64):
         return select_backend("cpu", dtype, D, 9, 3, kv_format=FORMATS[name]).amx_short
 
     here = native.supports_amx_short_int8(64, 3)
     assert amx_short(torch.bfloat16, "int8") is here
     assert not amx_short(torch.bfloat16, "int8", D=32)  # head_dim 32: the short kernel's integer path
-    assert not amx_short(torch.bfloat16, "fp8_e4m3") and not amx_short(torch.float32, "int8")
-    assert not select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=INT8, batch_invariant=True).amx_short
+    assert amx_short(torch.bfloat16, "fp8_e4m3") is native.amx_short_available()
+    assert not amx_short(torch.float32, "int8") and not amx_short(torch.float32, "fp8_e4m3")
+    for name in ("int8", "fp8_e4m3"):
+        assert not select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=FORMATS[name],
+                                  batch_invariant=True).amx_short
     amx_spans = native.supports_amx(torch.device("cpu"), torch.uint8, 64)
     for name in ("int8", "fp8_e4m3"):  # long spans of quantized rows: the AMX span kernel, unless fixed otherwise
         assert (select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=FORMATS[name]).span_path == "amx") \
@@ -188,10 +195,7 @@ def test_selector_takes_it_for_a_bf16_models_int8_cache(monkeypatch):
         assert select_backend("cpu", torch.bfloat16, 64, 9, 3, kv_format=FORMATS[name]).span_path == "kernel"
         monkeypatch.delenv("DELTASERVE_SPAN_ATTN")
     monkeypatch.setenv("DELTASERVE_AMX_SHORT", "off")
-    assert not amx_short(torch.bfloat16, "int8")
-    with pytest.raises(AssertionError, match="bf16 and int8 rows only"):
-        NativeCpuBackend(9, 3, short=True, tiled=True, tiled_min_rows=9, pairs=True, p_bf16=False, bf16_dot=True,
-                         kv_format=FORMATS["fp8_e4m3"], amx_short=True)
+    assert not amx_short(torch.bfloat16, "int8") and not amx_short(torch.bfloat16, "fp8_e4m3")
 
 
 def _decode_logprobs(model, attn, ids: list[int], prefix: int, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor]:

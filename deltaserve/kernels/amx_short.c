@@ -8,9 +8,9 @@
  * load; other rows are copied, never transposed), and the softmax runs down the keys, one vector of rows a key,
  * with no horizontal reductions.
  *
- * Same contract as amx_attention.c (bf16 cache, kv_kind 1, only):
+ * Same contract as amx_attention.c, for bf16 caches (kv_kind 1) and fp8 e4m3 ones (3):
  *   q     [num_q_tokens, H, D] float32 (holding a bf16 model's values: rounded to bf16 here, exact for those)
- *   k, v  [num_slots, Hkv, D] bfloat16         slots [sum of kv_len] int64
+ *   k, v  [num_slots, Hkv, D] bfloat16 (or [num_slots, Hkv, D + 4] bytes)     slots [sum of kv_len] int64
  *   seqs  [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len      out [num_q_tokens, H, D] float32
  * Query i of a sequence sits at context position kv_len - q_len + i and sees keys 0..that position. Rows r = i * G + h
  * of kv head g (h the head in its group), at most MAXRS a sequence.
@@ -19,8 +19,11 @@
  * head, K then V. A sequence's keys split into parts when there are fewer items than SPLIT_ITEMS a thread; parts
  * end on keys every row sees (so every part has a key for every row) and are merged by their maxima as in flash
  * decoding. q and P are rounded to bf16 (as amx_attention.c and the tiled kernel's p_bf16 mode), sums are fp32.
+ * fp8 rows go into the tiles as the exact bf16 bits of value / 256 (kv_rows.h's fp8x32_bf16_div256; K rows copied,
+ * never straight from the pool), with K's row scales applied to S^T and V's to P before its bf16 rounding, as the
+ * short kernel's pair path does; the denominator sums P unscaled.
  * Returns 0, 1 when out of memory, 2 for a shape or kind it does not take (more than MAXRS rows a sequence, D not a
- * multiple of 32 up to 256, a cache other than bf16, no AMX).
+ * multiple of 32 up to 256, a cache other than bf16 or fp8, no AMX).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,6 +40,7 @@ ATTENTION_KERNEL_STUB(paged_attention_amx_short)
 #include <omp.h>
 
 #include "amx_tiles.h"
+#include "kv_rows.h"
 #include "simd_exp.h"
 #include "transpose16.h"
 
@@ -59,11 +63,13 @@ typedef struct {
     uint16_t *vb; /* [KC/2][D][2] V in key pairs */
     float *st;    /* [KC][NC * 16] S^T */
     uint32_t *pa; /* [NC][KC/32][16][16] P in key pairs: A tiles (row r: 16 pairs of keys) */
+    float *ks, *vs; /* [KC] an fp8 cache's K and V rows' factors (scale x 256; 0 past the chunk's keys) */
 } scratch;
 
 static void scratch_free(void *p) {
     scratch *w = p;
     free(w->qt); free(w->o); free(w->m); free(w->l); free(w->kb); free(w->vb); free(w->st); free(w->pa);
+    free(w->ks); free(w->vs);
     free(w);
 }
 
@@ -74,17 +80,21 @@ static void scratch_free(void *p) {
 typedef struct {
     const char *k, *v;
     const int64_t *sl; /* the next chunk's slots */
-    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, whole lines) */
-    int key, line;     /* the next line to fetch: of key `key`'s K row, then (line >= row / 64) its V row */
+    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, or Hkv x (D + 4) for fp8) */
+    int key, line;     /* the next line to fetch: of key `key`'s K row, then (line >= lines_of(row)) its V row */
     int per;           /* lines a step */
 } ahead;
 
+/* fetches a slot's row takes: its 64-byte steps, and its last byte where the row is not whole lines (an fp8 row of
+ * 3 x 68 bytes may touch 5 lines wherever it starts) */
+static inline int lines_of(int row) { return row % 64 ? row / 64 + 2 : row / 64; }
+
 static inline void ahead_step(ahead *a) {
-    const int lr = a->row / 64;
+    const int lr = lines_of(a->row);
     for (int n = 0; n < a->per && a->key < a->keys; n++) {
-        const char *base = a->line < lr ? a->k + (size_t)a->sl[a->key] * a->row + (size_t)a->line * 64
-                                        : a->v + (size_t)a->sl[a->key] * a->row + (size_t)(a->line - lr) * 64;
-        __builtin_prefetch(base, 0, 2);
+        const int ln = a->line < lr ? a->line : a->line - lr;
+        const size_t off = (size_t)a->sl[a->key] * a->row + (ln * 64 < a->row ? (size_t)ln * 64 : (size_t)a->row - 1);
+        __builtin_prefetch((a->line < lr ? a->k : a->v) + off, 0, 2);
         if (++a->line == 2 * lr) a->line = 0, a->key++;
     }
 }
@@ -108,15 +118,26 @@ static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g,
         }
 }
 
+/* S^T rows j of a 16-key block times their K rows' factors f[j] */
+static inline void scale_rows(float *st, int NCS, const float *f) {
+    for (int j = 0; j < 16; j++) {
+        const __m512 fj = _mm512_set1_ps(f[j]);
+        for (int c = 0; c < NCS; c += 16)
+            _mm512_storeu_ps(st + (size_t)j * NCS + c, _mm512_mul_ps(_mm512_loadu_ps(st + (size_t)j * NCS + c), fj));
+    }
+}
+
 #define TDP_COL(C, BT) /* S^T column tile C += A(4) . Q^T tile (ks, C), through B tile BT */                       \
     do {                                                                                                          \
         _tile_loadd(BT, qt + (((size_t)ks * NC + C) * 16) * 16, 64);                                              \
         _tile_dpbf16ps(C, 4, BT);                                                                                 \
     } while (0)
 
-/* st[0..kcp)[0..NC*16) = K rows of head g for keys [0, kcp) of the chunk (zero past kc) . Q^T */
-static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, int NC,
-                     const uint32_t *qt, uint16_t *kb, float *st, ahead *ah) {
+/* st[0..kcp)[0..NC*16) = K rows of head g for keys [0, kcp) of the chunk (zero past kc) . Q^T; an fp8 cache's
+ * (kind KV_FP8) rows as value / 256, each S^T row then times its factor ks[j] */
+static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, int NC,
+                     const uint32_t *qt, uint16_t *kb, const float *ks, float *st, ahead *ah) {
+    const uint16_t *k = (const uint16_t *)kc8;
     const int NCS = NC * 16;
     /* D = 64 and up to 32 rows (decode; verify of up to 32 / G tokens): the four Q^T tiles stay in tile registers */
     const int resident = D == 64 && NC <= 2;
@@ -132,7 +153,13 @@ static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int 
         ahead_step(ah);
         const uint16_t *a = kb;
         size_t as = (size_t)D * 2;
-        if (j0 + 16 <= kc && run16(sl + j0)) {
+        if (kind == KV_FP8) {
+            for (int j = 0; j < 16; j++)
+                for (int d = 0; d < D; d += 32)
+                    _mm512_storeu_si512(kb + (size_t)j * D + d,
+                                        j0 + j < kc ? fp8x32_bf16_div256(kc8 + ((size_t)sl[j0 + j] * Hkv + g) * (D + 4) + d)
+                                                    : _mm512_setzero_si512());
+        } else if (j0 + 16 <= kc && run16(sl + j0)) {
             a = k + ((size_t)sl[j0] * Hkv + g) * D;
             as = (size_t)Hkv * D * 2;
         } else {
@@ -154,6 +181,7 @@ static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int 
             if (NC > 1) _tile_dpbf16ps(1, 2, 7);
             _tile_stored(0, dst, NCS * 4);
             if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
+            if (kind == KV_FP8) scale_rows(dst, NCS, ks + j0);
             continue;
         }
         _tile_zero(0);
@@ -171,6 +199,7 @@ static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int 
         if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
         if (NC > 2) _tile_stored(2, dst + 32, NCS * 4);
         if (NC > 3) _tile_stored(3, dst + 48, NCS * 4);
+        if (kind == KV_FP8) scale_rows(dst, NCS, ks + j0);
     }
 }
 
@@ -178,16 +207,26 @@ static void scores_t(const uint16_t *k, const int64_t *sl, int kc, int kcp, int 
  * pairs (V[j][d], V[j+1][d]) of dims d0 + {0-3, 8-11, 16-19, 24-27} then of d0 + {4-7, 12-15, 20-23, 28-31} (what
  * vpunpcklwd / vpunpckhwd give, one shuffle a vector where an ordered interleave takes three): the output's dims come
  * out in that order, put back by unshuffle_row. */
-static void pack_v(const uint16_t *v, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, uint16_t *vb,
-                   ahead *ah) {
+static inline __m512i v32(const uint8_t *row, int kind, int d0) {
+    if (!row) return _mm512_setzero_si512();
+    return kind == KV_FP8 ? fp8x32_bf16_div256(row + d0) : _mm512_loadu_si512(row + 2 * d0);
+}
+
+/* (an fp8 cache's rows as value / 256, their factors to vs) */
+static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D,
+                   uint16_t *vb, float *vs, ahead *ah) {
+    const size_t rbytes = kind == KV_FP8 ? (size_t)D + 4 : (size_t)D * 2;
     for (int j = 0; j < kcp; j += 2) {
         ahead_step(ah);
         uint16_t *dst = vb + (size_t)(j / 2) * D * 2;
-        const uint16_t *ra = j < kc ? v + ((size_t)sl[j] * Hkv + g) * D : NULL;
-        const uint16_t *rb = j + 1 < kc ? v + ((size_t)sl[j + 1] * Hkv + g) * D : NULL;
+        const uint8_t *ra = j < kc ? v + ((size_t)sl[j] * Hkv + g) * rbytes : NULL;
+        const uint8_t *rb = j + 1 < kc ? v + ((size_t)sl[j + 1] * Hkv + g) * rbytes : NULL;
+        if (kind == KV_FP8) {
+            vs[j] = ra ? kv_row_scale(ra, D) * 256.f : 0.f;
+            vs[j + 1] = rb ? kv_row_scale(rb, D) * 256.f : 0.f;
+        }
         for (int d0 = 0; d0 < D; d0 += 32) {
-            const __m512i a = ra ? _mm512_loadu_si512(ra + d0) : _mm512_setzero_si512();
-            const __m512i b = rb ? _mm512_loadu_si512(rb + d0) : _mm512_setzero_si512();
+            const __m512i a = v32(ra, kind, d0), b = v32(rb, kind, d0);
             _mm512_storeu_si512(dst + 2 * d0, _mm512_unpacklo_epi16(a, b));
             _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_unpackhi_epi16(a, b));
         }
@@ -210,7 +249,7 @@ static inline void unshuffle_row(const float *src, int D, float scale, float *ds
  * to bf16 and written as A tiles of key pairs to pa; returns the lanes' sums of the rounded values and their largest
  * exponent in *tmax. */
 static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 ref, __m512i vis, int masked,
-                       uint32_t *pa, __m512 *tmax, ahead *ah) {
+                       const float *vs, uint32_t *pa, __m512 *tmax, ahead *ah) {
     /* word 2r of the pair vector = even key's P of row r, word 2r + 1 the odd key's */
     const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -237,6 +276,14 @@ static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 
                 e0 = exp2_bf16(t0);
                 e1 = exp2_bf16(t1);
             }
+            if (vs) { /* fp8: P x the V row's factor is what meets V's bytes; the denominator sums P */
+                sum = _mm512_add_ps(sum, e0);
+                sum2 = _mm512_add_ps(sum2, e1);
+                w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(
+                                                            _mm512_mul_ps(e1, _mm512_set1_ps(vs[j + 1])),
+                                                            _mm512_mul_ps(e0, _mm512_set1_ps(vs[j]))));
+                continue;
+            }
             w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
             /* the sum of the rounded values, which P.V weighs: a row dominated by one key then gets that key's V
              * exactly (with the lazy reference its P is not 1, and its rounding would scale the whole row) */
@@ -256,12 +303,12 @@ static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 
  * [16][D]). Lazy reference as in amx_attention.c: the rows keep theirs while no P of the chunk passes 2^LAZY_MAX;
  * else (and on the first chunk) every row takes its running maximum and its output is rescaled. */
 static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2, __m512i vis, int masked, float *m,
-                         float *l, float *o, int D, uint32_t *pa, ahead *ah) {
+                         float *l, float *o, int D, const float *vs, uint32_t *pa, ahead *ah) {
     const __m512 sc = _mm512_set1_ps(scale2);
     const __m512 mv = _mm512_loadu_ps(m);
     __m512 tmax;
     if (!_mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ)) {
-        const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mv, vis, masked, pa, &tmax, ah);
+        const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mv, vis, masked, vs, pa, &tmax, ah);
         if (_mm512_reduce_max_ps(tmax) <= LAZY_MAX) {
             _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
             return;
@@ -274,7 +321,7 @@ static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2,
     }
     const __m512 mnew = _mm512_max_ps(mv, _mm512_mul_ps(cm, sc)); /* scale2 > 0: the max commutes with it */
     rescale_lanes(mv, mnew, l, o, D);
-    const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, pa, &tmax, ah);
+    const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, vs, pa, &tmax, ah);
     _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
     _mm512_storeu_ps(m, mnew);
 }
@@ -314,7 +361,7 @@ static void accumulate_pv(const uint32_t *pa, const uint16_t *vb, int D, int NC,
         }
 }
 
-static void item(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *sl, int64_t q_start,
+static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
                  const partials *pt, scratch *w) {
     const int G = H / Hkv, R = (int)q_len * G, NC = (R + 15) / 16, NCS = NC * 16;
@@ -332,7 +379,7 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 31) & ~31;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
-        const int row = Hkv * D * 2, lines = nx > 0 ? (int)nx * 2 * (row / 64) : 0;
+        const int row = Hkv * (int)kv_row_bytes(kind, D), lines = nx > 0 ? (int)nx * 2 * lines_of(row) : 0;
         const int steps = Hkv * (kcp / 16 + kcp / 2 + NC * kcp / 2); /* ahead_step calls in the chunk, about */
         ahead ah = {(const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, row, 0, 0,
                     (lines + steps - 1) / steps};
@@ -347,12 +394,16 @@ static void item(const float *q, const uint16_t *k, const uint16_t *v, const int
             masked |= vis < kcp;
         }
         for (int g = 0; g < Hkv; g++) {
-            scores_t(k, sl + c0, kc, kcp, Hkv, g, D, NC, w->qt + g * qts, w->kb, w->st, &ah);
-            pack_v(v, sl + c0, kc, kcp, Hkv, g, D, w->vb, &ah);
+            if (kind == KV_FP8)
+                for (int j = 0; j < kcp; j++)
+                    w->ks[j] = j < kc ? kv_row_scale(k + ((size_t)sl[c0 + j] * Hkv + g) * (D + 4), D) * 256.f : 0.f;
+            scores_t(k, kind, sl + c0, kc, kcp, Hkv, g, D, NC, w->qt + g * qts, w->kb, w->ks, w->st, &ah);
+            pack_v(v, kind, sl + c0, kc, kcp, Hkv, g, D, w->vb, w->vs, &ah);
             for (int c = 0; c < NC; c++)
                 softmax_cols(w->st, NCS, c, kcp, scale2, _mm512_loadu_si512(visr + c * 16), masked,
                              w->m + g * MAXRS + c * 16, w->l + g * MAXRS + c * 16,
-                             w->o + ((size_t)g * MAXRS + c * 16) * D, D, w->pa + (size_t)c * (KC / 32) * 256, &ah);
+                             w->o + ((size_t)g * MAXRS + c * 16) * D, D, kind == KV_FP8 ? w->vs : NULL,
+                             w->pa + (size_t)c * (KC / 32) * 256, &ah);
             accumulate_pv(w->pa, w->vb, D, NC, kcp, w->o + (size_t)g * MAXRS * D);
         }
     }
@@ -389,15 +440,17 @@ static void *scratch_new(const call *c) {
     w->vb = alloc64((size_t)KC * D * 2);
     w->st = alloc64((size_t)KC * MAXRS * 4);
     w->pa = alloc64((size_t)4 * (KC / 32) * 256 * 4);
-    if (w->qt && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa) return w;
+    w->ks = alloc64(KC * 4);
+    w->vs = alloc64(KC * 4);
+    if (w->qt && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa && w->ks && w->vs) return w;
     scratch_free(w);
     return NULL;
 }
 
 static void run_item(const call *c, const work *it, const partials *pt, void *w) {
     const int64_t *sq = c->seqs + 4 * it->s;
-    item(c->q, (const uint16_t *)c->k, (const uint16_t *)c->v, c->slots + sq[2], sq[0], sq[1], sq[3], it, c->H, c->Hkv,
-         c->D, c->scale, c->out, pt, w);
+    item(c->q, (const uint8_t *)c->k, (const uint8_t *)c->v, c->kind, c->slots + sq[2], sq[0], sq[1], sq[3], it, c->H,
+         c->Hkv, c->D, c->scale, c->out, pt, w);
 }
 
 static void merge_rows(const call *c, const work *it, int n_parts, const partials *pt) {
@@ -413,8 +466,10 @@ int paged_attention_amx_short(const float *q, const void *k, const void *v, int 
                               const int64_t *seqs, int n_seqs, int H, int Hkv, int D, float scale, float *out,
                               int mode) {
     (void)mode;
-    if (kv_kind != 1 || D % 32 != 0 || D > MAXD || H % Hkv != 0 || !paged_attention_amx_short_available()) return 2;
-    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out};
+    if ((kv_kind != KV_BF16 && kv_kind != KV_FP8) || D % 32 != 0 || D > MAXD || H % Hkv != 0 ||
+        !paged_attention_amx_short_available())
+        return 2;
+    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out, kv_kind};
     const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_rows};
     return run_items(&c, MAXRS, &ops);
 }

@@ -489,7 +489,7 @@ int paged_attention_amx_short_int8(const float *q, const void *k, const void *v,
     if (kv_kind != 2 || D % 64 != 0 || D > MAXD || Hkv > 64 || H % Hkv != 0 ||
         !paged_attention_amx_short_int8_available())
         return 2;
-    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out};
+    const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out, kv_kind};
     const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_lanes};
     return run_items(&c, MAXRS, &ops);
 }

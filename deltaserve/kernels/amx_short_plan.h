@@ -123,6 +123,7 @@ typedef struct {
     int n_seqs, H, Hkv, D;
     float scale;
     float *out;
+    int kind; /* the cache's rows (kv_rows.h), for a kernel that takes more than one */
 } call;
 
 /* A kernel's side of run_items: a thread's scratch (NULL when out of memory), one work item, and the rows of a split

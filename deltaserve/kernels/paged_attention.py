@@ -206,19 +206,22 @@ def paged_attention_amx(
 
 def paged_attention_amx_short(
     q: torch.Tensor,  # [T, H, D] float32 holding bf16 values (a bf16 model's), contiguous
-    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16, contiguous
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D] bf16 or [num_slots, Hkv, D + 4] uint8 (fp8 rows), contiguous
     v_cache: torch.Tensor,
     slots: torch.Tensor,  # [sum kv_len] int64: the sequences' slot lists concatenated
     seqs: torch.Tensor,  # [n_seqs, 4] int64: q_start, q_len, kv_offset, kv_len; q_len x H / Hkv <= 64
     scale: float,
     out: torch.Tensor,  # [T, H, D] float32; rows of the listed sequences' queries are written
+    kind: int | None = None,
 ) -> None:
     """Same contract and rounding as `paged_attention_amx` (q and P in bf16, fp32 sums), for spans of at most
     AMX_SHORT_MAX_ROWS rows a sequence (decode, speculative verify): S^T = K.Q^T with K rows as the pool stores
     them, the softmax down the keys, a sequence's keys split into parts where the threads need work
-    (`amx_short.c`). Figures: docs/perf/2026-12-05-xeon-amx-short.md."""
-    assert k_cache.dtype == torch.bfloat16, "the AMX kernels read bf16 caches only"
-    rc = _LIBS["amx_short"].paged_attention_amx_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, None), 0)
+    (`amx_short.c`). kind 3: fp8 e4m3 rows, read as their exact bf16 values with the K scales on the scores and
+    the V scales on P before its bf16 rounding (the short kernel's pair rounding). Figures:
+    docs/perf/2026-12-05-xeon-amx-short.md, docs/perf/2026-12-06-xeon-amx-span-pipeline.md."""
+    assert k_cache.dtype == torch.bfloat16 or kind == 3, "the AMX short kernel reads bf16 and fp8 caches only"
+    rc = _LIBS["amx_short"].paged_attention_amx_short(*_args(q, k_cache, v_cache, slots, seqs, scale, out, kind), 0)
     _check(rc, "paged_attention_amx_short", q, k_cache,
            f", q_len {seqs[:, 1].tolist()}: at most {AMX_SHORT_MAX_ROWS} rows a sequence")
 

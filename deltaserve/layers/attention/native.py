@@ -131,7 +131,8 @@ class NativeCpuBackend(AttentionBackend):
     goes to both kernels, which otherwise take the kind the cache's dtype says (fp32 or bf16).
     amx_short: in a step whose spans all have at most AMX_SHORT_MAX_ROWS rows (q_len x group: decode, verify), the
     AMX short kernel takes them all: `amx_short.c` for a bf16 model and cache (the selector sets it with span_path
-    "amx"; a variant with another span path keeps it), `amx_short_int8.c` for a bf16 model's int8 cache.
+    "amx"; a variant with another span path keeps it) and for a bf16 model's fp8 cache, `amx_short_int8.c` for a
+    bf16 model's int8 cache.
     """
 
     num_heads: int
@@ -151,8 +152,6 @@ class NativeCpuBackend(AttentionBackend):
         assert self.span_path in ("kernel", "matmul", "amx"), self.span_path
         assert self.tiled or self.span_path == "kernel", "the span paths replace the tiled kernel's long spans"
         assert self.num_heads % self.num_kv_heads == 0
-        assert not (self.amx_short and self.kv_format is not None and self.kv_format.quantized
-                    and self.kv_format.name != "int8"), "the AMX short kernels read bf16 and int8 rows only"
 
     @property
     def fp32_q(self) -> bool:
@@ -227,8 +226,12 @@ class NativeCpuBackend(AttentionBackend):
             if meta.amx is not None:
                 native.paged_attention_amx(q32, k_cache, v_cache, meta.amx.slots, meta.amx.seqs, scale, out32, **kind)
             if meta.amx_short is not None:
-                amx_short = native.paged_attention_amx_short if fmt is None else native.paged_attention_amx_short_int8
-                amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs, scale, out32)
+                if fmt is not None and fmt.name == "int8":
+                    native.paged_attention_amx_short_int8(q32, k_cache, v_cache, meta.amx_short.slots,
+                                                          meta.amx_short.seqs, scale, out32)
+                else:
+                    native.paged_attention_amx_short(q32, k_cache, v_cache, meta.amx_short.slots, meta.amx_short.seqs,
+                                                     scale, out32, **kind)
             out = out32 if dtype == torch.float32 else out32.to(dtype)
         if meta.long:
             attend_long(q, k_cache, v_cache, meta.long, scale, self.num_heads != self.num_kv_heads, out, fmt)

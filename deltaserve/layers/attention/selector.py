@@ -77,7 +77,8 @@ def select_backend(device: torch.device | str, kv_dtype: torch.dtype, head_dim: 
         # AMX span kernel for a verify of 4 x 9 at 6k (kernel alone, docs/perf/2026-12-05-xeon-amx-short.md)
         amx_short=env.amx_short() and (span_path == "amx" and kv_bf16 and native.amx_short_available()
                                        or not batch_invariant and _int8_amx_short(fmt, kv_dtype, head_dim,
-                                                                                  num_kv_heads)))
+                                                                                  num_kv_heads)
+                                       or not batch_invariant and _fp8_amx_short(fmt, kv_dtype, head_dim)))
 
 
 def _int8_amx_short(fmt: KVFormat, kv_dtype: torch.dtype, head_dim: int, num_kv_heads: int) -> bool:
@@ -87,3 +88,13 @@ def _int8_amx_short(fmt: KVFormat, kv_dtype: torch.dtype, head_dim: int, num_kv_
     decode 4 @6k 33.9 vs 30.4 ms, verify 4x5 @6k 83.2 vs 41.2, 4x9 @6k 92.7 vs 57.4, 4x9 @1.5k 40.9 vs 31.0, decode
     1 @1.5k 13.4 vs 13.6 (docs/perf/2026-12-05-xeon-amx-int8.md)."""
     return fmt.name == "int8" and kv_dtype == torch.bfloat16 and native.supports_amx_short_int8(head_dim, num_kv_heads)
+
+
+def _fp8_amx_short(fmt: KVFormat, kv_dtype: torch.dtype, head_dim: int) -> bool:
+    """A bf16 model's fp8 cache takes the AMX short kernel (`amx_short.c`, fp8 rows as their exact bf16 values) where
+    it runs, in the short kernel's pair rounding. Kernel alone on a 2-core AMX Xeon, 30 layers of SmolLM2's heads
+    (`scripts/kernel_times.py`), the pairs vs it: verify 4 x 9 @4k 105.9 vs 39.2 ms, decode 8 x 8k 129.3 vs 107.5,
+    4 x 4k 28.6 vs 25.0, where the bf16 cache's AMX short kernel took 35.2 / 103.3 / 25.0
+    (docs/perf/2026-12-06-xeon-amx-span-pipeline.md)."""
+    return fmt.name == "fp8_e4m3" and kv_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256 \
+        and native.amx_short_available()
