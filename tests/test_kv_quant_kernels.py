@@ -211,11 +211,14 @@ def test_backend_on_a_quantized_pool_agrees_with_sdpa(fmt, kernels, dtype):
     assert torch.allclose(out, ref, atol=atol, rtol=rtol), (out - ref).abs().max()
 
 
+@pytest.mark.parametrize("fmt", list(FMTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_int8_rows_writes_what_quantize_rows_makes(dtype):
-    """The fused int8 write (`kernels/elementwise.c`, what the attention backends use to store a step's K/V) gives the
-    bytes `quantize_rows` + `index_copy_` give, bit for bit: rows of many magnitudes, an all-zero row, exact ties
-    (0.5 / 1.0 * 127 = 63.5 rounds half to even), and V's layout (a strided view of the fused qkv output)."""
+def test_store_quant_rows_writes_what_quantize_rows_makes(fmt, dtype):
+    """The fused int8 / fp8 write (`kernels/elementwise.c`, what the attention backends use to store a step's K/V)
+    gives the bytes `quantize_rows` + `index_copy_` give, bit for bit: rows of many magnitudes, an all-zero row, a
+    negative zero, exact ties (int8: 0.5 / 1.0 * 127 = 63.5 rounds half to even; fp8: halfway between e4m3 steps,
+    normal and subnormal, and values rounding up into the next binade or the smallest normal), and V's layout (a
+    strided view of the fused qkv output)."""
     from deltaserve.kernels import elementwise
 
     if not elementwise.available():
@@ -225,13 +228,25 @@ def test_store_int8_rows_writes_what_quantize_rows_makes(dtype):
     qkv = torch.randn(T, 5 * Hkv * D, generator=g) * torch.logspace(-4, 3, T)[:, None]  # [T, W]
     x = qkv[:, 2 * Hkv * D : 3 * Hkv * D].reshape(T, Hkv, D)  # [T, Hkv, D], token stride W
     x[0, 1] = 0.0
-    x[1, 0, :4] = torch.tensor([1.0, 0.5, -0.5, 0.25])  # scale 1 / 127: 127, 63.5 -> 64, -63.5 -> -64, 31.75
+    x[0, 2, 5] = -0.0
+    x[1, 0, :4] = torch.tensor([1.0, 0.5, -0.5, 0.25])  # int8 scale 1 / 127: 127, 63.5 -> 64, -63.5 -> -64, 31.75
     x[1, 0, 4:] = x[1, 0, 4:].clamp(-0.9, 0.9)
+    # fp8 with the row's scale 1 (amax 448): ties between steps (1.0625 between 1 and 1.125 -> 1; 1.1875 -> 1.25;
+    # 2^-6 x 1.0625), subnormal ties (2.5 x 2^-9 -> 2 x 2^-9; 3.5 x 2^-9 -> 4), 7.5 x 2^-9 -> 2^-6 (the smallest
+    # normal), 1.9375 -> 2 (the next binade), 440 -> 448 (the largest)
+    ties = [448.0, 1.0625, 1.1875, -1.0625, 2**-6 * 1.0625, 2.5 * 2**-9, -3.5 * 2**-9, 7.5 * 2**-9, 1.9375, 440.0,
+            1e-7]
+    x[2, 1, : len(ties)] = torch.tensor(ties)
+    x[2, 1, len(ties) :] = x[2, 1, len(ties) :].clamp(-400, 400)
     x = x.to(dtype)
     slots = torch.randperm(40, generator=g)[:T]
     cache = torch.full((40, Hkv, D + 4), 0xAB, dtype=torch.uint8)
-    want = cache.clone().index_copy_(0, slots, quantize_rows(x, FMTS["int8"]))
-    assert elementwise.takes_int8_rows(x, cache, slots)
-    elementwise.store_int8_rows(x, cache, slots)
-    assert torch.equal(cache, want)
-    assert cache[slots[1], 0, :4].view(torch.int8).tolist() == [127, 64, -64, 32]
+    want = cache.clone().index_copy_(0, slots, quantize_rows(x, FMTS[fmt]))
+    assert elementwise.takes_quant_rows(x, cache, slots)
+    elementwise.store_quant_rows(x, cache, slots, FMTS[fmt].kind)
+    assert torch.equal(cache, want), (cache != want).nonzero()[:5]
+    if fmt == "int8":
+        assert cache[slots[1], 0, :4].view(torch.int8).tolist() == [127, 64, -64, 32]
+    elif dtype == torch.float32:
+        got = cache[slots[2], 1, : len(ties)].view(torch.float8_e4m3fn).float().tolist()
+        assert got == [448.0, 1.0, 1.25, -1.0, 2**-6, 2 * 2**-9, -4 * 2**-9, 2**-6, 2.0, 448.0, 0.0]

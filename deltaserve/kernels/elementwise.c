@@ -14,8 +14,8 @@
  *                   -> q32 [T, H, D] float32 (rotated, bf16 values), k [T, Hkv, D] bf16 (rotated); or, given
  *                   bf16 caches [num_slots, Hkv, D] and slots [T], k rotated and v (qkv's next Hkv heads) copied
  *                   straight into cache rows slots[t]
- *   store_int8_rows: x [T, Hkv, D] fp32 or bf16 (token stride ldx, heads contiguous), slots [T]
- *                   -> cache rows [slots[t], h] of an int8 KV cache [num_slots, Hkv, D + 4] (kv/quant.py)
+ *   store_quant_rows: x [T, Hkv, D] fp32 or bf16 (token stride ldx, heads contiguous), slots [T]
+ *                   -> cache rows [slots[t], h] of an int8 / fp8 KV cache [num_slots, Hkv, D + 4] (kv/quant.py)
  * Rows are split across OpenMP threads when there are enough of them to pay for the fork.
  */
 #include <math.h>
@@ -127,13 +127,28 @@ int rope_qk_bf16(const uint16_t *qkv, int64_t W, const uint16_t *cos_t, const ui
     return 0;
 }
 
-/* One step's K or V rows quantized straight into an int8 cache, bit for bit as kv/quant.py's quantize_rows (then
- * index_copy_) writes them: scale = amax / 127, the multiplier (1 / amax) * 127 (torch's scalar / tensor is a
- * reciprocal times the scalar), bytes round(x * multiplier) half to even, clamped to +-127; an all-zero row keeps
- * scale 0 and zero bytes. In PyTorch that was ~12 ops a layer (a fresh tensor each), ~4 ms of an 8 x 8k decode step
- * for SmolLM2; rows are few (tokens x kv heads), so one thread. */
-void store_int8_rows(const void *x, int bf16, int64_t ldx, int64_t T, int Hkv, int D, uint8_t *cache,
-                     const int64_t *slots) {
+/* fp32 y (|y| <= 448, the caller clamps) as a float8 e4m3fn byte, rounded to nearest even as torch's
+ * .to(torch.float8_e4m3fn) does: below 2^-6 the subnormal steps of 2^-9 (q = 8 is 2^-6, byte 0x08, where the
+ * normals continue); above, fp32's mantissa rounded to 3 bits and the exponent rebiased (127 -> 7). */
+static inline uint8_t fp8_e4m3_from_f32(float y) {
+    union { float f; uint32_t u; } c = {y};
+    const uint8_t sign = (uint8_t)((c.u >> 24) & 0x80);
+    c.u &= 0x7FFFFFFFu;
+    if (c.f < 0x1p-6f) return sign | (uint8_t)nearbyintf(c.f * 512.f);
+    c.u += 0x7FFFFu + ((c.u >> 20) & 1u); /* round half to even at mantissa bit 20 */
+    return sign | (uint8_t)((((c.u >> 23) - 120u) << 3) | ((c.u >> 20) & 7u));
+}
+
+/* One step's K or V rows quantized straight into an int8 (kind 2) or fp8 e4m3 (kind 3) cache, bit for bit as
+ * kv/quant.py's quantize_rows (then index_copy_) writes them: scale = amax / top (127 or 448), the multiplier
+ * (1 / amax) * top (torch's scalar / tensor is a reciprocal times the scalar); int8 bytes round(x * multiplier)
+ * half to even, clamped to +-127; fp8 bytes x * multiplier clamped to +-448, rounded to e4m3 half to even. An
+ * all-zero row keeps scale 0 and zero bytes (fp8: -0.0 keeps its sign, as in torch). In PyTorch that was ~12 ops
+ * a layer (a fresh tensor each), ~4 ms of an 8 x 8k int8 decode step for SmolLM2 and ~9 ms of an fp8 one at any
+ * context; rows are few (tokens x kv heads), so one thread. NaN inputs are not handled as torch does. */
+void store_quant_rows(const void *x, int bf16, int64_t ldx, int64_t T, int Hkv, int D, uint8_t *cache,
+                      const int64_t *slots, int kind) {
+    const float top = kind == 2 ? 127.0f : 448.0f;
     float v[512];
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < Hkv; h++) {
@@ -142,13 +157,19 @@ void store_int8_rows(const void *x, int bf16, int64_t ldx, int64_t T, int Hkv, i
                 v[d] = bf16 ? bf16_to_f32(((const uint16_t *)x)[off + d]) : ((const float *)x)[off + d];
             float amax = 0.f;
             for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(v[d]));
-            const float scale = amax / 127.0f;
-            const float mul = amax > 0.f ? (1.0f / amax) * 127.0f : 0.f;
+            const float scale = amax / top;
+            const float mul = amax > 0.f ? (1.0f / amax) * top : 0.f;
             uint8_t *dst = cache + (slots[t] * Hkv + h) * ((int64_t)D + 4);
-            for (int d = 0; d < D; d++) {
-                const float y = fminf(fmaxf(nearbyintf(v[d] * mul), -127.f), 127.f);
-                dst[d] = (uint8_t)(int8_t)y;
-            }
+            if (kind == 2)
+                for (int d = 0; d < D; d++) {
+                    const float y = fminf(fmaxf(nearbyintf(v[d] * mul), -127.f), 127.f);
+                    dst[d] = (uint8_t)(int8_t)y;
+                }
+            else
+                for (int d = 0; d < D; d++) {
+                    const float y = v[d] * mul;
+                    dst[d] = fp8_e4m3_from_f32(y > 448.f ? 448.f : y < -448.f ? -448.f : y);
+                }
             memcpy(dst + D, &scale, sizeof scale);
         }
 }

@@ -25,8 +25,8 @@ def _lib() -> ctypes.CDLL | None:
             lib.add_rms_norm_bf16.argtypes = [p, p, p, p, i64, i, f]
             lib.rope_qk_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i, i, i, p, p, p, i64]
             lib.rope_qk_bf16.restype = i
-            lib.store_int8_rows.argtypes = [p, i, i64, i64, i, i, p, p]
-            for fn in (lib.rms_norm_bf16, lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.store_int8_rows):
+            lib.store_quant_rows.argtypes = [p, i, i64, i64, i, i, p, p, i]
+            for fn in (lib.rms_norm_bf16, lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.store_quant_rows):
                 fn.restype = None
             lib.elementwise_max_head_dim.restype = i
         _LIB.append(lib)
@@ -109,20 +109,21 @@ def takes_store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
             and v_cache.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous())
 
 
-def takes_int8_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> bool:
-    """`store_int8_rows` takes these: x [T, Hkv, D] fp32 or bf16 on CPU (heads and dims contiguous, tokens strided),
-    cache [num_slots, Hkv, D + 4] uint8 contiguous, slots [T] int64, and the library is built."""
+def takes_quant_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> bool:
+    """`store_quant_rows` takes these: x [T, Hkv, D] fp32 or bf16 on CPU (heads and dims contiguous, tokens
+    strided), cache [num_slots, Hkv, D + 4] uint8 contiguous, slots [T] int64, and the library is built."""
     T, Hkv, D = x.shape
     return (available() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and D <= 512
             and x.stride(2) == 1 and x.stride(1) == D and cache.dtype == torch.uint8 and cache.is_contiguous()
             and tuple(cache.shape[1:]) == (Hkv, D + 4) and slots.dtype == torch.int64 and slots.shape == (T,))
 
 
-def store_int8_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Quantize x [T, Hkv, D] into the int8 cache at `slots`, bit for bit as `kv.quant.quantize_rows` then
-    `index_copy_` (see `takes_int8_rows` for what it takes). Mutates those cache rows only."""
-    assert takes_int8_rows(x, cache, slots)
+def store_quant_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, kind: int) -> None:
+    """Quantize x [T, Hkv, D] into the int8 (kind 2) or fp8 e4m3 (kind 3) cache at `slots`, bit for bit as
+    `kv.quant.quantize_rows` then `index_copy_` (see `takes_quant_rows` for what it takes). Mutates those cache
+    rows only."""
+    assert kind in (2, 3) and takes_quant_rows(x, cache, slots)
     T, Hkv, D = x.shape
     slots = slots.contiguous()
-    _lib().store_int8_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), T, Hkv, D, cache.data_ptr(),
-                           slots.data_ptr())
+    _lib().store_quant_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), T, Hkv, D, cache.data_ptr(),
+                            slots.data_ptr(), kind)

@@ -103,10 +103,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Write a step's K/V ([T, Hkv, D], model dtype) into the layer's cache at `slot_mapping` ([T]), converted to
     the cache's format where it differs from the model dtype (int8/fp8 rows, or another float dtype). Mutates the
     caches' rows at those slots only."""
-    if (fmt is not None and fmt.kind == 2 and elementwise.takes_int8_rows(k, k_cache, slot_mapping)
-            and elementwise.takes_int8_rows(v, v_cache, slot_mapping)):
-        elementwise.store_int8_rows(k, k_cache, slot_mapping)  # quantized into the rows, one pass each
-        elementwise.store_int8_rows(v, v_cache, slot_mapping)
+    if (fmt is not None and fmt.quantized and elementwise.takes_quant_rows(k, k_cache, slot_mapping)
+            and elementwise.takes_quant_rows(v, v_cache, slot_mapping)):
+        elementwise.store_quant_rows(k, k_cache, slot_mapping, fmt.kind)  # quantized into the rows, one pass each
+        elementwise.store_quant_rows(v, v_cache, slot_mapping, fmt.kind)
         return
     if fmt is not None and k.dtype != k_cache.dtype:
         k, v = store_rows(k, fmt), store_rows(v, fmt)  # [T, Hkv, row_width]
