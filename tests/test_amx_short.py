@@ -66,7 +66,7 @@ FP8 = FORMATS["fp8_e4m3"]
 def _fp8_case(H, Hkv, D, shape, page):
     """`_case` with its K/V as fp8 rows (V spread over scales 0-4): q, fp8 K, fp8 V, slots, seqs, spans, and fp32
     SDPA over the rows dequantize_rows reads back."""
-    g = torch.Generator().manual_seed(hash((H, D, page, len(shape), "fp8")) % 2**31)
+    g = torch.Generator().manual_seed(100_000 * H + 1000 * D + 10 * page + len(shape))
     q, kc, vc, sl, seqs, spans = _case(g, H, Hkv, D, shape, page)
     kq = quantize_rows(kc.float(), FP8)  # [S, Hkv, D + 4] uint8
     vq = quantize_rows(vc.float() * torch.rand(vc.shape[0], Hkv, 1, generator=g) * 4, FP8)
@@ -74,22 +74,42 @@ def _fp8_case(H, Hkv, D, shape, page):
     return q, kq, vq, sl, seqs, spans, ref
 
 
-@needs_amx_short
-@pytest.mark.parametrize("H,Hkv,D,shape", [c for c in CASES if c[3] is not SHAPES[-1]])
-@pytest.mark.parametrize("page", [1, 16])
-def test_fp8_rows_as_exact_as_the_pair_path(H, Hkv, D, shape, page):
-    """fp8 rows against fp32 SDPA over their dequantized values, at the bf16 modes' tolerance scaled to V, and no
-    worse on average than the short kernel's pair path (same rounding: q, P x v_scale in bf16) on the same rows."""
+FP8_CASES = [c for c in CASES if c[3] is not SHAPES[-1]]  # every head layout and shape but the 6k verify
+
+
+def _fp8_errors(H, Hkv, D, shape, page):
+    """|out - reference| of the AMX short kernel and of the short kernel's pair path on one fp8 case ([n, H, D]
+    each, n the span rows), after checking the rows of no listed span are left untouched."""
     q, kq, vq, sl, seqs, _, ref = _fp8_case(H, Hkv, D, shape, page)
     n = int(seqs[:, 1].sum())
     out, pairs = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
     native.paged_attention_amx_short(q, kq, vq, sl, seqs, D**-0.5, out, kind=FP8.kind)
     native.paged_attention_short(q, kq, vq, sl, seqs, D**-0.5, pairs, True, kind=FP8.kind)
-    assert out[n:].isnan().all()  # rows of no listed span are untouched
-    big = max(1.0, float(ref[:n].abs().max()))
-    assert torch.allclose(out[:n], ref[:n], atol=5e-3 * big, rtol=1e-2), (out[:n] - ref[:n]).abs().max()
-    err, err_pairs = (out[:n] - ref[:n]).abs().mean(), (pairs[:n] - ref[:n]).abs().mean()
-    assert err <= 1.25 * err_pairs + 1e-6, (err, err_pairs)
+    assert out[n:].isnan().all()
+    return (out[:n] - ref[:n]).abs(), (pairs[:n] - ref[:n]).abs(), ref[:n]
+
+
+@needs_amx_short
+@pytest.mark.parametrize("H,Hkv,D,shape", FP8_CASES)
+@pytest.mark.parametrize("page", [1, 16])
+def test_fp8_rows_match_reference(H, Hkv, D, shape, page):
+    """fp8 rows against fp32 SDPA over their dequantized values, at the bf16 modes' tolerance scaled to V."""
+    err, _, ref = _fp8_errors(H, Hkv, D, shape, page)
+    big = max(1.0, float(ref.abs().max()))
+    assert (err <= 5e-3 * big + 1e-2 * ref.abs()).all(), err.max()
+
+
+@needs_amx_short
+def test_fp8_rows_as_exact_as_the_pair_path():
+    """Over every fp8 case, the kernel's mean error is the short kernel's pair path's (the same rounding: q and
+    P x v_scale in bf16), within 10%: 9.1e-4 against 9.1e-4 when written. A single case's mean moves by more (a decode of
+    4 heads x 32 dims has 128 outputs), so the sum over all of them is compared."""
+    total, total_pairs = 0.0, 0.0
+    for H, Hkv, D, shape in FP8_CASES:
+        for page in (1, 16):
+            err, err_pairs, _ = _fp8_errors(H, Hkv, D, shape, page)
+            total, total_pairs = total + float(err.mean()), total_pairs + float(err_pairs.mean())
+    assert total <= 1.1 * total_pairs, (total, total_pairs)
 
 
 @needs_amx_short

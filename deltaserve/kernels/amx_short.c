@@ -203,16 +203,16 @@ static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, in
     }
 }
 
-/* V rows of head g for keys [0, kcp) in key pairs, keys past kc zero: vb[j/2] holds, for each 32 dims d0.., the
- * pairs (V[j][d], V[j+1][d]) of dims d0 + {0-3, 8-11, 16-19, 24-27} then of d0 + {4-7, 12-15, 20-23, 28-31} (what
- * vpunpcklwd / vpunpckhwd give, one shuffle a vector where an ordered interleave takes three): the output's dims come
- * out in that order, put back by unshuffle_row. */
+/* dims d0 .. d0 + 31 of a V row as bf16 (an fp8 row's as value / 256); zero for a missing row */
 static inline __m512i v32(const uint8_t *row, int kind, int d0) {
     if (!row) return _mm512_setzero_si512();
     return kind == KV_FP8 ? fp8x32_bf16_div256(row + d0) : _mm512_loadu_si512(row + 2 * d0);
 }
 
-/* (an fp8 cache's rows as value / 256, their factors to vs) */
+/* V rows of head g for keys [0, kcp) in key pairs, keys past kc zero: vb[j/2] holds, for each 32 dims d0.., the
+ * pairs (V[j][d], V[j+1][d]) of dims d0 + {0-3, 8-11, 16-19, 24-27} then of d0 + {4-7, 12-15, 20-23, 28-31} (what
+ * vpunpcklwd / vpunpckhwd give, one shuffle a vector where an ordered interleave takes three): the output's dims come
+ * out in that order, put back by unshuffle_row. An fp8 cache's rows go in as value / 256, their factors to vs. */
 static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D,
                    uint16_t *vb, float *vs, ahead *ah) {
     const size_t rbytes = kind == KV_FP8 ? (size_t)D + 4 : (size_t)D * 2;
@@ -247,7 +247,7 @@ static inline void unshuffle_row(const float *src, int D, float scale, float *ds
 
 /* P = 2^(s x scale2 - ref) down the keys [0, kcp) of column tile c of st (keys j >= vis on a lane get 0), rounded
  * to bf16 and written as A tiles of key pairs to pa; returns the lanes' sums of the rounded values and their largest
- * exponent in *tmax. */
+ * exponent in *tmax. vs (an fp8 cache's V factors, else NULL): P x vs[j] is rounded instead, and the sums are of P. */
 static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 ref, __m512i vis, int masked,
                        const float *vs, uint32_t *pa, __m512 *tmax, ahead *ah) {
     /* word 2r of the pair vector = even key's P of row r, word 2r + 1 the odd key's */
