@@ -102,8 +102,8 @@ def test_fp8_rows_match_reference(H, Hkv, D, shape, page):
 @needs_amx_short
 def test_fp8_rows_as_exact_as_the_pair_path():
     """Over every fp8 case, the kernel's mean error is the short kernel's pair path's (the same rounding: q and
-    P x v_scale in bf16), within 10%: 9.1e-4 against 9.1e-4 when written. A single case's mean moves by more (a decode of
-    4 heads x 32 dims has 128 outputs), so the sum over all of them is compared."""
+    P x v_scale in bf16), within 10%: 9.1e-4 against 9.1e-4 when written. A single case's mean moves by more (a
+    decode of 4 heads x 32 dims has 128 outputs), so the sum over all of them is compared."""
     total, total_pairs = 0.0, 0.0
     for H, Hkv, D, shape in FP8_CASES:
         for page in (1, 16):

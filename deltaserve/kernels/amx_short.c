@@ -154,11 +154,11 @@ static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, in
         const uint16_t *a = kb;
         size_t as = (size_t)D * 2;
         if (kind == KV_FP8) {
-            for (int j = 0; j < 16; j++)
+            for (int j = 0; j < 16; j++) {
+                const uint8_t *r = j0 + j < kc ? kc8 + ((size_t)sl[j0 + j] * Hkv + g) * (D + 4) : NULL;
                 for (int d = 0; d < D; d += 32)
-                    _mm512_storeu_si512(kb + (size_t)j * D + d,
-                                        j0 + j < kc ? fp8x32_bf16_div256(kc8 + ((size_t)sl[j0 + j] * Hkv + g) * (D + 4) + d)
-                                                    : _mm512_setzero_si512());
+                    _mm512_storeu_si512(kb + (size_t)j * D + d, r ? fp8x32_bf16_div256(r + d) : _mm512_setzero_si512());
+            }
         } else if (j0 + 16 <= kc && run16(sl + j0)) {
             a = k + ((size_t)sl[j0] * Hkv + g) * D;
             as = (size_t)Hkv * D * 2;
