@@ -41,6 +41,7 @@ ATTENTION_KERNEL_STUB(paged_attention_amx_short)
 
 #include "amx_tiles.h"
 #include "kv_rows.h"
+#include "amx_short_rows.h" /* after kv_rows.h */
 #include "simd_exp.h"
 #include "transpose16.h"
 
@@ -73,32 +74,6 @@ static void scratch_free(void *p) {
     free(w);
 }
 
-/* The next chunk's slot rows (K and V, every kv head), fetched into L2 while the current chunk computes, a few
- * lines at every step of every phase: a core streams only ~14 GB/s from memory, and only while it has misses in
- * flight, so the fetches must run through the compute rather than before it (prefetched in a burst, or left to
- * the demand loads, a chunk's rows and its compute take turns). */
-typedef struct {
-    const char *k, *v;
-    const int64_t *sl; /* the next chunk's slots */
-    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, or Hkv x (D + 4) for fp8) */
-    int key, line;     /* the next line to fetch: of key `key`'s K row, then (line >= lines_of(row)) its V row */
-    int per;           /* lines a step */
-} ahead;
-
-/* fetches a slot's row takes: its 64-byte steps, and its last byte where the row is not whole lines (an fp8 row of
- * 3 x 68 bytes may touch 5 lines wherever it starts) */
-static inline int lines_of(int row) { return row % 64 ? row / 64 + 2 : row / 64; }
-
-static inline void ahead_step(ahead *a) {
-    const int lr = lines_of(a->row);
-    for (int n = 0; n < a->per && a->key < a->keys; n++) {
-        const int ln = a->line < lr ? a->line : a->line - lr;
-        const size_t off = (size_t)a->sl[a->key] * a->row + (ln * 64 < a->row ? (size_t)ln * 64 : (size_t)a->row - 1);
-        __builtin_prefetch((a->line < lr ? a->k : a->v) + off, 0, 2);
-        if (++a->line == 2 * lr) a->line = 0, a->key++;
-    }
-}
-
 /* Q^T of kv head g's rows (zero past R) as B tiles: a 16 x 16 dword transpose of 16 rows' 32-dim slices */
 static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g, int D, int NC, uint32_t *qt) {
     for (int c = 0; c < NC; c++)
@@ -116,15 +91,6 @@ static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g,
             transpose16_epi32(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512(qt + (((size_t)ks * NC + c) * 16 + p) * 16, r[p]);
         }
-}
-
-/* S^T rows j of a 16-key block times their K rows' factors f[j] */
-static inline void scale_rows(float *st, int NCS, const float *f) {
-    for (int j = 0; j < 16; j++) {
-        const __m512 fj = _mm512_set1_ps(f[j]);
-        for (int c = 0; c < NCS; c += 16)
-            _mm512_storeu_ps(st + (size_t)j * NCS + c, _mm512_mul_ps(_mm512_loadu_ps(st + (size_t)j * NCS + c), fj));
-    }
 }
 
 #define TDP_COL(C, BT) /* S^T column tile C += A(4) . Q^T tile (ks, C), through B tile BT */                       \
@@ -201,12 +167,6 @@ static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, in
         if (NC > 3) _tile_stored(3, dst + 48, NCS * 4);
         if (kind == KV_FP8) scale_rows(dst, NCS, ks + j0);
     }
-}
-
-/* dims d0 .. d0 + 31 of a V row as bf16 (an fp8 row's as value / 256); zero for a missing row */
-static inline __m512i v32(const uint8_t *row, int kind, int d0) {
-    if (!row) return _mm512_setzero_si512();
-    return kind == KV_FP8 ? fp8x32_bf16_div256(row + d0) : _mm512_loadu_si512(row + 2 * d0);
 }
 
 /* V rows of head g for keys [0, kcp) in key pairs, keys past kc zero: vb[j/2] holds, for each 32 dims d0.., the
