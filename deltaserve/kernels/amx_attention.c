@@ -117,12 +117,6 @@ static inline __m512i row32(const uint8_t *c, int kind, int64_t row, int D, int 
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* what row32(.., bytes) of a quantized row is multiplied by to give its values */
-static inline float kv_row_factor(const uint8_t *c, int kind, int64_t row, int D) {
-    const float sc = kv_row_scale(c + (size_t)row * (D + 4), D);
-    return kind == KV_INT8 ? sc : sc * 256.f;
-}
-
 /* K^T of keys [c0, c0 + kc) of the item's context in dim pairs, 16 keys x 16 pairs a transpose; keys kc .. kcp zero.
  * A quantized cache's rows go in as their bytes' exact values, their factors to ks (the scores are scaled by them in
  * fp32): K itself is never rounded to bf16. */

@@ -182,8 +182,8 @@ static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int kc
         const uint8_t *ra = j < kc ? v + ((size_t)sl[j] * Hkv + g) * rbytes : NULL;
         const uint8_t *rb = j + 1 < kc ? v + ((size_t)sl[j + 1] * Hkv + g) * rbytes : NULL;
         if (kind == KV_FP8) {
-            vs[j] = ra ? kv_row_scale(ra, D) * 256.f : 0.f;
-            vs[j + 1] = rb ? kv_row_scale(rb, D) * 256.f : 0.f;
+            vs[j] = ra ? kv_row_factor(v, kind, sl[j] * Hkv + g, D) : 0.f;
+            vs[j + 1] = rb ? kv_row_factor(v, kind, sl[j + 1] * Hkv + g, D) : 0.f;
         }
         for (int d0 = 0; d0 < D; d0 += 32) {
             const __m512i a = v32(ra, kind, d0), b = v32(rb, kind, d0);
@@ -356,7 +356,7 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, c
         for (int g = 0; g < Hkv; g++) {
             if (kind == KV_FP8)
                 for (int j = 0; j < kcp; j++)
-                    w->ks[j] = j < kc ? kv_row_scale(k + ((size_t)sl[c0 + j] * Hkv + g) * (D + 4), D) * 256.f : 0.f;
+                    w->ks[j] = j < kc ? kv_row_factor(k, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
             scores_t(k, kind, sl + c0, kc, kcp, Hkv, g, D, NC, w->qt + g * qts, w->kb, w->ks, w->st, &ah);
             pack_v(v, kind, sl + c0, kc, kcp, Hkv, g, D, w->vb, w->vs, &ah);
             for (int c = 0; c < NC; c++)

@@ -28,6 +28,13 @@ static inline float kv_row_scale(const uint8_t *row, int D) {
     return s;
 }
 
+/* what a quantized row read as its bytes' exact values (int8 as integers, fp8 as value / 256: kv_row_bf16,
+ * fp8x32_bf16_div256) is multiplied by to give its values: row `row` of a cache at `base` */
+static inline float kv_row_factor(const void *base, int kind, int64_t row, int D) {
+    const float sc = kv_row_scale((const uint8_t *)base + row * ((int64_t)D + 4), D);
+    return kind == KV_INT8 ? sc : sc * 256.f;
+}
+
 /* One float8 e4m3 byte, exactly (the scalar form of the F16C path below, which it must match): 4 exponent bits
  * (bias 7) and 3 mantissa bits; e = 0 is subnormal, m * 2^-9. 0x7F / 0xFF (NaN in e4m3fn) read as +-480, as they do
  * through F16C; quantize_rows never writes them (it clamps to 448). */
@@ -94,8 +101,7 @@ static inline __attribute__((always_inline)) float kv_row_bf16(const void *base,
                              : fp8x16_load_div256(r + d);
         _mm256_storeu_si256((__m256i *)(dst + d), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
     }
-    const float sc = kv_row_scale(r, D);
-    return kind == KV_INT8 ? sc : sc * 256.f;
+    return kv_row_factor(base, kind, row, D);
 }
 #endif
 
