@@ -1,6 +1,6 @@
 """Kernel-alone times of the decode / verify attention kernels over 30 layers' pools (SmolLM2's heads), each call's
-K/V read from memory as in a model step: bf16 rows on the AMX short kernel and the short kernel's pairs, int8 rows on
-the short kernel's integer path and the AMX-INT8 short kernel (those built here). Best and median of 7 rounds, the
+K/V read from memory as in a model step: bf16 and fp8 rows on the AMX short kernel and the short kernel's pairs, int8
+rows on the short kernel's integer path and the AMX-INT8 short kernel (those built here). Best and median of 7 rounds, the
 kernels taking turns (the machine's drift cancels); GB/s is the rows' bytes over the best time.
 
     OMP_NUM_THREADS=2 python scripts/kernel_times.py [--seqs 8] [--context 8000] [--q-len 1] [--slots pages16]
@@ -38,8 +38,10 @@ def main() -> None:
     bf16 = [(torch.randn(n, Hkv, D, generator=g).to(torch.bfloat16),
              torch.randn(n, Hkv, D, generator=g).to(torch.bfloat16)) for _ in range(layers)]
     int8 = [(quantize_rows(k.float(), FORMATS["int8"]), quantize_rows(v.float(), FORMATS["int8"])) for k, v in bf16]
+    fp8 = [(quantize_rows(k.float(), FORMATS["fp8_e4m3"]), quantize_rows(v.float(), FORMATS["fp8_e4m3"]))
+           for k, v in bf16]
     if args.slots == "small":
-        bf16, int8 = bf16 * args.layers, int8 * args.layers
+        bf16, int8, fp8 = bf16 * args.layers, int8 * args.layers, fp8 * args.layers
     slots = {"pages16": lambda: (torch.randperm(n // 16, generator=g)[:, None] * 16 + torch.arange(16)).reshape(-1),
              "run": lambda: torch.arange(total), "scattered": lambda: torch.randperm(n, generator=g),
              "small": lambda: torch.arange(total) % n}[args.slots]()[:total].to(torch.int64).contiguous()
@@ -56,6 +58,13 @@ def main() -> None:
                                                                                           out, True))
         kernels["int8 short (integer)"] = (int8, lambda qq, k, v: pa.paged_attention_short(
             qq, k, v, slots, seqs, scale, out, True, kind=FORMATS["int8"].kind))
+    fp8_kind = FORMATS["fp8_e4m3"].kind
+    if pa.amx_short_available():
+        kernels["fp8 AMX short"] = (fp8, lambda qq, k, v: pa.paged_attention_amx_short(qq, k, v, slots, seqs, scale,
+                                                                                        out, kind=fp8_kind))
+    if pa.available():
+        kernels["fp8 short (pairs)"] = (fp8, lambda qq, k, v: pa.paged_attention_short(
+            qq, k, v, slots, seqs, scale, out, True, kind=fp8_kind))
     if pa.supports_amx_short_int8(D, Hkv):
         kernels["int8 AMX short"] = (int8, lambda qq, k, v: pa.paged_attention_amx_short_int8(qq, k, v, slots, seqs,
                                                                                                scale, out))
