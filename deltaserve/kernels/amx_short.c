@@ -57,134 +57,166 @@ ATTENTION_KERNEL_STUB(paged_attention_amx_short)
 int paged_attention_amx_short_available(void) { return amx_tiles_granted(); }
 
 typedef struct {
-    uint32_t *qt; /* [Hkv][D/32][NC][16][16] Q^T tiles: row p holds dims 2p, 2p+1 (of the 32-dim step) of 16 rows */
-    float *o;     /* [Hkv][MAXRS][D] running output */
-    float *m, *l; /* [Hkv][MAXRS] softmax reference (of scores x scale x log2 e) and denominator */
+    uint32_t *qt; /* [Hkv][4][D/32][16][16] Q^T B tiles of (head g, its rows 16 c ..): row p holds dims 2p, 2p + 1 (of
+                   * the 32-dim step) of the tile's lanes, zero on lanes of other heads (col_tiles) */
+    float *o;     /* [lanes][D] running output */
+    float *m, *l; /* [lanes] softmax reference (of scores x scale x log2 e) and denominator */
     uint16_t *kb; /* [16][D] K rows of a 16-key block that is not a run of slots */
     uint16_t *vb; /* [KC/2][D][2] V in key pairs */
     float *st;    /* [KC][NC * 16] S^T */
-    uint32_t *pa; /* [NC][KC/32][16][16] P in key pairs: A tiles (row r: 16 pairs of keys) */
-    float *ks, *vs; /* [KC] an fp8 cache's K and V rows' factors (scale x 256; 0 past the chunk's keys) */
+    uint32_t *pa; /* [16][KC/32][16][16] P in key pairs: A tiles (row r: 16 pairs of keys), a set per column tile of a
+                   * head's NC, or per head of a tile that packs several (its other heads' rows zero) */
+    float *ks, *vs; /* [KC][Hkv] (+16) an fp8 cache's K and V rows' factors (scale x 256; 0 past the chunk's keys) */
+    coltile *ct;  /* [Hkv x 4] */
 } scratch;
 
 static void scratch_free(void *p) {
     scratch *w = p;
     free(w->qt); free(w->o); free(w->m); free(w->l); free(w->kb); free(w->vb); free(w->st); free(w->pa);
-    free(w->ks); free(w->vs);
+    free(w->ks); free(w->vs); free(w->ct);
     free(w);
 }
 
-/* Q^T of kv head g's rows (zero past R) as B tiles: a 16 x 16 dword transpose of 16 rows' 32-dim slices */
-static void pack_qt(const float *q, int64_t q_start, int R, int G, int H, int g, int D, int NC, uint32_t *qt) {
-    for (int c = 0; c < NC; c++)
-        for (int ks = 0; ks < D / 32; ks++) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                const int row = c * 16 + i;
-                if (row < R) {
-                    const float *src = q + ((size_t)(q_start + row / G) * H + (size_t)g * G + row % G) * D + 32 * ks;
-                    r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-                } else {
-                    r[i] = _mm512_setzero_si512();
-                }
+/* Q^T B tiles of head g's rows r0 .. r0 + nr - 1 on lanes off .. off + nr - 1 (other lanes zero): a 16 x 16 dword
+ * transpose of 16 lanes' 32-dim slices, a tile per 32 dims */
+static void pack_qt(const float *q, int64_t q_start, int r0, int nr, int off, int G, int H, int g, int D,
+                    uint32_t *qt) {
+    for (int ks = 0; ks < D / 32; ks++) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++) {
+            const int row = r0 + i - off;
+            if (i >= off && i < off + nr) {
+                const float *src = q + ((size_t)(q_start + row / G) * H + (size_t)g * G + row % G) * D + 32 * ks;
+                r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+            } else {
+                r[i] = _mm512_setzero_si512();
             }
-            transpose16_epi32(r);
-            for (int p = 0; p < 16; p++) _mm512_store_si512(qt + (((size_t)ks * NC + c) * 16 + p) * 16, r[p]);
         }
+        transpose16_epi32(r);
+        for (int p = 0; p < 16; p++) _mm512_store_si512(qt + ((size_t)ks * 16 + p) * 16, r[p]);
+    }
 }
 
-#define TDP_COL(C, BT) /* S^T column tile C += A(4) . Q^T tile (ks, C), through B tile BT */                       \
-    do {                                                                                                          \
-        _tile_loadd(BT, qt + (((size_t)ks * NC + C) * 16) * 16, 64);                                              \
-        _tile_dpbf16ps(C, 4, BT);                                                                                 \
+/* C tile C += A (tile 4) . head's Q^T tile (column tile C, 32-dim step ks) through B tile BT */
+#define TDP_COL(C, BT)                                               \
+    do {                                                             \
+        _tile_loadd(BT, qh + ((size_t)(C) * D / 32 + ks) * 256, 64); \
+        _tile_dpbf16ps(C, 4, BT);                                    \
     } while (0)
 
-/* st[0..kcp)[0..NC*16) = K rows of head g for keys [0, kcp) of the chunk (zero past kc) . Q^T; an fp8 cache's
- * (kind KV_FP8) rows as value / 256, each S^T row then times its factor ks[j] */
-static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D, int NC,
-                     const uint32_t *qt, uint16_t *kb, const float *ks, float *st, ahead *ah) {
-    const uint16_t *k = (const uint16_t *)kc8;
-    const int NCS = NC * 16;
-    /* D = 64 and up to 32 rows (decode; verify of up to 32 / G tokens): the four Q^T tiles stay in tile registers */
-    const int resident = D == 64 && NC <= 2;
-    if (resident) {
-        _tile_loadd(4, qt, 64);
-        _tile_loadd(5, qt + (size_t)NC * 256, 64);
-        if (NC > 1) {
-            _tile_loadd(6, qt + 256, 64);
-            _tile_loadd(7, qt + (size_t)(NC + 1) * 256, 64);
+/* K rows of head g for the 16-key block at j0 as an A tile (*as its stride): a run of slots straight from the pool,
+ * other rows copied to kb (an fp8 cache's always, as value / 256), keys past kc zero */
+static const uint16_t *k_block(const uint8_t *kc8, int kind, const int64_t *sl, int j0, int kc, int Hkv, int g, int D,
+                               uint16_t *kb, size_t *as) {
+    *as = (size_t)D * 2;
+    if (kind == KV_FP8) {
+        for (int j = 0; j < 16; j++) {
+            const uint8_t *r = j0 + j < kc ? kc8 + ((size_t)sl[j0 + j] * Hkv + g) * (D + 4) : NULL;
+            for (int d = 0; d < D; d += 32)
+                _mm512_storeu_si512(kb + (size_t)j * D + d, r ? fp8x32_bf16_div256(r + d) : _mm512_setzero_si512());
         }
+        return kb;
+    }
+    const uint16_t *k = (const uint16_t *)kc8;
+    if (j0 + 16 <= kc && run16(sl + j0)) {
+        *as = (size_t)Hkv * D * 2;
+        return k + ((size_t)sl[j0] * Hkv + g) * D;
+    }
+    for (int j = 0; j < 16; j++)
+        for (int d = 0; d < D; d += 32)
+            _mm512_storeu_si512(kb + (size_t)j * D + d, j0 + j < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + j] * Hkv
+                                                                                                   + g) * D + d)
+                                                                    : _mm512_setzero_si512());
+    return kb;
+}
+
+/* st[0..kcp)[0..NC*16) = S^T of a group's column tiles t[0 .. NC) for keys [0, kcp) of the chunk (zero past kc): the
+ * NC tiles of one head's rows, or one tile (NC = 1) of t->ng heads, each head's product accumulated into the same C
+ * tile (its Q^T zero on the other heads' lanes). qt: Q^T tiles of (head, column tile) qts apart. An fp8 cache's S^T
+ * then times each lane's head's K row factor (ks: head t->g0's, Hkv a key; hidx: a lane's head in the tile). */
+static void scores_t(const uint8_t *kc8, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int D,
+                     const coltile *t, int NC, const uint32_t *qt, size_t qts, uint16_t *kb, const float *ks,
+                     __m512i hidx, float *st, ahead *ah) {
+    const int NCS = NC * 16;
+    const uint32_t *q0 = qt + (size_t)t->g0 * 4 * qts, *q1 = q0 + 4 * qts; /* heads g0 and g0 + 1, column tile 0 */
+    /* D = 64: the Q^T tiles of up to two heads (one tile each) or of a head's two column tiles stay in tiles 4-7 */
+    const int res1 = D == 64 && NC == 1, res2 = D == 64 && NC == 2;
+    if (res1) {
+        _tile_loadd(4, q0, 64);
+        _tile_loadd(5, q0 + 256, 64);
+        if (t->ng > 1) {
+            _tile_loadd(6, q1, 64);
+            _tile_loadd(7, q1 + 256, 64);
+        }
+    } else if (res2) {
+        _tile_loadd(4, q0, 64);
+        _tile_loadd(5, q0 + 256, 64);
+        _tile_loadd(6, q0 + qts, 64);
+        _tile_loadd(7, q0 + qts + 256, 64);
     }
     for (int j0 = 0; j0 < kcp; j0 += 16) {
         ahead_step(ah);
-        const uint16_t *a = kb;
-        size_t as = (size_t)D * 2;
-        if (kind == KV_FP8) {
-            for (int j = 0; j < 16; j++) {
-                const uint8_t *r = j0 + j < kc ? kc8 + ((size_t)sl[j0 + j] * Hkv + g) * (D + 4) : NULL;
-                for (int d = 0; d < D; d += 32)
-                    _mm512_storeu_si512(kb + (size_t)j * D + d, r ? fp8x32_bf16_div256(r + d) : _mm512_setzero_si512());
-            }
-        } else if (j0 + 16 <= kc && run16(sl + j0)) {
-            a = k + ((size_t)sl[j0] * Hkv + g) * D;
-            as = (size_t)Hkv * D * 2;
-        } else {
-            for (int j = 0; j < 16; j++)
-                for (int d = 0; d < D; d += 32)
-                    _mm512_storeu_si512(kb + (size_t)j * D + d,
-                                        j0 + j < kc ? _mm512_loadu_si512(k + ((size_t)sl[j0 + j] * Hkv + g) * D + d)
-                                                    : _mm512_setzero_si512());
-        }
         float *dst = st + (size_t)j0 * NCS;
-        if (resident) { /* Q^T in tiles 4-7 (loaded below), C in 0-1, K in 2 */
-            _tile_zero(0);
-            if (NC > 1) _tile_zero(1);
-            _tile_loadd(2, a, as);
-            _tile_dpbf16ps(0, 2, 4);
-            if (NC > 1) _tile_dpbf16ps(1, 2, 6);
-            _tile_loadd(2, a + 32, as);
-            _tile_dpbf16ps(0, 2, 5);
-            if (NC > 1) _tile_dpbf16ps(1, 2, 7);
-            _tile_stored(0, dst, NCS * 4);
-            if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
-            if (kind == KV_FP8) scale_rows(dst, NCS, ks + j0);
-            continue;
-        }
         _tile_zero(0);
         if (NC > 1) _tile_zero(1);
         if (NC > 2) _tile_zero(2);
         if (NC > 3) _tile_zero(3);
-        for (int ks = 0; ks < D / 32; ks++) {
-            _tile_loadd(4, a + 32 * ks, as);
-            TDP_COL(0, 5);
-            if (NC > 1) TDP_COL(1, 6);
-            if (NC > 2) TDP_COL(2, 7);
-            if (NC > 3) TDP_COL(3, 5);
+        for (int i = 0; i < t->ng; i++) {
+            size_t as;
+            const uint16_t *a = k_block(kc8, kind, sl, j0, kc, Hkv, t->g0 + i, D, kb, &as);
+            const uint32_t *qh = q0 + (size_t)i * 4 * qts;
+            if (res1) { /* C in 0, K in 2, a third head's Q^T through 3 */
+                _tile_loadd(2, a, as);
+                if (i == 0) _tile_dpbf16ps(0, 2, 4);
+                else if (i == 1) _tile_dpbf16ps(0, 2, 6);
+                else {
+                    _tile_loadd(3, qh, 64);
+                    _tile_dpbf16ps(0, 2, 3);
+                }
+                _tile_loadd(2, a + 32, as);
+                if (i == 0) _tile_dpbf16ps(0, 2, 5);
+                else if (i == 1) _tile_dpbf16ps(0, 2, 7);
+                else {
+                    _tile_loadd(3, qh + 256, 64);
+                    _tile_dpbf16ps(0, 2, 3);
+                }
+            } else if (res2) { /* C in 0-1, K in 2 */
+                _tile_loadd(2, a, as);
+                _tile_dpbf16ps(0, 2, 4);
+                _tile_dpbf16ps(1, 2, 6);
+                _tile_loadd(2, a + 32, as);
+                _tile_dpbf16ps(0, 2, 5);
+                _tile_dpbf16ps(1, 2, 7);
+            } else { /* C in 0-3, K in 4, Q^T through 5-7 */
+                for (int ks = 0; ks < D / 32; ks++) {
+                    _tile_loadd(4, a + 32 * ks, as);
+                    TDP_COL(0, 5);
+                    if (NC > 1) TDP_COL(1, 6);
+                    if (NC > 2) TDP_COL(2, 7);
+                    if (NC > 3) TDP_COL(3, 5);
+                }
+            }
         }
         _tile_stored(0, dst, NCS * 4);
         if (NC > 1) _tile_stored(1, dst + 16, NCS * 4);
         if (NC > 2) _tile_stored(2, dst + 32, NCS * 4);
         if (NC > 3) _tile_stored(3, dst + 48, NCS * 4);
-        if (kind == KV_FP8) scale_rows(dst, NCS, ks + j0);
+        if (kind == KV_FP8) scale_rows(dst, NCS, ks + (size_t)j0 * Hkv, Hkv, hidx);
     }
 }
 
 /* V rows of head g for keys [0, kcp) in key pairs, keys past kc zero: vb[j/2] holds, for each 32 dims d0.., the
  * pairs (V[j][d], V[j+1][d]) of dims d0 + {0-3, 8-11, 16-19, 24-27} then of d0 + {4-7, 12-15, 20-23, 28-31} (what
  * vpunpcklwd / vpunpckhwd give, one shuffle a vector where an ordered interleave takes three): the output's dims come
- * out in that order, put back by unshuffle_row. An fp8 cache's rows go in as value / 256, their factors to vs. */
+ * out in that order, put back by unshuffle_row. An fp8 cache's rows go in as value / 256 (their factors: item). */
 static void pack_v(const uint8_t *v, int kind, const int64_t *sl, int kc, int kcp, int Hkv, int g, int D,
-                   uint16_t *vb, float *vs, ahead *ah) {
+                   uint16_t *vb, ahead *ah) {
     const size_t rbytes = kind == KV_FP8 ? (size_t)D + 4 : (size_t)D * 2;
     for (int j = 0; j < kcp; j += 2) {
         ahead_step(ah);
         uint16_t *dst = vb + (size_t)(j / 2) * D * 2;
         const uint8_t *ra = j < kc ? v + ((size_t)sl[j] * Hkv + g) * rbytes : NULL;
         const uint8_t *rb = j + 1 < kc ? v + ((size_t)sl[j + 1] * Hkv + g) * rbytes : NULL;
-        if (kind == KV_FP8) {
-            vs[j] = ra ? kv_row_factor(v, kind, sl[j] * Hkv + g, D) : 0.f;
-            vs[j + 1] = rb ? kv_row_factor(v, kind, sl[j + 1] * Hkv + g, D) : 0.f;
-        }
         for (int d0 = 0; d0 < D; d0 += 32) {
             const __m512i a = v32(ra, kind, d0), b = v32(rb, kind, d0);
             _mm512_storeu_si512(dst + 2 * d0, _mm512_unpacklo_epi16(a, b));
@@ -206,10 +238,14 @@ static inline void unshuffle_row(const float *src, int D, float scale, float *ds
 }
 
 /* P = 2^(s x scale2 - ref) down the keys [0, kcp) of column tile c of st (keys j >= vis on a lane get 0), rounded
- * to bf16 and written as A tiles of key pairs to pa; returns the lanes' sums of the rounded values and their largest
- * exponent in *tmax. vs (an fp8 cache's V factors, else NULL): P x vs[j] is rounded instead, and the sums are of P. */
+ * to bf16 and written as A tiles of key pairs: lane r's row to the set pa + (r / nr) x PAS (lanes past ng nr not
+ * written); returns the lanes' sums of the rounded values and their largest exponent in *tmax. vs (an fp8 cache's V
+ * factors of the tile's first head, Hs a key; hidx: a lane's head in the tile) or NULL: P x the lane's factor is
+ * rounded instead, and the sums are of P. */
+#define PAS ((size_t)(KC / 32) * 256) /* a set of P's A tiles */
 static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 ref, __m512i vis, int masked,
-                       const float *vs, uint32_t *pa, __m512 *tmax, ahead *ah) {
+                       const float *vs, int Hs, __m512i hidx, int nr, int ng, uint32_t *pa, __m512 *tmax,
+                       ahead *ah) {
     /* word 2r of the pair vector = even key's P of row r, word 2r + 1 the odd key's */
     const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -239,9 +275,10 @@ static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 
             if (vs) { /* fp8: P x the V row's factor is what meets V's bytes; the denominator sums P */
                 sum = _mm512_add_ps(sum, e0);
                 sum2 = _mm512_add_ps(sum2, e1);
-                w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(
-                                                            _mm512_mul_ps(e1, _mm512_set1_ps(vs[j + 1])),
-                                                            _mm512_mul_ps(e0, _mm512_set1_ps(vs[j]))));
+                const __m512 f0 = _mm512_permutexvar_ps(hidx, _mm512_loadu_ps(vs + (size_t)j * Hs));
+                const __m512 f1 = _mm512_permutexvar_ps(hidx, _mm512_loadu_ps(vs + (size_t)(j + 1) * Hs));
+                w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(e1, f1),
+                                                                                     _mm512_mul_ps(e0, f0)));
                 continue;
             }
             w[jp] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
@@ -253,23 +290,33 @@ static __m512 exp_cols(const float *st, int NCS, int kcp, __m512 scale2, __m512 
                 sum = _mm512_dpbf16_ps(sum, (__m512bh)w[jp], (__m512bh)ones);
         }
         transpose16_epi32(w); /* w[r] = row r's 16 key pairs */
-        for (int r = 0; r < 16; r++) _mm512_store_si512(pa + ((size_t)(kb / 32) * 16 + r) * 16, w[r]);
+        for (int r = 0; r < ng * nr; r++)
+            _mm512_store_si512(pa + (size_t)(r / nr) * PAS + ((size_t)(kb / 32) * 16 + r) * 16, w[r]);
     }
     *tmax = _mm512_max_ps(tm, tm2);
     return _mm512_add_ps(sum, sum2);
 }
 
-/* Online softmax of column tile c's 16 rows over the chunk (m, l, o: those rows' reference, denominator, output
- * [16][D]). Lazy reference as in amx_attention.c: the rows keep theirs while no P of the chunk passes 2^LAZY_MAX;
- * else (and on the first chunk) every row takes its running maximum and its output is rescaled. */
-static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2, __m512i vis, int masked, float *m,
-                         float *l, float *o, int D, const float *vs, uint32_t *pa, ahead *ah) {
+/* Online softmax of column tile c's 16 lanes over the chunk (m, l, o: those lanes' reference, denominator, output
+ * [16][D]); the lanes of a head in a tile that packs several are nr apart (ng heads), else nr = 16 and ng = 1. Lazy
+ * reference as in amx_attention.c, a head at a time: its lanes keep theirs while no P of the chunk passes 2^LAZY_MAX;
+ * else (and on the first chunk) each of them takes its running maximum and its output is rescaled. */
+static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2, __m512i vis, int masked, int nr,
+                         int ng, __m512i hidx, float *m, float *l, float *o, int D, const float *vs, int Hs,
+                         uint32_t *pa, ahead *ah) {
     const __m512 sc = _mm512_set1_ps(scale2);
     const __m512 mv = _mm512_loadu_ps(m);
     __m512 tmax;
+    __mmask16 moved = 0xFFFF; /* lanes whose reference may move: the heads with a P past 2^LAZY_MAX */
     if (!_mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ)) {
-        const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mv, vis, masked, vs, pa, &tmax, ah);
-        if (_mm512_reduce_max_ps(tmax) <= LAZY_MAX) {
+        const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mv, vis, masked, vs, Hs, hidx, nr, ng, pa, &tmax, ah);
+        const __mmask16 far = _mm512_cmp_ps_mask(tmax, _mm512_set1_ps(LAZY_MAX), _CMP_GT_OQ);
+        moved = 0;
+        for (int i = 0; i < ng; i++) {
+            const __mmask16 head = nr >= 16 ? 0xFFFF : (__mmask16)(((1u << nr) - 1) << (i * nr));
+            if (far & head) moved |= head;
+        }
+        if (!moved) {
             _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
             return;
         }
@@ -279,9 +326,10 @@ static void softmax_cols(const float *st, int NCS, int c, int kcp, float scale2,
         const __mmask16 live = masked ? _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)) : 0xFFFF;
         cm = _mm512_mask_max_ps(cm, live, cm, _mm512_loadu_ps(st + (size_t)j * NCS + c * 16));
     }
-    const __m512 mnew = _mm512_max_ps(mv, _mm512_mul_ps(cm, sc)); /* scale2 > 0: the max commutes with it */
+    /* scale2 > 0: the max commutes with it; lanes not moved keep theirs (their P, sums and output unchanged) */
+    const __m512 mnew = _mm512_mask_max_ps(mv, moved, mv, _mm512_mul_ps(cm, sc));
     rescale_lanes(mv, mnew, l, o, D);
-    const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, vs, pa, &tmax, ah);
+    const __m512 sum = exp_cols(st + c * 16, NCS, kcp, sc, mnew, vis, masked, vs, Hs, hidx, nr, ng, pa, &tmax, ah);
     _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
     _mm512_storeu_ps(m, mnew);
 }
@@ -321,70 +369,83 @@ static void accumulate_pv(const uint32_t *pa, const uint16_t *vb, int D, int NC,
         }
 }
 
+/* Keys [k0, k1) of sequence s (amx_short_plan.h's work), every kv head, a chunk of KC keys at a time; per group of
+ * column tiles (a head's NC, or one that packs several heads): S^T, the softmax, then per head V packed and P.V. */
 static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, const int64_t *sl, int64_t q_start,
                  int64_t q_len, int64_t L, const work *it, int H, int Hkv, int D, float scale, float *out,
                  const partials *pt, scratch *w) {
-    const int G = H / Hkv, R = (int)q_len * G, NC = (R + 15) / 16, NCS = NC * 16;
+    const int G = H / Hkv, R = (int)q_len * G;
     const int64_t first = L - q_len; /* context position of the span's token 0 */
-    const size_t qts = (size_t)D / 32 * NC * 256;
-    for (int g = 0; g < Hkv; g++) {
-        pack_qt(q, q_start, R, G, H, g, D, NC, w->qt + g * qts);
-        for (int r = 0; r < MAXRS; r++) {
-            w->m[g * MAXRS + r] = -INFINITY;
-            w->l[g * MAXRS + r] = 0.f;
-        }
-    }
-    memset(w->o, 0, (size_t)Hkv * MAXRS * D * sizeof(float));
+    const size_t qts = (size_t)D / 32 * 256;
+    coltile *ct = w->ct;
+    const int n_ct = col_tiles(R, Hkv, ct), lanes = n_ct * 16;
+    const int NC = R <= 8 ? 1 : (R + 15) / 16, packed = R <= 8 && ct[0].ng > 1;
+    for (int c = 0; c < n_ct; c++)
+        for (int i = 0; i < ct[c].ng; i++)
+            pack_qt(q, q_start, ct[c].r0, ct[c].nr, i * ct[c].nr, G, H, ct[c].g0 + i, D,
+                    w->qt + ((size_t)(ct[c].g0 + i) * 4 + ct[c].r0 / 16) * qts);
+    for (int x = 0; x < lanes; x++) w->m[x] = -INFINITY, w->l[x] = 0.f;
+    memset(w->o, 0, (size_t)lanes * D * sizeof(float));
+    if (packed) memset(w->pa, 0, (size_t)ct[0].ng * PAS * 4); /* a head's set: the other heads' rows stay zero */
     const float scale2 = scale * 1.4426950408889634f;
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 31) & ~31;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
         const int row = Hkv * (int)kv_row_bytes(kind, D), lines = nx > 0 ? (int)nx * 2 * lines_of(row) : 0;
-        const int steps = Hkv * (kcp / 16 + kcp / 2 + NC * kcp / 2); /* ahead_step calls in the chunk, about */
+        const int steps = n_ct / NC * kcp / 16 + Hkv * kcp / 2 + n_ct * kcp / 2; /* ahead_step calls, about */
         ahead ah = {(const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, row, 0, 0,
                     (lines + steps - 1) / steps};
-        /* keys of the chunk each lane (row) sees; rows past R see them all (their Q is zero, their output unused).
-         * Masks are needed where a lane sees fewer than kcp: every lane does when kc is not a multiple of 32. */
-        int visr[MAXRS];
-        int masked = 0;
-        for (int r = 0; r < NCS; r++) {
-            int64_t vis = r < R ? first + r / G + 1 - c0 : kc;
-            if (vis > kc) vis = kc;
-            visr[r] = (int)vis;
-            masked |= vis < kcp;
-        }
-        for (int g = 0; g < Hkv; g++) {
-            if (kind == KV_FP8)
-                for (int j = 0; j < kcp; j++)
-                    w->ks[j] = j < kc ? kv_row_factor(k, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
-            scores_t(k, kind, sl + c0, kc, kcp, Hkv, g, D, NC, w->qt + g * qts, w->kb, w->ks, w->st, &ah);
-            pack_v(v, kind, sl + c0, kc, kcp, Hkv, g, D, w->vb, w->vs, &ah);
-            for (int c = 0; c < NC; c++)
-                softmax_cols(w->st, NCS, c, kcp, scale2, _mm512_loadu_si512(visr + c * 16), masked,
-                             w->m + g * MAXRS + c * 16, w->l + g * MAXRS + c * 16,
-                             w->o + ((size_t)g * MAXRS + c * 16) * D, D, kind == KV_FP8 ? w->vs : NULL,
-                             w->pa + (size_t)c * (KC / 32) * 256, &ah);
-            accumulate_pv(w->pa, w->vb, D, NC, kcp, w->o + (size_t)g * MAXRS * D);
+        if (kind == KV_FP8)
+            for (int j = 0; j < kcp; j++)
+                for (int g = 0; g < Hkv; g++) {
+                    w->ks[j * Hkv + g] = j < kc ? kv_row_factor(k, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
+                    w->vs[j * Hkv + g] = j < kc ? kv_row_factor(v, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
+                }
+        for (int c = 0; c < n_ct; c += NC) {
+            const coltile *t = ct + c;
+            /* keys of the chunk each lane sees; padding lanes see them all (their Q is zero, their output unused).
+             * Masks are needed where a lane sees fewer than kcp: every lane does when kc is not a multiple of 32. */
+            int visr[4 * 16], hid[16];
+            int masked = 0;
+            for (int x = 0; x < NC * 16; x++) {
+                const coltile *tx = t + x / 16;
+                const int lx = x % 16;
+                int64_t vis = lx < tx->ng * tx->nr ? first + (tx->r0 + lx % tx->nr) / G + 1 - c0 : kc;
+                if (vis > kc) vis = kc;
+                visr[x] = (int)vis;
+                masked |= vis < kcp;
+                if (x < 16) hid[x] = x < t->ng * t->nr ? x / t->nr : 0;
+            }
+            const __m512i hidx = _mm512_loadu_si512(hid);
+            scores_t(k, kind, sl + c0, kc, kcp, Hkv, D, t, NC, w->qt, qts, w->kb, w->ks + t->g0, hidx, w->st, &ah);
+            for (int cc = 0; cc < NC; cc++)
+                softmax_cols(w->st, NC * 16, cc, kcp, scale2, _mm512_loadu_si512(visr + cc * 16), masked,
+                             packed ? t->nr : 16, t->ng, hidx, w->m + (c + cc) * 16, w->l + (c + cc) * 16,
+                             w->o + (size_t)(c + cc) * 16 * D, D, kind == KV_FP8 ? w->vs + t->g0 : NULL, Hkv,
+                             w->pa + cc * PAS, &ah);
+            for (int i = 0; i < t->ng; i++) {
+                pack_v(v, kind, sl + c0, kc, kcp, Hkv, t->g0 + i, D, w->vb, &ah);
+                accumulate_pv(w->pa + i * PAS, w->vb, D, NC, kcp, w->o + (size_t)c * 16 * D);
+            }
         }
     }
     if (it->part >= 0) {
         const size_t base = (size_t)it->part * Hkv * MAXRS;
-        memcpy(pt->o + base * D, w->o, (size_t)Hkv * MAXRS * D * sizeof(float));
-        memcpy(pt->m + base, w->m, (size_t)Hkv * MAXRS * sizeof(float));
-        memcpy(pt->l + base, w->l, (size_t)Hkv * MAXRS * sizeof(float));
+        memcpy(pt->o + base * D, w->o, (size_t)lanes * D * sizeof(float));
+        memcpy(pt->m + base, w->m, (size_t)lanes * sizeof(float));
+        memcpy(pt->l + base, w->l, (size_t)lanes * sizeof(float));
         return;
     }
-    for (int g = 0; g < Hkv; g++)
-        for (int r = 0; r < R; r++) {
-            float *dst = out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
-            unshuffle_row(w->o + ((size_t)g * MAXRS + r) * D, D, 1.f / w->l[g * MAXRS + r], dst);
-        }
+    for (int c = 0; c < n_ct; c++)
+        for (int x = 0; x < ct[c].ng * ct[c].nr; x++)
+            unshuffle_row(w->o + ((size_t)c * 16 + x) * D, D, 1.f / w->l[c * 16 + x],
+                          lane_out(out, q_start, ct + c, x, G, H, D));
 }
 
-/* Row r of kv head g of a split sequence (its parts in slots part0 ..) merged through their references */
-static void merge(const partials *pt, int part0, int n_parts, int Hkv, int g, int r, int D, float *dst) {
+/* lane x of a split sequence (its parts in slots part0 ..) merged through their references */
+static void merge(const partials *pt, int part0, int n_parts, int Hkv, int x, int D, float *dst) {
     float acc[MAXD];
-    const float l = merge_parts(pt, part0, n_parts, (size_t)Hkv * MAXRS, (size_t)g * MAXRS + r, D, acc);
+    const float l = merge_parts(pt, part0, n_parts, (size_t)Hkv * MAXRS, (size_t)x, D, acc);
     unshuffle_row(acc, D, 1.f / l, dst);
 }
 
@@ -392,17 +453,18 @@ static void *scratch_new(const call *c) {
     const int Hkv = c->Hkv, D = c->D;
     scratch *w = calloc(1, sizeof(scratch));
     if (!w) return NULL;
-    w->qt = alloc64((size_t)Hkv * D / 32 * 4 * 256 * 4);
+    w->qt = alloc64((size_t)Hkv * 4 * D / 32 * 256 * 4);
     w->o = alloc64((size_t)Hkv * MAXRS * D * 4);
     w->m = alloc64((size_t)Hkv * MAXRS * 4);
     w->l = alloc64((size_t)Hkv * MAXRS * 4);
     w->kb = alloc64((size_t)16 * D * 2);
     w->vb = alloc64((size_t)KC * D * 2);
     w->st = alloc64((size_t)KC * MAXRS * 4);
-    w->pa = alloc64((size_t)4 * (KC / 32) * 256 * 4);
-    w->ks = alloc64(KC * 4);
-    w->vs = alloc64(KC * 4);
-    if (w->qt && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa && w->ks && w->vs) return w;
+    w->pa = alloc64(16 * PAS * 4);
+    w->ks = alloc64(((size_t)KC * Hkv + 16) * 4);
+    w->vs = alloc64(((size_t)KC * Hkv + 16) * 4);
+    w->ct = malloc((size_t)Hkv * 4 * sizeof(coltile));
+    if (w->qt && w->o && w->m && w->l && w->kb && w->vb && w->st && w->pa && w->ks && w->vs && w->ct) return w;
     scratch_free(w);
     return NULL;
 }
@@ -413,13 +475,16 @@ static void run_item(const call *c, const work *it, const partials *pt, void *w)
          c->Hkv, c->D, c->scale, c->out, pt, w);
 }
 
-static void merge_rows(const call *c, const work *it, int n_parts, const partials *pt) {
+static void merge_lanes(const call *c, const work *it, int n_parts, const partials *pt) {
     const int64_t *sq = c->seqs + 4 * it->s;
     const int G = c->H / c->Hkv;
-    for (int g = 0; g < c->Hkv; g++)
-        for (int r = 0; r < sq[1] * G; r++)
-            merge(pt, it->part, n_parts, c->Hkv, g, r, c->D,
-                  c->out + ((size_t)(sq[0] + r / G) * c->H + (size_t)g * G + r % G) * c->D);
+    coltile *ct = malloc((size_t)c->Hkv * 4 * sizeof(coltile));
+    if (!ct) return; /* unreachable in practice: the scratch's larger allocations succeeded */
+    const int n_ct = col_tiles((int)sq[1] * G, c->Hkv, ct);
+    for (int t = 0; t < n_ct; t++)
+        for (int x = 0; x < ct[t].ng * ct[t].nr; x++)
+            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], ct + t, x, G, c->H, c->D));
+    free(ct);
 }
 
 int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,
@@ -430,7 +495,7 @@ int paged_attention_amx_short(const float *q, const void *k, const void *v, int 
         !paged_attention_amx_short_available())
         return 2;
     const call c = {q, k, v, slots, seqs, n_seqs, H, Hkv, D, scale, out, kv_kind};
-    const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_rows};
+    const kernel_ops ops = {scratch_new, scratch_free, run_item, merge_lanes};
     return run_items(&c, MAXRS, &ops);
 }
 #endif

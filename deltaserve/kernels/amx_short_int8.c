@@ -77,24 +77,6 @@ static void scratch_free(void *p) {
     free(w);
 }
 
-/* A column tile: heads g0 .. g0 + ng - 1, rows r0 .. r0 + nr - 1 of each, head g0 + i's row r0 + x on lane i nr + x.
- * Rows of a decode (R <= 8) pack 16 / R heads a tile, so the softmax's lanes are not mostly padding. */
-typedef struct {
-    int g0, ng, r0, nr;
-} coltile;
-
-static int col_tiles(int R, int Hkv, coltile *ct) {
-    int n = 0;
-    if (R <= 8) {
-        const int per = 16 / R;
-        for (int g = 0; g < Hkv; g += per) ct[n++] = (coltile){g, Hkv - g < per ? Hkv - g : per, 0, R};
-    } else {
-        for (int g = 0; g < Hkv; g++)
-            for (int r0 = 0; r0 < R; r0 += 16) ct[n++] = (coltile){g, 1, r0, R - r0 < 16 ? R - r0 : 16};
-    }
-    return n;
-}
-
 /* Q^T B tiles of head g's rows r0 .. r0 + nr - 1 (columns past nr zero): each row rounded to int16 against its
  * largest |value|, split as hi * 256 + lo (hi signed, lo unsigned bytes); their steps x scale2 to qs[0 .. nr) */
 static void pack_qt(const float *q, int64_t q_start, int r0, int nr, int off, int G, int H, int g, int D,
@@ -358,12 +340,6 @@ static void accumulate_pv(const uint32_t *pa, const uint32_t *vb, int D, int kcp
             }
         }
     }
-}
-
-/* the output row of lane x of column tile t: its query token and head */
-static inline float *lane_out(float *out, int64_t q_start, const coltile *t, int x, int G, int H, int D) {
-    const int g = t->g0 + x / t->nr, r = t->r0 + x % t->nr;
-    return out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
 }
 
 /* Keys [k0, k1) of sequence s (amx_short_plan.h's work), every kv head, a chunk of KC keys at a time: V packed, then

@@ -1,6 +1,6 @@
-/* What the AMX short kernels (amx_short.c: bf16 rows, amx_short_int8.c: int8 rows) share: their work items, how a
- * sequence's keys split into them (the parts' sums and merge: split_parts.h), running the items on the threads, a
- * lane's rescale when its softmax reference moves, and the test for a run of slots. Include after KC (keys a chunk),
+/* What the AMX short kernels (amx_short.c: bf16 and fp8 rows, amx_short_int8.c: int8 rows) share: their work items,
+ * how a sequence's keys split into them (the parts' sums and merge: split_parts.h), running the items on the threads,
+ * the rows' lanes (column tiles), a lane's rescale when its softmax reference moves, and the test for a run of slots. Include after KC (keys a chunk),
  * MIN_PART_KEYS and SPLIT_ITEMS are defined, and amx_tiles.h (alloc64), where __AMX_TILE__ is. */
 #ifndef DELTASERVE_AMX_SHORT_PLAN_H
 #define DELTASERVE_AMX_SHORT_PLAN_H
@@ -19,6 +19,33 @@ static inline int run16(const int64_t *sl) {
     const __mmask8 c = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512(sl + 8),
                                                _mm512_add_epi64(b, _mm512_add_epi64(lo, _mm512_set1_epi64(8))));
     return a == 0xFF && c == 0xFF;
+}
+
+/* A column tile (16 lanes of S^T's columns, the softmax's vector): heads g0 .. g0 + ng - 1, rows r0 .. r0 + nr - 1
+ * of each, head g0 + i's row r0 + x on lane i nr + x. Rows of a decode (R <= 8 a kv head) pack 16 / R heads a tile,
+ * so the softmax's lanes are not mostly padding (SmolLM2: 3 rows a head, 3 heads a tile). Lanes past ng nr: padding. */
+typedef struct {
+    int g0, ng, r0, nr;
+} coltile;
+
+/* A sequence's column tiles (at most Hkv x 4), lane c x 16 + x for lane x of tile c; returns their count. Where R > 8
+ * a head's ceil(R / 16) tiles follow each other. */
+static int col_tiles(int R, int Hkv, coltile *ct) {
+    int n = 0;
+    if (R <= 8) {
+        const int per = 16 / R;
+        for (int g = 0; g < Hkv; g += per) ct[n++] = (coltile){g, Hkv - g < per ? Hkv - g : per, 0, R};
+    } else {
+        for (int g = 0; g < Hkv; g++)
+            for (int r0 = 0; r0 < R; r0 += 16) ct[n++] = (coltile){g, 1, r0, R - r0 < 16 ? R - r0 : 16};
+    }
+    return n;
+}
+
+/* the output row of lane x of column tile t: its query token and head */
+static inline float *lane_out(float *out, int64_t q_start, const coltile *t, int x, int G, int H, int D) {
+    const int g = t->g0 + x / t->nr, r = t->r0 + x % t->nr;
+    return out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
 }
 
 /* Keys [k0, k1) of sequence s; part < 0: all its keys, normalised output to out; else unnormalised output,

@@ -31,10 +31,11 @@ static inline void ahead_step(ahead *a) {
     }
 }
 
-/* S^T rows j of a 16-key block times their K rows' factors f[j] */
-static inline void scale_rows(float *st, int NCS, const float *f) {
+/* S^T rows j of a 16-key block (NCS lanes a row) times their K rows' factors: lane x's is f[j fs + hidx[x]] (its
+ * head's in a tile that packs several; one head: hidx zero) */
+static inline void scale_rows(float *st, int NCS, const float *f, int fs, __m512i hidx) {
     for (int j = 0; j < 16; j++) {
-        const __m512 fj = _mm512_set1_ps(f[j]);
+        const __m512 fj = _mm512_permutexvar_ps(hidx, _mm512_loadu_ps(f + (size_t)j * fs));
         for (int c = 0; c < NCS; c += 16)
             _mm512_storeu_ps(st + (size_t)j * NCS + c, _mm512_mul_ps(_mm512_loadu_ps(st + (size_t)j * NCS + c), fj));
     }
