@@ -391,10 +391,9 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, c
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 31) & ~31;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
-        const int row = Hkv * (int)kv_row_bytes(kind, D), lines = nx > 0 ? (int)nx * 2 * lines_of(row) : 0;
         const int steps = n_ct / NC * kcp / 16 + Hkv * kcp / 2 + n_ct * kcp / 2; /* ahead_step calls, about */
-        ahead ah = {(const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, row, 0, 0,
-                    (lines + steps - 1) / steps};
+        ahead ah = ahead_new((const char *)k, (const char *)v, sl + c0 + kc, (int)nx, Hkv * (int)kv_row_bytes(kind, D),
+                             steps);
         if (kind == KV_FP8)
             for (int j = 0; j < kcp; j++)
                 for (int g = 0; g < Hkv; g++) {

@@ -369,8 +369,7 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, const int64
          * first column tile's tile loads (read first, they stalled on memory: 8 x 8k decode, best of 7, 44.2-44.5 ->
          * 42.1-42.2 ms) */
         const int steps = kcp / 8 + kcp / 8 + n_ct * (kcp / 16 + kcp / 8 + kcp / 8 + Hkv / n_ct * D / 32 * kcp / 64);
-        ahead ah;
-        ahead_init(&ah, (const char *)k, (const char *)v, sl + c0 + kc, nx > 0 ? (int)nx : 0, Hkv * (D + 4), steps);
+        ahead ah = ahead_new((const char *)k, (const char *)v, sl + c0 + kc, (int)nx, Hkv * (D + 4), steps);
         pack_v(v, sl + c0, kc, kcp, Hkv, D, w->vb, &ah);
         row_scales(v, sl + c0, kc, kcp, Hkv, D, w->vs, w->vl, &ah);
         for (int c = 0; c < n_ct; c++) {

@@ -1,6 +1,7 @@
 /* What the AMX short kernels (amx_short.c: bf16 and fp8 rows, amx_short_int8.c: int8 rows) share: their work items,
  * how a sequence's keys split into them (the parts' sums and merge: split_parts.h), running the items on the threads,
- * the rows' lanes (column tiles), a lane's rescale when its softmax reference moves, and the test for a run of slots. Include after KC (keys a chunk),
+ * the rows' lanes (column tiles), a lane's rescale when its softmax reference moves, the test for a run of slots, and
+ * the prefetcher of the next chunk's rows. Include after KC (keys a chunk),
  * MIN_PART_KEYS and SPLIT_ITEMS are defined, and amx_tiles.h (alloc64), where __AMX_TILE__ is. */
 #ifndef DELTASERVE_AMX_SHORT_PLAN_H
 #define DELTASERVE_AMX_SHORT_PLAN_H
@@ -46,6 +47,41 @@ static int col_tiles(int R, int Hkv, coltile *ct) {
 static inline float *lane_out(float *out, int64_t q_start, const coltile *t, int x, int G, int H, int D) {
     const int g = t->g0 + x / t->nr, r = t->r0 + x % t->nr;
     return out + ((size_t)(q_start + r / G) * H + (size_t)g * G + r % G) * D;
+}
+
+/* The next chunk's slot rows (K and V, every kv head), fetched into L2 while the current chunk computes, a key's rows
+ * every few steps of every phase: a core streams only ~14 GB/s from memory, and only while it has misses in flight,
+ * so the fetches must run through the compute rather than before it (prefetched in a burst, or left to the demand
+ * loads, a chunk's rows and its compute take turns). A key at a time, not a line at a time: the line loop's
+ * bookkeeping cost more than the fetches (8 x 8k decode with every row in L2: a third of the kernel's time). */
+typedef struct {
+    const char *k, *v;
+    const int64_t *sl; /* the next chunk's slots */
+    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, or Hkv x (D + 4) for int8 / fp8) */
+    int key;           /* the next key to fetch */
+    int credit, per;   /* keys owed and keys a step, in 1/256 keys */
+} ahead;
+
+/* a prefetcher for `keys` keys (their rows `row` bytes) spread over about `steps` calls of ahead_step */
+static inline ahead ahead_new(const char *k, const char *v, const int64_t *sl, int keys, int row, int steps) {
+    const ahead a = {k, v, sl, keys > 0 ? keys : 0, row, 0, 0, keys > 0 ? (keys * 256 + steps - 1) / steps : 0};
+    return a;
+}
+
+/* every line of the row at p: its 64-byte steps, and its last byte where the row is not whole lines (an fp8 or int8
+ * row of 3 x 68 bytes may touch 5 lines wherever it starts) */
+static inline void fetch_row(const char *p, int row) {
+    for (int o = 0; o < row; o += 64) __builtin_prefetch(p + o, 0, 2);
+    if (((uintptr_t)p | (uintptr_t)row) % 64) __builtin_prefetch(p + row - 1, 0, 2);
+}
+
+static inline void ahead_step(ahead *a) {
+    a->credit += a->per;
+    for (; a->credit >= 256 && a->key < a->keys; a->credit -= 256) {
+        const size_t off = (size_t)a->sl[a->key++] * a->row;
+        fetch_row(a->k + off, a->row);
+        fetch_row(a->v + off, a->row);
+    }
 }
 
 /* Keys [k0, k1) of sequence s; part < 0: all its keys, normalised output to out; else unnormalised output,

@@ -1,35 +1,7 @@
-/* How the AMX short kernel (amx_short.c) reaches its cache rows: the prefetcher that fetches the next chunk's slot
- * rows through every phase of the current one, for rows of any width (bf16, or fp8 with its scale: not whole lines),
- * and an fp8 cache's rows as exact bf16 values (V a row at a time; K's row factors applied to S^T). Included by
- * amx_short.c after kv_rows.h. */
+/* How the AMX short kernel (amx_short.c) reads an fp8 cache's rows: as exact bf16 values (V a row at a time; K's row
+ * factors applied to S^T). Included by amx_short.c after kv_rows.h. */
 #ifndef DELTASERVE_AMX_SHORT_ROWS_H
 #define DELTASERVE_AMX_SHORT_ROWS_H
-
-/* The next chunk's slot rows (K and V, every kv head), fetched into L2 while the current chunk computes, a few
- * lines at every step of every phase: a core streams only ~14 GB/s from memory, and only while it has misses in
- * flight, so the fetches must run through the compute rather than before it (prefetched in a burst, or left to
- * the demand loads, a chunk's rows and its compute take turns). */
-typedef struct {
-    const char *k, *v;
-    const int64_t *sl; /* the next chunk's slots */
-    int keys, row;     /* keys of the next chunk; bytes a slot's row (Hkv x D x 2, or Hkv x (D + 4) for fp8) */
-    int key, line;     /* the next line to fetch: of key `key`'s K row, then (line >= lines_of(row)) its V row */
-    int per;           /* lines a step */
-} ahead;
-
-/* fetches a slot's row takes: its 64-byte steps, and its last byte where the row is not whole lines (an fp8 row of
- * 3 x 68 bytes may touch 5 lines wherever it starts) */
-static inline int lines_of(int row) { return row % 64 ? row / 64 + 2 : row / 64; }
-
-static inline void ahead_step(ahead *a) {
-    const int lr = lines_of(a->row);
-    for (int n = 0; n < a->per && a->key < a->keys; n++) {
-        const int ln = a->line < lr ? a->line : a->line - lr;
-        const size_t off = (size_t)a->sl[a->key] * a->row + (ln * 64 < a->row ? (size_t)ln * 64 : (size_t)a->row - 1);
-        __builtin_prefetch((a->line < lr ? a->k : a->v) + off, 0, 2);
-        if (++a->line == 2 * lr) a->line = 0, a->key++;
-    }
-}
 
 /* S^T rows j of a 16-key block (NCS lanes a row) times their K rows' factors: lane x's is f[j fs + hidx[x]] (its
  * head's in a tile that packs several; one head: hidx zero) */

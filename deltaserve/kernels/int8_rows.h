@@ -1,56 +1,11 @@
 /* Reading an int8 cache's slot rows (kv/quant.py: D bytes then the row's fp32 scale, Hkv x (D + 4) bytes a slot, so
- * rows do not start on cache lines) for amx_short_int8.c: the next chunk's rows prefetched a few lines at a time, and a
- * chunk's row scales. Include after amx_short_plan.h (run16), where AVX-512 is. */
+ * rows do not start on cache lines) for amx_short_int8.c: a chunk's row scales. Include after amx_short_plan.h (run16), where AVX-512 is. */
 #ifndef DELTASERVE_INT8_ROWS_H
 #define DELTASERVE_INT8_ROWS_H
 #include <immintrin.h>
 #include <stdint.h>
 
 #include "kv_rows.h"
-
-/* The next chunk's slot rows (K and V, every kv head), fetched into L2 a few lines at every step of the chunk's
- * compute. Rows of consecutive slots are adjacent (Hkv x (D + 4) bytes each, not whole lines): a line shared with the
- * row before is not fetched twice. */
-typedef struct {
-    const char *k, *v;
-    const int64_t *sl;
-    int keys, row, per;
-    int key;                      /* the key whose rows are being fetched */
-    uintptr_t kl, ke, vl, ve;     /* its next K / V line and last ones */
-    uintptr_t kdone, vdone;       /* the last K / V line fetched */
-} ahead;
-
-static inline void ahead_key(ahead *a) {
-    const uintptr_t kb = (uintptr_t)a->k + (uintptr_t)a->sl[a->key] * a->row;
-    const uintptr_t vb = (uintptr_t)a->v + (uintptr_t)a->sl[a->key] * a->row;
-    const uintptr_t ks = kb & ~(uintptr_t)63, vs = vb & ~(uintptr_t)63;
-    a->ke = (kb + a->row - 1) & ~(uintptr_t)63;
-    a->ve = (vb + a->row - 1) & ~(uintptr_t)63;
-    a->kl = ks <= a->kdone && a->kdone <= a->ke ? a->kdone + 64 : ks;
-    a->vl = vs <= a->vdone && a->vdone <= a->ve ? a->vdone + 64 : vs;
-}
-
-static inline void ahead_init(ahead *a, const char *k, const char *v, const int64_t *sl, int keys, int row,
-                              int steps) {
-    a->k = k, a->v = v, a->sl = sl, a->keys = keys, a->row = row, a->key = 0, a->kdone = a->vdone = 0;
-    const int lines = keys * 2 * (row + 63) / 64;
-    a->per = keys > 0 ? (lines + steps - 1) / steps : 0;
-    if (keys > 0) ahead_key(a);
-}
-
-static inline void ahead_step(ahead *a) {
-    for (int n = 0; n < a->per && a->key < a->keys;) {
-        if (a->kl <= a->ke) {
-            __builtin_prefetch((const void *)a->kl, 0, 2);
-            a->kdone = a->kl, a->kl += 64, n++;
-        } else if (a->vl <= a->ve) {
-            __builtin_prefetch((const void *)a->vl, 0, 2);
-            a->vdone = a->vl, a->vl += 64, n++;
-        } else if (++a->key < a->keys) {
-            ahead_key(a);
-        }
-    }
-}
 
 /* every kv head's row scales (K or V cache c) of the chunk's keys [0, kcp) (0 past kc) to dst [key][Hkv], and where
  * lg is given floor(log2) of each (-inf for 0) to lg. A run of 16 slots holds its 16 Hkv rows back to back: their
