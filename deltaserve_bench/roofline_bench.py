@@ -9,10 +9,13 @@ sequences, and for 128-token spans (a prefill chunk or long verify) over 1k/4k/8
   take there (`layers/linear.large_batch_form`; without AVX-512 torch's bf16 matmul is a generic loop at well
   under 1 GFLOP/s, no floor of anything the engine runs);
 
-both floors measured here with torch before the steps (a 256 MiB copy, read + write bytes counted as STREAM does;
-a 2048^3 matmul). The step's floor is the larger one; `x floor` says how far the step is from it. Spans run
-every way built here (the tiled kernel, `layers/attention/span_matmul.py`, the AMX kernel on Xeons with AMX), on the
-same pool, one after the other for each context, whatever the span probe chose.
+both floors measured here with torch (a 256 MiB copy, read + write bytes counted as STREAM does; a 2048^3 matmul)
+before the steps and again between each context's cases, the best of them kept: on a shared machine a single early
+measurement can catch a slow minute (one read 11.6 GB/s where the same hour gave 28), and a floor is the best the
+machine does. The step's floor is the larger one; `x floor` says how far the step is from it. The cache dtypes of a
+decode case, and the span paths built here (the tiled kernel, `layers/attention/span_matmul.py`, the AMX kernel on
+Xeons with AMX) of a span case, take turns a repetition at a time, each pool alive throughout, so their ratios
+compare the same minutes rather than cases run minutes apart.
 
 The model runs below the engine (no scheduler, no sampling): the pool's history is left at zeros, which costs
 the kernels what any values cost. Contexts are capped to the model's positions (SmolLM2: 8,192 in all, so its
@@ -22,6 +25,7 @@ the kernels what any values cost. Contexts are capped to the model's positions (
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -50,6 +54,21 @@ def _best_ms(f, reps: int) -> float:
 
     f()
     return best_ms(f, reps)
+
+
+def best_interleaved(fs: list, reps: int) -> list[float]:
+    """The fastest ms of each of `fs` over `reps` rounds after a warm-up each, the calls taking turns (forward, then
+    backward order): a machine's drift then costs each the same."""
+    for f in fs:
+        f()
+    best = [float("inf")] * len(fs)
+    for r in range(reps):
+        order = range(len(fs)) if r % 2 == 0 else reversed(range(len(fs)))
+        for i in order:
+            t = time.perf_counter()
+            fs[i]()
+            best[i] = min(best[i], (time.perf_counter() - t) * 1e3)
+    return best
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
@@ -111,77 +130,76 @@ def run(args) -> int:
     cfg = model.cfg
     mm = matmul_dtype()
     mm_name = "bf16" if mm == torch.bfloat16 else "fp32"
-    bw, rate = copy_bandwidth(), matmul_rate(mm)
-    print(f"{machine()}\ncopy bandwidth {bw / 1e9:.1f} GB/s, {mm_name} matmul {rate / 1e9:.0f} GFLOP/s")
+    floors = [(copy_bandwidth(), matmul_rate(mm))]
+    print(f"{machine()}\ncopy bandwidth {floors[0][0] / 1e9:.1f} GB/s, {mm_name} matmul {floors[0][1] / 1e9:.0f} "
+          "GFLOP/s (measured again between the cases; the best is the floor)")
     max_ctx = max(contexts) + args.span
     kv_dtypes = args.kv_cache_dtypes.split(",")
     layouts = {k: KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, k) for k in kv_dtypes}
-    pool = None
-
-    def use(kv_dtype: str):
-        """The pool and backend for `kv_dtype` (one pool alive at a time: the 8-sequence pools are ~1.5 GB)."""
-        nonlocal pool
-        layout = layouts[kv_dtype]
-        pool = None
-        pool = KVPool(layout, max(batches) * max_ctx)
-        model.use_kv_format(layout.fmt)
-        return Work(model, layout.bytes_per_token), model.attn
-
-    work, base = use(kv_dtypes[0])
+    pools, attns, works = {}, {}, {}
+    for k in kv_dtypes:  # every dtype's pool alive at once (8 x 8k tokens: ~1.5 GB in bf16), its backend chosen once
+        pools[k] = KVPool(layouts[k], max(batches) * max_ctx)
+        model.use_kv_format(layouts[k].fmt)
+        attns[k], works[k] = model.attn, Work(model, layouts[k].bytes_per_token)
+    first = kv_dtypes[0]
+    model.use_kv_format(layouts[first].fmt)
+    base = model.attn
     paths = [("selected", base)]
     if isinstance(base, NativeCpuBackend) and base.tiled and dtype == torch.bfloat16:
         names = {"kernel": "tiled kernel", "matmul": "span_matmul", "amx": "AMX kernel"}
         paths = [(names[p] + (" (probe's choice)" if p == base.span_path else ""),
                   dataclasses.replace(base, span_path=p)) for p in span_probe.built_paths(cfg.head_dim)]
 
-    def step(spans: list[SeqSpan], attn) -> float:
-        """Best ms of one forward step over `spans` (each sequence's history at slots b * max_ctx ...)."""
+    def step(spans: list[SeqSpan], attn, pool):
+        """One forward step over `spans` (each sequence's history at slots b * max_ctx ...), as a call."""
         ids = torch.randint(100, 1000, (sum(s.q_len for s in spans),))
         pos = torch.cat([torch.arange(len(s.kv_slots) - s.q_len, len(s.kv_slots)) for s in spans])
         write = torch.cat([s.kv_slots[len(s.kv_slots) - s.q_len :] for s in spans])
         last = torch.tensor([s.q_start + s.q_len - 1 for s in spans])  # one logit row per sequence
-        model.attn = attn
         meta = attn.prepare(spans, write)
 
         def f():
+            model.attn = attn
             model.logits(model(ids, pos, pool, meta)[last])
 
-        return _best_ms(f, args.reps)
+        return f
 
-    rows = []
-
-    def add(kind: str, label: str, path: str, ms: float, tokens: int, keys: int, pairs: int, logit_rows: int):
-        nbytes, flops = work.of(tokens, logit_rows, keys, pairs)
-        mem_ms, fl_ms = nbytes / bw * 1e3, flops / rate * 1e3
-        floor = max(mem_ms, fl_ms)
-        rows.append([kind, label, path, ms, nbytes / 1e6, flops / 1e9, mem_ms, fl_ms, f"{ms / floor:.1f}x"])
-        print(f"{kind:7s} {label:22s} {path:28s} {ms:8.2f} ms  floors: memory {mem_ms:6.2f} ms, "
-              f"compute {fl_ms:6.2f} ms  -> {ms / floor:5.1f}x", flush=True)
-
+    cases = []  # (kind, label, path, ms, work, tokens, keys, pairs, logit_rows): floors applied at the end
     decode_ms: dict[tuple[str, int, int], float] = {}
     try:
-        for kv_dtype in kv_dtypes:
-            work, attn = use(kv_dtype)
-            path = "selected" if len(kv_dtypes) == 1 else f"KV {layouts[kv_dtype].fmt.name}"
-            for ctx in contexts:
-                ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
-                for B in batches:
-                    spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
-                    ms = decode_ms[kv_dtype, ctx, B] = step(spans, attn)
-                    add("decode", f"{B} seq x ctx {ctx}", path, ms, B, B * (ctx + 1), B * (ctx + 1), B)
-        work, base = use(kv_dtypes[0])
+        for ctx in contexts:
+            ctx = min(ctx, cfg.max_position - 1)  # history + the new token within the model's positions
+            for B in batches:
+                spans = [SeqSpan(b, 1, torch.arange(b * max_ctx, b * max_ctx + ctx + 1)) for b in range(B)]
+                times = best_interleaved([step(spans, attns[k], pools[k]) for k in kv_dtypes], args.reps)
+                for k, ms in zip(kv_dtypes, times):
+                    decode_ms[k, ctx, B] = ms
+                    path = "selected" if len(kv_dtypes) == 1 else f"KV {layouts[k].fmt.name}"
+                    cases.append(("decode", f"{B} seq x ctx {ctx}", path, ms, works[k], B, B * (ctx + 1),
+                                  B * (ctx + 1), B))
+                    print(f"decode  {B} seq x ctx {ctx:<8d} {path:28s} {ms:8.2f} ms", flush=True)
+            floors.append((copy_bandwidth(), matmul_rate(mm)))
         n = args.span
         for ctx in contexts:
             ctx = min(ctx, cfg.max_position - n)
             span = [SeqSpan(0, n, torch.arange(0, ctx + n))]
             pairs = n * ctx + n * (n + 1) // 2  # every history key, then causal within the span
-            for name, attn in paths:
-                add("span", f"{n} tok over ctx {ctx}", name, step(span, attn), n, ctx + n, pairs, 1)
+            times = best_interleaved([step(span, attn, pools[first]) for _, attn in paths], args.reps)
+            for (name, _), ms in zip(paths, times):
+                cases.append(("span", f"{n} tok over ctx {ctx}", name, ms, works[first], n, ctx + n, pairs, 1))
+                print(f"span    {n} tok over ctx {ctx:<6d} {name:28s} {ms:8.2f} ms", flush=True)
+            floors.append((copy_bandwidth(), matmul_rate(mm)))
     finally:
         model.attn = base
+    bw, rate = max(f[0] for f in floors), max(f[1] for f in floors)
+    rows = []
+    for kind, label, path, ms, work, tokens, keys, pairs, logit_rows in cases:
+        nbytes, flops = work.of(tokens, logit_rows, keys, pairs)
+        mem_ms, fl_ms = nbytes / bw * 1e3, flops / rate * 1e3
+        rows.append([kind, label, path, ms, nbytes / 1e6, flops / 1e9, mem_ms, fl_ms,
+                     f"{ms / max(mem_ms, fl_ms):.1f}x"])
     speedups = ""
     if len(kv_dtypes) > 1:
-        first = kv_dtypes[0]
         lines = [f"- KV {layouts[k].fmt.name}: " + ", ".join(
             f"{B} seq x ctx {c} {decode_ms[first, c, B] / decode_ms[k, c, B]:.2f}x"
             for (k2, c, B) in decode_ms if k2 == k) for k in kv_dtypes[1:]]
@@ -193,10 +211,12 @@ def run(args) -> int:
         report_head(f"Roofline: step times vs floors ({args.model}, {args.dtype})",
                     f"deltaserve bench roofline --model {args.model} --dtype {args.dtype} --contexts {args.contexts}"
                     f" --batches {args.batches} --span {args.span} --kv-cache-dtypes {args.kv_cache_dtypes}")
-        + f"Floors measured in this run: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), {mm_name} matmul "
-        f"{rate / 1e9:.0f} GFLOP/s (2048^3; the large linears' form here). Memory floor: every weight once plus each "
-        "sequence's K/V once; compute floor: 2 FLOPs per weight per token (logits for one row a sequence) plus "
-        f"4 x heads x head_dim per query-key pair. Fastest of {args.reps} steps.\n\n"
+        + f"Floors measured in this run, the best of {len(floors)} measurements between the cases: copy bandwidth "
+        f"{bw / 1e9:.1f} GB/s (read + write; {min(f[0] for f in floors) / 1e9:.1f} at worst), {mm_name} matmul "
+        f"{rate / 1e9:.0f} GFLOP/s ({min(f[1] for f in floors) / 1e9:.0f} at worst; 2048^3, the large linears' form "
+        "here). Memory floor: every weight once plus each sequence's K/V once; compute floor: 2 FLOPs per weight per "
+        "token (logits for one row a sequence) plus 4 x heads x head_dim per query-key pair. Fastest of "
+        f"{args.reps} steps, a case's cache dtypes (or span paths) taking turns.\n\n"
         + table + "\n\n" + speedups + load_note() + "\n"
     )
     publish(args.write, f"roofline-{args.model}", body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from deltaserve.config import ModelConfig
@@ -35,3 +36,22 @@ def test_compute_floor_uses_the_form_the_large_linears_take(monkeypatch):
     assert matmul_dtype() == torch.float32
     monkeypatch.setattr(L, "_LARGE_FORM", "bf16")
     assert matmul_dtype() == torch.bfloat16
+
+
+def test_best_interleaved_takes_turns_and_keeps_each_ones_fastest(monkeypatch):
+    import deltaserve_bench.roofline_bench as rb
+
+    clock = [0.0]
+    calls = []
+    costs = {0: [9.0, 4.0, 6.0, 5.0], 1: [9.0, 3.0, 2.0, 7.0]}  # ms of each call: the warm-up, then three rounds
+
+    def make(i):
+        def f():
+            clock[0] += costs[i][sum(1 for c in calls if c == i)] / 1e3
+            calls.append(i)
+        return f
+
+    monkeypatch.setattr(rb.time, "perf_counter", lambda: clock[0])
+    best = rb.best_interleaved([make(0), make(1)], reps=3)
+    assert calls == [0, 1, 0, 1, 1, 0, 0, 1]  # warm-ups, then forward, backward, forward: drift costs each the same
+    assert best == pytest.approx([4.0, 2.0])  # the warm-up (9 ms) never counts
