@@ -5,8 +5,9 @@ dequantized rows, as exact as the short kernel's pair path on the same rows.
 Tolerances as the AMX span kernel's (q and P rounded to bf16). Shapes cross the kernel's edges: key chunks of 128
 (contexts of 127/128/129 and more), 16-key tile blocks taken straight from the pool where their slots run (page 16)
 and copied where they do not (page 1; page 5 mixes both), rows a sequence from 1 to 64 (one to four 16-row column
-tiles; the four Q^T tiles held in tile registers for head_dim 64 up to 32 rows), a sequence's keys split into parts
-and merged where the threads lack items, empty spans. The kernel tests skip where the CPU has no AMX; the routing
+tiles; the four Q^T tiles held in tile registers for head_dim 64 up to 32 rows), the kv heads of a decode sharing a
+column tile's lanes (2 to 16 heads a tile, a partial last tile), a sequence's keys split into parts and merged where
+the threads lack items, empty spans. The kernel tests skip where the CPU has no AMX; the routing
 tests run everywhere.
 """
 
@@ -51,6 +52,15 @@ CASES = [(H, Hkv, D, shape) for H, Hkv, D in HEADS for shape in SHAPES
 @pytest.mark.parametrize("page", [1, 5, 16])
 def test_matches_fp32_reference(H, Hkv, D, shape, page):
     check_against_reference(native.paged_attention_amx_short, H, Hkv, D, shape, page)
+
+
+@needs_amx_short
+@pytest.mark.parametrize("H,Hkv,D", [(20, 20, 64), (40, 20, 64), (15, 5, 64)])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], [(900, 1), (901, 2), (902, 3)]])
+def test_many_heads_share_column_tiles(H, Hkv, D, shape):
+    # a decode of 20 kv heads a row each fills one tile of 16 heads and leaves 4 for a second; 2 rows a head: 8 heads
+    # a tile; GQA 3 with 5 kv heads: 5 heads a tile at q_len 1, 2 at q_len 2, one at q_len 3 (9 rows)
+    check_against_reference(native.paged_attention_amx_short, H, Hkv, D, shape, 5)
 
 
 @needs_amx_short
