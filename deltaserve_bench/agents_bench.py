@@ -37,7 +37,7 @@ from deltaserve_bench.agents_workload import Workflow, generate, system_tokens
 from deltaserve_bench.agents_report import plots as _plots
 from deltaserve_bench.agents_report import render_md
 from deltaserve_bench.common import git_rev, machine, require
-from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
+from deltaserve_bench.sections import IMG_HELP, add_write_argument, plot_dir, rel_link, section_path, write_section
 
 def add_parser(sub) -> None:
     p = sub.add_parser("agents", help="multi-agent tool-calling workflows vs vLLM / llama.cpp / SGLang")
@@ -73,8 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-prefill-with-decode", type=int, default=None,
                    help="deltaserve targets: prefill tokens a step that also decodes may carry (default: no cap)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--img-dir", default="docs/img",
-                   help="where --write copies the plots ('': the section links the copies in --out)")
+    p.add_argument("--img-dir", default=None, help=IMG_HELP)
     p.add_argument("--section", default="", metavar="KEY",
                    help="the section --write replaces, and the plots' prefix (default agents-w{T}[-kv{N}]; "
                         "another key keeps a run on other hardware beside the default one)")
@@ -396,10 +395,11 @@ def run(args) -> int:
     if args.write:
         key = args.section or f"agents-w{wf.n_turns}" + (f"-kv{args.kv_budget_tokens}" if args.kv_budget_tokens else "")
         section = section_path(args.write, key)
+        img = plot_dir(args.write, args.img_dir)
         for p in plots:  # report.md links them beside it; the section links the committed copy (or the --out one)
             src = out / p
-            if args.img_dir:
-                src = Path(args.img_dir) / f"{key}-{p}"
+            if img is not None:
+                src = img / f"{key}-{p}"
                 src.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / p, src)
             md = md.replace(f"]({p})", f"]({rel_link(src, section)})")

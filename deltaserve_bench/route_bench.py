@@ -21,7 +21,7 @@ from pathlib import Path
 
 from deltaserve_bench.common import invoked_command, load_note, md_table, pyplot, report_head
 from deltaserve_bench.route_sim import MEASURED_PREFILL, POLICIES, SimConfig, make_workload, simulate
-from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
+from deltaserve_bench.sections import IMG_HELP, add_write_argument, plot_dir, rel_link, section_path, write_section
 
 QUICK = {"replicas": "4,8", "agents": "16,64"}
 GOAL_POINT = (64, 1000)
@@ -65,8 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epsilon", type=float, default=_D.epsilon, help="the router's bounded-load slack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/route", help="folder for the PNG plot and raw JSON")
-    p.add_argument("--img-dir", default="docs/img",
-                   help="where --write copies the plot ('': the section links the copy in --out)")
+    p.add_argument("--img-dir", default=None, help=IMG_HELP)
     add_write_argument(p, "route")
     p.set_defaults(func=run)
 
@@ -160,8 +159,9 @@ def run(args) -> int:
     _plot(results, png)
     section = section_path(args.write, "route") if args.write else None
     link = png
-    if section and args.img_dir:
-        link = Path(args.img_dir) / png.name
+    img = plot_dir(args.write, args.img_dir) if section else None
+    if img is not None:
+        link = img / png.name
         link.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, link)
 

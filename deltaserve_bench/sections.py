@@ -42,6 +42,20 @@ def _write_dir(value: str) -> Path:
     return Path(value)
 
 
+IMG_HELP = ("where --write copies the plots (default: docs/img for a section under docs/benchmarks, DIR/img for one "
+            "written elsewhere, so a trial run never overwrites the committed plots; '': the section links the copies "
+            "in --out)")
+
+
+def plot_dir(write_dir: str | Path, img_dir: str | None) -> Path | None:
+    """Where a section written to `write_dir` keeps its plots: `img_dir` when given ('' : nowhere, the section links
+    the copies in --out), else docs/img beside docs/benchmarks, or `write_dir`/img for a section written elsewhere."""
+    if img_dir is not None:
+        return Path(img_dir) if img_dir else None
+    write_dir = Path(write_dir)
+    return DEFAULT_DIR.parent / "img" if write_dir == DEFAULT_DIR else write_dir / "img"
+
+
 def section_path(directory: str | Path, key: str) -> Path:
     return Path(directory) / f"{key}.md"
 

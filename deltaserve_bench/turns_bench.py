@@ -28,7 +28,7 @@ from statistics import median
 import torch
 
 from deltaserve_bench.common import invoked_command, load_note, md_table, pyplot, report_head, require
-from deltaserve_bench.sections import add_write_argument, rel_link, section_path, write_section
+from deltaserve_bench.sections import IMG_HELP, add_write_argument, plot_dir, rel_link, section_path, write_section
 
 MODES = ("stateful", "prefix", "stateless")
 SELECTED_TURNS = (1, 5, 10, 20, 35)
@@ -59,8 +59,7 @@ def add_parser(sub) -> None:
                    help="stateless keeps nothing between turns, so by default it is timed only at the reported turns "
                         "(1,5,10,20,last) on the contexts the first mode produced; 'all' times every turn")
     p.add_argument("--out", default="bench_out/turns", help="folder for the PNG plot and raw JSON")
-    p.add_argument("--img-dir", default="docs/img",
-                   help="where --write copies the plot ('': the section links the copy in --out)")
+    p.add_argument("--img-dir", default=None, help=IMG_HELP)
     add_write_argument(p, "turns-MODEL")
     p.set_defaults(func=run)
 
@@ -228,8 +227,9 @@ def run(args) -> int:
     key = f"turns-{args.model}"
     section = section_path(args.write, key) if args.write else None
     link = png
-    if section and args.img_dir:
-        link = Path(args.img_dir) / png.name
+    img = plot_dir(args.write, args.img_dir) if section else None
+    if img is not None:
+        link = img / png.name
         link.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, link)
 

@@ -104,3 +104,13 @@ def test_report_head_names_the_command_and_echoes_the_invocation(monkeypatch):
     assert invoked_command("turns", "fallback") == "deltaserve bench turns --out 'a dir'"
     monkeypatch.setattr("sys.argv", ["pytest", "-q"])
     assert invoked_command("turns", "fallback") == "fallback"
+
+
+def test_plots_of_a_section_written_elsewhere_stay_beside_it(tmp_path):
+    from deltaserve_bench.sections import DEFAULT_DIR, plot_dir
+
+    # a trial run (--write DIR) must not overwrite the committed plots under docs/img
+    assert plot_dir(DEFAULT_DIR, None) == Path("docs/img")
+    assert plot_dir(tmp_path / "x", None) == tmp_path / "x" / "img"
+    assert plot_dir(tmp_path / "x", "elsewhere") == Path("elsewhere")
+    assert plot_dir(tmp_path / "x", "") is None  # the section links the copies in --out
