@@ -11,11 +11,11 @@ sequences, and for 128-token spans (a prefill chunk or long verify) over 1k/4k/8
 
 both floors measured here with torch (a 256 MiB copy, read + write bytes counted as STREAM does; a 2048^3 matmul)
 before the steps and again between each context's cases, the best of them kept: on a shared machine a single early
-measurement can catch a slow minute (one read 11.6 GB/s where the same hour gave 28), and a floor is the best the
-machine does. The step's floor is the larger one; `x floor` says how far the step is from it. The cache dtypes of a
-decode case, and the span paths built here (the tiled kernel, `layers/attention/span_matmul.py`, the AMX kernel on
-Xeons with AMX) of a span case, take turns a repetition at a time, each pool alive throughout, so their ratios
-compare the same minutes rather than cases run minutes apart.
+measurement can catch a slow minute (one run read 11.6 GB/s, the next one's best of 7 was 20.2), and a floor is the
+best the machine does. The step's floor is the larger one; `x floor` says how far the step is from it. The cache
+dtypes of a decode case, and the span paths built here (the tiled kernel, `layers/attention/span_matmul.py`, the AMX
+kernel on Xeons with AMX) of a span case, take turns a repetition at a time, each pool alive throughout, so their
+ratios compare the same minutes rather than cases run minutes apart.
 
 The model runs below the engine (no scheduler, no sampling): the pool's history is left at zeros, which costs
 the kernels what any values cost. Contexts are capped to the model's positions (SmolLM2: 8,192 in all, so its
