@@ -57,6 +57,7 @@ ATTENTION_KERNEL_STUB(paged_attention_amx_short)
 #define LAZY_MAX 8.f    /* as amx_attention.c: a row keeps its softmax reference while P <= 2^8 */
 
 #include "amx_short_plan.h"
+#include "int8_rows.h" /* row_scales: an fp8 row has an int8 row's layout */
 
 #define PAS ((size_t)(KC / 32) * 256) /* a set of P's A tiles */
 
@@ -302,15 +303,18 @@ static void item(const float *q, const uint8_t *k, const uint8_t *v, int kind, c
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += KC) {
         const int kc = (int)(it->k1 - c0 < KC ? it->k1 - c0 : KC), kcp = (kc + 31) & ~31;
         const int64_t nx = it->k1 - c0 - kc < KC ? it->k1 - c0 - kc : KC;
-        const int steps = n_ct / NC * kcp / 16 + Hkv * kcp / 2 + n_ct * kcp / 2; /* ahead_step calls, about */
+        /* ahead_step calls, about: scores_t, pack_v, the softmax (and row_scales twice for fp8) */
+        const int steps = (n_ct / NC + (kind == KV_FP8 ? 2 : 0)) * kcp / 16 + Hkv * kcp / 2 + n_ct * kcp / 2;
         ahead ah = ahead_new((const char *)k, (const char *)v, sl + c0 + kc, (int)nx, Hkv * (int)kv_row_bytes(kind, D),
                              steps);
-        if (kind == KV_FP8)
-            for (int j = 0; j < kcp; j++)
-                for (int g = 0; g < Hkv; g++) {
-                    w->ks[j * Hkv + g] = j < kc ? kv_row_factor(k, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
-                    w->vs[j * Hkv + g] = j < kc ? kv_row_factor(v, kind, sl[c0 + j] * Hkv + g, D) : 0.f;
-                }
+        if (kind == KV_FP8) { /* the rows' factors (kv_row_factor): their scales x 256, exact */
+            row_scales(k, sl + c0, kc, kcp, Hkv, D, w->ks, NULL, &ah);
+            row_scales(v, sl + c0, kc, kcp, Hkv, D, w->vs, NULL, &ah);
+            for (int e = 0; e < kcp * Hkv; e += 16) {
+                _mm512_storeu_ps(w->ks + e, _mm512_mul_ps(_mm512_loadu_ps(w->ks + e), _mm512_set1_ps(256.f)));
+                _mm512_storeu_ps(w->vs + e, _mm512_mul_ps(_mm512_loadu_ps(w->vs + e), _mm512_set1_ps(256.f)));
+            }
+        }
         for (int c = 0; c < n_ct; c += NC) {
             const coltile *t = ct + c;
             /* keys of the chunk each lane sees; padding lanes see them all (their Q is zero, their output unused).
@@ -387,14 +391,12 @@ static void run_item(const call *c, const work *it, const partials *pt, void *w)
 
 static void merge_lanes(const call *c, const work *it, int n_parts, const partials *pt) {
     const int64_t *sq = c->seqs + 4 * it->s;
-    const int G = c->H / c->Hkv;
-    coltile *ct = malloc((size_t)c->Hkv * 4 * sizeof(coltile));
-    if (!ct) return; /* unreachable in practice: the scratch's larger allocations succeeded */
-    const int n_ct = col_tiles((int)sq[1] * G, c->Hkv, ct);
-    for (int t = 0; t < n_ct; t++)
-        for (int x = 0; x < ct[t].ng * ct[t].nr; x++)
-            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], ct + t, x, G, c->H, c->D));
-    free(ct);
+    const int G = c->H / c->Hkv, R = (int)sq[1] * G;
+    for (int t = 0; t < n_col_tiles(R, c->Hkv); t++) {
+        const coltile ct = col_tile(R, c->Hkv, t);
+        for (int x = 0; x < ct.ng * ct.nr; x++)
+            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], &ct, x, G, c->H, c->D));
+    }
 }
 
 int paged_attention_amx_short(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,

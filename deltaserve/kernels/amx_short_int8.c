@@ -449,12 +449,12 @@ static void run_item(const call *c, const work *it, const partials *pt, void *w)
 
 static void merge_lanes(const call *c, const work *it, int n_parts, const partials *pt) {
     const int64_t *sq = c->seqs + 4 * it->s;
-    const int G = c->H / c->Hkv;
-    coltile ct[4 * 64];
-    const int n_ct = col_tiles((int)sq[1] * G, c->Hkv, ct);
-    for (int t = 0; t < n_ct; t++)
-        for (int x = 0; x < ct[t].ng * ct[t].nr; x++)
-            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], ct + t, x, G, c->H, c->D));
+    const int G = c->H / c->Hkv, R = (int)sq[1] * G;
+    for (int t = 0; t < n_col_tiles(R, c->Hkv); t++) {
+        const coltile ct = col_tile(R, c->Hkv, t);
+        for (int x = 0; x < ct.ng * ct.nr; x++)
+            merge(pt, it->part, n_parts, c->Hkv, t * 16 + x, c->D, lane_out(c->out, sq[0], &ct, x, G, c->H, c->D));
+    }
 }
 
 int paged_attention_amx_short_int8(const float *q, const void *k, const void *v, int kv_kind, const int64_t *slots,

@@ -29,17 +29,24 @@ typedef struct {
     int g0, ng, r0, nr;
 } coltile;
 
-/* A sequence's column tiles (at most Hkv x 4), lane c x 16 + x for lane x of tile c; returns their count. Where R > 8
- * a head's ceil(R / 16) tiles follow each other. */
-static int col_tiles(int R, int Hkv, coltile *ct) {
-    int n = 0;
+/* Column tile c of a sequence with R rows a kv head: 16 / R heads a tile where R <= 8, else a head's ceil(R / 16)
+ * tiles one after the other; lane c x 16 + x is lane x of tile c */
+static inline coltile col_tile(int R, int Hkv, int c) {
     if (R <= 8) {
-        const int per = 16 / R;
-        for (int g = 0; g < Hkv; g += per) ct[n++] = (coltile){g, Hkv - g < per ? Hkv - g : per, 0, R};
-    } else {
-        for (int g = 0; g < Hkv; g++)
-            for (int r0 = 0; r0 < R; r0 += 16) ct[n++] = (coltile){g, 1, r0, R - r0 < 16 ? R - r0 : 16};
+        const int per = 16 / R, g = c * per;
+        return (coltile){g, Hkv - g < per ? Hkv - g : per, 0, R};
     }
+    const int nc = (R + 15) / 16, r0 = c % nc * 16;
+    return (coltile){c / nc, 1, r0, R - r0 < 16 ? R - r0 : 16};
+}
+
+/* how many column tiles (at most Hkv x 4) */
+static inline int n_col_tiles(int R, int Hkv) { return R <= 8 ? (Hkv + 16 / R - 1) / (16 / R) : Hkv * ((R + 15) / 16); }
+
+/* every column tile to ct; returns their count */
+static int col_tiles(int R, int Hkv, coltile *ct) {
+    const int n = n_col_tiles(R, Hkv);
+    for (int c = 0; c < n; c++) ct[c] = col_tile(R, Hkv, c);
     return n;
 }
 

@@ -1,6 +1,6 @@
-/* Reading an int8 cache's slot rows (kv/quant.py: D bytes then the row's fp32 scale, Hkv x (D + 4) bytes a slot, so
- * rows do not start on cache lines) for amx_short_int8.c: a chunk's row scales. Include after amx_short_plan.h
- * (run16), where AVX-512 is. */
+/* Reading an int8 or fp8 cache's slot rows (kv/quant.py: D bytes then the row's fp32 scale, Hkv x (D + 4) bytes a
+ * slot, so rows do not start on cache lines) for the AMX short kernels: a chunk's row scales. Include after
+ * amx_short_plan.h (run16, ahead), where AVX-512 is. */
 #ifndef DELTASERVE_INT8_ROWS_H
 #define DELTASERVE_INT8_ROWS_H
 #include <immintrin.h>
