@@ -24,8 +24,29 @@ class Ticker:
         return self.t
 
 
-def make(num_slots: int = 8, clock=None) -> tuple[SlotAllocator, RadixCache]:
-    alloc = SlotAllocator(num_slots)
+class FreeOrder(SlotAllocator):
+    """The allocator, recording the order its slots became free (never used ones first, by id): the eviction-order
+    tests read which slots the tree gave back, and when."""
+
+    def __init__(self, num_slots: int):
+        super().__init__(num_slots)
+        self.order = dict.fromkeys(range(num_slots))  # an insertion-ordered set
+
+    def allocate(self, n: int, pos: int = 0, after: int | None = None) -> torch.Tensor:
+        out = super().allocate(n, pos, after)
+        for s in out.tolist():
+            del self.order[s]
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        super().free(slots)
+        for s in slots.tolist():
+            if s in self.free_slots() and s not in self.order:  # a shared slot still held is not free yet
+                self.order[s] = None
+
+
+def make(num_slots: int = 8, clock=None) -> tuple[FreeOrder, RadixCache]:
+    alloc = FreeOrder(num_slots)
     return alloc, RadixCache(alloc, clock=clock or Ticker())
 
 
@@ -33,8 +54,9 @@ def ids(t: torch.Tensor) -> list[int]:
     return t.tolist()
 
 
-def free_list(alloc: SlotAllocator) -> list[int]:
-    return list(alloc._free)  # FIFO order is the allocator's contract; read it to assert exact order
+def free_list(alloc: FreeOrder) -> list[int]:
+    """The free slots, in the order they became free."""
+    return list(alloc.order)
 
 
 def path_of(node: RadixNode) -> list[int]:

@@ -391,6 +391,7 @@ class LLMEngine:
         self.kv.sessions.expire()
         c = self.step_stats.counters
         alloc = self.pool.allocator
+        runs = self.kv.slot_runs()
         return {
             "cache_mode": self.kv.mode.value,
             "requests": c.requests,
@@ -408,6 +409,7 @@ class LLMEngine:
             "kv_slots_used": alloc.num_used,
             "kv_cached_tokens": self.kv.radix.total_size if self.kv.reuse else 0,
             "kv_bytes_per_token": self.pool.layout.bytes_per_token,
+            "kv_slot_run_fraction": runs.runs / runs.windows if runs.windows else 1.0,
             "evicted_tokens": self.kv.evicted_tokens,
             "demoted_sessions": self.kv.demoted_sessions,
             "grafted_tokens": self.kv.grafted_tokens,

@@ -26,6 +26,7 @@ from deltaserve.cache.radix import RadixCache
 from deltaserve.cache.session import Session, SessionManager, advance, explain_match
 from deltaserve.cache.shared_prefix import SHARED_NAMESPACE, declared_prefix
 from deltaserve.engine.sequence import Sequence
+from deltaserve.kv.allocator import PAGE
 from deltaserve.kv.pool import KVPool
 from deltaserve.tokens import common_prefix_len
 
@@ -43,6 +44,11 @@ class Restored(NamedTuple):
     match: MatchResult  # the radix match after the restore
     num_tokens: int  # tokens copied back into the pool
     from_store: int  # of those, from staged session-store reads
+
+
+class SlotRuns(NamedTuple):
+    windows: int  # full 16-token windows of the pinned sessions' paths
+    runs: int  # of those, the ones in 16 consecutive slots
 
 
 class _Admission(NamedTuple):
@@ -250,7 +256,7 @@ class KVManager:
                 break
             staged = hit.entry.staged
             rows = tier.take(hit, n)
-            slots = self.allocator.allocate(n)
+            slots = self.allocator.allocate(n, m.num_matched, int(m.slots[-1]) if m.num_matched else None)
             self.pool.write_rows(slots, rows.contiguous())
             self.radix.insert(tokens[: m.num_matched + n], torch.cat([m.slots, slots]), namespace)
             restored += n
@@ -294,7 +300,9 @@ class KVManager:
         assert len(seq.slots) == seq.num_computed, "unconsumed reservation"
         if not self.ensure_free(n):
             return False
-        seq.slots = torch.cat([seq.slots, self.allocator.allocate(n)])
+        # positions continue the sequence's last slot where they can: runs of 16 are one tile load (kv/allocator.py)
+        last = int(seq.slots[-1]) if len(seq.slots) else None
+        seq.slots = torch.cat([seq.slots, self.allocator.allocate(n, len(seq.slots), last)])
         return True
 
     def ensure_free(self, n: int) -> bool:
@@ -364,6 +372,18 @@ class KVManager:
             seq.locked_node = None
         seq.slots = torch.empty(0, dtype=torch.int64)
         seq.num_computed = seq.num_shared = 0
+
+    def slot_runs(self) -> SlotRuns:
+        """How the pinned sessions' KV lies for the attention kernels: their full 16-token windows (positions 16k ..
+        16k + 15) and how many of those sit in 16 consecutive slots (one tile load; others are copied row by row)."""
+        windows = runs = 0
+        for session in self.sessions.list():
+            if session.pinned and session.node is not None:
+                path = self.radix.path_slots(session.node)
+                w = path[: len(path) // PAGE * PAGE].view(-1, PAGE)  # [num_windows, PAGE]
+                windows += w.shape[0]
+                runs += int((w[:, 1:] - w[:, :-1] == 1).all(dim=1).sum())
+        return SlotRuns(windows, runs)
 
     def check_integrity(self, running: list[Sequence]) -> None:
         extra = [s.slots[s.num_shared :] for s in running if len(s.slots) > s.num_shared]

@@ -51,6 +51,8 @@ _ENGINE_GAUGES = {
     "kv_slots_total": ("deltaserve_kv_slots", "Token slots in the KV pool"),
     "kv_slots_used": ("deltaserve_kv_slots_used", "Token slots in use (cache + running)"),
     "kv_cached_tokens": ("deltaserve_kv_cached_tokens", "Tokens held by the radix cache"),
+    "kv_slot_run_fraction": ("deltaserve_kv_slot_run_fraction",
+                             "Pinned sessions' 16-token windows in 16 consecutive slots (one tile load each)"),
     "running": ("deltaserve_running_requests", "Requests running"),
     "waiting": ("deltaserve_waiting_requests", "Requests waiting for admission"),
 }
