@@ -199,7 +199,7 @@ async def _drive(target: tg.Target, wf: Workflow, ignore_eos: bool, timeout: flo
         bar.close()
     profile = None
     if prof0 is not None and prof1 is not None:
-        profile = {k: prof1[k] - prof0.get(k, 0.0) for k in prof1}
+        profile = {k: prof1[k] if k in PROFILE_GAUGES else prof1[k] - prof0.get(k, 0.0) for k in prof1}
         profile["wall_s"] = wall
     return {"wall_s": wall, "records": records, "server_spec": spec, "profile": profile}
 
@@ -213,7 +213,9 @@ PROFILE_METRICS = {  # deltaserve's Prometheus counters -> profile keys (seconds
     "deltaserve_engine_steps_total": "steps",
     "deltaserve_engine_prefill_steps_total": "prefill_steps",
     "deltaserve_kv_evicted_tokens_total": "evicted_tokens",  # pool evictions (into the host tier, when it is on)
+    "deltaserve_kv_slot_run_fraction": "slot_run_fraction",  # a gauge: its value at the end, not a difference
 }
+PROFILE_GAUGES = {"slot_run_fraction"}
 
 
 async def _server_profile(client, target) -> dict[str, float] | None:

@@ -193,7 +193,8 @@ def _profile_table(res: dict) -> list[str]:
         busy = p["forward_prefill_s"] + p["forward_decode_s"] + p["schedule_s"] + p["sample_s"]
         rows.append([name, _f(p["wall_s"], 1), _f(p["forward_prefill_s"], 1), _f(p["forward_decode_s"], 1),
                      _f(p["schedule_s"], 1), _f(p["sample_s"], 1), _f(p.get("render_s", 0.0), 2),
-                     _f(p["wall_s"] - busy, 1), f"{int(p.get('steps', 0))} ({int(p.get('prefill_steps', 0))})"])
+                     _f(p["wall_s"] - busy, 1), f"{int(p.get('steps', 0))} ({int(p.get('prefill_steps', 0))})",
+                     f"{p['slot_run_fraction']:.0%}" if "slot_run_fraction" in p else "n/a"])
     if not rows:
         return []
     return ["Where the time goes (deltaserve's engine counters over the timed run; the engine thread and the HTTP "
@@ -201,7 +202,7 @@ def _profile_table(res: dict) -> list[str]:
             "requests in flight):", "",
             md_table(["target", "wall s", "forward, steps with prefill s", "forward, decode/verify steps s",
                       "scheduling s", "sampling + verify s", "prompt render + tokenize s", "engine idle s",
-                      "steps (with prefill)"], rows), ""]
+                      "steps (with prefill)", "pinned KV in 16-slot runs at the end"], rows), ""]
 
 
 def render_md(report: dict, plots: list[str]) -> str:

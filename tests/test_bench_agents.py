@@ -72,6 +72,9 @@ def test_smoke_stateful_vs_stateless(tmp_path, smollm_dir):
     # stateless recomputes every prompt: more time in prefill steps than stateful
     assert sl["profile"]["forward_prefill_s"] > sf["profile"]["forward_prefill_s"]
     assert "Where the time goes" in (tmp_path / "report.md").read_text()
+    # a gauge, read at the end (not a difference): stateless pins nothing, so no window is out of a run
+    assert sl["profile"]["slot_run_fraction"] == 1.0 and 0 < sf["profile"]["slot_run_fraction"] <= 1
+    assert "pinned KV in 16-slot runs" in (tmp_path / "report.md").read_text()
     # --write: the section in DIR/KEY.md, its plots copied to --img-dir and linked relative to the section file
     section = tmp_path / "sections" / "agents-w3.md"
     links = [line[line.index("](") + 2:-1] for line in section.read_text().splitlines() if line.startswith("![")]
