@@ -60,15 +60,15 @@ def test_rejected_slots_come_back_to_the_same_sequence():
     """Speculative rejects free a sequence's last slots; its next reservation takes them again, so verify steps of
     interleaved sequences still leave each one's keys in runs."""
     a = SlotAllocator(8 * PAGE)
-    s1, s2 = a.allocate(5), a.allocate(5)
+    s1, s2 = ids(a.allocate(5)), ids(a.allocate(5))
     for _ in range(6):  # each step: both reserve 1 + 8 drafts, keep 3, give back 6
         for s in (s1, s2):
-            new = a.allocate(9, pos=len(s), after=int(s[-1]))
+            new = a.allocate(9, pos=len(s), after=s[-1])
             a.free(new[3:])
-            s.resize_(len(s) + 3).copy_(torch.cat([s[: len(s) - 3], new[:3]]))
-    assert ids(s1) == span(0, 16) + span(32, 39)  # page 0, then a whole page at offset 0 for position 16
-    assert ids(s2) == span(16, 32) + span(48, 55)
-    a.check_integrity(torch.cat([s1, s2]))
+            s.extend(ids(new[:3]))
+    assert s1 == span(0, 16) + span(32, 39)  # page 0, then a whole page at offset 0 for position 16
+    assert s2 == span(16, 32) + span(48, 55)
+    a.check_integrity(torch.tensor(s1 + s2))
 
 
 def test_without_whole_pages_free_slots_come_by_next_fit():
@@ -132,6 +132,21 @@ def test_check_integrity_finds_broken_bookkeeping():
     a.check_integrity(s)
     with pytest.raises(AssertionError, match="leak"):
         a.check_integrity(s[:2])
+
+
+def test_the_queue_of_whole_pages_stays_bounded():
+    """A page taken by a sequence crossing into it is not popped from the queue; freed again, it is queued again.
+    The stale entries are dropped before the queue passes 2 x pages + 64, keeping each whole page once, in order."""
+    a = SlotAllocator(2 * PAGE)
+    tail = a.allocate(PAGE)  # page 0, positions 0..15
+    for _ in range(200):
+        s = a.allocate(1, pos=PAGE, after=int(tail[-1]))
+        assert ids(s) == [PAGE]  # across the boundary into page 1, entirely free
+        a.free(s)
+        assert len(a._whole) <= 2 * 2 + 64
+    a.check_integrity(tail)
+    assert ids(a.allocate(3)) == [16, 17, 18]  # page 1, from the queue
+    a.check_integrity(torch.cat([tail, torch.tensor([16, 17, 18])]))
 
 
 def test_random_churn_keeps_the_books():

@@ -41,7 +41,7 @@ class FreeOrder(SlotAllocator):
     def free(self, slots: torch.Tensor) -> None:
         super().free(slots)
         for s in slots.tolist():
-            if s in self.free_slots() and s not in self.order:  # a shared slot still held is not free yet
+            if self._is_free[s] and s not in self.order:  # a shared slot still held is not free yet
                 self.order[s] = None
 
 
